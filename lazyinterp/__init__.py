@@ -1,0 +1,59 @@
+"""lazyinterp: few-step sampling for pretrained flow and diffusion models.
+
+A model trained under one interpolation schedule is converted exactly (a time change and a rescaling) to
+another schedule and diffusion coefficient; the continuous-time samples are the same, only the discretisation
+error changes. Lazy schedules make that error vanish for Gaussian data.
+"""
+
+from .conversion import (
+    ConvertedModel,
+    ConvertedPath,
+    convert,
+    convert_path,
+    converted_diffusion,
+    time_change,
+    time_change_derivatives,
+)
+from .predictors import (
+    KINDS,
+    CenteredModel,
+    Model,
+    NonFiniteError,
+    estimate_mean,
+    estimate_sigma,
+    from_eta,
+    to_eta,
+)
+from .samplers import (
+    SampleInfo,
+    check_grid,
+    count_nfe,
+    euler,
+    euler_maruyama,
+    heun,
+    sample,
+    stochastic_heun,
+    uniform_grid,
+)
+from .schedules import (
+    SCHEDULES,
+    LazySchedule,
+    Schedule,
+    cosine,
+    get_schedule,
+    lazy_vp,
+    linear,
+    point_mass,
+    vp,
+)
+from .targets import GaussianMixture
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KINDS", "SCHEDULES", "CenteredModel", "ConvertedModel", "ConvertedPath", "GaussianMixture", "LazySchedule",
+    "Model", "NonFiniteError", "SampleInfo", "Schedule", "check_grid", "convert", "convert_path",
+    "converted_diffusion", "cosine", "count_nfe", "estimate_mean", "estimate_sigma", "euler", "euler_maruyama",
+    "from_eta", "get_schedule", "heun", "lazy_vp", "linear", "point_mass", "sample", "stochastic_heun",
+    "time_change", "time_change_derivatives", "to_eta", "uniform_grid", "vp",
+]

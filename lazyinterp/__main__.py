@@ -1,0 +1,3 @@
+from lazyinterp.cli import main
+
+main()

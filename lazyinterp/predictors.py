@@ -1,0 +1,240 @@
+r"""Predictors: conversions between velocity, noise, data and score predictions, and the :class:`Model` wrapper.
+
+Under I_t = α Z + β X, write η_Z(t, x) = E[Z | I_t = x] and η_X(t, x) = E[X | I_t = x]. Always
+x = α η_Z + β η_X, and
+
+* velocity  b = α̇ η_Z + β̇ η_X   (inverted with the determinant α β̇ − β α̇ > 0),
+* noise     η_Z,
+* data      η_X,
+* score     s = −η_Z / α.
+
+The 0/0 cases and how they are evaluated:
+
+* data predictor where α = 0 (t = 1): η_Z = E[Z | X = x] = 0, the exact limit.
+* score predictor where α = 0: η_Z = −α s = 0, exact.
+* noise or score predictor where β = 0 (t = 0 of a Gaussian base): η_X(0, x) = E[X] cannot be read off a noise
+  prediction, so :class:`Model` evaluates such networks no earlier than ``t_min`` (documented safe evaluation;
+  by default the time where the SNR is 1e-3).
+* the score where α = 0 when converting *to* a score: evaluated with α floored at 1e-12.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Protocol
+
+import torch
+
+from .schedules import Schedule, as_time, get_schedule
+
+Tensor = torch.Tensor
+Kind = Literal["velocity", "noise", "data", "score"]
+KINDS: tuple[str, ...] = ("velocity", "noise", "data", "score")
+_ALPHA_FLOOR = 1e-12
+
+
+class NonFiniteError(FloatingPointError):
+    """A network returned NaN or inf; ``t`` says when, ``step`` (set by samplers) at which step."""
+
+    def __init__(self, message: str, t: float | None = None, step: int | None = None):
+        super().__init__(message)
+        self.t = t
+        self.step = step
+
+
+def check_kind(kind: str, argument: str = "predicts") -> str:
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise ValueError(f"{argument}: expected one of {', '.join(KINDS)}, got {kind!r}")
+    return kind
+
+
+def _expand(coef: Tensor | float, like: Tensor) -> Tensor | float:
+    """A per-sample coefficient of shape (B,) broadcast against ``like`` (B, ...); scalars pass through."""
+    if isinstance(coef, Tensor) and coef.ndim == 1:
+        return coef.to(like.dtype).to(like.device).view(-1, *([1] * (like.ndim - 1)))
+    if isinstance(coef, Tensor):
+        return float(coef)
+    return coef
+
+
+def to_eta(kind: str, output: Tensor, x: Tensor, alpha, beta, dalpha, dbeta) -> tuple[Tensor, Tensor]:
+    r"""(η_Z, η_X) from a ``kind`` prediction at interpolant value ``x``.
+
+    Coefficients are floats (shared time) or tensors of shape (B,) (one time per sample).
+    """
+    check_kind(kind, "kind")
+    a, b, da, db = (_expand(c, x) for c in (alpha, beta, dalpha, dbeta))
+    if kind == "velocity":
+        det = a * db - b * da
+        return (db * x - b * output) / det, (a * output - da * x) / det
+    if kind == "data":
+        eta_x = output
+        eta_z = _safe_div(x - b * eta_x, a)
+        return eta_z, eta_x
+    eta_z = output if kind == "noise" else -a * output
+    return eta_z, _safe_div(x - a * eta_z, b)
+
+
+def _safe_div(num: Tensor, den) -> Tensor:
+    """num/den with the convention 0 where den == 0 (the exact limits listed in the module docstring)."""
+    if isinstance(den, Tensor):
+        zero = den == 0
+        return torch.where(zero, torch.zeros_like(num), num / torch.where(zero, torch.ones_like(den), den))
+    return num / den if den != 0 else torch.zeros_like(num)
+
+
+def from_eta(kind: str, eta_z: Tensor, eta_x: Tensor, alpha, beta, dalpha, dbeta) -> Tensor:
+    """The ``kind`` prediction from (η_Z, η_X)."""
+    check_kind(kind, "kind")
+    a, _, da, db = (_expand(c, eta_z) for c in (alpha, beta, dalpha, dbeta))
+    if kind == "velocity":
+        return da * eta_z + db * eta_x
+    if kind == "noise":
+        return eta_z
+    if kind == "data":
+        return eta_x
+    if isinstance(a, Tensor):
+        a = a.clamp_min(_ALPHA_FLOOR)
+    else:
+        a = max(a, _ALPHA_FLOOR)
+    return -eta_z / a
+
+
+class Predictor(Protocol):
+    """Anything with a schedule and the posterior means η(t, x) = (η_Z, η_X) under it."""
+
+    schedule: Schedule
+
+    def eta(self, x: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]: ...
+
+
+def coefficients(schedule: Schedule, t: Tensor | float):
+    """(α, β, α̇, β̇) at ``t``: Python floats for a scalar time, float64 tensors for a batch of times."""
+    tt = as_time(t)
+    values = (schedule.alpha(tt), schedule.beta(tt), schedule.dalpha(tt), schedule.dbeta(tt))
+    if tt.ndim == 0:
+        return tuple(float(v) for v in values)
+    return values
+
+
+class Model:
+    r"""A trained network together with the schedule it was trained under and what it predicts.
+
+    ``net(x, t)`` is called with ``t`` a tensor of shape (batch,) in this package's time (0 = noise,
+    1 = data). Schedule maths runs in float64 and the state in the input's dtype; only the network sees its
+    own dtype (``net_dtype``, by default that of its first parameter), so fp16/bf16 networks are safe.
+
+    Attributes:
+        nfe: the number of network evaluations made so far (reset it freely).
+    """
+
+    def __init__(self, net, schedule: Schedule | str = "linear", predicts: str = "velocity", *,
+                 t_min: float | None = None, net_dtype: torch.dtype | None = None, check_finite: bool = True):
+        if not callable(net):
+            raise TypeError(f"net: expected a callable net(x, t), got {type(net).__name__}")
+        self.net = net
+        self.schedule = get_schedule(schedule)
+        if getattr(self.schedule, "resolved", True) is False:
+            raise ValueError("schedule: a model's training schedule needs an explicit sigma")
+        self.predicts = check_kind(predicts)
+        if t_min is None:
+            t_min = float(self.schedule.snr_inverse(1e-3)) if predicts in ("noise", "score") else 0.0
+        if not (isinstance(t_min, (int, float)) and 0.0 <= t_min < 1.0):
+            raise ValueError(f"t_min: expected a number in [0, 1), got {t_min!r}")
+        self.t_min = float(t_min)
+        if net_dtype is None and isinstance(net, torch.nn.Module):
+            param = next(iter(net.parameters()), None)
+            net_dtype = param.dtype if param is not None and param.is_floating_point() else None
+        self.net_dtype = net_dtype
+        self.check_finite = check_finite
+        self.nfe = 0
+        self._cache: dict = {}
+
+    def __repr__(self) -> str:
+        return f"Model(predicts={self.predicts!r}, schedule={self.schedule.name})"
+
+    def raw(self, x: Tensor, t: Tensor | float) -> Tensor:
+        """The network's own output at (x, t), in x's dtype; t is clamped to [t_min, 1]."""
+        batch = x.shape[0]
+        tt = as_time(t)
+        if tt.ndim == 0:
+            tt = tt.expand(batch)
+        if tt.shape != (batch,):
+            raise ValueError(f"t: expected a scalar or shape ({batch},), got {tuple(tt.shape)}")
+        tt = tt.clamp(self.t_min, 1.0)
+        dtype = self.net_dtype or x.dtype
+        out = self.net(x.to(dtype), tt.to(device=x.device, dtype=dtype))
+        self.nfe += 1
+        if not isinstance(out, Tensor):
+            raise TypeError(f"net: expected a tensor output, got {type(out).__name__}")
+        if out.shape != x.shape:
+            raise ValueError(f"net: output shape {tuple(out.shape)} does not match input shape {tuple(x.shape)}")
+        out = out.to(x.dtype)
+        if self.check_finite and not bool(torch.isfinite(out).all()):
+            where = float(tt[0]) if tt.numel() else math.nan
+            raise NonFiniteError(f"net returned NaN or inf at t={where:.6g}", t=where)
+        return out
+
+    def eta(self, x: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]:
+        """(η_Z, η_X) at (x, t) under the model's own schedule."""
+        tt = as_time(t)
+        t_eval = tt.clamp(min=self.t_min)
+        out = self.raw(x, t_eval)
+        return to_eta(self.predicts, out, x, *coefficients(self.schedule, t_eval))
+
+    def predict(self, x: Tensor, t: Tensor | float, kind: str = "velocity") -> Tensor:
+        """The ``kind`` prediction ("velocity", "noise", "data" or "score") at (x, t)."""
+        eta_z, eta_x = self.eta(x, t)
+        return from_eta(check_kind(kind, "kind"), eta_z, eta_x, *coefficients(self.schedule, t))
+
+
+class CenteredModel:
+    r"""The predictor of the centred data X − μ: η^c_Z(t, x) = η_Z(t, x + β μ), η^c_X = η_X(t, x + β μ) − μ."""
+
+    def __init__(self, predictor: Predictor, mean: Tensor):
+        self.inner = predictor
+        self.schedule = predictor.schedule
+        self.mean = mean
+
+    def eta(self, x: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]:
+        tt = as_time(t)
+        mean = self.mean.to(device=x.device, dtype=x.dtype)
+        beta = _expand(self.schedule.beta(tt) if tt.ndim else float(self.schedule.beta(tt)), x)
+        eta_z, eta_x = self.inner.eta(x + beta * mean, tt)
+        return eta_z, eta_x - mean
+
+
+def estimate_mean(predictor: Predictor, shape: tuple[int, ...], *, probes: int = 8,
+                  generator: torch.Generator | None = None, device=None, dtype=torch.float32) -> Tensor:
+    r"""E[X] from the model alone: η_X(0, x) = E[X] for every x on a Gaussian base (I_0 is independent of X).
+
+    Averages η_X(0, α_0 z) over ``probes`` draws of z to average out the network's error.
+    """
+    sched = predictor.schedule
+    z = torch.randn((probes, *shape), generator=generator, dtype=dtype).to(device)
+    _, eta_x = predictor.eta(float(sched.alpha(0.0)) * z, 0.0)
+    return eta_x.mean(dim=0)
+
+
+def estimate_sigma(predictor: Predictor, shape: tuple[int, ...], *, mean: Tensor | None = None,
+                   snr: float = 1.0, probes: int = 8, generator: torch.Generator | None = None,
+                   device=None, dtype=torch.float32) -> float:
+    r"""σ with σ² = tr Cov(X)/D, from the model's posterior mean at a low SNR.
+
+    For X ~ N(μ, σ² I), η_X(t, x) − μ = k (x − β μ) with k = β σ² / (α² + β² σ²). Probing with x = βμ + αz
+    gives k = ⟨αz, η_X − μ⟩/‖αz‖², and σ² = k α² / (β (1 − k β)): exact for Gaussian data at any SNR, and the
+    covariance's mean eigenvalue in the linear (low-SNR) regime for other data.
+    """
+    sched = predictor.schedule
+    if mean is None:
+        mean = estimate_mean(predictor, shape, probes=probes, generator=generator, device=device, dtype=dtype)
+    t = float(sched.snr_inverse(snr))
+    a, b = float(sched.alpha(t)), float(sched.beta(t))
+    z = torch.randn((probes, *shape), generator=generator, dtype=dtype).to(device)
+    u = a * z
+    _, eta_x = predictor.eta(b * mean + u, t)
+    k = float((u * (eta_x - mean)).sum() / (u * u).sum())
+    denom = b * (1 - k * b)
+    if not (k > 0 and denom > 0):
+        raise ValueError(f"could not estimate sigma from the model (slope {k:.3g} at snr {snr}); pass sigma")
+    return math.sqrt(k * a * a / denom)

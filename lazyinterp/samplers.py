@@ -1,0 +1,464 @@
+r"""Samplers for dX_t = b^ε(t, X_t) dt + √(2 ε_t) dW_t over an explicit time grid.
+
+b^ε = b + ε s keeps the interpolant's marginals for any ε ≥ 0. ε = 0 is the probability-flow ODE and
+ε = κ ε* scales the statistically optimal diffusion ε* = α² d/dt log r. The solvers are small pure functions
+of a drift, a grid and (for SDEs) a source of standard normal draws; :func:`sample` assembles them.
+
+Network evaluations (NFE) for N grid intervals:
+
+============================  ==========================  =================================
+solver                        last_step="euler"           last_step="denoise"
+============================  ==========================  =================================
+euler (ODE), euler (SDE: EM)  N                           N
+heun (ODE and SDE)            2N                          2N − 1
+============================  ==========================  =================================
+
+``last_step="denoise"`` replaces the final interval by the posterior mean x_1 = η_X(t_{N−1}, x_{N−1})
+(Tweedie's estimate): on the linear schedule this *is* the Euler step; on a point-mass SDE it drops the
+final injected noise of variance 2 ε h, which cannot be removed by later steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .conversion import convert
+from .noise import NoiseStreams, resolve_seed
+from .predictors import CenteredModel, Model, NonFiniteError, Predictor, estimate_mean, estimate_sigma
+from .schedules import LazySchedule, Schedule, as_time, get_schedule
+
+Tensor = torch.Tensor
+Drift = Callable[[Tensor, float], Tensor]
+Callback = Callable[[int, float, Tensor], None]
+
+SOLVERS = ("euler", "heun")
+SOLVER_ALIASES = {"euler": "euler", "heun": "heun", "euler_maruyama": "euler", "euler-maruyama": "euler",
+                  "em": "euler"}
+LAST_STEPS = ("euler", "denoise")
+DEFAULT_STEPS = 8
+
+
+# Grids ----------------------------------------------------------------------------------------------------------
+
+def uniform_grid(steps: int) -> Tensor:
+    """t_k = k/N for k = 0..N (float64)."""
+    steps = check_steps(steps)
+    return torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+
+
+def check_steps(steps: Any) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"steps: expected an integer >= 1, got {type(steps).__name__}")
+    if steps < 1:
+        raise ValueError(f"steps: expected an integer >= 1, got {steps}")
+    return steps
+
+
+def check_grid(grid: Any) -> Tensor:
+    """A strictly increasing float64 grid from exactly 0 to exactly 1."""
+    try:
+        g = torch.as_tensor(grid, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"grid: expected a 1-D sequence of times, got {type(grid).__name__}") from exc
+    if g.ndim != 1 or g.numel() < 2:
+        raise ValueError(f"grid: expected a 1-D grid with at least 2 times, got shape {tuple(g.shape)}")
+    if not bool(torch.isfinite(g).all()):
+        raise ValueError("grid: times must be finite")
+    if abs(float(g[0])) > 1e-12 or abs(float(g[-1]) - 1.0) > 1e-12:
+        raise ValueError(f"grid: must run from 0 to 1, got {float(g[0]):.6g} to {float(g[-1]):.6g}")
+    if not bool((torch.diff(g) > 0).all()):
+        raise ValueError("grid: times must increase strictly")
+    g[0], g[-1] = 0.0, 1.0
+    return g
+
+
+def count_nfe(solver: str, steps: int, last_step: str = "euler") -> int:
+    """Network evaluations of ``solver`` over ``steps`` intervals (see the module table)."""
+    solver = _check_solver(solver)
+    steps = check_steps(steps)
+    if solver == "euler":
+        return steps
+    return 2 * steps - (1 if last_step == "denoise" else 0)
+
+
+def _check_solver(solver: Any) -> str:
+    if not isinstance(solver, str) or solver.lower() not in SOLVER_ALIASES:
+        raise ValueError(f"solver: expected one of {', '.join(SOLVER_ALIASES)}, got {solver!r}")
+    return SOLVER_ALIASES[solver.lower()]
+
+
+# Diffusion coefficients -----------------------------------------------------------------------------------------
+
+@dataclass
+class Diffusion:
+    r"""ε_t as a multiple of the optimal one: ε = κ_t ε*_t. Where ε* is infinite (a Gaussian base at t = 0)
+    the diffusion is taken as 0 and where ε* = 0 (t = 1) as well."""
+
+    schedule: Schedule
+    kappa: float | None = None
+    epsilon: Callable[[float], float] | None = None
+
+    @property
+    def is_ode(self) -> bool:
+        return self.epsilon is None and self.kappa == 0
+
+    def kappa_at(self, t: float) -> float:
+        eps_star = float(self.schedule.optimal_diffusion(t)) if (t > 0 or self.schedule.base == "point_mass") \
+            else math.inf
+        if self.epsilon is None:
+            return 0.0 if not math.isfinite(eps_star) else float(self.kappa)
+        eps = float(self.epsilon(t))
+        if not (math.isfinite(eps) and eps >= 0):
+            raise ValueError(f"diffusion: eps(t) must be finite and >= 0, got {eps} at t={t:.6g}")
+        if not math.isfinite(eps_star) or eps_star == 0 or eps == 0:
+            return 0.0
+        return eps / eps_star
+
+    def epsilon_at(self, t: float) -> float:
+        kappa = self.kappa_at(t)
+        if kappa == 0:
+            return 0.0
+        if self.schedule.base == "point_mass" and t <= 0:
+            return kappa * float(self.schedule.optimal_diffusion(max(t, 1e-9)))
+        return kappa * float(self.schedule.optimal_diffusion(t))
+
+
+def resolve_diffusion(diffusion: Any, schedule: Schedule) -> Diffusion:
+    """"ode" → ε = 0, "optimal" → ε*, a float κ → κ ε*, a callable → ε(t)."""
+    if isinstance(diffusion, str):
+        key = diffusion.lower()
+        if key == "ode":
+            return Diffusion(schedule, kappa=0.0)
+        if key in ("optimal", "sde"):
+            return Diffusion(schedule, kappa=1.0)
+        raise ValueError(f"diffusion: expected 'ode', 'optimal', a number kappa >= 0 or a callable eps(t), "
+                         f"got {diffusion!r}")
+    if isinstance(diffusion, bool):
+        raise TypeError("diffusion: expected 'ode', 'optimal', a number or a callable, got a bool")
+    if isinstance(diffusion, (int, float)):
+        if not (math.isfinite(diffusion) and diffusion >= 0):
+            raise ValueError(f"diffusion: kappa must be a finite number >= 0, got {diffusion}")
+        return Diffusion(schedule, kappa=float(diffusion))
+    if callable(diffusion):
+        return Diffusion(schedule, epsilon=lambda t: float(as_time(diffusion(as_time(t)))))
+    raise TypeError(f"diffusion: expected 'ode', 'optimal', a number or a callable, got {type(diffusion).__name__}")
+
+
+# Dynamics: drift and denoiser under a schedule -------------------------------------------------------------------
+
+@dataclass
+class Dynamics:
+    """The drift b^ε(t, x) of a predictor under its schedule, with diffusion ``diffusion``."""
+
+    predictor: Predictor
+    diffusion: Diffusion
+    coefficient_cache: dict = field(default_factory=dict)
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.predictor.schedule
+
+    def _coefficients(self, t: float, kappa: float) -> tuple[str, float, float]:
+        key = (t, kappa)
+        if key not in self.coefficient_cache:
+            sched = self.schedule
+            if t < 0.5 and (kappa > 0 or sched.base == "point_mass"):
+                a_coef, b_coef = sched.drift_coefficients(t, kappa)
+                self.coefficient_cache[key] = ("x", a_coef, b_coef)
+            else:
+                da, db = float(sched.dalpha(t)), float(sched.dbeta(t))
+                if kappa != 0:
+                    a, b = float(sched.alpha(t)), float(sched.beta(t))
+                    da = (1 + kappa) * da - kappa * a * db / b
+                self.coefficient_cache[key] = ("z", da, db)
+        return self.coefficient_cache[key]
+
+    def drift(self, x: Tensor, t: float) -> Tensor:
+        """b^ε(t, x) = A x + B η_X (for t < 1/2) or C η_Z + D η_X (otherwise): both exact, each bounded
+        where it is used."""
+        form, first, second = self._coefficients(float(t), self.diffusion.kappa_at(float(t)))
+        eta_z, eta_x = self.predictor.eta(x, t)
+        if form == "x":
+            return first * x + second * eta_x
+        return first * eta_z + second * eta_x
+
+    def denoise(self, x: Tensor, t: float) -> Tensor:
+        """η_X(t, x), the posterior mean of the data."""
+        return self.predictor.eta(x, t)[1]
+
+
+# Pure solvers ---------------------------------------------------------------------------------------------------
+
+def _guard(step: int, t: float, fn, *args):
+    try:
+        return fn(*args)
+    except NonFiniteError as exc:
+        raise NonFiniteError(f"{exc} (step {step + 1}, t={t:.6g})", t=t, step=step) from None
+
+
+def _check_state(x: Tensor, step: int, t: float) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(f"the sample became NaN or inf at step {step + 1} (t={t:.6g})", t=t, step=step)
+
+
+def euler(drift: Drift, x: Tensor, grid: Tensor, *, denoise: Drift | None = None,
+          callback: Callback | None = None) -> Tensor:
+    """Explicit Euler: x_{k+1} = x_k + h_k b(t_k, x_k). With ``denoise``, the last step is x_N = D(t_{N−1}, x)."""
+    times = [float(t) for t in grid]
+    last = len(times) - 2
+    for k in range(len(times) - 1):
+        t, h = times[k], times[k + 1] - times[k]
+        if k == last and denoise is not None:
+            x = _guard(k, t, denoise, x, t)
+        else:
+            x = x + h * _guard(k, t, drift, x, t)
+        _check_state(x, k, t)
+        if callback is not None:
+            callback(k, times[k + 1], x)
+    return x
+
+
+def heun(drift: Drift, x: Tensor, grid: Tensor, *, denoise: Drift | None = None,
+         callback: Callback | None = None) -> Tensor:
+    """Heun (explicit trapezoid), 2 evaluations a step: x̃ = x + h b(t, x); x' = x + h/2 (b(t, x) + b(t', x̃))."""
+    times = [float(t) for t in grid]
+    last = len(times) - 2
+    for k in range(len(times) - 1):
+        t, t_next = times[k], times[k + 1]
+        h = t_next - t
+        if k == last and denoise is not None:
+            x = _guard(k, t, denoise, x, t)
+        else:
+            d0 = _guard(k, t, drift, x, t)
+            x_pred = x + h * d0
+            d1 = _guard(k, t_next, drift, x_pred, t_next)
+            x = x + 0.5 * h * (d0 + d1)
+        _check_state(x, k, t)
+        if callback is not None:
+            callback(k, t_next, x)
+    return x
+
+
+def euler_maruyama(drift: Drift, epsilon: Callable[[float], float], x: Tensor, grid: Tensor,
+                   normal: Callable[[], Tensor], *, denoise: Drift | None = None,
+                   callback: Callback | None = None) -> Tensor:
+    """Euler–Maruyama: x_{k+1} = x_k + h b(t_k, x_k) + √(2 ε(t_k) h) ξ_k, with ξ_k = ``normal()``.
+
+    A standard normal draw is taken at every step (also where ε = 0) so the noise used at step k does not
+    depend on earlier steps' diffusion.
+    """
+    times = [float(t) for t in grid]
+    last = len(times) - 2
+    for k in range(len(times) - 1):
+        t, h = times[k], times[k + 1] - times[k]
+        xi = normal()
+        if k == last and denoise is not None:
+            x = _guard(k, t, denoise, x, t)
+        else:
+            eps = epsilon(t)
+            x = x + h * _guard(k, t, drift, x, t)
+            if eps > 0:
+                x = x + math.sqrt(2 * eps * h) * xi
+        _check_state(x, k, t)
+        if callback is not None:
+            callback(k, times[k + 1], x)
+    return x
+
+
+def stochastic_heun(drift: Drift, epsilon: Callable[[float], float], x: Tensor, grid: Tensor,
+                    normal: Callable[[], Tensor], *, denoise: Drift | None = None,
+                    callback: Callback | None = None) -> Tensor:
+    """Heun for additive noise: x̃ = x + h b(t, x) + g ΔW, x' = x + h/2 (b(t, x) + b(t', x̃)) + g ΔW,
+    with g ΔW = √(2 ε(t) h) ξ (the noise does not depend on x, so this is the strong order-1 scheme)."""
+    times = [float(t) for t in grid]
+    last = len(times) - 2
+    for k in range(len(times) - 1):
+        t, t_next = times[k], times[k + 1]
+        h = t_next - t
+        xi = normal()
+        if k == last and denoise is not None:
+            x = _guard(k, t, denoise, x, t)
+        else:
+            eps = epsilon(t)
+            kick = math.sqrt(2 * eps * h) * xi if eps > 0 else 0.0
+            d0 = _guard(k, t, drift, x, t)
+            x_pred = x + h * d0 + kick
+            d1 = _guard(k, t_next, drift, x_pred, t_next)
+            x = x + 0.5 * h * (d0 + d1) + kick
+        _check_state(x, k, t)
+        if callback is not None:
+            callback(k, t_next, x)
+    return x
+
+
+# The user-facing entry point -----------------------------------------------------------------------------------
+
+@dataclass
+class SampleInfo:
+    """What :func:`sample` did: network evaluations per sample, the grid, σ and the mean it used."""
+
+    nfe: int
+    grid: Tensor
+    schedule: Schedule
+    sigma: float | None = None
+    mean: Tensor | None = None
+    estimation_nfe: int = 0
+
+
+def _check_model(model: Any) -> Predictor:
+    if not (hasattr(model, "eta") and hasattr(model, "schedule")):
+        raise TypeError(f"model: expected an li.Model (or a predictor with .eta and .schedule), "
+                        f"got {type(model).__name__}")
+    return model
+
+
+def _model_cache(model: Any) -> dict:
+    cache = getattr(model, "_cache", None)
+    return cache if isinstance(cache, dict) else {}
+
+
+def data_mean(model: Predictor, sample_shape: tuple[int, ...], device, dtype) -> Tensor:
+    """E[X] estimated from the model (cached on it per shape)."""
+    cache = _model_cache(model)
+    key = ("mean", sample_shape)
+    if key not in cache:
+        gen = torch.Generator().manual_seed(12345)
+        cache[key] = estimate_mean(model, sample_shape, probes=8, generator=gen, device=device,
+                                   dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    return cache[key].to(device=device, dtype=dtype)
+
+
+def data_sigma(model: Predictor, sample_shape: tuple[int, ...], mean: Tensor | None, device, dtype) -> float:
+    """σ for a lazy schedule, from the model (cached): √(tr Cov X / D) when centring, else the RMS √(E‖X‖²/D)."""
+    cache = _model_cache(model)
+    key = ("sigma", sample_shape, mean is not None)
+    if key not in cache:
+        gen = torch.Generator().manual_seed(54321)
+        mu = data_mean(model, sample_shape, device, dtype)
+        sig = estimate_sigma(model, sample_shape, mean=mu, probes=8, generator=gen, device=device,
+                             dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        if mean is None:
+            sig = math.sqrt(sig * sig + float((mu.double() ** 2).mean()))
+        cache[key] = sig
+    return cache[key]
+
+
+def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tuple[int, ...] | None = None,
+           steps: int | None = None, schedule: Schedule | str | None = None, diffusion: Any = "ode",
+           solver: str = "euler", generator: int | torch.Generator | None = None, grid: Any = None,
+           last_step: str | None = None, center: bool | None = None, indices: Any = None,
+           device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+           callback: Callback | None = None, return_info: bool = False):
+    r"""Samples at t = 1 of dX = b^ε dt + √(2ε) dW under ``schedule``, from ``model`` converted exactly.
+
+    Args:
+        model: an :class:`~lazyinterp.Model` (network + training schedule + prediction kind).
+        noise: the starting Z, shape (B, ...), for Gaussian-base schedules (the state starts at α_0 Z). When
+            omitted it is drawn per sample from ``generator`` with ``shape``.
+        shape: the batch shape (B, ...); needed for point-mass schedules, which start at 0.
+        steps: the number of grid intervals (uniform grid); ignored when ``grid`` is given. Default 8.
+        schedule: the sampling schedule (object or name); default the model's own. Conversion is exact.
+        diffusion: "ode" (ε = 0), "optimal" (ε*), a float κ (ε = κ ε*) or a callable ε(t).
+        solver: "euler" (Euler, or Euler–Maruyama for an SDE) or "heun".
+        generator: an int seed, a torch.Generator or None (torch's global RNG); each sample gets its own
+            stream, so results do not depend on the batch size.
+        grid: an explicit increasing time grid from 0 to 1.
+        last_step: "euler" or "denoise" (x_1 = η_X(t_{N−1}, x)); default "euler" for ODEs and "denoise" for
+            SDEs.
+        center: sample X − E[X] with the model's own estimate of E[X] and add it back; default on for the lazy
+            schedules, which are lazy only for centred data.
+        indices: global indices of the samples, for per-sample noise when a job is split (default 0..B−1).
+        return_info: also return a :class:`SampleInfo`.
+    """
+    predictor = _check_model(model)
+    target = predictor.schedule if schedule is None else get_schedule(schedule)
+    diffusion_spec = resolve_diffusion(diffusion, target)
+    solver = _check_solver(solver)
+    if grid is not None:
+        grid = check_grid(grid)
+    else:
+        grid = uniform_grid(DEFAULT_STEPS if steps is None else steps)
+    is_sde = not diffusion_spec.is_ode
+    if last_step is None:
+        last_step = "denoise" if is_sde else "euler"
+    if last_step not in LAST_STEPS:
+        raise ValueError(f"last_step: expected one of {', '.join(LAST_STEPS)}, got {last_step!r}")
+    if target.base == "point_mass" and not is_sde:
+        raise ValueError("diffusion: a point-mass schedule starts every sample at 0, and an ODE moves them all "
+                         "alike, so it cannot leave the point; use diffusion='optimal' (or kappa > 0)")
+
+    # Starting state and its shape.
+    if noise is not None:
+        if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
+            raise TypeError("noise: expected a floating-point tensor")
+        if target.base == "point_mass":
+            raise ValueError("noise: a point-mass schedule starts every sample at 0; pass shape= (and generator=) "
+                             "instead of noise")
+        if shape is not None and tuple(shape) != tuple(noise.shape):
+            raise ValueError(f"shape: {tuple(shape)} does not match noise.shape {tuple(noise.shape)}")
+        shape = tuple(noise.shape)
+    elif shape is None:
+        raise ValueError("noise, shape: give the starting noise or the batch shape")
+    try:
+        shape = tuple(int(s) for s in shape)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"shape: expected a tuple of ints, got {shape!r}") from exc
+    if len(shape) < 2 or min(shape) < 1:
+        raise ValueError(f"shape: expected (batch, ...) with positive sizes, got {shape}")
+    batch, sample_shape = shape[0], shape[1:]
+    if noise is not None:
+        device = noise.device if device is None else torch.device(device)
+        dtype = noise.dtype if dtype is None else dtype
+    else:
+        device = torch.device(device or "cpu")
+        dtype = dtype or torch.float32
+    if indices is None:
+        indices = range(batch)
+    elif len(indices) != batch:
+        raise ValueError(f"indices: expected {batch} indices, got {len(indices)}")
+
+    needs_streams = noise is None or is_sde
+    streams = NoiseStreams(resolve_seed(generator), indices, sample_shape, device=device, dtype=dtype) \
+        if needs_streams else None
+
+    # Centring and σ (estimated from the model when the lazy schedule leaves it open).
+    nfe_before = getattr(predictor, "nfe", 0)
+    is_lazy = isinstance(target, LazySchedule)
+    if center is None:
+        center = is_lazy
+    mean = data_mean(predictor, sample_shape, device, dtype) if center else None
+    source = CenteredModel(predictor, mean) if center else predictor
+    sigma = getattr(target, "sigma", None)
+    if is_lazy and not target.resolved:
+        sigma = data_sigma(predictor, sample_shape, mean, device, dtype)
+        target = target.resolve(sigma)
+        diffusion_spec = resolve_diffusion(diffusion, target)
+    estimation_nfe = getattr(predictor, "nfe", 0) - nfe_before
+
+    dynamics = Dynamics(convert(source, target), diffusion_spec)
+    if target.base == "point_mass":
+        x = torch.zeros(shape, device=device, dtype=dtype)
+    else:
+        z = noise.to(device=device, dtype=dtype) if noise is not None else streams.draw()
+        x = float(target.alpha(0.0)) * z
+    denoise = dynamics.denoise if last_step == "denoise" else None
+    with torch.no_grad():
+        if is_sde:
+            stepper = euler_maruyama if solver == "euler" else stochastic_heun
+            x = stepper(dynamics.drift, diffusion_spec.epsilon_at, x, grid, streams.draw, denoise=denoise,
+                        callback=callback)
+        else:
+            stepper = euler if solver == "euler" else heun
+            x = stepper(dynamics.drift, x, grid, denoise=denoise, callback=callback)
+    if mean is not None:
+        x = x + mean
+    if return_info:
+        info = SampleInfo(nfe=count_nfe(solver, len(grid) - 1, last_step), grid=grid, schedule=target,
+                          sigma=sigma, mean=mean, estimation_nfe=estimation_nfe)
+        return x, info
+    return x

@@ -1,0 +1,109 @@
+import math
+
+import pytest
+import torch
+from conftest import all_schedules
+
+import lazyinterp as li
+
+F64 = torch.float64
+INTERIOR = torch.linspace(0.01, 0.99, 99, dtype=F64)
+
+
+@pytest.mark.parametrize("sched", all_schedules(), ids=lambda s: s.name)
+def test_derivatives_match_autograd(sched):
+    auto = li.Schedule(sched._alpha, sched._beta, check=False)  # derivatives by autograd only
+    torch.testing.assert_close(sched.dalpha(INTERIOR), auto.dalpha(INTERIOR), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sched.dbeta(INTERIOR), auto.dbeta(INTERIOR), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("sched", all_schedules(), ids=lambda s: s.name)
+def test_snr_inverse_round_trip(sched):
+    r = sched.snr(INTERIOR)
+    assert bool((torch.diff(r) > 0).all())
+    torch.testing.assert_close(sched.snr_inverse(r), INTERIOR, rtol=0, atol=1e-12)
+    bisected = li.Schedule(sched._alpha, sched._beta, check=False).snr_inverse(r)
+    torch.testing.assert_close(bisected, INTERIOR, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("sched", all_schedules(), ids=lambda s: s.name)
+def test_boundaries(sched):
+    assert float(sched.alpha(1.0)) == pytest.approx(0.0, abs=1e-15)
+    assert float(sched.beta(1.0)) == pytest.approx(1.0, abs=1e-15)
+    assert float(sched.snr(0.0)) == pytest.approx(0.0, abs=7e-3)  # vp's beta(0) is small, not 0
+    assert math.isinf(float(sched.snr(1.0)))
+    assert float(sched.snr_inverse(math.inf)) == 1.0
+    assert float(sched.snr_inverse(0.0)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_vp_start_is_documented_truncation():
+    sched = li.vp(0.1, 20.0)
+    assert float(sched.beta(0.0)) == pytest.approx(math.exp(-(0.1 + 0.5 * 19.9) / 2), rel=1e-12)
+    assert float(sched.alpha(0.0)) ** 2 + float(sched.beta(0.0)) ** 2 == pytest.approx(1.0, abs=1e-14)
+
+
+def test_optimal_diffusion_closed_forms():
+    t = INTERIOR
+    torch.testing.assert_close(li.linear().optimal_diffusion(t), (1 - t) / t, rtol=1e-12, atol=0)
+    torch.testing.assert_close(li.cosine().optimal_diffusion(t), (math.pi / 2) / torch.tan(math.pi * t / 2),
+                               rtol=1e-12, atol=0)
+    for sigma in (0.3, 1.0, 2.5):
+        pm = li.point_mass(sigma)
+        generic = li.Schedule(pm._alpha, pm._beta, check=False)
+        expected = torch.full_like(t, sigma**2 / 2)  # σ² β̇ / 2 with β = t
+        torch.testing.assert_close(pm.optimal_diffusion(t), expected, rtol=1e-12, atol=0)
+        torch.testing.assert_close(generic.optimal_diffusion(t), expected, rtol=1e-10, atol=0)
+
+
+def test_lazy_vp_variance_is_constant():
+    for sigma in (0.2, 1.0, 3.0):
+        s = li.lazy_vp(sigma)
+        v = s.alpha(INTERIOR) ** 2 + sigma**2 * s.beta(INTERIOR) ** 2
+        torch.testing.assert_close(v, torch.full_like(v, sigma**2), rtol=1e-14, atol=0)
+
+
+def test_point_mass_is_a_point_mass():
+    s = li.point_mass(0.8)
+    assert s.base == "point_mass"
+    assert float(s.alpha(0.0)) == 0.0 and float(s.beta(0.0)) == 0.0
+    assert float(s.snr(0.0)) == 0.0
+
+
+def test_point_mass_drift_coefficients_match_generic_form():
+    pm = li.point_mass(0.7)
+    generic = li.Schedule(pm._alpha, pm._beta, check=False)
+    for t in (0.05, 0.3, 0.45):
+        for kappa in (0.5, 1.0, 2.0):
+            assert pm.drift_coefficients(t, kappa) == pytest.approx(generic.drift_coefficients(t, kappa),
+                                                                    rel=1e-9)
+    # κ = 1: bounded at t = 0 with b*(0, 0) = β̇_0 E[X], i.e. B(0) = 1.
+    assert pm.drift_coefficients(0.0, 1.0) == (-1.0, 1.0)
+    assert generic.drift_coefficients(0.0, 1.0) == pytest.approx((-1.0, 1.0), abs=1e-6)
+
+
+def test_custom_schedule_validation():
+    with pytest.raises(ValueError, match="SNR"):
+        li.Schedule(lambda t: (1 - t) * (1 + 200 * t**2 * (1 - t)), lambda t: t)
+    with pytest.raises(ValueError, match="boundary"):
+        li.Schedule(lambda t: 1 - t, lambda t: 0.5 + 0.5 * t)
+    with pytest.raises(ValueError, match="boundary"):
+        li.Schedule(lambda t: 1 - 0.5 * t, lambda t: t)
+    with pytest.raises(TypeError, match="alpha"):
+        li.Schedule(1.0, lambda t: t)
+
+
+def test_schedule_names_and_errors():
+    assert li.get_schedule("lazy-vp").name.startswith("lazy_vp")
+    assert li.get_schedule("point_mass").base == "point_mass"
+    with pytest.raises(ValueError, match="schedule: unknown schedule 'nope'"):
+        li.get_schedule("nope")
+    with pytest.raises(TypeError, match="schedule"):
+        li.get_schedule(3)
+    with pytest.raises(ValueError, match="sigma"):
+        li.lazy_vp(-1.0)
+    with pytest.raises(TypeError, match="sigma"):
+        li.point_mass("1")
+    with pytest.raises(ValueError, match="sigma is None"):
+        li.lazy_vp().alpha(0.5)
+    with pytest.raises(ValueError, match="beta_min"):
+        li.vp(5.0, 1.0)
