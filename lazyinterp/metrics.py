@@ -386,7 +386,7 @@ def class_report(probs: np.ndarray | torch.Tensor) -> dict[str, float | list[int
     q = hist[hist > 0] / p.shape[0]
     return {
         "mean_confidence": float(p.max(axis=1).mean()),
-        "class_entropy": float(-(q * np.log2(q)).sum()),
+        "class_entropy": float(-(q * np.log(q)).sum()),
         "class_histogram": [int(c) for c in hist],
     }
 

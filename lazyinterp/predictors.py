@@ -109,8 +109,11 @@ class Predictor(Protocol):
 
 
 def coefficients(schedule: Schedule, t: Tensor | float):
-    """(α, β, α̇, β̇) at ``t``: Python floats for a scalar time, float64 tensors for a batch of times."""
-    tt = as_time(t)
+    """(α, β, α̇, β̇) at ``t``: Python floats for a scalar time, float64 tensors for a batch of times.
+
+    Where a derivative is infinite (an end of vp or of a point mass) they are the one-sided limits.
+    """
+    tt = schedule.regular_time(t)
     values = (schedule.alpha(tt), schedule.beta(tt), schedule.dalpha(tt), schedule.dbeta(tt))
     if tt.ndim == 0:
         return tuple(float(v) for v in values)
@@ -137,11 +140,14 @@ class Model:
         if getattr(self.schedule, "resolved", True) is False:
             raise ValueError("schedule: a model's training schedule needs an explicit sigma")
         self.predicts = check_kind(predicts)
+        low_snr, high_snr = (float(self.schedule.snr_inverse(r)) for r in (1e-3, 1e3))
         if t_min is None:
-            t_min = float(self.schedule.snr_inverse(1e-3)) if predicts in ("noise", "score") else 0.0
+            t_min = low_snr if predicts in ("noise", "score") or self._singular_velocity(0.0) else 0.0
         if not (isinstance(t_min, (int, float)) and 0.0 <= t_min < 1.0):
             raise ValueError(f"t_min: expected a number in [0, 1), got {t_min!r}")
         self.t_min = float(t_min)
+        # A velocity carries no information where α β̇ − β α̇ = 0 (e.g. β̇_0 = 0); evaluate just inside.
+        self.t_max = high_snr if self._singular_velocity(1.0) else 1.0
         if net_dtype is None and isinstance(net, torch.nn.Module):
             param = next(iter(net.parameters()), None)
             net_dtype = param.dtype if param is not None and param.is_floating_point() else None
@@ -153,15 +159,21 @@ class Model:
     def __repr__(self) -> str:
         return f"Model(predicts={self.predicts!r}, schedule={self.schedule.name})"
 
+    def _singular_velocity(self, t: float) -> bool:
+        if self.predicts != "velocity":
+            return False
+        a, b, da, db = coefficients(self.schedule, t)
+        return not (a * db - b * da > 1e-12)
+
     def raw(self, x: Tensor, t: Tensor | float) -> Tensor:
-        """The network's own output at (x, t), in x's dtype; t is clamped to [t_min, 1]."""
+        """The network's own output at (x, t), in x's dtype; t is clamped to [t_min, t_max]."""
         batch = x.shape[0]
         tt = as_time(t)
         if tt.ndim == 0:
             tt = tt.expand(batch)
         if tt.shape != (batch,):
             raise ValueError(f"t: expected a scalar or shape ({batch},), got {tuple(tt.shape)}")
-        tt = tt.clamp(self.t_min, 1.0)
+        tt = tt.clamp(self.t_min, self.t_max)
         dtype = self.net_dtype or x.dtype
         out = self.net(x.to(dtype), tt.to(device=x.device, dtype=dtype))
         self.nfe += 1
@@ -177,8 +189,7 @@ class Model:
 
     def eta(self, x: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]:
         """(η_Z, η_X) at (x, t) under the model's own schedule."""
-        tt = as_time(t)
-        t_eval = tt.clamp(min=self.t_min)
+        t_eval = as_time(t).clamp(self.t_min, self.t_max)
         out = self.raw(x, t_eval)
         return to_eta(self.predicts, out, x, *coefficients(self.schedule, t_eval))
 

@@ -171,9 +171,10 @@ class Dynamics:
                 a_coef, b_coef = sched.drift_coefficients(t, kappa)
                 self.coefficient_cache[key] = ("x", a_coef, b_coef)
             else:
-                da, db = float(sched.dalpha(t)), float(sched.dbeta(t))
+                tr = float(sched.regular_time(t))
+                da, db = float(sched.dalpha(tr)), float(sched.dbeta(tr))
                 if kappa != 0:
-                    a, b = float(sched.alpha(t)), float(sched.beta(t))
+                    a, b = float(sched.alpha(tr)), float(sched.beta(tr))
                     da = (1 + kappa) * da - kappa * a * db / b
                 self.coefficient_cache[key] = ("z", da, db)
         return self.coefficient_cache[key]

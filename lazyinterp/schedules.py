@@ -141,6 +141,16 @@ class Schedule:
         """β̇_t."""
         return self._eval(self._dbeta, t)
 
+    def regular_time(self, t: Tensor | float) -> Tensor:
+        """``t`` itself wherever α̇ and β̇ are finite; elsewhere (vp at t = 1, a point mass at t = 0, whose
+        derivatives are infinite there) the time moved END_OFFSET inside, so quantities built from
+        derivatives take their one-sided limits."""
+        tt = as_time(t)
+        finite = torch.isfinite(self.dalpha(tt)) & torch.isfinite(self.dbeta(tt))
+        if bool(finite.all()):
+            return tt
+        return torch.where(finite, tt, tt.clamp(END_OFFSET, 1 - END_OFFSET))
+
     def snr(self, t: Tensor | float) -> Tensor:
         """r_t = β_t / α_t: 0 at t = 0 (also for a point mass, as a limit) and +inf at t = 1."""
         tt = as_time(t)

@@ -1,0 +1,151 @@
+import math
+
+import pytest
+import torch
+from conftest import all_schedules, gaussian_schedules, make_mixture
+
+import lazyinterp as li
+from lazyinterp.predictors import coefficients
+
+F64 = torch.float64
+TIMES = [0.05, 0.3, 0.5, 0.77, 0.95]
+
+
+def test_linear_gaussian_velocity_closed_form():
+    """Theory §6.1: v(t, x) = ((tσ² − (1 − t)) / ((1 − t)² + t²σ²)) x for N(0, σ² I)."""
+    for sigma in (0.5, 1.0, 2.0):
+        g = li.GaussianMixture.gaussian(torch.zeros(3), torch.tensor(sigma**2, dtype=F64))
+        x = torch.randn(6, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+        for t in [0.0, *TIMES, 1.0]:
+            expected = (t * sigma**2 - (1 - t)) / ((1 - t) ** 2 + t**2 * sigma**2) * x
+            torch.testing.assert_close(g.predict(x, t, "linear"), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_linear_velocity_identities(mixture):
+    """η_X = y + (1 − τ) v and η_Z = y − τ v for a linear-schedule velocity model."""
+    y = mixture.sample(8, torch.Generator().manual_seed(1)) + 0.3
+    for t in TIMES:
+        v = mixture.predict(y, t, "linear")
+        eta_z, eta_x = li.to_eta("velocity", v, y, *coefficients(li.linear(), t))
+        torch.testing.assert_close(eta_x, y + (1 - t) * v, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(eta_z, y - t * v, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("sched", all_schedules(), ids=lambda s: s.name)
+def test_every_kind_converts_to_every_other(sched, mixture):
+    """Each kind's exact output, turned into (η_Z, η_X) and back into another kind, is that kind's exact output."""
+    x = mixture.sample(16, torch.Generator().manual_seed(2)) * 0.8
+    for t in TIMES:
+        coef = coefficients(sched, t)
+        exact = {kind: mixture.predict(x, t, sched, kind) for kind in li.KINDS}
+        x_t = x  # any point works: the identities hold pointwise
+        for src in li.KINDS:
+            eta_z, eta_x = li.to_eta(src, exact[src], x_t, *coef)
+            torch.testing.assert_close(coef[0] * eta_z + coef[1] * eta_x, x_t, rtol=1e-10, atol=1e-10)
+            for dst in li.KINDS:
+                got = li.from_eta(dst, eta_z, eta_x, *coef)
+                torch.testing.assert_close(got, exact[dst], rtol=1e-9, atol=1e-9, msg=f"{src}->{dst} at {t}")
+
+
+def test_mixture_predictors_against_monte_carlo(mixture):
+    """The fixture itself: η_X(t, x) is the posterior mean (checked by importance weighting on samples of X)."""
+    gen = torch.Generator().manual_seed(3)
+    x_data = mixture.sample(400_000, gen)
+    sched = li.cosine()
+    t = 0.4
+    a, b = float(sched.alpha(t)), float(sched.beta(t))
+    point = torch.tensor([[0.5, 0.2]], dtype=F64)
+    log_w = -0.5 * ((point - b * x_data) ** 2).sum(1) / a**2
+    w = torch.softmax(log_w, 0)
+    mc = (w[:, None] * x_data).sum(0)
+    _, eta_x = mixture.eta(point, a, b)
+    torch.testing.assert_close(eta_x[0], mc, rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize("kind", li.KINDS)
+@pytest.mark.parametrize("sched", gaussian_schedules(), ids=lambda s: s.name)
+def test_model_is_finite_at_both_ends(kind, sched, mixture):
+    model = mixture.model(sched, kind)
+    x = mixture.sample(5, torch.Generator().manual_seed(4))
+    for dtype in (torch.float32, F64):
+        for t in (0.0, 1.0):
+            eta_z, eta_x = model.eta(x.to(dtype), t)
+            assert torch.isfinite(eta_z).all() and torch.isfinite(eta_x).all(), (kind, t, dtype)
+            for out_kind in li.KINDS:
+                assert torch.isfinite(model.predict(x.to(dtype), t, out_kind)).all()
+
+
+def test_end_point_limits(mixture):
+    x = mixture.sample(5, torch.Generator().manual_seed(5))
+    # Data predictor at α = 0: η_Z = E[Z | X = x] = 0 exactly.
+    data_model = mixture.model("linear", "data")
+    eta_z, eta_x = data_model.eta(x, 1.0)
+    assert torch.equal(eta_z, torch.zeros_like(x))
+    torch.testing.assert_close(eta_x, x, rtol=0, atol=1e-12)
+    # Noise predictor at β = 0: evaluated at t_min (SNR 1e-3), so η_X is E[X] up to O(SNR).
+    noise_model = mixture.model("linear", "noise")
+    assert noise_model.t_min == pytest.approx(1e-3 / (1 + 1e-3))
+    _, eta_x = noise_model.eta(torch.randn(5, 2, dtype=F64), 0.0)
+    torch.testing.assert_close(eta_x, mixture.mean.expand(5, 2), rtol=0, atol=1e-2)
+    # Velocity on the linear schedule needs no clamping: η_X(0, y) = E[X] exactly for every y.
+    _, eta_x = mixture.model("linear").eta(torch.randn(5, 2, dtype=F64), 0.0)
+    torch.testing.assert_close(eta_x, mixture.mean.expand(5, 2), rtol=0, atol=1e-12)
+
+
+def test_estimate_mean_and_sigma_are_exact_on_gaussians():
+    for sigma, mean in ((0.4, 1.5), (2.0, -0.3)):
+        g = li.GaussianMixture.gaussian(torch.full((4,), mean, dtype=F64), torch.tensor(sigma**2, dtype=F64))
+        model = g.model("linear")
+        mu = li.estimate_mean(model, (4,), dtype=F64)
+        torch.testing.assert_close(mu, torch.full((4,), mean, dtype=F64), rtol=0, atol=1e-12)
+        for snr in (0.1, 1.0, 5.0):
+            assert li.estimate_sigma(model, (4,), snr=snr, dtype=F64) == pytest.approx(sigma, rel=1e-10)
+    # Anisotropic: σ² is the mean eigenvalue of the covariance in the low-SNR limit.
+    g = li.GaussianMixture.gaussian(torch.zeros(3, dtype=F64), torch.tensor([0.5, 1.0, 1.5], dtype=F64))
+    est = li.estimate_sigma(g.model("linear"), (3,), snr=1e-3, probes=256, dtype=F64,
+                            generator=torch.Generator().manual_seed(0))
+    assert est == pytest.approx(1.0, rel=2e-2)
+
+
+def test_half_precision_networks_keep_float32_state():
+    seen = {}
+
+    class HalfNet(torch.nn.Module):
+        def __init__(self, dtype):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.tensor(0.5, dtype=dtype))
+
+        def forward(self, x, t):
+            seen["x"], seen["t"] = x.dtype, t.dtype
+            return self.scale * x
+
+    for dtype in (torch.float16, torch.bfloat16):
+        model = li.Model(HalfNet(dtype), "linear")
+        out = model.predict(torch.randn(4, 3), 0.5)
+        assert seen == {"x": dtype, "t": dtype}
+        assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_non_finite_network_output_is_reported():
+    model = li.Model(lambda x, t: x * math.nan, "linear")
+    with pytest.raises(li.NonFiniteError, match="t=0.25"):
+        model.eta(torch.randn(2, 3), 0.25)
+
+
+def test_model_argument_errors():
+    with pytest.raises(ValueError, match="predicts"):
+        li.Model(lambda x, t: x, "linear", predicts="epsilon")
+    with pytest.raises(TypeError, match="net"):
+        li.Model(3, "linear")
+    with pytest.raises(ValueError, match="schedule"):
+        li.Model(lambda x, t: x, "banana")
+    with pytest.raises(ValueError, match="net: output shape"):
+        li.Model(lambda x, t: x[:, :1], "linear").eta(torch.randn(2, 3), 0.5)
+    with pytest.raises(ValueError, match="t: expected"):
+        li.Model(lambda x, t: x, "linear").raw(torch.randn(2, 3), torch.zeros(3))
+
+
+def test_mixture_fixture_is_anisotropic_with_nonzero_mean():
+    g = make_mixture()
+    eig = torch.linalg.eigvalsh(g.cov)
+    assert float(eig.max() / eig.min()) > 1.5 and float(g.mean.norm()) > 0.3
