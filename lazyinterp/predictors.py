@@ -215,6 +215,7 @@ class CenteredModel:
         return eta_z, eta_x - mean
 
 
+@torch.no_grad()
 def estimate_mean(predictor: Predictor, shape: tuple[int, ...], *, probes: int = 8,
                   generator: torch.Generator | None = None, device=None, dtype=torch.float32) -> Tensor:
     r"""E[X] from the model alone: η_X(0, x) = E[X] for every x on a Gaussian base (I_0 is independent of X).
@@ -227,6 +228,7 @@ def estimate_mean(predictor: Predictor, shape: tuple[int, ...], *, probes: int =
     return eta_x.mean(dim=0)
 
 
+@torch.no_grad()
 def estimate_sigma(predictor: Predictor, shape: tuple[int, ...], *, mean: Tensor | None = None,
                    snr: float = 1.0, probes: int = 8, generator: torch.Generator | None = None,
                    device=None, dtype=torch.float32) -> float:

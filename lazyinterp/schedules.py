@@ -100,7 +100,8 @@ class Schedule:
 
     @staticmethod
     def _eval(fn: ScheduleFn, t: Tensor | float) -> Tensor:
-        tt = as_time(t)
+        # Solvers may step a rounding error past an end; the schedule is only defined on [0, 1].
+        tt = as_time(t).clamp(0.0, 1.0)
         return torch.as_tensor(fn(tt), dtype=_F64).expand_as(tt).clone()
 
     def _validate(self) -> None:

@@ -1,0 +1,219 @@
+import math
+
+import pytest
+import torch
+from conftest import all_schedules, gaussian_schedules, make_mixture
+
+import lazyinterp as li
+from lazyinterp.noise import NoiseStreams
+
+F64 = torch.float64
+
+
+def gaussian(sigma: float, dim: int = 3, mean: float = 0.0) -> li.GaussianMixture:
+    return li.GaussianMixture.gaussian(torch.full((dim,), mean, dtype=F64), torch.tensor(sigma**2, dtype=F64))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 7])
+def test_linear_euler_on_standard_gaussian_is_the_closed_form_product(steps):
+    """Theory §6.2: Z ↦ Z Π_k [1 + h (2t_k − 1)/((1 − t_k)² + t_k²)]: not exact."""
+    z = torch.randn(10, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    out = li.sample(gaussian(1.0).model("linear"), z, steps=steps)
+    h = 1 / steps
+    factor = math.prod(1 + h * (2 * t - 1) / ((1 - t) ** 2 + t**2) for t in (k * h for k in range(steps)))
+    torch.testing.assert_close(out, z * factor, rtol=1e-13, atol=1e-13)
+    assert abs(factor - 1) > 1e-3  # linear Euler is not exact
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5])
+@pytest.mark.parametrize("sigma,mean", [(1.0, 0.0), (0.5, 0.0), (2.0, 0.0), (0.5, 1.3)])
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_lazy_vp_is_exact_on_gaussians(steps, sigma, mean, solver):
+    """Lazy VP Euler on N(μ, σ² I) maps Z to σZ + μ exactly for any number of steps (centred on E[X])."""
+    z = torch.randn(10, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    model = gaussian(sigma, mean=mean).model("linear")
+    for schedule in (li.lazy_vp(sigma), li.lazy_vp()):  # explicit σ, and σ estimated from the model
+        out = li.sample(model, z, steps=steps, schedule=schedule, solver=solver)
+        torch.testing.assert_close(out, sigma * z + mean, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("steps", [1, 3, 8])
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0])
+def test_point_mass_euler_maruyama_is_exact_on_gaussians(steps, sigma):
+    """Theory §6.3: with β = t the sampler is σ W_t from 0, so X_1 = σ Σ_k √h_k ξ_k exactly, pathwise."""
+    model = gaussian(sigma).model("linear")
+    grid = torch.tensor(sorted({0.0, 1.0, *torch.rand(steps - 1, generator=torch.Generator().manual_seed(2)).tolist()}),
+                        dtype=F64)
+    out = li.sample(model, shape=(2000, 3), grid=grid, schedule=li.point_mass(sigma), diffusion="optimal",
+                    generator=7, last_step="euler", dtype=F64, center=False)
+    streams = NoiseStreams(7, range(2000), (3,), dtype=F64)
+    expected = sum(sigma * math.sqrt(float(h)) * streams.draw() for h in torch.diff(grid))
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    assert out.std().item() == pytest.approx(sigma, rel=0.05)
+
+
+def test_point_mass_denoise_last_step_returns_the_posterior_mean():
+    model = gaussian(1.0).model("linear")
+    kwargs = dict(shape=(64, 3), steps=4, schedule=li.point_mass(1.0), diffusion="optimal", generator=3,
+                  dtype=F64, center=False)
+    euler = li.sample(model, last_step="euler", **kwargs)
+    denoised = li.sample(model, last_step="denoise", **kwargs)
+    streams = NoiseStreams(3, range(64), (3,), dtype=F64)
+    draws = [streams.draw() for _ in range(4)]
+    # On N(0, 1) data η_X(t, x) = x on this schedule: denoising returns x_{N-1}, without the last noise.
+    torch.testing.assert_close(denoised, sum(0.5 * d for d in draws[:3]), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(euler, denoised + 0.5 * draws[3], rtol=1e-12, atol=1e-12)
+
+
+def test_nfe_counts_are_exact():
+    for solver, last_step, steps, expected in [("euler", "euler", 5, 5), ("heun", "euler", 5, 10),
+                                               ("heun", "denoise", 5, 9), ("euler", "denoise", 3, 3)]:
+        model = gaussian(1.0).model("linear")
+        _, info = li.sample(model, torch.randn(4, 3), steps=steps, solver=solver, last_step=last_step,
+                            return_info=True)
+        assert model.nfe == expected == info.nfe == li.count_nfe(solver, steps, last_step)
+    model = gaussian(1.0).model("linear")
+    _, info = li.sample(model, shape=(4, 3), steps=4, schedule=li.point_mass(), diffusion="optimal",
+                        solver="heun", return_info=True, generator=0)
+    assert info.nfe == 7 and model.nfe == 7 + info.estimation_nfe and info.estimation_nfe == 2
+
+
+@pytest.mark.parametrize("diffusion", ["ode", "optimal"])
+def test_same_seed_same_samples_whatever_the_batch(diffusion):
+    model = make_mixture().model("linear")
+    schedule = li.point_mass(0.8) if diffusion == "optimal" else li.lazy_vp(0.8)
+    whole = li.sample(model, shape=(7, 2), steps=3, schedule=schedule, diffusion=diffusion, generator=11)
+    parts = [li.sample(model, shape=(len(idx), 2), steps=3, schedule=schedule, diffusion=diffusion,
+                       generator=11, indices=idx) for idx in (range(0, 3), range(3, 7))]
+    assert torch.equal(whole, torch.cat(parts))
+    again = li.sample(model, shape=(7, 2), steps=3, schedule=schedule, diffusion=diffusion,
+                      generator=torch.Generator().manual_seed(5))
+    again2 = li.sample(model, shape=(7, 2), steps=3, schedule=schedule, diffusion=diffusion,
+                       generator=torch.Generator().manual_seed(5))
+    assert torch.equal(again, again2) and not torch.equal(again, whole)
+
+
+@pytest.mark.parametrize("sched", all_schedules(), ids=lambda s: s.name)
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_no_solver_produces_nan_or_inf(sched, dtype):
+    mixture = make_mixture()
+    diffusions = ["optimal", 0.5] if sched.base == "point_mass" else ["ode", "optimal", 2.0]
+    for predicts in ("velocity", "noise", "data"):
+        model = mixture.model("linear" if predicts == "velocity" else li.vp(), predicts)
+        for diffusion in diffusions:
+            for solver in ("euler", "heun"):
+                for steps in (1, 2, 10):
+                    for last_step in ("euler", "denoise"):
+                        out = li.sample(model, shape=(6, 2), steps=steps, schedule=sched, diffusion=diffusion,
+                                        solver=solver, generator=0, dtype=dtype, last_step=last_step)
+                        assert out.dtype == dtype
+                        assert torch.isfinite(out).all(), (predicts, diffusion, solver, steps, last_step)
+
+
+def test_images_and_vectors_shapes():
+    image_mixture = li.GaussianMixture.gaussian(torch.zeros(2 * 4 * 4, dtype=F64), torch.tensor(0.3, dtype=F64))
+    model = image_mixture.model("linear")
+    z = torch.randn(3, 2, 4, 4)
+    out = li.sample(model, z, steps=2, schedule="lazy-vp")
+    assert out.shape == (3, 2, 4, 4)
+    torch.testing.assert_close(out, math.sqrt(0.3) * z, rtol=1e-5, atol=1e-5)
+    assert li.sample(model, shape=(5, 32), steps=2, schedule="point-mass", diffusion="optimal").shape == (5, 32)
+
+
+def test_sde_keeps_the_marginals_of_a_mixture():
+    """Fine-grid Euler–Maruyama with ε* from a Gaussian base and from a point mass reaches the mixture's moments."""
+    mixture = make_mixture()
+    model = mixture.model("linear")
+    for schedule in (li.linear(), li.point_mass(1.0)):
+        out = li.sample(model, shape=(4000, 2), steps=200, schedule=schedule, diffusion="optimal", generator=1,
+                        dtype=F64)
+        torch.testing.assert_close(out.mean(0), mixture.mean, rtol=0, atol=0.05)
+        torch.testing.assert_close(torch.cov(out.T), mixture.cov, rtol=0, atol=0.08)
+
+
+def test_callable_diffusion_and_kappa_agree():
+    model = make_mixture().model("linear")
+    sched = li.point_mass(1.0)
+    a = li.sample(model, shape=(5, 2), steps=4, schedule=sched, diffusion=0.5, generator=3, dtype=F64)
+    b = li.sample(model, shape=(5, 2), steps=4, schedule=sched, diffusion=lambda t: 0.5 * sched.optimal_diffusion(t),
+                  generator=3, dtype=F64)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_network_nan_is_reported_with_step_and_time():
+    calls = {"n": 0}
+
+    def net(x, t):
+        calls["n"] += 1
+        return x * (math.nan if calls["n"] == 3 else 1.0)
+
+    with pytest.raises(li.NonFiniteError, match=r"step 3, t=0.5"):
+        li.sample(li.Model(net, "linear"), torch.randn(2, 3), steps=4)
+
+
+def test_fp16_network_through_sample():
+    class Half(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(1.0, dtype=torch.float16))
+
+        def forward(self, x, t):
+            assert x.dtype == torch.float16
+            return -x * self.w  # velocity of a point at 0 ... any finite field will do
+
+    out = li.sample(li.Model(Half(), "linear"), torch.randn(4, 3), steps=3, schedule="lazy-vp")
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    mixture = make_mixture()
+
+    def net(x, t):
+        return mixture.predict(x.cpu(), t.cpu(), "linear").to(x.device)
+
+    model = li.Model(net, "linear")
+    z = torch.randn(8, 2)
+    cpu = li.sample(model, z, steps=4, schedule="lazy-vp")
+    gpu = li.sample(model, z.cuda(), steps=4, schedule="lazy-vp")
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_name_the_argument():
+    model = make_mixture().model("linear")
+    z = torch.randn(4, 2)
+    cases = [
+        (dict(noise=z, schedule="banana"), ValueError, "schedule"),
+        (dict(noise=z, steps=0), ValueError, "steps"),
+        (dict(noise=z, steps=2.5), TypeError, "steps"),
+        (dict(noise=z, grid=[0.0, 0.6, 0.4, 1.0]), ValueError, "grid: times must increase"),
+        (dict(noise=z, grid=[0.1, 0.5, 1.0]), ValueError, "grid: must run from 0 to 1"),
+        (dict(noise=z, grid=[0.0, 0.5, 0.9]), ValueError, "grid: must run from 0 to 1"),
+        (dict(shape=(4, 2), schedule="point-mass"), ValueError, "diffusion: a point-mass schedule"),
+        (dict(noise=z, shape=(3, 2)), ValueError, "shape"),
+        (dict(), ValueError, "noise, shape"),
+        (dict(noise=z, solver="rk45"), ValueError, "solver"),
+        (dict(noise=z, diffusion="loud"), ValueError, "diffusion"),
+        (dict(noise=z, diffusion=-1.0), ValueError, "diffusion"),
+        (dict(noise=z, last_step="magic"), ValueError, "last_step"),
+        (dict(noise=z, schedule="point-mass", diffusion="optimal"), ValueError, "noise"),
+        (dict(noise=torch.zeros(4, 2, dtype=torch.long)), TypeError, "noise"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            li.sample(model, **kwargs)
+    with pytest.raises(TypeError, match="model"):
+        li.sample(lambda x, t: x, z)
+    with pytest.raises(ValueError, match="shape"):
+        li.sample(li.Model(lambda x, t: x[:, :1], "linear"), z)
+
+
+def test_gaussian_schedules_start_at_alpha0_z():
+    model = gaussian(1.0).model("linear")
+    z = torch.randn(3, 3, dtype=F64)
+    seen = []
+    li.sample(model, z, steps=2, schedule=li.lazy_vp(0.3), center=False,
+              callback=lambda k, t, x: seen.append((k, t)))
+    assert seen == [(0, 0.5), (1, 1.0)]
+    for sched in gaussian_schedules():
+        assert float(sched.alpha(0.0)) > 0
