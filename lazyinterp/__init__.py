@@ -31,7 +31,9 @@ from .samplers import (
     euler,
     euler_maruyama,
     heun,
+    make_grid,
     sample,
+    snr_matched_grid,
     stochastic_heun,
     uniform_grid,
 )
@@ -54,6 +56,6 @@ __all__ = [
     "KINDS", "SCHEDULES", "CenteredModel", "ConvertedModel", "ConvertedPath", "GaussianMixture", "LazySchedule",
     "Model", "NonFiniteError", "SampleInfo", "Schedule", "check_grid", "convert", "convert_path",
     "converted_diffusion", "cosine", "count_nfe", "estimate_mean", "estimate_sigma", "euler", "euler_maruyama",
-    "from_eta", "get_schedule", "heun", "lazy_vp", "linear", "point_mass", "sample", "stochastic_heun",
+    "from_eta", "get_schedule", "heun", "lazy_vp", "make_grid", "snr_matched_grid", "linear", "point_mass", "sample", "stochastic_heun",
     "time_change", "time_change_derivatives", "to_eta", "uniform_grid", "vp",
 ]

@@ -211,3 +211,11 @@ def resolve_model_path(name_or_path: str) -> Path:
         f"unknown model {name_or_path!r}: expected a bundled name ({', '.join(BUNDLED)}) "
         "or a path to a .safetensors checkpoint"
     )
+
+
+def load_model(name_or_path: str | Path, device: torch.device | str = "cpu"):
+    """A bundled model name or checkpoint path as an :class:`~lazyinterp.Model` ready for sampling."""
+    from .predictors import Model
+
+    net, info = load_network(resolve_model_path(str(name_or_path)))
+    return Model(net.to(device), info.schedule, info.predicts), info

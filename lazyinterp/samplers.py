@@ -51,6 +51,37 @@ def uniform_grid(steps: int) -> Tensor:
     return torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
 
 
+def snr_matched_grid(steps: int, schedule: Schedule, reference: Schedule | str = "linear") -> Tensor:
+    """Nodes t_k of ``schedule`` whose SNRs are those of ``reference`` on its uniform grid: r(t_k) = r_ref(k/N).
+
+    With the model's training schedule as ``reference``, the converted sampler visits exactly the noise levels
+    that uniform steps of the native sampler would, so only the coordinates of the Euler step differ.
+    """
+    ref = get_schedule(reference, argument="reference")
+    grid = schedule.snr_inverse(ref.snr(uniform_grid(steps)))
+    grid[0], grid[-1] = 0.0, 1.0
+    return grid
+
+
+GRIDS = ("uniform", "model")
+
+
+def make_grid(grid: Any, steps: int | None, schedule: Schedule, model_schedule: Schedule) -> Tensor:
+    """The time grid :func:`sample` uses: an explicit grid, or a named family over ``steps`` intervals.
+
+    "uniform": t_k = k/N. "model": SNR-matched to the model's own schedule on its uniform grid.
+    """
+    if grid is None or isinstance(grid, str):
+        steps = DEFAULT_STEPS if steps is None else check_steps(steps)
+        name = grid or "uniform"
+        if name == "uniform":
+            return uniform_grid(steps)
+        if name == "model":
+            return check_grid(snr_matched_grid(steps, schedule, model_schedule))
+        raise ValueError(f"grid: expected an explicit grid or one of {', '.join(GRIDS)}, got {grid!r}")
+    return check_grid(grid)
+
+
 def check_steps(steps: Any) -> int:
     if isinstance(steps, bool) or not isinstance(steps, int):
         raise TypeError(f"steps: expected an integer >= 1, got {type(steps).__name__}")
@@ -368,7 +399,8 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         solver: "euler" (Euler, or Euler–Maruyama for an SDE) or "heun".
         generator: an int seed, a torch.Generator or None (torch's global RNG); each sample gets its own
             stream, so results do not depend on the batch size.
-        grid: an explicit increasing time grid from 0 to 1.
+        grid: an explicit increasing time grid from 0 to 1, or "uniform" (default) or "model" (the SNRs of the
+            model's own schedule on its uniform grid, see :func:`snr_matched_grid`).
         last_step: "euler" or "denoise" (x_1 = η_X(t_{N−1}, x)); default "euler" for ODEs and "denoise" for
             SDEs.
         center: sample X − E[X] with the model's own estimate of E[X] and add it back; default on for the lazy
@@ -380,10 +412,8 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
     target = predictor.schedule if schedule is None else get_schedule(schedule)
     diffusion_spec = resolve_diffusion(diffusion, target)
     solver = _check_solver(solver)
-    if grid is not None:
+    if grid is not None and not isinstance(grid, str):
         grid = check_grid(grid)
-    else:
-        grid = uniform_grid(DEFAULT_STEPS if steps is None else steps)
     is_sde = not diffusion_spec.is_ode
     if last_step is None:
         last_step = "denoise" if is_sde else "euler"
@@ -441,6 +471,7 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         diffusion_spec = resolve_diffusion(diffusion, target)
     estimation_nfe = getattr(predictor, "nfe", 0) - nfe_before
 
+    grid = make_grid(grid, steps, target, predictor.schedule)
     dynamics = Dynamics(convert(source, target), diffusion_spec)
     if target.base == "point_mass":
         x = torch.zeros(shape, device=device, dtype=dtype)

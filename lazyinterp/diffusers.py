@@ -1,0 +1,973 @@
+r"""Use with 🤗 diffusers: a pipeline scheduler and :class:`~lazyinterp.Model` adapters.
+
+This module imports ``diffusers`` (the optional ``lazyinterp[diffusers]`` extra); ``import lazyinterp`` never does.
+
+* :class:`LazyScheduler` — a drop-in scheduler for flow-matching pipelines (SD3, FLUX and others built on
+  ``FlowMatchEulerDiscreteScheduler``) that samples the pipeline's transformer under any lazyinterp schedule,
+  diffusion coefficient and solver, by the exact conversion of theory §3.
+* :func:`flow_transformer_model` — a diffusers flow transformer (SD3, FLUX) with fixed conditioning as an
+  :class:`~lazyinterp.Model`, so :func:`lazyinterp.sample` drives it directly.
+* :func:`ddpm_model` and :func:`ddpm_schedule` — a DDPM-style UNet (ε-, v- or x₀-prediction on discrete
+  ``alphas_cumprod``) as an :class:`~lazyinterp.Model` on a continuous VP schedule.
+* :func:`sigmas_to_grid` and :func:`grid_to_sigmas` — between diffusers' ``sigmas`` and lazyinterp time grids.
+
+Conventions. diffusers' flow models write x_σ = (1 − σ) x_data + σ ε and predict ``output = ε − x_data``; in
+lazyinterp's time τ = 1 − σ this is the linear schedule with velocity v = E[X − Z | I_τ] = −output, and the
+pipelines' ``timesteps`` are 1000 σ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+
+from .conversion import convert, time_change
+from .noise import NoiseStreams, resolve_seed
+from .predictors import CenteredModel, Model, coefficients, to_eta
+from .samplers import LAST_STEPS, Dynamics, _check_solver, check_grid, resolve_diffusion
+from .schedules import SCHEDULES, LazySchedule, Schedule, as_time, get_schedule, linear
+
+Tensor = torch.Tensor
+_F64 = torch.float64
+
+__all__ = [
+    "LazyScheduler", "LazySchedulerOutput", "ddpm_model", "ddpm_schedule", "flow_transformer_model",
+    "grid_to_sigmas", "sigmas_to_grid",
+]
+
+# The σ probe sits where the linear schedule's SNR β/α is 1, as in li.estimate_sigma.
+_PROBE_TAU = 0.5
+
+
+# Grids ------------------------------------------------------------------------------------------------------------
+
+def _as_sigmas(sigmas: Any) -> Tensor:
+    try:
+        s = torch.as_tensor(np.asarray(sigmas, dtype=np.float64) if not isinstance(sigmas, Tensor) else sigmas,
+                            dtype=_F64).detach().cpu().flatten()
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"sigmas: expected a 1-D sequence of numbers, got {type(sigmas).__name__}") from exc
+    if s.numel() < 1:
+        raise ValueError("sigmas: expected at least one sigma")
+    if not bool(torch.isfinite(s).all()) or float(s.min()) <= 0 or float(s.max()) > 1 + 1e-6:
+        raise ValueError(f"sigmas: expected values in (0, 1], got {s.tolist()}")
+    if not bool((torch.diff(s) < 0).all()):
+        raise ValueError("sigmas: expected a strictly decreasing sequence (noise first)")
+    return s.clamp(max=1.0)
+
+
+def sigmas_to_grid(sigmas: Any, schedule: Schedule | str) -> Tensor:
+    r"""The time grid of ``schedule`` at the same SNR points as diffusers' flow ``sigmas``, ending at t = 1.
+
+    A diffusers sigma σ_k is the linear-schedule time τ_k = 1 − σ_k; the grid node is the target time with the
+    same SNR, t_k = r'⁻¹(r_lin(τ_k)) with r_lin(τ) = τ/(1 − τ). The appended last node is t = 1 (σ = 0), as
+    diffusers appends σ = 0.
+
+    Args:
+        sigmas: N strictly decreasing values in (0, 1] (without the final 0).
+        schedule: the target schedule (object or name); a lazy one needs its sigma.
+
+    Returns:
+        A float64 tensor of N + 1 increasing times.
+    """
+    s = _as_sigmas(sigmas)
+    sched = get_schedule(schedule)
+    tau = 1 - s
+    t = tau if sched.name == "linear" else sched.snr_inverse(tau / s)
+    grid = torch.cat([t, torch.ones(1, dtype=_F64)])
+    if not bool((torch.diff(grid) > 0).all()):
+        raise ValueError(f"sigmas: several of them map to the same time under {sched.name} (its SNR range does "
+                         "not cover them); drop the noisiest ones")
+    return grid
+
+
+def grid_to_sigmas(grid: Any, schedule: Schedule | str) -> Tensor:
+    r"""diffusers flow ``sigmas`` for a time grid of ``schedule``: σ_k = 1 − τ(t_k) with τ = r/(1 + r), r = r'_t.
+
+    The inverse of :func:`sigmas_to_grid`: pass the result as ``sigmas=`` to a pipeline whose scheduler is a
+    :class:`LazyScheduler` with no shift (``shift=1``, ``use_dynamic_shifting=False``) to run exactly this grid.
+    """
+    g = check_grid(grid)
+    sched = get_schedule(schedule)
+    if sched.name == "linear":
+        return 1 - g[:-1]
+    r = sched.snr(g[:-1])
+    return 1 / (1 + r)
+
+
+# The scheduler ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class LazySchedulerOutput(BaseOutput):
+    """Output of :meth:`LazyScheduler.step`.
+
+    Args:
+        prev_sample: the latents for the next model evaluation, in the model's (linear-schedule) coordinates.
+        pred_original_sample: the model's data prediction E[X | latents] at this evaluation.
+    """
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
+
+
+class _Recorded:
+    """The flow model's output at the point where the pipeline evaluated it, as a predictor under ``schedule``.
+
+    The conversion passes the model time τ and the input x = y/c; the network saw the pipeline's latents,
+    which agree with x except at a point-mass start (c = 0, where the conversion passes 0). The latents the
+    network actually saw are used, so that (x, output) stay a consistent pair.
+    """
+
+    def __init__(self, schedule: Schedule):
+        self.schedule = schedule
+        self.x: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def eta(self, x: Tensor, t) -> tuple[Tensor, Tensor]:
+        return to_eta("velocity", self.v, self.x, *coefficients(self.schedule, t))
+
+
+@dataclass
+class _Lane:
+    """Samples sharing one target schedule: their grid t_k, model times τ_k, scales c_k and dynamics."""
+
+    index: slice
+    schedule: Schedule
+    grid: list[float]
+    tau: list[float]
+    scale: list[float]
+    alpha0: float
+    recorded: _Recorded
+    dynamics: Dynamics
+
+
+def _latents_seed(x: Tensor) -> int:
+    digest = hashlib.blake2b(x.detach().float().cpu().contiguous().numpy().tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class LazyScheduler(SchedulerMixin, ConfigMixin):
+    r"""A diffusers scheduler that samples a flow-matching transformer under a lazyinterp schedule.
+
+    Usage: ``pipe.scheduler = LazyScheduler.from_config(pipe.scheduler.config, schedule="lazy-vp")``.
+
+    **The model.** The pipeline's transformer is a flow model on the linear schedule in diffusers' convention,
+    x_σ = (1 − σ) x_data + σ ε with ``output = ε − x_data``: lazyinterp's velocity is v = −output at time
+    τ = 1 − σ. The sampler integrates dY = b^ε(t, Y) dt + √(2ε_t) dW under the target schedule (α', β') from the
+    exactly converted model (theory §3): τ(t) = r⁻¹(r'_t), c_t = α'_t/α_τ, and Y_t = c_t X_τ.
+
+    **The grid.** ``set_timesteps`` builds diffusers sigmas exactly as ``FlowMatchEulerDiscreteScheduler`` does
+    (``shift``, ``use_dynamic_shifting`` with ``mu``, ``shift_terminal``, Karras/exponential/beta sigmas); with
+    only ``num_inference_steps = N`` the unshifted sigmas are linspace(1, 1/N, N), as FLUX passes (no step is spent
+    on 0.001 → 0). Each sigma σ_k is an SNR point: the node is the target time t_k = r'⁻¹(r_lin(1 − σ_k)), and the
+    last node is t = 1 (see :func:`sigmas_to_grid`). With ``custom timesteps`` they are read as 1000 σ.
+
+    **Coordinates.** The pipeline calls the transformer on its latents at the exposed ``timesteps``, so the
+    latents are kept in the model's coordinates x = y/c_k (+ τ_k μ when centring, below) and ``timesteps`` are the
+    model times 1000 (1 − τ(t_k)) at which the converted predictor evaluates the network. ``step`` maps the
+    latents to the target state y = c_k (x − τ_k μ), takes the step under the target schedule and returns the next
+    latents x_{k+1} = y_{k+1}/c_{k+1} + τ_{k+1} μ. At t = 1, c = 1 and τ = 1, so the final latents are the sample.
+    A higher-precision copy of the state is kept between steps and used while the pipeline leaves the latents it
+    got back untouched (inpainting pipelines that edit them are followed).
+
+    **The start.** A Gaussian-base target starts at y_0 = α'_0 Z with Z the pipeline's initial latents, as
+    ``li.sample(model, noise=Z)`` does (lazy VP: y_0 = σZ). A point-mass target starts at y_0 = 0 (c_0 = 0):
+    the initial latents do not enter the state. The network is still called on them at σ = 1, where the exact
+    η_X = x + v is E[X] whatever the input, and they seed the SDE noise (below).
+
+    **Centring** (``center``, default on for the lazy schedules as in ``li.sample``). The lazy schedules are lazy
+    for centred data, so the sampler runs on X − μ and adds μ back. μ is each sample's own E[X] estimate, free
+    at the first evaluation: at σ = 1 (τ = 0), η_X(0, x) = x + v = x − output is E[X] for every input
+    (per prompt under conditioning and guidance). It needs a run that starts at σ = 1; otherwise the default
+    does not centre and ``center=True`` raises.
+
+    **sigma=None** (lazy schedules). σ is estimated per sample from the model, at the cost of one extra
+    evaluation inserted after the first: the latents are moved to the linear-schedule point at SNR 1,
+    x_p = (1 − τ_p) Z + τ_p μ with τ_p = 1/2 (probe noise u = (1 − τ_p) Z from the initial latents), and with
+    k = ⟨u, η_X(τ_p, x_p) − μ⟩/‖u‖², σ² = k α²/(β(1 − kβ)) at α = β = 1/2 (exact for Gaussian data; the mean
+    eigenvalue of the covariance in the linear regime otherwise, as :func:`lazyinterp.estimate_sigma`). Without
+    centring σ is the RMS √(σ² + mean μ²). The first step then runs from the stored first evaluation. Each sample
+    gets its own target schedule: the exposed model times do not depend on σ (SNR-matched nodes), only t_k and
+    c_k do. The estimates are in :attr:`estimated_sigma`. Pass a number (e.g. 1 for latents normalised to unit
+    variance) to skip the probe.
+
+    **Solvers.** ``solver="euler"`` (Euler, or Euler–Maruyama for an SDE) evaluates once per node. ``"heun"``
+    (order 2) interleaves like ``FlowMatchHeunDiscreteScheduler``: timesteps m_0, m_1, m_1, …, m_{N−1}, m_{N−1},
+    then m_N = 0 (the corrector at t = 1) when ``last_step="euler"``; with ``last_step="denoise"`` (the default
+    for SDEs) the last interval is x_1 = η_X(t_{N−1}, x) and m_N is dropped. The arithmetic is that of
+    :func:`lazyinterp.sample` with the same grid, so the two agree to float precision.
+
+    **Noise.** SDEs draw one standard normal per step and sample from per-sample streams
+    (:class:`lazyinterp.noise.NoiseStreams`). With ``step(..., generator=g)`` the base seed is one draw from ``g``,
+    as ``li.sample(generator=g)``. SD3 and FLUX pipelines do not pass their generator to ``step``; then sample i's
+    stream is seeded by a hash of its initial latents (with i), so a pipeline call with a seeded generator is
+    reproducible. :attr:`noise_seeds` records the seeds: ``li.sample(..., generator=noise_seeds[i], indices=[i])``
+    reproduces sample i.
+
+    Args:
+        num_train_timesteps: the timestep scale (1000 σ).
+        schedule: the target schedule: a name in ``lazyinterp.SCHEDULES`` or a :class:`~lazyinterp.Schedule`
+            (custom schedule objects work but are saved to the config by name only).
+        sigma: σ of a lazy schedule; ``None`` estimates it per sample (above).
+        diffusion: ``"ode"``, ``"optimal"`` (ε*), a number κ (ε = κε*) or a callable ε(t) (not saved).
+        solver: ``"euler"`` or ``"heun"``.
+        last_step: ``"euler"`` or ``"denoise"``; default ``"euler"`` for ODEs and ``"denoise"`` for SDEs.
+        center: centre on the model's own E[X] estimate; default on for lazy schedules.
+        shift, use_dynamic_shifting, base_shift, max_shift, base_image_seq_len, max_image_seq_len, time_shift_type,
+        shift_terminal, use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas: as in
+            ``FlowMatchEulerDiscreteScheduler``; they shape the sigmas before the SNR matching.
+        invert_sigmas: must be False (Mochi's inverted convention is not supported).
+        use_flow_sigmas: read by FLUX pipelines; when True they pass only ``num_inference_steps``.
+
+    Raises:
+        ValueError: an unknown schedule, diffusion, solver or last step, a sigma for a non-lazy schedule, or a
+            point-mass schedule with an ODE.
+    """
+
+    _compatibles: list[str] = []
+    order = 1
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, schedule: str = "lazy-vp", sigma: float | None = None,
+                 diffusion: str | float = "ode", solver: str = "euler", last_step: str | None = None,
+                 center: bool | None = None, shift: float = 1.0, use_dynamic_shifting: bool = False,
+                 base_shift: float | None = 0.5, max_shift: float | None = 1.15, base_image_seq_len: int = 256,
+                 max_image_seq_len: int = 4096, time_shift_type: str = "exponential",
+                 shift_terminal: float | None = None, use_karras_sigmas: bool = False,
+                 use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False, invert_sigmas: bool = False,
+                 use_flow_sigmas: bool = False):
+        if invert_sigmas:
+            raise ValueError("invert_sigmas: inverted sigmas are not supported; flow models here go from noise "
+                             "(sigma 1) to data (sigma 0)")
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) \
+                or num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps: expected a positive integer, got {num_train_timesteps!r}")
+        target, config_name, config_sigma = self._target_schedule(schedule, sigma)
+        self._target = target
+        self._diffusion_arg = diffusion
+        probe_diffusion = resolve_diffusion(diffusion, target)
+        if target.base == "point_mass" and probe_diffusion.is_ode:
+            raise ValueError("diffusion: a point-mass schedule starts every sample at 0, and an ODE moves them all "
+                             "alike, so it cannot leave the point; use diffusion='optimal' (or kappa > 0)")
+        self._solver = _check_solver(solver)
+        if last_step is not None and last_step not in LAST_STEPS:
+            raise ValueError(f"last_step: expected one of {', '.join(LAST_STEPS)} or None, got {last_step!r}")
+        self._is_sde = not probe_diffusion.is_ode
+        self._last_step = last_step or ("denoise" if self._is_sde else "euler")
+        if center is not None and not isinstance(center, bool):
+            raise TypeError(f"center: expected True, False or None, got {type(center).__name__}")
+        self._center_arg = center
+        if self._solver == "heun":
+            self.order = 2
+        config_diffusion = diffusion if isinstance(diffusion, (str, int, float)) else "custom"
+        self.register_to_config(schedule=config_name, sigma=config_sigma, diffusion=config_diffusion,
+                                solver=self._solver)
+        self._shift = shift
+        self.init_noise_sigma = 1.0
+        train = torch.linspace(1.0, 1.0 / num_train_timesteps, num_train_timesteps, dtype=torch.float32)
+        self.sigmas = torch.cat([train, torch.zeros(1)])
+        self.timesteps = train * num_train_timesteps
+        self.num_inference_steps: int | None = None
+        self._begin_index: int | None = None
+        self._plan: list[tuple[str, int]] | None = None
+        self._reset_run()
+
+    @staticmethod
+    def _target_schedule(schedule: Any, sigma: float | None) -> tuple[Schedule, str, float | None]:
+        """The target schedule object, and the (schedule, sigma) pair the config stores for it."""
+        if isinstance(schedule, LazySchedule):
+            if sigma is not None and schedule.sigma is not None and float(sigma) != schedule.sigma:
+                raise ValueError(f"sigma: {sigma} contradicts the schedule's own sigma {schedule.sigma}")
+            sig = schedule.sigma if schedule.sigma is not None else sigma
+            name = "point-mass" if schedule.family == "point_mass" else "lazy-vp"
+            return SCHEDULES[name]()(sig) if sig is not None else schedule, name, sig
+        target = get_schedule(schedule)
+        if isinstance(target, LazySchedule):
+            if sigma is not None:
+                target = target.resolve(sigma)
+            return target, str(schedule).strip().lower().replace("_", "-"), target.sigma
+        if sigma is not None:
+            raise ValueError(f"sigma: only the lazy schedules (lazy-vp, point-mass) take a sigma, not {target.name}")
+        key = target.name if isinstance(schedule, Schedule) else str(schedule).strip().lower().replace("_", "-")
+        return (linear() if key == "linear" else target), key, None
+
+    # Properties of the diffusers contract -----------------------------------------------------------------------
+    @property
+    def shift(self) -> float:
+        """The static shift applied to the sigmas (when ``use_dynamic_shifting`` is off)."""
+        return self._shift
+
+    def set_shift(self, shift: float) -> None:
+        self._shift = shift
+
+    @property
+    def step_index(self) -> int | None:
+        """The index of the next ``step`` in :attr:`timesteps`."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """The first index into :attr:`timesteps`, set by pipelines through :meth:`set_begin_index`."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start at ``timesteps[begin_index]`` (image-to-image pipelines skip the noisiest nodes)."""
+        self._begin_index = begin_index
+
+    def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
+        """The latents as they are: flow models take them unscaled."""
+        return sample
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    @property
+    def grid(self) -> Tensor | None:
+        """The target-time grid when all samples share one schedule (None before it is known)."""
+        if self._lanes is not None and len(self._lanes) == 1:
+            return torch.tensor(self._lanes[0].grid, dtype=_F64)
+        if self._target_resolved and self._model_sigmas is not None:
+            return sigmas_to_grid(self._model_sigmas, self._target)
+        return None
+
+    @property
+    def _target_resolved(self) -> bool:
+        return getattr(self._target, "resolved", True)
+
+    # Timesteps -------------------------------------------------------------------------------------------------
+    def _reset_run(self) -> None:
+        self._step_index: int | None = None
+        self._lanes: list[_Lane] | None = None
+        self._mean: Tensor | None = None
+        self._streams: list[NoiseStreams] | None = None
+        self._y: Tensor | None = None
+        self._returned: Tensor | None = None
+        self._heun: tuple | None = None
+        self._deferred: tuple | None = None
+        self._xi: Tensor | None = None
+        self.estimated_sigma: Tensor | None = None
+        self.noise_seeds: list[int] | None = None
+
+    def _shifted_sigmas(self, sigmas: Tensor, mu: float | None) -> Tensor:
+        """``sigmas`` through exactly FlowMatchEulerDiscreteScheduler's shifting (float32, as it computes)."""
+        cfg = self.config
+        helper = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=cfg.num_train_timesteps, shift=self._shift, use_dynamic_shifting=cfg.use_dynamic_shifting,
+            base_shift=cfg.base_shift, max_shift=cfg.max_shift, base_image_seq_len=cfg.base_image_seq_len,
+            max_image_seq_len=cfg.max_image_seq_len, shift_terminal=cfg.shift_terminal,
+            use_karras_sigmas=cfg.use_karras_sigmas, use_exponential_sigmas=cfg.use_exponential_sigmas,
+            use_beta_sigmas=cfg.use_beta_sigmas, time_shift_type=cfg.time_shift_type)
+        helper.set_timesteps(sigmas=sigmas.tolist(), mu=mu)
+        return helper.sigmas[:-1].to(_F64)
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
+                      sigmas: Any = None, mu: float | None = None, timesteps: Any = None) -> None:
+        """Build the grid and the model timesteps the pipeline evaluates (see the class docstring).
+
+        Args:
+            num_inference_steps: N, the number of grid intervals (default sigmas linspace(1, 1/N, N)).
+            device: where :attr:`timesteps` live.
+            sigmas: custom diffusers sigmas (N values, decreasing, noise first, without the final 0).
+            mu: the dynamic shift (required when ``use_dynamic_shifting``).
+            timesteps: custom timesteps, read as 1000 σ (give these or ``sigmas``, not both).
+
+        Raises:
+            ValueError: neither steps nor sigmas/timesteps, both sigmas and timesteps, lengths that disagree, a
+                missing ``mu``, or sigmas outside (0, 1] or not decreasing.
+        """
+        cfg = self.config
+        if sigmas is not None and timesteps is not None:
+            raise ValueError("sigmas, timesteps: pass one of them (timesteps are read as 1000 * sigma)")
+        if timesteps is not None:
+            sigmas = np.asarray(timesteps, dtype=np.float64) / cfg.num_train_timesteps
+        if sigmas is None:
+            if num_inference_steps is None:
+                raise ValueError("num_inference_steps, sigmas: give the number of steps or the sigmas")
+            if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) \
+                    or num_inference_steps < 1:
+                raise ValueError(f"num_inference_steps: expected an integer >= 1, got {num_inference_steps!r}")
+            n = int(num_inference_steps)
+            raw = torch.linspace(1.0, 1.0 / n, n, dtype=_F64)
+        else:
+            raw = _as_sigmas(sigmas)
+            if num_inference_steps is not None and num_inference_steps != raw.numel():
+                raise ValueError(f"num_inference_steps: {num_inference_steps} does not match len(sigmas) = "
+                                 f"{raw.numel()}")
+        if cfg.use_dynamic_shifting and mu is None:
+            raise ValueError("mu: required when use_dynamic_shifting is True (pipelines compute it from the image "
+                             "size)")
+        model_sigmas = _as_sigmas(self._shifted_sigmas(raw, mu))
+        model_sigmas[model_sigmas >= 1 - 1e-7] = 1.0
+        n = model_sigmas.numel()
+        self._model_sigmas = model_sigmas
+        self.num_inference_steps = n
+
+        # Model sigmas at the nodes: 1 − τ(t_k). SNR-matched nodes give 1 − σ_k back, except where a target's SNR
+        # range is narrower than the linear one (vp at t = 0), which time_change clamps.
+        if self._target_resolved:
+            grid = sigmas_to_grid(model_sigmas, self._target)
+            tau, _ = time_change(self._recorded_schedule(), self._target, grid)
+            node_sigmas = 1 - tau
+        else:
+            node_sigmas = torch.cat([model_sigmas, torch.zeros(1, dtype=_F64)])
+        self._node_sigmas = node_sigmas
+
+        probe = not self._target_resolved
+        denoise = self._last_step == "denoise"
+        plan: list[tuple[str, int]] = []
+        for k in range(n):
+            plan.append(("pred", k))
+            if k == 0 and probe:
+                plan.append(("probe", 0))
+            if self._solver == "heun" and not (k == n - 1 and denoise):
+                plan.append(("corr", k))
+        self._plan = plan
+        entry_sigmas = [self._entry_sigma(role, node) for role, node in plan]
+        self.timesteps = (torch.tensor(entry_sigmas, dtype=_F64) * cfg.num_train_timesteps).to(
+            dtype=torch.float32, device=device)
+        self.sigmas = node_sigmas.to(torch.float32)
+        self._begin_index = None
+        self._reset_run()
+
+    def _entry_sigma(self, role: str, node: int) -> float:
+        if role == "probe":
+            return 1 - _PROBE_TAU
+        return float(self._node_sigmas[node + 1 if role == "corr" else node])
+
+    def _recorded_schedule(self) -> Schedule:
+        # Sharing the object with a linear target makes the conversion the identity (τ = t, c = 1 exactly).
+        if not hasattr(self, "_linear"):
+            self._linear = self._target if self._target.name == "linear" else linear()
+        return self._linear
+
+    def index_for_timestep(self, timestep: Any, schedule_timesteps: Tensor | None = None) -> int:
+        """The first node evaluation (not a Heun corrector or the σ probe) at ``timestep``."""
+        times = self.timesteps if schedule_timesteps is None else schedule_timesteps
+        value = float(timestep)
+        for i, (role, _) in enumerate(self._plan or []):
+            if role == "pred" and abs(float(times[i]) - value) <= 1e-3:
+                return i
+        raise ValueError(f"timestep: {value} is not one of this scheduler's node timesteps")
+
+    def scale_noise(self, sample: Tensor, timestep: Any, noise: Tensor | None = None) -> Tensor:
+        """The forward process x_σ = σ noise + (1 − σ) sample at ``timestep`` (image-to-image, inpainting)."""
+        if self._plan is None:
+            raise ValueError("set_timesteps: call it before scale_noise")
+        if noise is None:
+            raise ValueError("noise: scale_noise needs the noise to mix in")
+        times = torch.as_tensor(timestep).flatten()
+        if self._begin_index is None:
+            indices = [self.index_for_timestep(t) for t in times]
+        else:
+            indices = [self._step_index if self._step_index is not None else self._begin_index] * times.numel()
+        sig = torch.tensor([self._entry_sigma(*self._plan[i]) for i in indices], dtype=sample.dtype,
+                           device=sample.device)
+        sig = sig.view(-1, *([1] * (sample.ndim - 1)))
+        return sig * noise + (1.0 - sig) * sample
+
+    # Stepping --------------------------------------------------------------------------------------------------
+    def _build_lanes(self, batch: int, sigmas: list[float] | None) -> None:
+        targets = [(slice(0, batch), self._target)] if sigmas is None else \
+            [(slice(i, i + 1), self._target.resolve(s)) for i, s in enumerate(sigmas)]
+        lanes = []
+        for index, target in targets:
+            grid = sigmas_to_grid(self._model_sigmas, target)
+            source_schedule = self._recorded_schedule()
+            tau, scale = time_change(source_schedule, target, grid)
+            recorded = _Recorded(source_schedule)
+            mean = None if self._mean is None else self._mean[index]
+            source = recorded if mean is None else CenteredModel(recorded, mean)
+            dynamics = Dynamics(convert(source, target), resolve_diffusion(self._diffusion_arg, target))
+            lanes.append(_Lane(index=index, schedule=target, grid=grid.tolist(), tau=tau.tolist(),
+                               scale=scale.tolist(), alpha0=float(target.alpha(0.0)), recorded=recorded,
+                               dynamics=dynamics))
+        self._lanes = lanes
+
+    def _to_state(self, x: Tensor, node: int) -> Tensor:
+        """Pipeline latents at ``node`` → target state y = c (x − τ μ); y_0 = α'_0 Z at a t = 0 start."""
+        y = torch.empty_like(x)
+        for lane in self._lanes:
+            xs = x[lane.index]
+            if node == 0 and lane.grid[0] == 0.0:
+                y[lane.index] = lane.alpha0 * xs
+                continue
+            if self._mean is not None:
+                xs = xs - lane.tau[node] * self._mean[lane.index]
+            y[lane.index] = lane.scale[node] * xs
+        return y
+
+    def _to_latents(self, y: Tensor, node: int) -> Tensor:
+        """Target state at ``node`` → pipeline latents x = y/c + τ μ."""
+        x = torch.empty_like(y)
+        for lane in self._lanes:
+            xs = y[lane.index] / lane.scale[node]
+            if self._mean is not None:
+                xs = xs + lane.tau[node] * self._mean[lane.index]
+            x[lane.index] = xs
+        return x
+
+    def _record(self, x_in: Tensor, v: Tensor) -> None:
+        for lane in self._lanes:
+            lane.recorded.x = x_in[lane.index]
+            lane.recorded.v = v[lane.index]
+
+    def _start(self, x_in: Tensor, v: Tensor, node: int, generator: Any) -> None:
+        """First evaluation: the mean estimate, the centring decision and the SDE noise streams."""
+        starts_clean = node == 0 and float(self._node_sigmas[0]) == 1.0
+        center = self._center_arg
+        if center is None:
+            center = isinstance(self._target, LazySchedule) and starts_clean
+        elif center and not starts_clean:
+            raise ValueError("center: centring takes E[X] from the evaluation at sigma = 1, so the run must start "
+                             "there (not image-to-image or custom sigmas below 1); pass center=False")
+        if not self._target_resolved and not starts_clean:
+            raise ValueError("sigma: estimating sigma needs a run that starts at sigma = 1; pass sigma")
+        # At τ = 0 the linear schedule gives η_X(0, x) = x + v = E[X] for any x.
+        mean = x_in + v if (center or not self._target_resolved) else None
+        self._mean = mean if center else None
+        self._probe_mean = mean
+        if self._is_sde:
+            batch, shape = x_in.shape[0], tuple(x_in.shape[1:])
+            kw = {"device": x_in.device, "dtype": x_in.dtype}
+            if generator is None:
+                seeds = [_latents_seed(x_in[i]) for i in range(batch)]
+                self._streams = [NoiseStreams(s, [i], shape, **kw) for i, s in enumerate(seeds)]
+            elif isinstance(generator, (list, tuple)):
+                if len(generator) != batch:
+                    raise ValueError(f"generator: expected {batch} generators, got {len(generator)}")
+                seeds = [resolve_seed(g) for g in generator]
+                self._streams = [NoiseStreams(s, [i], shape, **kw) for i, s in enumerate(seeds)]
+            else:
+                seeds = [resolve_seed(generator)]
+                self._streams = [NoiseStreams(seeds[0], range(batch), shape, **kw)]
+            self.noise_seeds = seeds
+
+    def _estimate_sigma(self, x_in: Tensor, v: Tensor) -> list[float]:
+        r"""Per-sample σ from the probe at τ_p: k = ⟨u, η_X − μ⟩/‖u‖², σ² = k α²/(β(1 − kβ))."""
+        mean = self._probe_mean
+        a, b = 1 - _PROBE_TAU, _PROBE_TAU
+        eta_x = x_in + a * v
+        u = (x_in - b * mean).flatten(1).double()
+        slope = (u * (eta_x - mean).flatten(1).double()).sum(1) / (u * u).sum(1)
+        sigmas = []
+        for i, k in enumerate(slope.tolist()):
+            denom = b * (1 - k * b)
+            if not (math.isfinite(k) and k > 0 and denom > 0):
+                raise ValueError(f"sigma: could not estimate sigma from the model for sample {i} (slope {k:.3g} at "
+                                 "SNR 1); pass sigma")
+            var = k * a * a / denom
+            if self._mean is None:
+                var += float((mean[i].double() ** 2).mean())
+            sigmas.append(math.sqrt(var))
+        return sigmas
+
+    def _draw(self) -> Tensor:
+        return torch.cat([s.draw() for s in self._streams]) if len(self._streams) > 1 else self._streams[0].draw()
+
+    def _drift(self, y: Tensor, node: int) -> Tensor:
+        out = torch.empty_like(y)
+        for lane in self._lanes:
+            out[lane.index] = lane.dynamics.drift(y[lane.index], lane.grid[node])
+        return out
+
+    def _pred(self, y: Tensor, node: int) -> tuple[Tensor, int]:
+        """The step from ``node`` (or Heun's predictor half of it): the new state and the node it is at."""
+        n = self.num_inference_steps
+        xi = self._draw() if self._is_sde else None
+        if node == n - 1 and self._last_step == "denoise":
+            out = torch.empty_like(y)
+            for lane in self._lanes:
+                out[lane.index] = lane.dynamics.denoise(y[lane.index], lane.grid[node])
+            return out, node + 1
+        drift = self._drift(y, node)
+        step = torch.empty_like(y)
+        kick = torch.zeros_like(y)
+        for lane in self._lanes:
+            t, h = lane.grid[node], lane.grid[node + 1] - lane.grid[node]
+            step[lane.index] = h * drift[lane.index]
+            if xi is not None:
+                eps = lane.dynamics.diffusion.epsilon_at(t)
+                if eps > 0:
+                    kick[lane.index] = math.sqrt(2 * eps * h) * xi[lane.index]
+        if self._solver == "heun":
+            self._heun = (y, drift, kick)
+        return y + step + kick, node + 1
+
+    def _corr(self, y_pred: Tensor, node: int) -> Tensor:
+        y, d0, kick = self._heun
+        d1 = self._drift(y_pred, node + 1)
+        out = torch.empty_like(y)
+        for lane in self._lanes:
+            h = lane.grid[node + 1] - lane.grid[node]
+            idx = lane.index
+            out[idx] = y[idx] + 0.5 * h * (d0[idx] + d1[idx]) + kick[idx]
+        self._heun = None
+        return out
+
+    def _unchanged(self, sample: Tensor) -> bool:
+        ret = self._returned
+        return ret is not None and (sample is ret or (sample.shape == ret.shape and sample.dtype == ret.dtype
+                                                      and torch.equal(sample, ret)))
+
+    def step(self, model_output: Tensor, timestep: Any, sample: Tensor, generator: Any = None,
+             return_dict: bool = True) -> LazySchedulerOutput | tuple:
+        """One model evaluation's worth of sampling: returns the latents for the next evaluation.
+
+        Args:
+            model_output: the transformer's output ε − x_data at (``sample``, ``timestep``), guidance applied.
+            timestep: the entry of :attr:`timesteps` the pipeline evaluated.
+            sample: the latents the transformer was called on.
+            generator: a torch.Generator (or one per sample) for SDE noise; see the class docstring.
+            return_dict: return a :class:`LazySchedulerOutput` instead of a tuple.
+
+        Returns:
+            The next latents in ``model_output``'s dtype (and the data prediction), the final sample after the
+            last entry.
+        """
+        if self._plan is None:
+            raise ValueError("set_timesteps: call it before step")
+        if not isinstance(model_output, Tensor) or not isinstance(sample, Tensor):
+            raise TypeError("model_output, sample: expected tensors")
+        if model_output.shape != sample.shape:
+            raise ValueError(f"model_output: shape {tuple(model_output.shape)} does not match the sample's "
+                             f"{tuple(sample.shape)}")
+        if self._step_index is None:
+            self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
+            if not (0 <= self._step_index < len(self._plan)) or self._plan[self._step_index][0] != "pred":
+                raise ValueError(f"begin_index: {self._step_index} is not the start of a step of this schedule")
+        i = self._step_index
+        if i >= len(self._plan):
+            raise ValueError("step: the schedule is finished; call set_timesteps again")
+        expected = float(self.timesteps[i])
+        if abs(float(torch.as_tensor(timestep).flatten()[0]) - expected) > 1e-3 * max(1.0, abs(expected)):
+            raise ValueError(f"timestep: expected {expected:.6g} (timesteps[{i}]), got {float(timestep):.6g}")
+        role, node = self._plan[i]
+        cdtype = torch.promote_types(sample.dtype, torch.float32)
+        x_in = sample.detach().to(cdtype)
+        v = -model_output.detach().to(cdtype)
+        unchanged = self._unchanged(sample)
+
+        with torch.no_grad():
+            if self._lanes is None and role == "pred":
+                self._start(x_in, v, node, generator)
+                if not self._target_resolved:
+                    # The first evaluation waits for σ; the network goes to the SNR-1 probe point first.
+                    self._deferred = (x_in, v)
+                    probe = (1 - _PROBE_TAU) * x_in + _PROBE_TAU * self._probe_mean
+                    return self._finish(probe, None, model_output.dtype, return_dict, y=None)
+                self._build_lanes(x_in.shape[0], None)
+            if role == "probe":
+                sigmas = self._estimate_sigma(x_in, v)
+                self.estimated_sigma = torch.tensor(sigmas, dtype=_F64)
+                self._build_lanes(x_in.shape[0], sigmas)
+                x_in, v = self._deferred
+                self._deferred = None
+                role, unchanged = "pred", False
+            state_node = node + 1 if role == "corr" else node
+            y = self._y if unchanged and self._y is not None else self._to_state(x_in, state_node)
+            self._record(x_in, v)
+            data = torch.empty_like(x_in)
+            for lane in self._lanes:
+                data[lane.index] = x_in[lane.index] + (1 - lane.tau[state_node]) * v[lane.index]
+            if role == "pred":
+                y, next_node = self._pred(y, node)
+            else:
+                y, next_node = self._corr(y, node), node + 1
+            x_next = self._to_latents(y, next_node)
+        return self._finish(x_next, data, model_output.dtype, return_dict, y=y)
+
+    def _finish(self, x_next: Tensor, data: Tensor | None, dtype: torch.dtype, return_dict: bool,
+                y: Tensor | None) -> LazySchedulerOutput | tuple:
+        prev = x_next.to(dtype)
+        self._y = y
+        self._returned = prev
+        self._step_index += 1
+        data = None if data is None else data.to(dtype)
+        if not return_dict:
+            return (prev, data)
+        return LazySchedulerOutput(prev_sample=prev, pred_original_sample=data)
+
+
+# Model adapters ---------------------------------------------------------------------------------------------------
+
+# Keyword arguments of diffusers transformers and UNets that carry no batch dimension.
+_UNBATCHED = frozenset({"txt_ids", "img_ids", "joint_attention_kwargs", "cross_attention_kwargs",
+                        "attention_kwargs", "skip_layers"})
+
+
+def _fit_batch(name: str, value: Any, batch: int) -> Any:
+    """``value`` with batch size ``batch``: as is, or expanded from 1. Non-tensors and id tensors pass."""
+    if name in _UNBATCHED or not isinstance(value, Tensor) or value.ndim == 0:
+        return value
+    if value.shape[0] == batch:
+        return value
+    if value.shape[0] == 1:
+        return value.expand(batch, *value.shape[1:])
+    raise ValueError(f"{name}: batch size {value.shape[0]} does not match the latents' batch {batch}; give one "
+                     "conditioning per sample or a single one (li.sample's mean and sigma estimates probe with their "
+                     "own batch: pass center=False and a sigma, or a single conditioning)")
+
+
+def _is_flux(transformer: Any) -> bool:
+    return "flux" in type(transformer).__name__.lower()
+
+
+def _module_dtype(module: Any, default: torch.dtype = torch.float32) -> torch.dtype:
+    dtype = getattr(module, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    param = next(iter(module.parameters()), None) if isinstance(module, torch.nn.Module) else None
+    return param.dtype if param is not None and param.is_floating_point() else default
+
+
+def flow_transformer_model(transformer: Any, *, guidance_scale: float = 1.0, negative_kwargs: dict | None = None,
+                           timestep_scale: float | None = None, **fixed_kwargs: Any) -> Model:
+    r"""A diffusers flow transformer with fixed conditioning as an :class:`~lazyinterp.Model` (linear, velocity).
+
+    The network is called as ``transformer(hidden_states=x, timestep=σ·scale, **fixed_kwargs)`` with σ = 1 − t,
+    and lazyinterp's velocity is v = −output (diffusers predicts ε − x_data). SD3 and most transformers take
+    ``timestep`` = 1000 σ; FLUX pipelines divide by 1000, so FLUX transformers get σ (``timestep_scale`` defaults
+    to 1 for FLUX classes and 1000 otherwise).
+
+    FLUX works on packed latents (B, H/2·W/2, 4C) with ``img_ids`` and ``txt_ids``. Either pass packed noise with
+    those ids (as the pipeline builds them), or pass unpacked (B, C, H, W) noise: it is packed for the call and
+    unpacked after, with ids made as ``FluxPipeline`` makes them. ``txt_ids`` default to zeros.
+
+    Classifier-free guidance: with ``guidance_scale`` w > 1 and ``negative_kwargs`` (e.g. the negative
+    ``encoder_hidden_states`` and ``pooled_projections``), output = u + w (c − u), computed in one batched call
+    [negative, positive] as the SD3 pipeline does. FLUX-dev's distilled guidance is just the fixed ``guidance``
+    argument (a (B,) tensor, as the pipeline passes it).
+
+    Conditioning tensors with a batch dimension are used as is when it matches the latents' batch and
+    expanded when it is 1. ``li.sample``'s mean and σ estimates (centring and ``sigma=None``) call the model
+    on 8 probes, so use one conditioning for them, or pass ``center=False`` and an explicit sigma.
+
+    Args:
+        transformer: e.g. ``SD3Transformer2DModel`` or ``FluxTransformer2DModel``.
+        guidance_scale: the CFG weight w (1 disables it).
+        negative_kwargs: the keyword arguments that differ for the unconditional branch.
+        timestep_scale: the multiplier from σ to the transformer's ``timestep``.
+        **fixed_kwargs: the transformer's other inputs (``encoder_hidden_states``, ``pooled_projections``, …).
+    """
+    if not callable(transformer):
+        raise TypeError(f"transformer: expected a callable module, got {type(transformer).__name__}")
+    if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale)):
+        raise ValueError(f"guidance_scale: expected a finite number, got {guidance_scale!r}")
+    cfg = guidance_scale != 1.0
+    if cfg and not negative_kwargs:
+        raise ValueError("negative_kwargs: classifier-free guidance (guidance_scale != 1) needs the negative "
+                         "conditioning")
+    flux = _is_flux(transformer)
+    scale = float(timestep_scale) if timestep_scale is not None else (1.0 if flux else 1000.0)
+    neg = dict(negative_kwargs or {})
+
+    def call(hidden: Tensor, timestep: Tensor, kwargs: dict) -> Tensor:
+        out = transformer(hidden_states=hidden, timestep=timestep, return_dict=False, **kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
+
+    def net(x: Tensor, t: Tensor) -> Tensor:
+        dtype = _module_dtype(transformer)
+        batch = x.shape[0]
+        hidden = x.to(dtype)
+        kwargs = {k: _fit_batch(k, val, batch) for k, val in fixed_kwargs.items()}
+        packed = None
+        if flux and hidden.ndim == 4:
+            from diffusers import FluxPipeline  # noqa: PLC0415 (the pipeline module is heavy to import)
+
+            _, channels, height, width = hidden.shape
+            hidden = FluxPipeline._pack_latents(hidden, batch, channels, height, width)
+            packed = (height, width)
+            if "img_ids" not in kwargs:
+                kwargs["img_ids"] = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2,
+                                                                           hidden.device, dtype)
+        if flux and "txt_ids" not in kwargs and isinstance(kwargs.get("encoder_hidden_states"), Tensor):
+            kwargs["txt_ids"] = torch.zeros(kwargs["encoder_hidden_states"].shape[1], 3, device=hidden.device,
+                                            dtype=dtype)
+        sigma = ((1 - t.to(_F64)) * scale).to(device=hidden.device, dtype=dtype)
+        if cfg:
+            both = dict(kwargs)
+            for k, val in neg.items():
+                val = _fit_batch(k, val, batch)
+                pos = kwargs.get(k)
+                both[k] = torch.cat([val, pos]) if isinstance(val, Tensor) and k not in _UNBATCHED else val
+            for k, val in kwargs.items():
+                if k not in neg and isinstance(val, Tensor) and k not in _UNBATCHED and val.ndim > 0:
+                    both[k] = torch.cat([val, val])
+            out = call(torch.cat([hidden, hidden]), torch.cat([sigma, sigma]), both)
+            uncond, cond = out.chunk(2)
+            out = uncond + guidance_scale * (cond - uncond)
+        else:
+            out = call(hidden, sigma, kwargs)
+        if packed is not None:
+            height, width = packed
+            c4 = out.shape[-1]
+            out = out.view(batch, height // 2, width // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+            out = out.reshape(batch, c4 // 4, height, width)
+        return -out
+
+    return Model(net, "linear", "velocity", net_dtype=torch.float32)
+
+
+def _alphas_cumprod(scheduler_or_betas: Any) -> Tensor:
+    abar = getattr(scheduler_or_betas, "alphas_cumprod", None)
+    if abar is None:
+        if isinstance(scheduler_or_betas, (SchedulerMixin, ConfigMixin)):
+            raise ValueError("scheduler_or_betas: the scheduler has no alphas_cumprod (a DDPM-style scheduler is "
+                             "needed, e.g. DDPMScheduler or DDIMScheduler)")
+        try:
+            betas = torch.as_tensor(np.asarray(scheduler_or_betas, dtype=np.float64) if not isinstance(
+                scheduler_or_betas, Tensor) else scheduler_or_betas, dtype=_F64).flatten()
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError("scheduler_or_betas: expected a DDPM-style scheduler or a 1-D sequence of betas") from exc
+        if not (bool(torch.isfinite(betas).all()) and float(betas.min()) > 0 and float(betas.max()) <= 1):
+            raise ValueError("scheduler_or_betas: betas must lie in (0, 1]")
+        abar = torch.cumprod(1 - betas, 0)
+    return torch.as_tensor(abar).detach().to(device="cpu", dtype=_F64).flatten()
+
+
+def ddpm_schedule(alphas_cumprod: Any) -> Schedule:
+    r"""The continuous VP schedule of a discrete DDPM ``alphas_cumprod`` ᾱ_n, n = 0..T−1.
+
+    Time: index n sits at t_n = (T − 1 − n)/T, so t = 0 is the noisiest index T − 1 and t = 1 is one index past
+    0: the clean end, where ᾱ = 1 exactly (DDIM's ``set_alpha_to_one`` final step). The continuous index is
+    u(t) = T − 1 − T t ∈ [−1, T − 1]. Between integer indices the log-SNR λ = log(ᾱ/(1 − ᾱ)) is linear in u; on
+    the clean piece u ∈ [−1, 0], where λ runs to +∞, 1 − ᾱ is linear in u instead, so α_1 = 0 exactly. A
+    zero-terminal-SNR schedule (ᾱ_{T−1} = 0) gets the same treatment on its noisiest piece, so β_0 = 0 there.
+    Then α = √(1 − ᾱ), β = √ᾱ, with exact piecewise derivatives.
+
+    The schedule is built with ``check=False``: for usual DDPM betas β_0 = √ᾱ_{T−1} is small but not 0
+    (about 6e-3 for linear betas 1e-4..0.02), which breaks the β(0) = 0 boundary check. As for
+    :func:`lazyinterp.vp`, samplers start from pure noise α_0 Z at t = 0 and conversions clamp the matched time.
+    The SNR's monotonicity is checked here instead (ᾱ must decrease strictly).
+
+    The schedule has ``index(t)``, the continuous index u(t), and ``num_train_timesteps`` T.
+    """
+    abar = torch.as_tensor(alphas_cumprod).detach().to(device="cpu", dtype=_F64).flatten()
+    n_steps = abar.numel()
+    if n_steps < 2:
+        raise ValueError("alphas_cumprod: expected at least 2 values")
+    if not (bool(torch.isfinite(abar).all()) and float(abar.min()) >= 0 and float(abar.max()) < 1):
+        raise ValueError("alphas_cumprod: values must lie in [0, 1)")
+    if not bool((torch.diff(abar) < 0).all()):
+        raise ValueError("alphas_cumprod: must decrease strictly with the index")
+    zero_terminal = float(abar[-1]) == 0.0
+    big = float(n_steps)
+    lam = torch.log(abar) - torch.log1p(-abar)
+    if zero_terminal:
+        lam[-1] = lam[-2]  # unused: the last piece interpolates ᾱ itself
+    slopes = torch.diff(lam)  # per unit index, negative
+    q0 = 1 - float(abar[0])  # 1 − ᾱ at index 0
+    abar_last = float(abar[-2])
+
+    def index(t: Tensor) -> Tensor:
+        return (big - 1) - big * as_time(t)
+
+    def pieces(t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(ᾱ, dᾱ/dt) on the interior, and the masks of the clean and the zero-terminal pieces."""
+        u = (big - 1) - big * t
+        uc = u.clamp(0.0, big - 1)
+        i0 = uc.floor().clamp(max=big - 2).long()
+        frac = uc - i0
+        lam_u = lam[i0] + frac * slopes[i0]
+        a_bar = torch.sigmoid(lam_u)
+        d_abar = a_bar * (1 - a_bar) * (-big * slopes[i0])  # dᾱ/dt = ᾱ(1 − ᾱ) dλ/dt, dλ/dt = −T slope
+        clean = u < 0
+        q = (1 + u).clamp(min=0.0) * q0
+        a_bar = torch.where(clean, 1 - q, a_bar)
+        d_abar = torch.where(clean, torch.full_like(d_abar, big * q0), d_abar)
+        if zero_terminal:
+            last = u > big - 2
+            a_bar = torch.where(last, (big - 1 - u).clamp(min=0.0) * abar_last, a_bar)
+            d_abar = torch.where(last, torch.full_like(d_abar, big * abar_last), d_abar)
+        return a_bar, d_abar
+
+    def alpha(t: Tensor) -> Tensor:
+        return torch.sqrt((1 - pieces(t)[0]).clamp(min=0.0))
+
+    def beta(t: Tensor) -> Tensor:
+        return torch.sqrt(pieces(t)[0].clamp(min=0.0))
+
+    def dalpha(t: Tensor) -> Tensor:
+        a_bar, d_abar = pieces(t)
+        return -d_abar / (2 * torch.sqrt((1 - a_bar).clamp(min=0.0)))
+
+    def dbeta(t: Tensor) -> Tensor:
+        a_bar, d_abar = pieces(t)
+        return d_abar / (2 * torch.sqrt(a_bar.clamp(min=0.0)))
+
+    sched = Schedule(alpha, beta, dalpha=dalpha, dbeta=dbeta, name=f"ddpm({n_steps})", check=False)
+    sched.index = index
+    sched.num_train_timesteps = n_steps
+    return sched
+
+
+def ddpm_model(unet: Any, scheduler_or_betas: Any, prediction_type: str | None = None, class_labels: Any = None,
+               **unet_kwargs: Any) -> Model:
+    r"""A DDPM-style UNet as an :class:`~lazyinterp.Model` on :func:`ddpm_schedule` of its ``alphas_cumprod``.
+
+    The network is called as ``unet(x, u, class_labels=..., **unet_kwargs)`` with the float timestep
+    u(t) = T − 1 − T t, clamped at 0 on the clean piece (t > (T − 1)/T, beyond the trained range). The
+    prediction maps to lazyinterp's (with α = √(1 − ᾱ) the noise and β = √ᾱ the data coefficient):
+
+    * ``"epsilon"``: η_Z = output (``predicts="noise"``);
+    * ``"v_prediction"``: diffusers' v = √ᾱ ε − √(1 − ᾱ) x₀ = β η_Z − α η_X, so with α² + β² = 1,
+      η_X = β x − α v (``predicts="data"``, which stays well conditioned where β is small);
+    * ``"sample"``: η_X = output.
+
+    UNets with a learned variance (2C output channels for C input channels) give their first C channels.
+
+    Args:
+        unet: e.g. ``UNet2DModel``; anything called as above returning ``.sample`` or a tuple.
+        scheduler_or_betas: a DDPM-style scheduler (its ``alphas_cumprod``) or the betas.
+        prediction_type: as above; default the scheduler's ``config.prediction_type``, else ``"epsilon"``.
+        class_labels: fixed class labels (one per sample, or one for all).
+        **unet_kwargs: other fixed inputs (e.g. ``encoder_hidden_states`` for a conditional UNet).
+    """
+    if not callable(unet):
+        raise TypeError(f"unet: expected a callable module, got {type(unet).__name__}")
+    if prediction_type is None:
+        prediction_type = getattr(getattr(scheduler_or_betas, "config", None), "prediction_type", None) or "epsilon"
+    kinds = {"epsilon": "noise", "v_prediction": "data", "sample": "data"}
+    if prediction_type not in kinds:
+        raise ValueError(f"prediction_type: expected one of {', '.join(kinds)}, got {prediction_type!r}")
+    schedule = ddpm_schedule(_alphas_cumprod(scheduler_or_betas))
+    top = float(schedule.num_train_timesteps - 1)
+    fixed = dict(unet_kwargs)
+    if class_labels is not None:
+        fixed["class_labels"] = torch.as_tensor(class_labels)
+
+    def net(x: Tensor, t: Tensor) -> Tensor:
+        dtype = _module_dtype(unet)
+        batch = x.shape[0]
+        kwargs = {k: _fit_batch(k, val, batch) for k, val in fixed.items()}
+        if "class_labels" in kwargs:
+            kwargs["class_labels"] = kwargs["class_labels"].to(x.device)
+        timestep = schedule.index(t).clamp(0.0, top).to(device=x.device, dtype=torch.float32)
+        out = unet(x.to(dtype), timestep, return_dict=False, **kwargs)
+        out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
+        if out.shape[1] == 2 * x.shape[1] and out.shape[2:] == x.shape[2:]:
+            out = out[:, : x.shape[1]]
+        out = out.to(x.dtype)
+        if prediction_type != "v_prediction":
+            return out
+        shape = (batch, *([1] * (x.ndim - 1)))
+        tt = as_time(t)
+        a = schedule.alpha(tt).to(device=x.device, dtype=x.dtype).view(shape)
+        b = schedule.beta(tt).to(device=x.device, dtype=x.dtype).view(shape)
+        return b * x - a * out
+
+    return Model(net, schedule, kinds[prediction_type])
+
+
+def _callable_name(fn: Callable) -> str:  # pragma: no cover - used only in reprs
+    return getattr(fn, "__name__", type(fn).__name__)
