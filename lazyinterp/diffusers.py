@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -278,6 +277,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         self.sigmas = torch.cat([train, torch.zeros(1)])
         self.timesteps = train * num_train_timesteps
         self.num_inference_steps: int | None = None
+        self._model_sigmas: Tensor | None = None
+        self._linear = target if target.name == "linear" else linear()
         self._begin_index: int | None = None
         self._plan: list[tuple[str, int]] | None = None
         self._reset_run()
@@ -290,7 +291,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"sigma: {sigma} contradicts the schedule's own sigma {schedule.sigma}")
             sig = schedule.sigma if schedule.sigma is not None else sigma
             name = "point-mass" if schedule.family == "point_mass" else "lazy-vp"
-            return SCHEDULES[name]()(sig) if sig is not None else schedule, name, sig
+            return SCHEDULES[name](sig) if sig is not None else schedule, name, sig
         target = get_schedule(schedule)
         if isinstance(target, LazySchedule):
             if sigma is not None:
@@ -354,7 +355,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         self._returned: Tensor | None = None
         self._heun: tuple | None = None
         self._deferred: tuple | None = None
-        self._xi: Tensor | None = None
+        self._probe_mean: Tensor | None = None
         self.estimated_sigma: Tensor | None = None
         self.noise_seeds: list[int] | None = None
 
@@ -362,9 +363,10 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         """``sigmas`` through exactly FlowMatchEulerDiscreteScheduler's shifting (float32, as it computes)."""
         cfg = self.config
         helper = FlowMatchEulerDiscreteScheduler(
-            num_train_timesteps=cfg.num_train_timesteps, shift=self._shift, use_dynamic_shifting=cfg.use_dynamic_shifting,
-            base_shift=cfg.base_shift, max_shift=cfg.max_shift, base_image_seq_len=cfg.base_image_seq_len,
-            max_image_seq_len=cfg.max_image_seq_len, shift_terminal=cfg.shift_terminal,
+            num_train_timesteps=cfg.num_train_timesteps, shift=self._shift,
+            use_dynamic_shifting=cfg.use_dynamic_shifting, base_shift=cfg.base_shift, max_shift=cfg.max_shift,
+            base_image_seq_len=cfg.base_image_seq_len, max_image_seq_len=cfg.max_image_seq_len,
+            shift_terminal=cfg.shift_terminal,
             use_karras_sigmas=cfg.use_karras_sigmas, use_exponential_sigmas=cfg.use_exponential_sigmas,
             use_beta_sigmas=cfg.use_beta_sigmas, time_shift_type=cfg.time_shift_type)
         helper.set_timesteps(sigmas=sigmas.tolist(), mu=mu)
@@ -446,8 +448,6 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
 
     def _recorded_schedule(self) -> Schedule:
         # Sharing the object with a linear target makes the conversion the identity (τ = t, c = 1 exactly).
-        if not hasattr(self, "_linear"):
-            self._linear = self._target if self._target.name == "linear" else linear()
         return self._linear
 
     def index_for_timestep(self, timestep: Any, schedule_timesteps: Tensor | None = None) -> int:
@@ -649,8 +649,9 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         if i >= len(self._plan):
             raise ValueError("step: the schedule is finished; call set_timesteps again")
         expected = float(self.timesteps[i])
-        if abs(float(torch.as_tensor(timestep).flatten()[0]) - expected) > 1e-3 * max(1.0, abs(expected)):
-            raise ValueError(f"timestep: expected {expected:.6g} (timesteps[{i}]), got {float(timestep):.6g}")
+        got = float(torch.as_tensor(timestep).flatten()[0])
+        if abs(got - expected) > 1e-3 * max(1.0, abs(expected)):
+            raise ValueError(f"timestep: expected {expected:.6g} (timesteps[{i}]), got {got:.6g}")
         role, node = self._plan[i]
         cdtype = torch.promote_types(sample.dtype, torch.float32)
         x_in = sample.detach().to(cdtype)
@@ -730,6 +731,28 @@ def _module_dtype(module: Any, default: torch.dtype = torch.float32) -> torch.dt
     return param.dtype if param is not None and param.is_floating_point() else default
 
 
+def _pack_flux(latents: Tensor) -> Tensor:
+    """(B, C, H, W) → (B, H/2·W/2, 4C) in 2×2 patches, as ``FluxPipeline._pack_latents``."""
+    batch, channels, height, width = latents.shape
+    out = latents.reshape(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return out.reshape(batch, (height // 2) * (width // 2), channels * 4)
+
+
+def _unpack_flux(latents: Tensor, height: int, width: int) -> Tensor:
+    """The inverse of :func:`_pack_flux`, as ``FluxPipeline._unpack_latents``."""
+    batch, _, c4 = latents.shape
+    out = latents.reshape(batch, height // 2, width // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return out.reshape(batch, c4 // 4, height, width)
+
+
+def _flux_image_ids(height: int, width: int, device, dtype) -> Tensor:
+    """Position ids (row, column) of the packed patches, as ``FluxPipeline._prepare_latent_image_ids``."""
+    ids = torch.zeros(height, width, 3)
+    ids[..., 1] = torch.arange(height)[:, None]
+    ids[..., 2] = torch.arange(width)[None, :]
+    return ids.reshape(height * width, 3).to(device=device, dtype=dtype)
+
+
 def flow_transformer_model(transformer: Any, *, guidance_scale: float = 1.0, negative_kwargs: dict | None = None,
                            timestep_scale: float | None = None, **fixed_kwargs: Any) -> Model:
     r"""A diffusers flow transformer with fixed conditioning as an :class:`~lazyinterp.Model` (linear, velocity).
@@ -770,6 +793,10 @@ def flow_transformer_model(transformer: Any, *, guidance_scale: float = 1.0, neg
     flux = _is_flux(transformer)
     scale = float(timestep_scale) if timestep_scale is not None else (1.0 if flux else 1000.0)
     neg = dict(negative_kwargs or {})
+    missing = sorted(set(neg) - set(fixed_kwargs))
+    if missing:
+        raise ValueError(f"negative_kwargs: {', '.join(missing)} have no positive counterpart in the keyword "
+                         "arguments")
 
     def call(hidden: Tensor, timestep: Tensor, kwargs: dict) -> Tensor:
         out = transformer(hidden_states=hidden, timestep=timestep, return_dict=False, **kwargs)
@@ -782,14 +809,14 @@ def flow_transformer_model(transformer: Any, *, guidance_scale: float = 1.0, neg
         kwargs = {k: _fit_batch(k, val, batch) for k, val in fixed_kwargs.items()}
         packed = None
         if flux and hidden.ndim == 4:
-            from diffusers import FluxPipeline  # noqa: PLC0415 (the pipeline module is heavy to import)
-
             _, channels, height, width = hidden.shape
-            hidden = FluxPipeline._pack_latents(hidden, batch, channels, height, width)
+            hidden = _pack_flux(hidden)
             packed = (height, width)
             if "img_ids" not in kwargs:
-                kwargs["img_ids"] = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2,
-                                                                           hidden.device, dtype)
+                kwargs["img_ids"] = _flux_image_ids(height // 2, width // 2, hidden.device, dtype)
+        if flux and "img_ids" not in kwargs:
+            raise ValueError("img_ids: packed FLUX latents (B, H/2*W/2, 4C) need their img_ids (as the pipeline "
+                             "makes them); or pass unpacked (B, C, H, W) latents")
         if flux and "txt_ids" not in kwargs and isinstance(kwargs.get("encoder_hidden_states"), Tensor):
             kwargs["txt_ids"] = torch.zeros(kwargs["encoder_hidden_states"].shape[1], 3, device=hidden.device,
                                             dtype=dtype)
@@ -798,8 +825,7 @@ def flow_transformer_model(transformer: Any, *, guidance_scale: float = 1.0, neg
             both = dict(kwargs)
             for k, val in neg.items():
                 val = _fit_batch(k, val, batch)
-                pos = kwargs.get(k)
-                both[k] = torch.cat([val, pos]) if isinstance(val, Tensor) and k not in _UNBATCHED else val
+                both[k] = torch.cat([val, kwargs[k]]) if isinstance(val, Tensor) and k not in _UNBATCHED else val
             for k, val in kwargs.items():
                 if k not in neg and isinstance(val, Tensor) and k not in _UNBATCHED and val.ndim > 0:
                     both[k] = torch.cat([val, val])
@@ -809,10 +835,7 @@ def flow_transformer_model(transformer: Any, *, guidance_scale: float = 1.0, neg
         else:
             out = call(hidden, sigma, kwargs)
         if packed is not None:
-            height, width = packed
-            c4 = out.shape[-1]
-            out = out.view(batch, height // 2, width // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-            out = out.reshape(batch, c4 // 4, height, width)
+            out = _unpack_flux(out, *packed)
         return -out
 
     return Model(net, "linear", "velocity", net_dtype=torch.float32)
@@ -873,7 +896,7 @@ def ddpm_schedule(alphas_cumprod: Any) -> Schedule:
         return (big - 1) - big * as_time(t)
 
     def pieces(t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(ᾱ, dᾱ/dt) on the interior, and the masks of the clean and the zero-terminal pieces."""
+        """(ᾱ, dᾱ/dt) at t, piece by piece."""
         u = (big - 1) - big * t
         uc = u.clamp(0.0, big - 1)
         i0 = uc.floor().clamp(max=big - 2).long()
@@ -967,7 +990,3 @@ def ddpm_model(unet: Any, scheduler_or_betas: Any, prediction_type: str | None =
         return b * x - a * out
 
     return Model(net, schedule, kinds[prediction_type])
-
-
-def _callable_name(fn: Callable) -> str:  # pragma: no cover - used only in reprs
-    return getattr(fn, "__name__", type(fn).__name__)

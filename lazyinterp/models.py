@@ -213,9 +213,15 @@ def resolve_model_path(name_or_path: str) -> Path:
     )
 
 
-def load_model(name_or_path: str | Path, device: torch.device | str = "cpu"):
-    """A bundled model name or checkpoint path as an :class:`~lazyinterp.Model` ready for sampling."""
+EVAL_CHUNK = 50
+
+
+def load_model(name_or_path: str | Path, device: torch.device | str = "cpu", chunk: int | None = EVAL_CHUNK):
+    """A bundled model name or checkpoint path as an :class:`~lazyinterp.Model` ready for sampling.
+
+    The network runs on fixed chunks of ``chunk`` samples so that samples do not depend on the batch size.
+    """
     from .predictors import Model
 
     net, info = load_network(resolve_model_path(str(name_or_path)))
-    return Model(net.to(device), info.schedule, info.predicts), info
+    return Model(net.to(device), info.schedule, info.predicts, chunk=chunk), info

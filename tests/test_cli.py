@@ -1,0 +1,101 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from lazyinterp import data
+from lazyinterp.cli import main
+from lazyinterp.training import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    images, _ = data.load("mnist", "test")
+    cfg = TrainConfig(steps=2, batch_size=8, channels=(8, 16), checkpoint_every=10, warmup=1)
+    return train(cfg, tmp_path_factory.mktemp("ckpt"), images=images[:32], progress=False)
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code != 0
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_sample_writes_npz_and_png(checkpoint, tmp_path):
+    out, png = tmp_path / "s.npz", tmp_path / "s.png"
+    result = run("sample", "--model", checkpoint, "--schedule", "lazy-vp", "--steps", 2, "--n", 5, "--seed", 0,
+                 "--out", out, "--grid", png, "--quiet")
+    assert result.exit_code == 0, result.output
+    with np.load(out) as f:
+        samples = f["samples"]
+    assert samples.shape == (5, 1, 28, 28) and samples.dtype == np.float32
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("schedule", ["linear", "point-mass"])
+def test_same_seed_same_samples_any_batch_size(checkpoint, tmp_path, schedule):
+    paths = []
+    for batch in (7, 3):
+        path = tmp_path / f"{schedule}-{batch}.npz"
+        result = run("sample", "--model", checkpoint, "--schedule", schedule, "--steps", 2, "--n", 7,
+                     "--batch-size", batch, "--seed", 4, "--out", path, "--quiet")
+        assert result.exit_code == 0, result.output
+        paths.append(path)
+    a, b = (np.load(p)["samples"] for p in paths)
+    assert np.array_equal(a, b)
+
+
+def test_cli_errors_are_one_line_and_leave_no_file(checkpoint, tmp_path):
+    out = tmp_path / "x.npz"
+    assert_one_line_error(run("sample", "--model", "nosuchmodel", "--out", out), "unknown model")
+    result = run("sample", "--model", checkpoint, "--steps", 0, "--out", out)
+    assert result.exit_code != 0 and "--steps" in result.output
+    assert_one_line_error(run("sample", "--model", checkpoint, "--out", tmp_path / "missing" / "x.npz"),
+                          "--out", "does not exist")
+    assert_one_line_error(run("sample", "--model", checkpoint, "--diffusion", "loud", "--out", out), "--diffusion")
+    assert_one_line_error(run("sample", "--model", checkpoint, "--schedule", "linear", "--sigma", "0.5",
+                              "--out", out), "--sigma")
+    truncated = tmp_path / "trunc.safetensors"
+    truncated.write_bytes(checkpoint.read_bytes()[:1000])
+    assert_one_line_error(run("sample", "--model", truncated, "--out", out), "checkpoint")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    assert_one_line_error(run("sample", "--model", garbage, "--out", out), "checkpoint")
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["garbage.safetensors", "trunc.safetensors"]
+
+
+def test_unwritable_output_directory(checkpoint, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        import os
+
+        if os.access(locked, os.W_OK):
+            pytest.skip("running with permissions that ignore directory modes")
+        assert_one_line_error(run("sample", "--model", checkpoint, "--out", locked / "x.npz"), "not writable")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lazyinterp", "sample", "--model", "nosuchmodel",
+                           "--out", str(tmp_path / "x.npz")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: ")
+    assert "Traceback" not in proc.stderr
+
+
+def test_train_cli_validates_channels(tmp_path):
+    assert_one_line_error(run("train", "--out", tmp_path / "r", "--channels", "8,x"), "--channels")
+    assert_one_line_error(run("train", "--out", tmp_path / "r", "--channels", "12"), "--channels")

@@ -1,0 +1,39 @@
+import torch
+
+from lazyinterp import data
+from lazyinterp.models import load_network
+from lazyinterp.training import TrainConfig, train
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    base = dict(steps=4, batch_size=8, channels=(8, 16), checkpoint_every=2, lr=1e-3, warmup=2, seed=3)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def test_training_runs_exports_and_resumes_identically(tmp_path):
+    images, _ = data.load("mnist", "test")
+    images = images[:64]
+    straight = train(tiny_config(), tmp_path / "a", images=images, progress=False)
+    # Interrupted after 2 steps (a checkpoint), then resumed to 4.
+    train(tiny_config(steps=2), tmp_path / "b", images=images, progress=False)
+    state = torch.load(tmp_path / "b" / "train_state.pt", weights_only=True)
+    assert state["step"] == 2
+    resumed = train(tiny_config(), tmp_path / "b", images=images, progress=False)
+    net_a, info_a = load_network(straight)
+    net_b, _ = load_network(resumed)
+    for (name, p), q in zip(net_a.state_dict().items(), net_b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+    assert info_a.schedule == "linear" and info_a.predicts == "velocity"
+    assert info_a.training["steps"] == 4 and info_a.training["final_loss"] > 0
+    log = (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()
+    assert log, "the loss is logged"
+
+
+def test_loss_decreases_on_a_small_batch(tmp_path):
+    images, _ = data.load("mnist", "test")
+    cfg = tiny_config(steps=60, lr=3e-3, warmup=5, checkpoint_every=1000, batch_size=16)
+    train(cfg, tmp_path, images=images[:256], progress=False)
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    losses = state["losses"]
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
