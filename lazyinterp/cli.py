@@ -136,19 +136,31 @@ SCHEDULE_NAMES = ["linear", "cosine", "vp", "lazy-vp", "point-mass"]
 @click.option("--sigma", default=None, type=click.FloatRange(min=0, min_open=True),
               help="sigma of a lazy schedule (default: estimated from the model).")
 @click.option("--last-step", default=None, type=click.Choice(["euler", "denoise"]))
-@click.option("--n", "n", default=64, type=click.IntRange(min=1), show_default=True)
-@click.option("--batch-size", default=256, type=click.IntRange(min=1), show_default=True)
+@click.option("--n", "-n", "n", default=64, type=click.IntRange(min=1), show_default=True)
+@click.option("--batch-size", default=250, type=click.IntRange(min=1), show_default=True)
 @click.option("--seed", default=0, type=int, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default="samples.npz", show_default=True)
 @click.option("--grid", "grid_png", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write a PNG image grid of the samples.")
-@click.option("--device", default="cpu", show_default=True)
+              help="Also write a PNG image grid of (up to 256 of) the samples.")
+@click.option("--fid", is_flag=True, help="Also print FID-MNIST of the samples (statistics reduced over ranks).")
+@click.option("--shard-size", default=1000, type=click.IntRange(min=1), show_default=True,
+              help="Samples per shard file; an interrupted run resumes at the first missing shard.")
+@click.option("--max-shards", default=None, type=click.IntRange(min=1),
+              help="Stop each process after this many new shards (rerun to continue).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (one GPU per process).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
 def sample(model_name: str, schedule: str, steps: int, solver: str, diffusion: str | None, sigma: float | None,
-           last_step: str | None, n: int, batch_size: int, seed: int, out: Path, grid_png: Path | None,
-           device: str, quiet: bool) -> None:
-    """Sample a model under any schedule; writes an npz with `samples` (N, 1, 28, 28) float32."""
+           last_step: str | None, n: int, batch_size: int, seed: int, out: Path, grid_png: Path | None, fid: bool,
+           shard_size: int, max_shards: int | None, device: str, quiet: bool) -> None:
+    """Sample a model under any schedule; writes an npz with `samples` (N, 1, 28, 28) float32.
+
+    Runs as one process or under torchrun (gloo on CPU, nccl on CUDA): the output is the same either way.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from . import distributed
     from .generate import SamplerSpec, generate, image_grid, save_png, save_samples
     from .models import load_model
 
@@ -157,16 +169,64 @@ def sample(model_name: str, schedule: str, steps: int, solver: str, diffusion: s
         check_writable(grid_png, "--grid")
     if sigma is not None and schedule not in ("lazy-vp", "point-mass"):
         raise UserError("--sigma: only the lazy schedules (lazy-vp, point-mass) take sigma")
-    model, info = load_model(model_name, device)
     spec = SamplerSpec(schedule=schedule, steps=steps, diffusion=parse_diffusion(diffusion, schedule),
                        solver=solver, sigma=sigma, last_step=last_step)
-    samples = generate(model, spec, n, (1, 28, 28), seed=seed, batch_size=batch_size, device=device,
-                       progress=not quiet)
-    save_samples(out, samples, seed=seed, schedule=schedule, steps=steps, solver=solver,
-                 diffusion=str(spec.diffusion), model=model_name, data_transform=info.data_transform)
-    if grid_png is not None:
-        save_png(grid_png, image_grid(samples[:256]))
-    click.echo(f"wrote {n} samples to {out}" + (f" and {grid_png}" if grid_png else ""))
+    ctx = distributed.setup(device)
+    try:
+        model, info = load_model(model_name, ctx.device)
+        manifest = {"model": str(model_name), "n": n, "seed": seed, "shard_size": shard_size,
+                    "spec": {k: str(v) for k, v in vars(spec).items()}}
+        distributed.check_manifest(out, manifest, ctx)
+        shape = (1, 28, 28)
+        with tqdm(total=n, disable=quiet or not ctx.is_main, desc="sample", unit="img", dynamic_ncols=True) as bar:
+            def produce(indices: range):
+                return generate(model, spec, len(indices), shape, seed=seed, batch_size=batch_size,
+                                device=ctx.device, start=indices.start, progress=False)
+
+            # Only rank 0 shows progress, counting its own shards times the number of ranks.
+            done, total = distributed.run_shards(out, n, shard_size, ctx, produce, max_shards=max_shards,
+                                                 progress=lambda k: bar.update(min(k * ctx.world, n - bar.n)))
+        if done < total:
+            if ctx.is_main:
+                click.echo(f"stopped with {done} of {total} shards in {distributed.shard_dir(out)}; "
+                           "run the same command again to resume")
+            return
+        fid_value = None
+        if fid:
+            fid_value = _distributed_fid(out, n, shard_size, ctx)
+        if ctx.is_main:
+            samples = torch.from_numpy(distributed.gather(out, n, shard_size))
+            save_samples(out, samples, seed=seed, schedule=schedule, steps=steps, solver=solver,
+                         diffusion=str(spec.diffusion), model=str(model_name), data_transform=info.data_transform)
+            if grid_png is not None:
+                save_png(grid_png, image_grid(samples[:256]))
+            distributed.remove_shards(out)
+            click.echo(f"wrote {n} samples to {out}" + (f" and {grid_png}" if grid_png else ""))
+            if fid_value is not None:
+                click.echo(f"FID-MNIST {fid_value:.3f} on {n} samples")
+        ctx.barrier()
+    finally:
+        distributed.teardown(ctx)
+
+
+def _distributed_fid(out: Path, n: int, shard_size: int, ctx) -> float | None:
+    """FID-MNIST of all shards: each rank featurises its own shards, the moment sums are all-reduced."""
+    import numpy as np
+    import torch
+
+    from . import distributed, metrics
+
+    stats = metrics.FeatureStats()
+    shards = distributed.shard_ranges(n, shard_size)
+    for j in range(ctx.rank, len(shards), ctx.world):
+        with np.load(distributed.shard_path(out, j, len(shards)), allow_pickle=False) as f:
+            features, _ = metrics.features_and_probs(torch.from_numpy(f["samples"]))
+        stats.update(features)
+    stats = distributed.all_reduce_stats(stats, ctx)
+    if not ctx.is_main:
+        return None
+    ref = metrics.reference_stats()
+    return metrics.frechet_distance(stats.mean, stats.cov, ref.mean, ref.cov)
 
 
 @main.command()

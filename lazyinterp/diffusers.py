@@ -863,10 +863,16 @@ def ddpm_schedule(alphas_cumprod: Any) -> Schedule:
 
     Time: index n sits at t_n = (T − 1 − n)/T, so t = 0 is the noisiest index T − 1 and t = 1 is one index past
     0: the clean end, where ᾱ = 1 exactly (DDIM's ``set_alpha_to_one`` final step). The continuous index is
-    u(t) = T − 1 − T t ∈ [−1, T − 1]. Between integer indices the log-SNR λ = log(ᾱ/(1 − ᾱ)) is linear in u; on
-    the clean piece u ∈ [−1, 0], where λ runs to +∞, 1 − ᾱ is linear in u instead, so α_1 = 0 exactly. A
-    zero-terminal-SNR schedule (ᾱ_{T−1} = 0) gets the same treatment on its noisiest piece, so β_0 = 0 there.
-    Then α = √(1 − ᾱ), β = √ᾱ, with exact piecewise derivatives.
+    u(t) = T − 1 − T t ∈ [−1, T − 1], and α = √(1 − ᾱ), β = √ᾱ.
+
+    * Between integer indices the log-SNR λ = log(ᾱ/(1 − ᾱ)) is linear in u, so the schedule passes through every
+      ᾱ_n exactly.
+    * On the clean piece u ∈ [−1, 0], where λ runs to +∞, α is linear in u instead: α = (1 + u) α(index 0), so
+      α_1 = 0 exactly with a finite α̇ (a linear 1 − ᾱ would make α̇ infinite there).
+    * A zero-terminal-SNR schedule (ᾱ_{T−1} = 0) is treated alike on its noisiest piece: β is linear in u there,
+      so β_0 = 0 exactly.
+
+    α̇, β̇ are exact piecewise (one-sided at the integer nodes), and r⁻¹ is in closed form.
 
     The schedule is built with ``check=False``: for usual DDPM betas β_0 = √ᾱ_{T−1} is small but not 0
     (about 6e-3 for linear betas 1e-4..0.02), which breaks the β(0) = 0 boundary check. As for
@@ -877,58 +883,61 @@ def ddpm_schedule(alphas_cumprod: Any) -> Schedule:
     """
     abar = torch.as_tensor(alphas_cumprod).detach().to(device="cpu", dtype=_F64).flatten()
     n_steps = abar.numel()
-    if n_steps < 2:
-        raise ValueError("alphas_cumprod: expected at least 2 values")
+    if n_steps < 3:
+        raise ValueError("alphas_cumprod: expected at least 3 values")
     if not (bool(torch.isfinite(abar).all()) and float(abar.min()) >= 0 and float(abar.max()) < 1):
         raise ValueError("alphas_cumprod: values must lie in [0, 1)")
     if not bool((torch.diff(abar) < 0).all()):
         raise ValueError("alphas_cumprod: must decrease strictly with the index")
-    zero_terminal = float(abar[-1]) == 0.0
     big = float(n_steps)
-    lam = torch.log(abar) - torch.log1p(-abar)
-    if zero_terminal:
-        lam[-1] = lam[-2]  # unused: the last piece interpolates ᾱ itself
+    zero_terminal = float(abar[-1]) == 0.0
+    # λ is interpolated on [0, last]; beyond `last` (the zero-terminal piece) β is.
+    last = n_steps - 2 if zero_terminal else n_steps - 1
+    lam = torch.log(abar[: last + 1]) - torch.log1p(-abar[: last + 1])
     slopes = torch.diff(lam)  # per unit index, negative
-    q0 = 1 - float(abar[0])  # 1 − ᾱ at index 0
-    abar_last = float(abar[-2])
+    alpha_clean = math.sqrt(1 - float(abar[0]))  # α at index 0
+    beta_noisy = math.sqrt(float(abar[-2]))  # β at index T − 2
 
-    def index(t: Tensor) -> Tensor:
+    def index(t: Tensor | float) -> Tensor:
         return (big - 1) - big * as_time(t)
 
     def pieces(t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(ᾱ, dᾱ/dt) at t, piece by piece."""
+        """(α, β, α̇, β̇) at t, piece by piece."""
         u = (big - 1) - big * t
-        uc = u.clamp(0.0, big - 1)
-        i0 = uc.floor().clamp(max=big - 2).long()
-        frac = uc - i0
-        lam_u = lam[i0] + frac * slopes[i0]
+        i0 = u.clamp(0.0, float(last)).floor().clamp(max=last - 1).long()
+        lam_u = lam[i0] + (u.clamp(0.0, float(last)) - i0) * slopes[i0]
         a_bar = torch.sigmoid(lam_u)
-        d_abar = a_bar * (1 - a_bar) * (-big * slopes[i0])  # dᾱ/dt = ᾱ(1 − ᾱ) dλ/dt, dλ/dt = −T slope
+        alpha, beta = torch.sqrt(torch.sigmoid(-lam_u)), torch.sqrt(a_bar)
+        dlam = -big * slopes[i0]
+        dalpha, dbeta = -0.5 * alpha * a_bar * dlam, 0.5 * beta * (1 - a_bar) * dlam
         clean = u < 0
-        q = (1 + u).clamp(min=0.0) * q0
-        a_bar = torch.where(clean, 1 - q, a_bar)
-        d_abar = torch.where(clean, torch.full_like(d_abar, big * q0), d_abar)
+        a_c = (1 + u).clamp(min=0.0) * alpha_clean
+        b_c = torch.sqrt(1 - a_c * a_c)
+        alpha, beta = torch.where(clean, a_c, alpha), torch.where(clean, b_c, beta)
+        dalpha = torch.where(clean, torch.full_like(u, -big * alpha_clean), dalpha)
+        dbeta = torch.where(clean, big * alpha_clean * a_c / b_c, dbeta)
         if zero_terminal:
-            last = u > big - 2
-            a_bar = torch.where(last, (big - 1 - u).clamp(min=0.0) * abar_last, a_bar)
-            d_abar = torch.where(last, torch.full_like(d_abar, big * abar_last), d_abar)
-        return a_bar, d_abar
+            noisy = u > last
+            b_n = (big - 1 - u).clamp(min=0.0) * beta_noisy
+            a_n = torch.sqrt(1 - b_n * b_n)
+            alpha, beta = torch.where(noisy, a_n, alpha), torch.where(noisy, b_n, beta)
+            dbeta = torch.where(noisy, torch.full_like(u, big * beta_noisy), dbeta)
+            dalpha = torch.where(noisy, -big * beta_noisy * b_n / a_n, dalpha)
+        return alpha, beta, dalpha, dbeta
 
-    def alpha(t: Tensor) -> Tensor:
-        return torch.sqrt((1 - pieces(t)[0]).clamp(min=0.0))
+    def snr_inverse(r: Tensor) -> Tensor:
+        lam_r = 2 * torch.log(r)
+        j = torch.searchsorted(-lam, -lam_r)
+        i0 = (j - 1).clamp(0, last - 1)
+        u = i0 + (lam_r - lam[i0]) / slopes[i0]
+        u = torch.where(lam_r > lam[0], 1 / (alpha_clean * torch.sqrt(1 + r * r)) - 1, u)
+        if zero_terminal:
+            u = torch.where(lam_r < lam[last], (big - 1) - r / torch.sqrt(1 + r * r) / beta_noisy, u)
+        u = torch.where(torch.isinf(r), torch.full_like(u, -1.0), u)
+        return ((big - 1) - u.clamp(-1.0, big - 1)) / big
 
-    def beta(t: Tensor) -> Tensor:
-        return torch.sqrt(pieces(t)[0].clamp(min=0.0))
-
-    def dalpha(t: Tensor) -> Tensor:
-        a_bar, d_abar = pieces(t)
-        return -d_abar / (2 * torch.sqrt((1 - a_bar).clamp(min=0.0)))
-
-    def dbeta(t: Tensor) -> Tensor:
-        a_bar, d_abar = pieces(t)
-        return d_abar / (2 * torch.sqrt(a_bar.clamp(min=0.0)))
-
-    sched = Schedule(alpha, beta, dalpha=dalpha, dbeta=dbeta, name=f"ddpm({n_steps})", check=False)
+    sched = Schedule(lambda t: pieces(t)[0], lambda t: pieces(t)[1], dalpha=lambda t: pieces(t)[2],
+                     dbeta=lambda t: pieces(t)[3], snr_inverse=snr_inverse, name=f"ddpm({n_steps})", check=False)
     sched.index = index
     sched.num_train_timesteps = n_steps
     return sched

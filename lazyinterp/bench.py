@@ -1,0 +1,870 @@
+r"""``lazyinterp bench``: samplers compared at equal, exactly counted network evaluations (NFE).
+
+Every sampler of a run starts from the same per-sample noise Z_i (stream (seed, i), see
+:mod:`lazyinterp.noise`), and stochastic samplers draw their Brownian increments from a second family of
+streams, so the only difference between two results is the sampler.
+
+**Workloads.**
+
+* ``mnist``: a velocity UNet trained under the linear schedule (``--model``, default the bundled one). The
+  value is FID-MNIST (:func:`lazyinterp.metrics.evaluate`) on ``n`` samples; the classifier's mean confidence
+  and class entropy come with it. FID depends on ``n``: compare only runs with the same ``n``.
+* ``gmm-2d``: the mixture X ~ Σ_k w_k N(m_k, C_k) in R² with 8 components whose means lie on a circle of
+  radius 2.5 around (1, −0.5), m_k = (1, −0.5) + 2.5 (cos θ_k, sin θ_k), θ_k = 2πk/8, and whose covariances
+  C_k = R_k diag(0.35², 0.08²) R_kᵀ are elongated along the circle (R_k the rotation by θ_k + π/2); weights
+  w_k ∝ 1 + 0.6 sin(1.7 k + 0.3).
+* ``gmm-64d``: 10 components in R⁶⁴ drawn once from a fixed seed (``torch.Generator().manual_seed(64)``):
+  m_k = 0.5 + 0.5 ξ_k with ξ_k ~ N(0, I), C_k = Q_k diag(10^{−2 u}) Q_kᵀ with Q_k the Q factor of a standard
+  Gaussian matrix and u ~ U(0, 1)⁶⁴ (eigenvalues spread over two decades), weights w_k = 0.5 + U(0, 1).
+
+Both mixtures have closed-form predictors, so the model (:meth:`GaussianMixture.model`, the exact
+linear-schedule velocity v(t, x) = E[X − Z | (1 − t) Z + t X = x]) has no training error and every
+difference is discretisation error. Their metrics:
+
+* ``value``, the sliced Wasserstein-2 distance to the target,
+  SW₂(P, Q)² = E_θ W₂²(θ♯P, θ♯Q) for θ uniform on the unit sphere, estimated with L = 128 fixed directions
+  (the same for every sampler) against M = k·n fresh target samples. On the line, the optimal coupling between
+  n equal atoms x_(1) ≤ … ≤ x_(n) and M equal atoms y_(1) ≤ … ≤ y_(M) is monotone, so
+  W₂² = (1/M) Σ_j (x_(⌈j/k⌉) − y_(j))² exactly. The "noise floor" reported with the reference is SW₂ of n
+  fresh target samples: no sampler can be told apart from the target below it.
+* ``path_error`` (every workload), the mean per-sample distance (1/n) Σ_i ‖x_i − x_i^ref‖₂ to the reference
+  ODE solution from the same noise: linear-schedule Heun at ``--reference-nfe`` NFE, converged for the exact
+  mixture model. All ODE samplers share the probability-flow map Z ↦ X (the conversion is exact), so this
+  measures discretisation error pathwise. It is left out (null) for stochastic samplers, whose samples are not
+  a function of Z.
+
+**Counting NFE.** Euler and Euler–Maruyama use N evaluations for N steps. Heun uses 2N, or 2N − 1 when its last
+interval is the denoising step x_1 = η_X(t_{N−1}, x); a target K is reached with N = K/2 (K even) or
+N = (K + 1)/2 and a final denoising step (K odd ≥ 3). Heun at K = 1 would be a bare denoising step and is
+skipped. diffusers' FlowMatchHeun uses 2N − 1 evaluations (Euler on its last interval), DPM-Solver++ and UniPC
+N, and flow_matching's midpoint rule 2 per step. Every run is checked against the model's own evaluation counter
+(minus the one-off evaluations that estimate E[X] and σ for the lazy schedules, reported as
+``estimation_nfe``); a (sampler, K) pair that cannot reach K exactly is listed in ``skipped``.
+
+**Peers** are driven through their own packages (the ``bench`` extra: ``diffusers``, ``flow_matching``).
+diffusers writes x_σ = (1 − σ) x_data + σ ε with the model predicting ε − x_data = −v(1 − σ, x), and its
+``timesteps`` are 1000 σ; the model is evaluated at σ = timestep/1000, as diffusers pipelines do (DPM-Solver++
+and UniPC round their timesteps to integers). flow_matching's ``ScheduleTransformedModel`` moves the linear
+model (``CondOTScheduler``) to its ``CosineScheduler``, solved by its ``ODESolver`` with the midpoint rule.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+from tqdm import tqdm
+
+from .conversion import convert
+from .fetch import atomic_path
+from .noise import NoiseStreams, sample_seed
+from .predictors import Model, NonFiniteError, estimate_mean, estimate_sigma
+from .samplers import sample
+from .schedules import lazy_vp, linear, point_mass
+from .targets import GaussianMixture
+
+Tensor = torch.Tensor
+
+WORKLOADS = ("mnist", "gmm-2d", "gmm-64d")
+DEFAULT_NFE = "1,2,3,4,6,8,12,16"
+DEFAULT_N = {"mnist": 2000, "gmm-2d": 4000, "gmm-64d": 4000}
+DEFAULT_BATCH = {"mnist": 250}
+FAMILIES = ("peer", "baseline", "ours")
+SLICED_DIRECTIONS = 128
+# The target sample behind the sliced distance has at least this many points (a multiple of n).
+TARGET_POINTS = 40_000
+OVERHEAD_SAMPLERS = ("lazy-vp-euler", "point-mass-sde")
+OVERHEAD_BATCH, OVERHEAD_STEPS, OVERHEAD_REPEATS = 256, 8, 3
+
+
+class BenchError(click.ClickException):
+    """A one-line error without a traceback (``error: ...`` on stderr, exit status 1)."""
+
+    def show(self, file=None) -> None:  # noqa: D401
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+# Target mixtures ------------------------------------------------------------------------------------------------
+
+def gmm_2d() -> GaussianMixture:
+    """The ``gmm-2d`` target (see the module docstring)."""
+    k = torch.arange(8, dtype=torch.float64)
+    theta = 2 * math.pi * k / 8
+    means = torch.tensor([1.0, -0.5], dtype=torch.float64) + 2.5 * torch.stack([theta.cos(), theta.sin()], 1)
+    phi = theta + math.pi / 2
+    rot = torch.stack([torch.stack([phi.cos(), -phi.sin()], -1), torch.stack([phi.sin(), phi.cos()], -1)], -2)
+    diag = torch.diag(torch.tensor([0.35**2, 0.08**2], dtype=torch.float64))
+    covs = rot @ diag @ rot.transpose(1, 2)
+    weights = 1 + 0.6 * torch.sin(1.7 * k + 0.3)
+    return GaussianMixture(weights, means, covs)
+
+
+def gmm_64d() -> GaussianMixture:
+    """The ``gmm-64d`` target (see the module docstring)."""
+    gen = torch.Generator().manual_seed(64)
+    comps, dim = 10, 64
+    means = 0.5 + 0.5 * torch.randn(comps, dim, generator=gen, dtype=torch.float64)
+    covs = []
+    for _ in range(comps):
+        q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
+        eig = 10 ** (-2 * torch.rand(dim, generator=gen, dtype=torch.float64))
+        covs.append(q @ torch.diag(eig) @ q.T)
+    weights = 0.5 + torch.rand(comps, generator=gen, dtype=torch.float64)
+    return GaussianMixture(weights, means, torch.stack(covs))
+
+
+class SlicedW2:
+    r"""SW₂ to a fixed target sample along fixed directions, for sample sets of exactly ``n`` points.
+
+    With M = k n target points, the 1-D optimal coupling sends the i-th smallest sample to the k target points
+    of rank (i − 1)k + 1 … ik, so W₂² along θ is (1/M) Σ_j (x_(⌈j/k⌉) − y_(j))², and
+    SW₂ = (mean over θ of W₂²)^{1/2}.
+    """
+
+    def __init__(self, target: GaussianMixture, n: int, *, seed: int = 2024, directions: int = SLICED_DIRECTIONS,
+                 points: int = TARGET_POINTS):
+        gen = torch.Generator().manual_seed(seed)
+        dirs = torch.randn(directions, target.dim, generator=gen, dtype=torch.float64)
+        self.directions = dirs / dirs.norm(dim=1, keepdim=True)
+        self.n = n
+        self.k = max(1, math.ceil(points / n))
+        ref = target.sample(self.k * n, gen)
+        self.sorted_target = torch.sort(ref @ self.directions.T, dim=0).values  # (M, L)
+
+    def __call__(self, x: Tensor) -> float:
+        x = x.reshape(x.shape[0], -1).to(torch.float64)
+        if x.shape[0] != self.n:
+            raise ValueError(f"samples: expected {self.n} points, got {x.shape[0]}")
+        proj = torch.sort(x @ self.directions.T, dim=0).values
+        diff = proj.repeat_interleave(self.k, dim=0) - self.sorted_target
+        return float((diff * diff).mean().sqrt())
+
+
+# Workloads ------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Workload:
+    """A model with the metric that scores its samples."""
+
+    name: str
+    model: Model
+    sample_shape: tuple[int, ...]
+    dtype: torch.dtype
+    metric: str
+    metric_label: str
+    score: Callable[[Tensor], dict[str, Any]]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _mnist_workload(model_name: str) -> Workload:
+    from .metrics import evaluate
+    from .models import load_model
+
+    model, info = load_model(model_name)
+
+    def score(x: Tensor) -> dict[str, Any]:
+        report = evaluate(x.float())
+        return {"value": report["fid"], "mean_confidence": report["mean_confidence"],
+                "class_entropy": report["class_entropy"]}
+
+    return Workload("mnist", model, (1, 28, 28), torch.float32, "fid", "FID-MNIST", score,
+                    {"model": str(model_name), "schedule": info.schedule, "predicts": info.predicts})
+
+
+def _gmm_workload(name: str, n: int) -> Workload:
+    target = gmm_2d() if name == "gmm-2d" else gmm_64d()
+    sliced = SlicedW2(target, n)
+    # Mode weights of n samples fluctuate like a multinomial, which alone moves SW₂ by a visible amount on
+    # well-separated modes: the floor is given as the mean and spread over several fresh samples.
+    floors = torch.tensor([sliced(target.sample(n, torch.Generator().manual_seed(7 + i))) for i in range(5)])
+
+    def score(x: Tensor) -> dict[str, Any]:
+        return {"value": sliced(x)}
+
+    info = {"components": int(target.means.shape[0]), "dim": target.dim, "directions": SLICED_DIRECTIONS,
+            "target_points": sliced.k * n, "noise_floor": float(floors.mean()),
+            "noise_floor_std": float(floors.std())}
+    return Workload(name, target.model("linear"), (target.dim,), torch.float64, "sliced_w2",
+                    "sliced W2 to the target", score, info)
+
+
+def make_workload(name: str, n: int, model_name: str = "mnist") -> Workload:
+    if name not in WORKLOADS:
+        raise ValueError(f"workload: unknown workload {name!r}; expected one of {', '.join(WORKLOADS)}")
+    return _mnist_workload(model_name) if name == "mnist" else _gmm_workload(name, n)
+
+
+# Samplers -------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SamplerDef:
+    """A named sampler: ``kind`` says what drives it ("li", "diffusers" or "flow_matching")."""
+
+    name: str
+    label: str
+    family: str
+    kind: str
+    options: dict = field(default_factory=dict)
+    stochastic: bool = False
+
+    def plan(self, nfe: int) -> dict | None:
+        """The step count (and last step) that costs exactly ``nfe`` evaluations, or None."""
+        second_order = self.options.get("solver") == "heun" or self.options.get("scheduler") == "heun"
+        if self.kind == "li":
+            if not second_order:
+                return {"steps": nfe, "last_step": self.options.get("last_step") or "euler"}
+            if nfe < 2:
+                return None
+            if nfe % 2 == 0:
+                return {"steps": nfe // 2, "last_step": "euler"}
+            return {"steps": (nfe + 1) // 2, "last_step": "denoise"}
+        if self.kind == "diffusers":
+            if second_order:  # 2N − 1 evaluations; N = 1 would be a single Euler step
+                return {"steps": (nfe + 1) // 2} if nfe % 2 == 1 and nfe >= 3 else None
+            return {"steps": nfe}
+        if self.kind == "flow_matching":
+            return {"steps": nfe // 2} if nfe % 2 == 0 else None
+        raise ValueError(f"sampler {self.name}: unknown kind {self.kind!r}")
+
+
+def _clipped_linear_eps(t: Tensor) -> Tensor:
+    """min(ε*_linear(t), 1) with ε*_linear = (1 − t)/t, the linear schedule's optimal diffusion."""
+    return torch.clamp((1 - t) / t, max=1.0)
+
+
+SAMPLERS: tuple[SamplerDef, ...] = (
+    SamplerDef("fm-euler", "diffusers FlowMatchEuler", "peer", "diffusers", {"scheduler": "euler", "shift": 1.0}),
+    SamplerDef("fm-euler-shift3", "diffusers FlowMatchEuler shift=3", "peer", "diffusers",
+               {"scheduler": "euler", "shift": 3.0}),
+    SamplerDef("fm-heun", "diffusers FlowMatchHeun", "peer", "diffusers", {"scheduler": "heun"}),
+    SamplerDef("dpm-2m", "diffusers DPM-Solver++(2M) flow", "peer", "diffusers", {"scheduler": "dpm"}),
+    SamplerDef("unipc", "diffusers UniPC flow", "peer", "diffusers", {"scheduler": "unipc"}),
+    SamplerDef("fmlib-cosine-midpoint", "flow_matching cosine midpoint", "peer", "flow_matching"),
+    SamplerDef("linear-euler", "linear Euler", "baseline", "li", {"schedule": "linear"}),
+    SamplerDef("linear-em-clipped", "linear EM, eps = min(eps*, 1)", "baseline", "li",
+               {"schedule": "linear", "diffusion": _clipped_linear_eps, "last_step": "denoise"}, stochastic=True),
+    SamplerDef("lazy-vp-euler", "lazy VP Euler", "ours", "li", {"schedule": "lazy-vp"}),
+    SamplerDef("lazy-vp-heun", "lazy VP Heun", "ours", "li", {"schedule": "lazy-vp", "solver": "heun"}),
+    SamplerDef("lazy-vp-euler-model-grid", "lazy VP Euler, SNR-matched grid", "ours", "li",
+               {"schedule": "lazy-vp", "grid": "model"}),
+    SamplerDef("point-mass-sde", "point-mass SDE (EM)", "ours", "li",
+               {"schedule": "point-mass", "diffusion": "optimal", "last_step": "denoise"}, stochastic=True),
+    SamplerDef("point-mass-sde-model-grid", "point-mass SDE (EM), SNR-matched grid", "ours", "li",
+               {"schedule": "point-mass", "diffusion": "optimal", "last_step": "denoise", "grid": "model"},
+               stochastic=True),
+)
+SAMPLER_NAMES = tuple(s.name for s in SAMPLERS)
+PEER_PACKAGES = {"diffusers": "diffusers", "flow_matching": "flow_matching"}
+
+
+def _available(kind: str) -> bool:
+    package = PEER_PACKAGES.get(kind)
+    return package is None or importlib.util.find_spec(package) is not None
+
+
+def linear_velocity(model: Model) -> Callable[[Tensor, Any], Tensor]:
+    """v(x, t) under the linear schedule, v = η_X − η_Z, from a model trained under any schedule."""
+    if model.schedule.name == "linear":
+        return lambda x, t: model.predict(x, t, "velocity")
+    predictor = convert(model, linear())
+
+    def velocity(x: Tensor, t) -> Tensor:
+        eta_z, eta_x = predictor.eta(x, t)
+        return eta_x - eta_z
+
+    return velocity
+
+
+def _diffusers_scheduler(options: dict):
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        FlowMatchHeunDiscreteScheduler,
+        UniPCMultistepScheduler,
+    )
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    which = options["scheduler"]
+    if which == "euler":
+        return FlowMatchEulerDiscreteScheduler(shift=options.get("shift", 1.0))
+    if which == "heun":
+        return FlowMatchHeunDiscreteScheduler()
+    if which == "dpm":
+        return DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0,
+                                           solver_order=2)
+    if which == "unipc":
+        return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=1.0)
+    raise ValueError(f"unknown diffusers scheduler {which!r}")
+
+
+def diffusers_sample(scheduler, velocity: Callable[[Tensor, float], Tensor], noise: Tensor, steps: int) -> Tensor:
+    """Run a diffusers flow scheduler from ``noise`` (σ = 1): output ε − x_data = −v(1 − σ, x), σ = timestep/1000."""
+    scheduler.set_timesteps(steps)
+    scale = float(scheduler.config.num_train_timesteps)
+    x = noise
+    for timestep in scheduler.timesteps:
+        sigma = float(timestep) / scale
+        x = scheduler.step(-velocity(x, 1.0 - sigma), timestep, x).prev_sample
+    return x
+
+
+def flow_matching_sample(velocity: Callable[[Tensor, Any], Tensor], noise: Tensor, steps: int) -> Tensor:
+    """flow_matching: the linear model moved to its CosineScheduler, midpoint rule on a uniform grid.
+
+    The midpoint rule evaluates at t_k and t_k + h/2 only, never at t = 1, where ScheduleTransformedModel
+    divides by the cosine noise coefficient 0 and returns NaN; no clipping of the end time is needed.
+    """
+    from flow_matching.path.scheduler import CondOTScheduler, CosineScheduler, ScheduleTransformedModel
+    from flow_matching.solver import ODESolver
+    from flow_matching.utils import ModelWrapper
+
+    class Velocity(ModelWrapper):
+        def __init__(self):
+            super().__init__(None)
+
+        def forward(self, x: Tensor, t: Tensor, **extras) -> Tensor:
+            return velocity(x, t)
+
+    model = ScheduleTransformedModel(Velocity(), CondOTScheduler(), CosineScheduler())
+    grid = torch.linspace(0.0, 1.0, steps + 1, dtype=noise.dtype)
+    return ODESolver(model).sample(x_init=noise, step_size=None, method="midpoint", time_grid=grid)
+
+
+def _lazy_sigma(model: Model, noise: Tensor, sample_shape: tuple[int, ...],
+                dtype: torch.dtype) -> tuple[float | None, str | None]:
+    r"""σ for the lazy schedules: None (li.sample's own estimate, which works) or a fallback, with a note.
+
+    li.sample estimates σ² = kα²/(β(1 − kβ)) from the slope k of η_X at SNR 1. On multimodal data whose mean
+    lies between the modes (the ring of gmm-2d) the probes sit where the posterior covariance exceeds the data's,
+    k > 1/β and the estimate fails. At SNR 0.1 the slope is in its linear regime, k ≈ β tr Cov(X)/(D α²), and
+    the same formula returns √(tr Cov X / D).
+    """
+    try:
+        sample(model, noise, steps=1, schedule="lazy-vp")
+        return None, None
+    except ValueError as exc:
+        reason = str(exc)
+    mean = estimate_mean(model, sample_shape, probes=8, generator=torch.Generator().manual_seed(12345), dtype=dtype)
+    sigma = estimate_sigma(model, sample_shape, mean=mean, snr=0.1, probes=8,
+                           generator=torch.Generator().manual_seed(54321), dtype=dtype)
+    return sigma, f"li.sample's own estimate of sigma failed ({reason}); the lazy schedules use " \
+                  f"sigma = {sigma:.4g}, estimated from the model at SNR 0.1"
+
+
+def _li_kwargs(spec: SamplerDef, plan: dict, sigma: float | None = None) -> dict:
+    opts = spec.options
+    schedule = opts["schedule"]
+    if sigma is not None and schedule in ("lazy-vp", "point-mass"):
+        schedule = lazy_vp(sigma) if schedule == "lazy-vp" else point_mass(sigma)
+    return {"schedule": schedule, "diffusion": opts.get("diffusion", "ode"),
+            "solver": opts.get("solver", "euler"), "grid": opts.get("grid"), "steps": plan["steps"],
+            "last_step": plan["last_step"]}
+
+
+def run_batch(spec: SamplerDef, plan: dict, model: Model, noise: Tensor, indices: range, seed: int,
+              velocity: Callable, sigma: float | None = None) -> tuple[Tensor, int]:
+    """Samples for one batch and the network evaluations they cost per sample (estimation excluded)."""
+    model.nfe = 0
+    if spec.kind == "li":
+        kwargs = _li_kwargs(spec, plan, sigma)
+        base_point = spec.options["schedule"] == "point-mass"
+        x, info = sample(model, None if base_point else noise, shape=tuple(noise.shape),
+                         generator=sample_seed(seed, 1 << 62), indices=indices, return_info=True, **kwargs)
+        return x, model.nfe - info.estimation_nfe
+    if spec.kind == "diffusers":
+        return diffusers_sample(_diffusers_scheduler(spec.options), velocity, noise, plan["steps"]), model.nfe
+    return flow_matching_sample(velocity, noise, plan["steps"]), model.nfe
+
+
+def _batches(n: int, batch_size: int) -> list[range]:
+    return [range(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
+
+
+def run_sampler(spec: SamplerDef, plan: dict, workload: Workload, noise: Tensor, batch_size: int, seed: int,
+                progress: bool = False, desc: str = "", sigma: float | None = None) -> tuple[Tensor, set[int], float]:
+    """All ``n`` samples of one (sampler, plan), the per-sample NFE seen in each batch, and wall seconds."""
+    velocity = linear_velocity(workload.model)
+    batches = _batches(noise.shape[0], batch_size)
+    out, seen = [], set()
+    start = time.perf_counter()
+    with tqdm(total=noise.shape[0], disable=not progress or len(batches) < 2, desc=desc, leave=False,
+              unit="sample", dynamic_ncols=True, file=sys.stderr) as bar:
+        for idx in batches:
+            x, used = run_batch(spec, plan, workload.model, noise[idx.start:idx.stop], idx, seed, velocity,
+                                 sigma)
+            out.append(x.detach())
+            seen.add(int(used))
+            bar.update(len(idx))
+    return torch.cat(out), seen, time.perf_counter() - start
+
+
+def heun_plan(nfe: int) -> dict:
+    """The plan for linear Heun at ``nfe`` evaluations (the reference)."""
+    plan = SamplerDef("reference", "linear Heun", "reference", "li", {"schedule": "linear", "solver": "heun"})
+    return plan.plan(nfe)
+
+
+# Measurement of the sampler's own cost --------------------------------------------------------------------------
+
+class _TimedNet:
+    """The network with its own wall time accumulated (the state is synchronised on an accelerator)."""
+
+    def __init__(self, net):
+        self.net = net
+        self.seconds = 0.0
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        start = time.perf_counter()
+        out = self.net(x, t)
+        if out.is_cuda:
+            torch.cuda.synchronize(out.device)
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def measure_overhead(model: Model, sample_shape: tuple[int, ...], dtype: torch.dtype, *, seed: int = 0,
+                     sigma: float | None = None,
+                     batch: int = OVERHEAD_BATCH, steps: int = OVERHEAD_STEPS,
+                     repeats: int = OVERHEAD_REPEATS) -> dict[str, float]:
+    r"""(T_sample − T_net)/T_net for lazy VP Euler and the point-mass SDE: the time ``li.sample`` spends outside
+    the network (schedule maths, conversion, noise draws, state updates) as a fraction of network time.
+
+    The median over ``repeats`` timed runs after one warm-up run (which also estimates E[X] and σ).
+    """
+    timed = _TimedNet(model.net)
+    timed_model = Model(timed, model.schedule, model.predicts, t_min=model.t_min, net_dtype=model.net_dtype)
+    noise = NoiseStreams(seed, range(batch), sample_shape, dtype=dtype).draw()
+    result = {}
+    for name in OVERHEAD_SAMPLERS:
+        spec = next(s for s in SAMPLERS if s.name == name)
+        kwargs = _li_kwargs(spec, spec.plan(steps), sigma)
+        base_point = spec.options["schedule"] == "point-mass"
+        fractions = []
+        for rep in range(repeats + 1):
+            timed.seconds = 0.0
+            start = time.perf_counter()
+            sample(timed_model, None if base_point else noise, shape=tuple(noise.shape), generator=seed, **kwargs)
+            total = time.perf_counter() - start
+            if rep > 0:
+                fractions.append((total - timed.seconds) / timed.seconds)
+        result[name] = sorted(fractions)[len(fractions) // 2]
+    return result
+
+
+# The benchmark --------------------------------------------------------------------------------------------------
+
+def parse_nfe(value: str | Iterable[int]) -> list[int]:
+    """NFE values from "1,2,4" (or an iterable of ints): sorted, without duplicates, each >= 1."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out = set()
+    for item in items:
+        text = str(item).strip()
+        try:
+            k = int(text)
+        except ValueError:
+            raise ValueError(f"nfe: expected comma-separated integers >= 1, got {text!r}") from None
+        if k < 1:
+            raise ValueError(f"nfe: each NFE must be >= 1, got {k}")
+        out.add(k)
+    if not out:
+        raise ValueError("nfe: expected at least one NFE value")
+    return sorted(out)
+
+
+def select_samplers(names: str | Sequence[str] | None) -> list[SamplerDef]:
+    """Sampler definitions by name (all when None); unknown names are an error."""
+    if names is None:
+        return list(SAMPLERS)
+    items = [s.strip() for s in names.split(",")] if isinstance(names, str) else [str(s).strip() for s in names]
+    items = [s for s in items if s]
+    unknown = [s for s in items if s not in SAMPLER_NAMES]
+    if unknown or not items:
+        raise ValueError(f"samplers: unknown sampler {', '.join(unknown) or '(none given)'}; expected a comma list "
+                         f"of {', '.join(SAMPLER_NAMES)}")
+    return [s for s in SAMPLERS if s.name in items]
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _path_error(x: Tensor, reference: Tensor) -> float:
+    diff = (x.to(torch.float64) - reference.to(torch.float64)).reshape(x.shape[0], -1)
+    return float(diff.norm(dim=1).mean())
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("lazyinterp", "torch", "diffusers", "flow_matching"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NFE, n: int | None = None,
+              seed: int = 0, samplers: str | Sequence[str] | None = None, reference_nfe: int = 1000,
+              model: str = "mnist", batch_size: int | None = None, progress: bool = True,
+              overhead: bool | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the benchmark and return its results (the dict that ``--json`` writes).
+
+    Args:
+        workload: "mnist", "gmm-2d" or "gmm-64d".
+        nfe: the NFE values to compare, as "1,2,4" or integers.
+        n: samples per run; default 2000 for mnist and 4000 for the mixtures.
+        samplers: names to run (default all; peers whose package is missing are skipped with a note).
+        reference_nfe: NFE of the linear-Heun reference solution from the same noise.
+        model: the mnist model, a bundled name or a checkpoint path.
+        batch_size: samples per batch; default 250 for mnist and all n for the mixtures.
+        overhead: measure the sampler overhead (default: for mnist only, where the network is a real one).
+        log: called with one line per finished run.
+    """
+    nfes = parse_nfe(nfe)
+    specs = select_samplers(samplers)
+    if workload not in WORKLOADS:
+        raise ValueError(f"workload: unknown workload {workload!r}; expected one of {', '.join(WORKLOADS)}")
+    n = DEFAULT_N[workload] if n is None else n
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ValueError(f"n: expected an integer >= 2, got {n!r}")
+    if isinstance(reference_nfe, bool) or not isinstance(reference_nfe, int) or reference_nfe < 2:
+        raise ValueError(f"reference_nfe: expected an integer >= 2, got {reference_nfe!r}")
+    batch_size = batch_size or DEFAULT_BATCH.get(workload, n)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+    log = log or (lambda line: None)
+    started = time.perf_counter()
+
+    skipped: list[dict[str, Any]] = []
+    runnable = []
+    for spec in specs:
+        if _available(spec.kind):
+            runnable.append(spec)
+        elif samplers is not None:
+            raise ValueError(f"samplers: {spec.name} needs the {PEER_PACKAGES[spec.kind]} package "
+                             "(pip install 'lazyinterp[bench]')")
+        else:
+            skipped.append({"sampler": spec.name, "nfe": None, "reason": f"{PEER_PACKAGES[spec.kind]} not installed"})
+    jobs = []
+    for spec in runnable:
+        for k in nfes:
+            plan = spec.plan(k)
+            if plan is None:
+                skipped.append({"sampler": spec.name, "nfe": k, "reason": "no step count gives exactly this NFE"})
+            else:
+                jobs.append((spec, k, plan))
+
+    wl = make_workload(workload, n, model)
+    # Importing a peer package takes seconds; it must not count against the first run's time.
+    for kind in {spec.kind for spec in runnable} & set(PEER_PACKAGES):
+        importlib.import_module(PEER_PACKAGES[kind])
+    if any(spec.kind == "diffusers" for spec in runnable):
+        _diffusers_scheduler({"scheduler": "euler"})
+    if any(spec.kind == "flow_matching" for spec in runnable):
+        importlib.import_module("flow_matching.solver")
+    mdl = wl.model
+    noise = NoiseStreams(seed, range(n), wl.sample_shape, dtype=wl.dtype).draw()
+    # E[X] and σ of the lazy schedules are estimated once per model and cached on it; doing it here keeps that
+    # one-off cost out of every run's time and NFE.
+    mdl.nfe = 0
+    sigma, sigma_note = _lazy_sigma(mdl, noise[:1], wl.sample_shape, wl.dtype)
+    estimation_nfe = mdl.nfe
+    if sigma_note:
+        log(f"warning: {sigma_note}")
+
+    bar = tqdm(total=len(jobs) + 1, disable=not progress, desc="reference", unit="run", dynamic_ncols=True,
+               file=sys.stderr)
+    ref_spec = SamplerDef("reference", "linear Heun", "reference", "li", {"schedule": "linear", "solver": "heun"})
+    ref_plan = ref_spec.plan(reference_nfe)
+    ref_x, ref_seen, ref_seconds = run_sampler(ref_spec, ref_plan, wl, noise, batch_size, seed, progress,
+                                               f"reference {reference_nfe} NFE")
+    if ref_seen != {reference_nfe}:
+        raise RuntimeError(f"reference: expected {reference_nfe} NFE, the model counted {sorted(ref_seen)}")
+    reference = {"sampler": "linear Heun", "nfe": reference_nfe, "steps": ref_plan["steps"],
+                 "last_step": ref_plan["last_step"], "seconds": round(ref_seconds, 3), **wl.score(ref_x)}
+    for key in ("noise_floor", "noise_floor_std"):
+        if key in wl.info:
+            reference[key] = wl.info[key]
+    bar.update(1)
+    log(f"reference linear Heun, {reference_nfe} NFE: {wl.metric} {reference['value']:.4g}")
+
+    results = []
+    for spec, k, plan in jobs:
+        bar.set_description(f"{spec.name} NFE {k}")
+        entry: dict[str, Any] = {"sampler": spec.name, "label": spec.label, "family": spec.family, "nfe": k,
+                                 "steps": plan["steps"]}
+        if "last_step" in plan:
+            entry["last_step"] = plan["last_step"]
+        try:
+            x, seen, seconds = run_sampler(spec, plan, wl, noise, batch_size, seed, progress, f"{spec.name} {k}",
+                                           sigma)
+        except NonFiniteError as exc:
+            results.append({**entry, "value": None, "seconds": None, "path_error": None, "error": str(exc)})
+            log(f"{spec.name:>28} NFE {k:>3}: failed: {exc}")
+            bar.update(1)
+            continue
+        if seen != {k}:
+            skipped.append({"sampler": spec.name, "nfe": k,
+                            "reason": f"the model counted {sorted(seen)} evaluations, not {k}"})
+            bar.update(1)
+            continue
+        if bool(torch.isfinite(x).all()):
+            entry.update(wl.score(x))
+            entry["path_error"] = None if spec.stochastic else _path_error(x, ref_x)
+        else:
+            entry.update({"value": None, "path_error": None, "error": "non-finite samples"})
+        entry["seconds"] = round(seconds, 4)
+        entry["stochastic"] = spec.stochastic
+        results.append(entry)
+        bar.update(1)
+        pe = entry.get("path_error")
+        log(f"{spec.name:>28} NFE {k:>3}: {wl.metric} {_fmt(entry.get('value'))}"
+            + (f", path error {_fmt(pe)}" if pe is not None else "") + f" ({seconds:.2f} s)")
+    bar.close()
+
+    out: dict[str, Any] = {
+        "workload": workload, "metric": wl.metric, "metric_label": wl.metric_label, "n": n, "seed": seed,
+        "nfe": nfes, "reference": reference, "results": results, "skipped": skipped,
+        "estimation_nfe": estimation_nfe, "workload_info": wl.info,
+        "sigma": {"value": sigma, "note": sigma_note} if sigma_note else {"value": None, "note": "li.sample default"},
+        "samplers": {s.name: {"label": s.label, "family": s.family, "stochastic": s.stochastic} for s in runnable},
+        "versions": _versions(), "torch_threads": torch.get_num_threads(),
+    }
+    if overhead if overhead is not None else workload == "mnist":
+        out["overhead"] = measure_overhead(mdl, wl.sample_shape, wl.dtype, seed=seed, sigma=sigma)
+        out["overhead_setup"] = {"batch": OVERHEAD_BATCH, "steps": OVERHEAD_STEPS, "repeats": OVERHEAD_REPEATS}
+    out["seconds"] = round(time.perf_counter() - started, 2)
+    return _clean(out)
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: non-finite floats become null."""
+    if isinstance(obj, float):
+        return _finite_or_none(obj)
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+# Reports --------------------------------------------------------------------------------------------------------
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4g}"
+
+
+def _table(results: dict, key: str) -> list[str]:
+    nfes = results["nfe"]
+    rows: dict[str, dict[int, float | None]] = {}
+    labels: dict[str, tuple[str, str]] = {}
+    for r in results["results"]:
+        if key == "path_error" and r.get("stochastic"):
+            continue
+        rows.setdefault(r["sampler"], {})[r["nfe"]] = r.get(key)
+        labels[r["sampler"]] = (r["label"], r["family"])
+    best = {}
+    for k in nfes:
+        values = [row[k] for row in rows.values() if row.get(k) is not None]
+        best[k] = min(values) if values else None
+    lines = ["| sampler | family | " + " | ".join(f"NFE {k}" for k in nfes) + " |",
+             "|---|---|" + "---:|" * len(nfes)]
+    for name, row in rows.items():
+        cells = []
+        for k in nfes:
+            v = row.get(k)
+            cells.append(f"**{_fmt(v)}**" if v is not None and v == best[k] else _fmt(v))
+        label, family = labels[name]
+        lines.append(f"| {label} | {family} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown_report(results: dict) -> str:
+    """The value table (rows samplers, columns NFE, best per column in bold) and the path-error table."""
+    ref = results["reference"]
+    lines = [f"### {results['workload']}: {results['metric_label']} (lower is better), n = {results['n']}, "
+             f"seed {results['seed']}", ""]
+    ref_line = (f"Reference: linear Heun at {ref['nfe']} NFE ({ref['steps']} steps) from the same noise: "
+                f"{_fmt(ref.get('value'))}")
+    if "noise_floor" in ref:
+        ref_line += (f"; noise floor (fresh target samples of the same size, mean ± std of 5): "
+                     f"{_fmt(ref['noise_floor'])} ± {_fmt(ref.get('noise_floor_std'))}")
+    lines += [ref_line + ".", ""]
+    lines += _table(results, "value")
+    if any(r.get("path_error") is not None for r in results["results"]):
+        lines += ["", f"Path error: mean ‖x − x_ref‖₂ per sample to the reference ({ref['nfe']}-NFE linear Heun) "
+                  "from the same noise; ODE samplers only.", ""]
+        lines += _table(results, "path_error")
+    if results.get("overhead"):
+        parts = ", ".join(f"{k} {100 * v:.2f}%" for k, v in results["overhead"].items())
+        setup = results.get("overhead_setup", {})
+        lines += ["", f"Sampler overhead (time outside the network / network time, batch {setup.get('batch')}, "
+                  f"{setup.get('steps')} steps): {parts}."]
+    if results.get("skipped"):
+        pairs = ", ".join(f"{s['sampler']}@{s['nfe']}" if s["nfe"] is not None else f"{s['sampler']} ({s['reason']})"
+                          for s in results["skipped"])
+        lines += ["", f"Not run (no step count gives the exact NFE, or unavailable): {pairs}."]
+    return "\n".join(lines) + "\n"
+
+
+STYLES = {"peer": "--", "baseline": ":", "ours": "-"}
+
+
+def plot_results(results: dict, path: Path | str) -> None:
+    """Metric and path error against NFE on log-log axes; dashed peers, dotted baselines, solid ours."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    names = list(dict.fromkeys(r["sampler"] for r in results["results"]))
+    cmap = plt.get_cmap("tab20")
+    # tab20 pairs a dark and a light shade of each hue: use all dark shades before any light one.
+    colours = [cmap(j) for j in (*range(0, 20, 2), *range(1, 20, 2))]
+    for i, name in enumerate(names):
+        rows = [r for r in results["results"] if r["sampler"] == name]
+        for ax, key in zip(axes, ("value", "path_error"), strict=True):
+            pts = [(r["nfe"], r[key]) for r in rows if r.get(key) is not None and r[key] > 0]
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(xs, ys, STYLES.get(rows[0]["family"], "-"), marker="o", ms=3, color=colours[i % 20],
+                        label=rows[0]["label"])
+    ref = results["reference"]
+    if ref.get("value"):
+        axes[0].axhline(ref["value"], color="grey", lw=0.8, label=f"reference ({ref['nfe']} NFE)")
+    if ref.get("noise_floor"):
+        axes[0].axhline(ref["noise_floor"], color="grey", lw=0.8, ls="-.", label="noise floor")
+    axes[0].set_ylabel(results["metric_label"])
+    axes[1].set_ylabel("path error to the reference (ODE samplers)")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("NFE")
+        ax.set_xticks(results["nfe"], [str(k) for k in results["nfe"]])
+        ax.minorticks_off()
+        ax.grid(True, which="both", lw=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{results['workload']}, n = {results['n']}")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write_json(results: dict, path: Path | str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+
+
+def write_text(text: str, path: Path | str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+# Command line ---------------------------------------------------------------------------------------------------
+
+def check_writable(path: Path, option: str) -> None:
+    """Fail before any sampling if ``path`` cannot be written (tried, since permission bits lie to root)."""
+    if path.is_dir():
+        raise BenchError(f"{option}: {path} is a directory")
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        raise BenchError(f"{option}: directory {parent} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+    except OSError as exc:
+        raise BenchError(f"{option}: cannot write in {parent} ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+class _OneLineErrors(click.Command):
+    """Usage errors as one line (no usage banner), like every other failure of this command."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            raise BenchError(exc.format_message()) from None
+
+
+@click.command("bench", cls=_OneLineErrors)
+@click.option("--workload", default="gmm-2d", show_default=True, help="mnist, gmm-2d or gmm-64d.")
+@click.option("--nfe", default=DEFAULT_NFE, show_default=True, help="Comma-separated NFE values.")
+@click.option("--n", "n", default=None, type=int, help="Samples per run [default: 2000 mnist, 4000 gmm].")
+@click.option("--seed", default=0, type=int, show_default=True)
+@click.option("--samplers", default=None, help=f"Comma list of samplers [default: all]: {', '.join(SAMPLER_NAMES)}.")
+@click.option("--reference-nfe", default=1000, type=int, show_default=True,
+              help="NFE of the linear-Heun reference from the same noise.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write results as JSON.")
+@click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), default=None,
+              help="Write the tables as Markdown.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
+              help="Write a PNG plot of the metric against NFE.")
+@click.option("--model", "model_name", default="mnist", show_default=True,
+              help="mnist workload: a bundled model name or a .safetensors checkpoint.")
+@click.option("--batch-size", default=None, type=int, help="Samples per batch [default: 250 mnist, all n gmm].")
+@click.option("--quiet", is_flag=True, help="No progress bars or per-run lines.")
+def bench(workload: str, nfe: str, n: int | None, seed: int, samplers: str | None, reference_nfe: int,
+          json_path: Path | None, markdown_path: Path | None, plot_path: Path | None, model_name: str,
+          batch_size: int | None, quiet: bool) -> None:
+    """Compare samplers at exactly counted NFE: peers (diffusers, flow_matching), baselines and lazy schedules."""
+    if workload not in WORKLOADS:
+        raise BenchError(f"--workload: unknown workload {workload!r}; expected one of {', '.join(WORKLOADS)}")
+    if n is not None and n < 2:
+        raise BenchError(f"--n: expected an integer >= 2, got {n}")
+    if reference_nfe < 2:
+        raise BenchError(f"--reference-nfe: expected an integer >= 2, got {reference_nfe}")
+    if batch_size is not None and batch_size < 1:
+        raise BenchError(f"--batch-size: expected an integer >= 1, got {batch_size}")
+    try:
+        parse_nfe(nfe)
+        select_samplers(samplers)
+    except ValueError as exc:
+        raise BenchError(f"--{exc}") from None
+    outputs = [(p, o) for p, o in ((json_path, "--json"), (markdown_path, "--markdown"), (plot_path, "--plot"))
+               if p is not None]
+    for path, option in outputs:
+        check_writable(path, option)
+    resolved = [p.absolute() for p, _ in outputs]
+    if len(set(resolved)) != len(resolved):
+        raise BenchError("--json, --markdown, --plot: each output needs its own file")
+    try:
+        results = run_bench(workload, nfe=nfe, n=n, seed=seed, samplers=samplers, reference_nfe=reference_nfe,
+                            model=model_name, batch_size=batch_size, progress=not quiet,
+                            log=None if quiet else lambda line: tqdm.write(line, file=sys.stderr))
+        report = markdown_report(results)
+        if json_path is not None:
+            write_json(results, json_path)
+        if markdown_path is not None:
+            write_text(report, markdown_path)
+        if plot_path is not None:
+            plot_results(results, plot_path)
+    except (ValueError, TypeError, RuntimeError, FileNotFoundError) as exc:
+        raise BenchError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    except OSError as exc:
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        raise BenchError(f"{exc.strerror or exc}{where}") from None
+    click.echo(report, nl=False)
+    if results.get("overhead"):
+        parts = ", ".join(f"{k} {100 * v:.2f}%" for k, v in results["overhead"].items())
+        click.echo(f"overhead outside the network: {parts}", err=True)
+    if not quiet:
+        click.echo(f"done in {results['seconds']:.1f} s", err=True)

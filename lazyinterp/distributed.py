@@ -1,0 +1,155 @@
+"""Scale-out with torch.distributed: sharded sampling, resumable shard files, reduced FID statistics.
+
+Launch with ``torchrun --nproc_per_node K -m lazyinterp sample ...``; without torchrun the same code runs as one
+process. The job of ``n`` samples is cut into fixed shards of ``shard_size`` samples, independent of the number
+of processes; rank r takes shards r, r + K, r + 2K, ... Sample i always draws its noise from (seed, i) and
+the network runs on fixed-size chunks, so the gathered output is bit-identical for any K and batch size.
+
+Each shard is written atomically into ``OUT.shards/``; an interrupted run resumes and skips finished shards.
+Rank 0 gathers the shards in order into ``OUT`` (atomically) and removes the shard folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .fetch import atomic_path
+
+
+@dataclass
+class Context:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def setup(device: str = "cpu") -> Context:
+    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); a lone process needs none."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world == 1:
+        return Context(0, 1, dev)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        return Context(rank, world, dev, owns_group=True)
+    return Context(dist.get_rank(), dist.get_world_size(), dev)
+
+
+def teardown(ctx: Context) -> None:
+    if ctx.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard_ranges(n: int, shard_size: int) -> list[range]:
+    """The global sample indices of each shard."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size: expected at least 1, got {shard_size}")
+    return [range(lo, min(lo + shard_size, n)) for lo in range(0, n, shard_size)]
+
+
+def shard_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".shards")
+
+
+def shard_path(out: Path, index: int, count: int) -> Path:
+    return shard_dir(out) / f"shard-{index:05d}-of-{count:05d}.npz"
+
+
+def check_manifest(out: Path, manifest: dict, ctx: Context) -> None:
+    """Record the job's settings beside its shards, and refuse to mix shards of different settings."""
+    folder = shard_dir(out)
+    path = folder / "manifest.json"
+    if ctx.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps(manifest, sort_keys=True, indent=1))
+    ctx.barrier()
+    recorded = json.loads(path.read_text())
+    if recorded != json.loads(json.dumps(manifest, sort_keys=True)):
+        raise ValueError(f"--out: {folder} holds shards of a run with other settings; remove it or change --out")
+
+
+def run_shards(out: Path, n: int, shard_size: int, ctx: Context, produce, *, max_shards: int | None = None,
+               progress=None) -> tuple[int, int]:
+    """Produce this rank's missing shards with ``produce(indices) -> tensor``; returns (done, total) shards.
+
+    ``max_shards`` stops this rank after that many new shards (a time-limited job resumes on the next run).
+    """
+    shards = shard_ranges(n, shard_size)
+    made = 0
+    for j in range(ctx.rank, len(shards), ctx.world):
+        path = shard_path(out, j, len(shards))
+        if path.exists():
+            if progress is not None:
+                progress(len(shards[j]))
+            continue
+        if max_shards is not None and made >= max_shards:
+            break
+        samples = produce(shards[j])
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, samples=samples.detach().cpu().float().numpy(),
+                         indices=np.arange(shards[j].start, shards[j].stop))
+        made += 1
+        if progress is not None:
+            progress(len(shards[j]))
+    ctx.barrier()
+    done = sum(shard_path(out, j, len(shards)).exists() for j in range(len(shards)))
+    return done, len(shards)
+
+
+def gather(out: Path, n: int, shard_size: int) -> np.ndarray:
+    """All shards' samples in global order (call once every shard exists)."""
+    shards = shard_ranges(n, shard_size)
+    parts = []
+    for j, indices in enumerate(shards):
+        with np.load(shard_path(out, j, len(shards)), allow_pickle=False) as f:
+            if not np.array_equal(f["indices"], np.arange(indices.start, indices.stop)):
+                raise ValueError(f"--out: shard {j} holds the wrong samples; remove {shard_dir(out)}")
+            parts.append(f["samples"])
+    return np.concatenate(parts)
+
+
+def remove_shards(out: Path) -> None:
+    folder = shard_dir(out)
+    for path in folder.glob("*"):
+        path.unlink()
+    folder.rmdir()
+
+
+def all_reduce_stats(stats, ctx: Context):
+    """Sum FeatureStats (n, sum, outer_sum) across ranks, in float64."""
+    if ctx.world == 1:
+        return stats
+    device = ctx.device if ctx.device.type == "cuda" else torch.device("cpu")
+    n = torch.tensor([float(stats.n)], dtype=torch.float64, device=device)
+    total = torch.as_tensor(stats.sum, dtype=torch.float64, device=device).clone()
+    outer = torch.as_tensor(stats.outer_sum, dtype=torch.float64, device=device).clone()
+    for tensor in (n, total, outer):
+        dist.all_reduce(tensor)
+    return type(stats)(int(n.item()), total.cpu().numpy(), outer.cpu().numpy(), stats.extractor)

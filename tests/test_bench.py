@@ -1,0 +1,188 @@
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import lazyinterp as li
+from lazyinterp.bench import (
+    SAMPLERS,
+    SlicedW2,
+    bench,
+    diffusers_sample,
+    gmm_2d,
+    linear_velocity,
+    parse_nfe,
+    run_bench,
+)
+
+HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
+HAS_FLOW_MATCHING = importlib.util.find_spec("flow_matching") is not None
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def available(spec) -> bool:
+    return {"diffusers": HAS_DIFFUSERS, "flow_matching": HAS_FLOW_MATCHING}.get(spec.kind, True)
+
+
+def test_plans_cost_exactly_the_requested_nfe():
+    for spec in SAMPLERS:
+        for k in range(1, 21):
+            plan = spec.plan(k)
+            second_order = spec.options.get("solver") == "heun" or spec.options.get("scheduler") == "heun"
+            if plan is None:
+                assert second_order or spec.kind == "flow_matching", (spec.name, k)
+                continue
+            steps = plan["steps"]
+            if spec.kind == "li":
+                solver = spec.options.get("solver", "euler")
+                assert li.count_nfe(solver, steps, plan["last_step"]) == k, (spec.name, k)
+                if second_order:
+                    assert steps >= 2 or plan["last_step"] == "euler", (spec.name, k)
+            elif spec.kind == "diffusers":
+                assert (2 * steps - 1 if second_order else steps) == k, (spec.name, k)
+                assert not second_order or steps >= 2
+            else:
+                assert 2 * steps == k
+    heun = next(s for s in SAMPLERS if s.name == "lazy-vp-heun")
+    assert heun.plan(1) is None and heun.plan(3) == {"steps": 2, "last_step": "denoise"}
+
+
+def test_parse_nfe():
+    assert parse_nfe("4, 1,2,2") == [1, 2, 4]
+    for bad in ("0", "a", "", "1,-2", "1.5"):
+        with pytest.raises(ValueError, match="nfe"):
+            parse_nfe(bad)
+
+
+def test_gmm2d_bench_writes_valid_outputs(tmp_path):
+    names = ["linear-euler", "linear-em-clipped", "lazy-vp-euler", "lazy-vp-heun", "point-mass-sde"]
+    if HAS_DIFFUSERS:
+        names += ["fm-euler", "fm-heun"]
+    if HAS_FLOW_MATCHING:
+        names.append("fmlib-cosine-midpoint")
+    out_json, out_md, out_png = tmp_path / "r.json", tmp_path / "r.md", tmp_path / "r.png"
+    result = CliRunner().invoke(bench, [
+        "--workload", "gmm-2d", "--n", "200", "--nfe", "1,2,4", "--reference-nfe", "40", "--seed", "3",
+        "--samplers", ",".join(names), "--json", str(out_json), "--markdown", str(out_md), "--plot", str(out_png),
+        "--quiet"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out_json.read_text())
+    assert data["workload"] == "gmm-2d" and data["metric"] == "sliced_w2" and data["n"] == 200
+    assert data["reference"]["nfe"] == 40 and data["reference"]["value"] > 0
+    families = {r["family"] for r in data["results"]}
+    assert {"baseline", "ours"} <= families
+    if HAS_DIFFUSERS or HAS_FLOW_MATCHING:
+        assert "peer" in families
+    ran = {(r["sampler"], r["nfe"]) for r in data["results"]}
+    skipped = {(s["sampler"], s["nfe"]) for s in data["skipped"]}
+    for name in names:
+        spec = next(s for s in SAMPLERS if s.name == name)
+        for k in (1, 2, 4):
+            assert ((name, k) in ran) == (spec.plan(k) is not None), (name, k)
+            assert ((name, k) in skipped) == (spec.plan(k) is None), (name, k)
+    assert ("lazy-vp-heun", 1) in skipped and ("lazy-vp-heun", 2) in ran
+    for r in data["results"]:
+        assert r["nfe"] in (1, 2, 4) and set(r) >= {"sampler", "family", "nfe", "value", "seconds", "path_error"}
+        assert math.isfinite(r["value"]) and r["value"] >= 0 and r["seconds"] >= 0
+        assert (r["path_error"] is None) == r["stochastic"]
+    table = out_md.read_text()
+    assert "| lazy VP Euler | ours |" in table and "**" in table and "Reference: linear Heun at 40 NFE" in table
+    assert table in result.stdout
+    assert out_png.read_bytes()[:8] == PNG_MAGIC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md", "r.png"]
+
+
+def test_ode_samplers_converge_to_the_reference_path():
+    """Every ODE sampler solves the same probability-flow ODE (the schedule conversions are exact), so at 64 NFE
+    on the exact mixture velocity each lands on the converged linear-Heun solution from the same noise."""
+    names = [s.name for s in SAMPLERS if not s.stochastic and available(s)]
+    data = run_bench("gmm-2d", nfe=[64], n=300, reference_nfe=400, samplers=names, progress=False)
+    assert {r["sampler"] for r in data["results"]} == set(names) - {"fm-heun"}  # 2N − 1 is odd
+    for r in data["results"]:
+        assert r["path_error"] < 0.02, r
+    few = run_bench("gmm-2d", nfe=[4], n=300, reference_nfe=400, samplers=["linear-euler"], progress=False)
+    assert few["results"][0]["path_error"] > 0.05  # the metric sees discretisation error when there is some
+
+
+def test_sliced_w2_is_near_zero_for_the_target_and_large_otherwise():
+    target = gmm_2d()
+    n = 2000
+    sw = SlicedW2(target, n)
+    fresh = sw(target.sample(n, torch.Generator().manual_seed(11)))
+    gaussian = sw(torch.randn(n, 2, generator=torch.Generator().manual_seed(11), dtype=torch.float64))
+    assert fresh < 0.15 and gaussian > 1.0, (fresh, gaussian)
+
+
+def test_sliced_w2_matches_closed_form_between_gaussians():
+    """Between N(0, I) and N(m, s² I) in R^D every projection is a pair of 1-D Gaussians, so
+    SW₂² = E_θ (θ·m)² + (1 − s)² = ‖m‖²/D + (1 − s)²."""
+    mean, s = torch.tensor([3.0, 0.0], dtype=torch.float64), 0.5
+    target = li.GaussianMixture.gaussian(mean, torch.tensor(s * s, dtype=torch.float64))
+    n = 4000
+    x = torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = math.sqrt(9.0 / 2 + (1 - s) ** 2)
+    assert SlicedW2(target, n)(x) == pytest.approx(exact, rel=0.1)
+
+
+def test_diffusers_euler_loop_reproduces_linear_euler():
+    diffusers = pytest.importorskip("diffusers")
+    model = li.GaussianMixture.gaussian(torch.zeros(3), torch.tensor(1.0)).model("linear")
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0)
+    noise = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    model.nfe = 0
+    ours = diffusers_sample(sched, linear_velocity(model), noise, 6)
+    assert model.nfe == 6
+    grid = 1.0 - sched.sigmas.double()  # the scheduler's own grid, 1 → 0.001 → 0 in σ
+    native = li.sample(model, noise, schedule="linear", grid=grid)
+    torch.testing.assert_close(ours, native, atol=2e-5, rtol=1e-5)
+    uniform = li.sample(model, noise, schedule="linear", steps=6)
+    assert (ours - uniform).abs().max() > 1e-3  # the comparison would notice a different grid
+
+
+def invoke(args):
+    result = CliRunner().invoke(bench, args)
+    return result, result.stderr.strip().splitlines()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--workload", "cifar"], "--workload"),
+    (["--nfe", "0"], "--nfe"),
+    (["--nfe", "a"], "--nfe"),
+    (["--nfe", "1,,2.5"], "--nfe"),
+    (["--n", "1"], "--n"),
+    (["--n", "many"], "--n"),
+    (["--samplers", "lazy-vp-euler,nope"], "nope"),
+    (["--reference-nfe", "1"], "--reference-nfe"),
+])
+def test_cli_bad_input_is_one_line(tmp_path, args, needle):
+    out = tmp_path / "out.json"
+    result, lines = invoke([*args, "--json", str(out), "--quiet"])
+    assert result.exit_code != 0
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.stderr
+    assert result.stdout == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_unwritable_outputs_leave_no_file(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for option in ("--json", "--markdown", "--plot"):
+        result, lines = invoke(["--n", "20", "--nfe", "1", "--samplers", "linear-euler", "--reference-nfe", "4",
+                                option, str(blocker / "out"), "--quiet"])
+        assert result.exit_code != 0 and len(lines) == 1 and option in lines[0], result.stderr
+    result, lines = invoke(["--json", str(tmp_path / "missing" / "out.json"), "--quiet"])
+    assert result.exit_code != 0 and len(lines) == 1 and "does not exist" in lines[0]
+    result, lines = invoke(["--json", str(tmp_path), "--quiet"])
+    assert result.exit_code != 0 and len(lines) == 1 and "directory" in lines[0]
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def test_cli_failure_during_the_run_writes_nothing(tmp_path):
+    out = tmp_path / "r.json"
+    result, lines = invoke(["--workload", "mnist", "--model", str(tmp_path / "absent.safetensors"), "--n", "4",
+                            "--json", str(out), "--quiet"])
+    assert result.exit_code != 0 and len(lines) == 1 and "does not exist" in lines[0], result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,80 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from lazyinterp import data, distributed
+from lazyinterp.cli import main
+from lazyinterp.training import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    images, _ = data.load("mnist", "test")
+    cfg = TrainConfig(steps=2, batch_size=8, channels=(8, 16), checkpoint_every=10, warmup=1)
+    return train(cfg, tmp_path_factory.mktemp("ckpt"), images=images[:32], progress=False)
+
+
+def sample_args(checkpoint, out, schedule, batch_size, *extra):
+    return ["sample", "--model", str(checkpoint), "--schedule", schedule, "--steps", "2", "-n", "11",
+            "--seed", "5", "--shard-size", "4", "--batch-size", str(batch_size), "--out", str(out), "--quiet",
+            *extra]
+
+
+def torchrun(nproc, args, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "lazyinterp", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("schedule", ["lazy-vp", "point-mass"])
+def test_two_gloo_processes_match_one_process_bit_for_bit(checkpoint, tmp_path, schedule):
+    one = tmp_path / "one.npz"
+    result = CliRunner().invoke(main, sample_args(checkpoint, one, schedule, 3))
+    assert result.exit_code == 0, result.output
+    two = tmp_path / "two.npz"
+    proc = torchrun(2, sample_args(checkpoint, two, schedule, 2))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = np.load(one)["samples"], np.load(two)["samples"]
+    assert a.shape == (11, 1, 28, 28)
+    assert np.array_equal(a, b)
+    assert not distributed.shard_dir(two).exists()
+
+
+def test_interrupted_run_resumes_to_the_identical_result(checkpoint, tmp_path):
+    straight = tmp_path / "straight.npz"
+    assert CliRunner().invoke(main, sample_args(checkpoint, straight, "lazy-vp", 4)).exit_code == 0
+    out = tmp_path / "resumed.npz"
+    first = CliRunner().invoke(main, sample_args(checkpoint, out, "lazy-vp", 4, "--max-shards", "1"))
+    assert first.exit_code == 0 and "run the same command again" in first.output
+    assert not out.exists()
+    shards = sorted(p.name for p in distributed.shard_dir(out).glob("shard-*"))
+    assert shards == ["shard-00000-of-00003.npz"]
+    # A half-written temporary file from a killed writer is ignored.
+    (distributed.shard_dir(out) / ".shard-00001-of-00003.npz.abc.tmp").write_bytes(b"partial")
+    second = CliRunner().invoke(main, sample_args(checkpoint, out, "lazy-vp", 4))
+    assert second.exit_code == 0, second.output
+    assert np.array_equal(np.load(straight)["samples"], np.load(out)["samples"])
+
+
+def test_resume_refuses_shards_of_other_settings(checkpoint, tmp_path):
+    out = tmp_path / "x.npz"
+    CliRunner().invoke(main, sample_args(checkpoint, out, "lazy-vp", 4, "--max-shards", "1"))
+    result = CliRunner().invoke(main, sample_args(checkpoint, out, "linear", 4))
+    assert result.exit_code != 0 and "other settings" in result.output
+
+
+def test_fid_statistics_reduce_across_processes(checkpoint, tmp_path):
+    args = ["--fid"]
+    one = CliRunner().invoke(main, sample_args(checkpoint, tmp_path / "a.npz", "lazy-vp", 4, *args))
+    assert one.exit_code == 0, one.output
+    proc = torchrun(2, sample_args(checkpoint, tmp_path / "b.npz", "lazy-vp", 4, *args))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fid_one = [line for line in one.output.splitlines() if line.startswith("FID-MNIST")]
+    fid_two = [line for line in proc.stdout.splitlines() if line.startswith("FID-MNIST")]
+    assert len(fid_one) == 1 and len(fid_two) == 1
+    assert float(fid_one[0].split()[1]) == pytest.approx(float(fid_two[0].split()[1]), rel=1e-6)
