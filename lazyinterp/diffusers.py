@@ -974,6 +974,7 @@ def ddpm_model(unet: Any, scheduler_or_betas: Any, prediction_type: str | None =
         raise ValueError(f"prediction_type: expected one of {', '.join(kinds)}, got {prediction_type!r}")
     schedule = ddpm_schedule(_alphas_cumprod(scheduler_or_betas))
     top = float(schedule.num_train_timesteps - 1)
+    t_clean = top / schedule.num_train_timesteps  # the time of index 0
     fixed = dict(unet_kwargs)
     if class_labels is not None:
         fixed["class_labels"] = torch.as_tensor(class_labels)
@@ -994,8 +995,12 @@ def ddpm_model(unet: Any, scheduler_or_betas: Any, prediction_type: str | None =
             return out
         shape = (batch, *([1] * (x.ndim - 1)))
         tt = as_time(t)
-        a = schedule.alpha(tt).to(device=x.device, dtype=x.dtype).view(shape)
-        b = schedule.beta(tt).to(device=x.device, dtype=x.dtype).view(shape)
+        a, b = (c.to(device=x.device, dtype=x.dtype).view(shape) for c in (schedule.alpha(tt), schedule.beta(tt)))
         return b * x - a * out
 
-    return Model(net, schedule, kinds[prediction_type])
+    model = Model(net, schedule, kinds[prediction_type])
+    # The network is never evaluated past index 0: on the clean piece its index-0 predictions are held, and
+    # the exact ODE solution with held (η_Z, η_X) is x_t = α_t η_Z + β_t η_X, which ends at the index-0 data
+    # prediction, as DDIM's final step with set_alpha_to_one does.
+    model.t_max = min(model.t_max, t_clean)
+    return model
