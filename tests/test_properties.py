@@ -1,0 +1,127 @@
+"""Property-based checks over random schedules, Gaussian targets and grids."""
+
+import math
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lazyinterp as li
+
+F64 = torch.float64
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def gaussian_base_schedules(draw):
+    """α = a0 (1 − t)^p or a0 cos(πt/2)^p, β = t^q or sin(πt/2)^q: increasing SNR, valid boundary values."""
+    a0 = draw(st.floats(0.3, 3.0))
+    p = draw(st.floats(0.5, 2.0))
+    q = draw(st.floats(1.0, 2.0))
+    trig = draw(st.booleans())
+    h = math.pi / 2
+    if trig:
+        return li.Schedule(lambda t: a0 * torch.sin(h * (1 - t)) ** p, lambda t: torch.sin(h * t) ** q,
+                           name=f"trig({a0:.2f},{p:.2f},{q:.2f})")
+    return li.Schedule(lambda t: a0 * (1 - t) ** p, lambda t: t**q, name=f"poly({a0:.2f},{p:.2f},{q:.2f})")
+
+
+@st.composite
+def point_mass_schedules(draw):
+    """β = t, α = σ t^a (1 − t)^b with a ∈ [0.5, 0.9]: a point mass with increasing SNR t^(1−a)/(σ(1 − t)^b)."""
+    sigma = draw(st.floats(0.2, 3.0))
+    a = draw(st.floats(0.5, 0.9))
+    b = draw(st.floats(0.5, 1.5))
+    return li.Schedule(lambda t: sigma * t**a * (1 - t) ** b, lambda t: t, name=f"pm({sigma:.2f},{a:.2f},{b:.2f})")
+
+
+@st.composite
+def gaussians(draw, dim=2):
+    sigma = draw(st.floats(0.05, 5.0))
+    mean = draw(st.floats(-3.0, 3.0))
+    return li.GaussianMixture.gaussian(torch.full((dim,), mean, dtype=F64), torch.tensor(sigma**2, dtype=F64)), \
+        sigma, mean
+
+
+@st.composite
+def grids(draw):
+    inner = draw(st.lists(st.floats(0.001, 0.999), min_size=0, max_size=12, unique=True))
+    return torch.tensor([0.0, *sorted(inner), 1.0], dtype=F64)
+
+
+def x_batch(seed=0, n=8, dim=2):
+    return torch.randn(n, dim, dtype=F64, generator=torch.Generator().manual_seed(seed))
+
+
+@SETTINGS
+@given(target=st.one_of(gaussian_base_schedules(), point_mass_schedules()), data=gaussians(),
+       t=st.floats(0.02, 0.98))
+def test_conversion_invariants(target, data, t):
+    g, _, _ = data
+    source = li.linear()
+    tau, c = (float(v) for v in li.time_change(source, target, t))
+    # I'_t = c I_τ: both coefficients scale by the same c, and the SNRs match.
+    assert abs(c * float(source.alpha(tau)) - float(target.alpha(t))) < 1e-10
+    assert abs(c * float(source.beta(tau)) - float(target.beta(t))) < 1e-10
+    converted = li.convert(g.model(source), target)
+    x = x_batch()
+    eta_z, eta_x = converted.eta(x, t)
+    exact_z, exact_x = g.eta(x, float(target.alpha(t)), float(target.beta(t)))
+    torch.testing.assert_close(eta_x, exact_x, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(eta_z, exact_z, rtol=1e-8, atol=1e-8)
+
+
+@SETTINGS
+@given(sched=gaussian_base_schedules(), data=gaussians(), t=st.floats(0.02, 0.98))
+def test_predictor_round_trips(sched, data, t):
+    g, _, _ = data
+    x = x_batch(1)
+    coef = li.predictors.coefficients(sched, t)
+    eta = g.eta(x, coef[0], coef[1])
+    for kind in li.KINDS:
+        out = li.from_eta(kind, *eta, *coef)
+        back = li.to_eta(kind, out, x, *coef)
+        torch.testing.assert_close(back[0], eta[0], rtol=1e-8, atol=1e-8)
+        torch.testing.assert_close(back[1], eta[1], rtol=1e-8, atol=1e-8)
+
+
+@SETTINGS
+@given(sched=gaussian_base_schedules(), data=gaussians(), grid=grids(),
+       solver=st.sampled_from(["euler", "heun"]), diffusion=st.sampled_from(["ode", "optimal", 0.5]),
+       dtype=st.sampled_from([torch.float32, F64]))
+def test_no_nan_on_random_schedules_and_grids(sched, data, grid, solver, diffusion, dtype):
+    g, _, _ = data
+    out = li.sample(g.model("linear"), x_batch(2).to(dtype), grid=grid, schedule=sched, solver=solver,
+                    diffusion=diffusion, generator=0)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+@SETTINGS
+@given(sched=point_mass_schedules(), data=gaussians(), grid=grids(), dtype=st.sampled_from([torch.float32, F64]))
+def test_no_nan_from_random_point_masses(sched, data, grid, dtype):
+    g, _, _ = data
+    out = li.sample(g.model("linear"), shape=(6, 2), grid=grid, schedule=sched, diffusion="optimal", generator=1,
+                    dtype=dtype)
+    assert torch.isfinite(out).all()
+
+
+@SETTINGS
+@given(data=gaussians(dim=3), grid=grids(), solver=st.sampled_from(["euler", "heun"]))
+def test_lazy_vp_is_exact_on_random_gaussians_and_grids(data, grid, solver):
+    g, sigma, mean = data
+    z = x_batch(3, dim=3)
+    out = li.sample(g.model("linear"), z, grid=grid, schedule=li.lazy_vp(), solver=solver)
+    torch.testing.assert_close(out, sigma * z + mean, rtol=1e-9, atol=1e-9 * max(1.0, sigma))
+
+
+@SETTINGS
+@given(sigma=st.floats(1e-3, 1e3), steps=st.sampled_from([1, 1000]))
+def test_extreme_sigma_and_step_counts_stay_finite(sigma, steps):
+    g = li.GaussianMixture.gaussian(torch.zeros(2, dtype=F64), torch.tensor(sigma**2, dtype=F64))
+    model = g.model("linear")
+    z = x_batch(4, n=3)
+    out = li.sample(model, z.float(), steps=steps, schedule=li.lazy_vp(sigma))
+    torch.testing.assert_close(out.double(), sigma * z, rtol=1e-4, atol=1e-4 * sigma)
+    pm = li.sample(model, shape=(3, 2), steps=steps, schedule=li.point_mass(sigma), diffusion="optimal",
+                   generator=0)
+    assert torch.isfinite(pm).all()
