@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU wheel on these machines; override for a CUDA build, e.g. TORCH_SPEC="torch==2.13.0".
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= test
+EXTRAS ?= test,diffusers,bench
 
 .PHONY: install test demo lint
 

@@ -25,8 +25,10 @@ difference is discretisation error. Their metrics:
   SW₂(P, Q)² = E_θ W₂²(θ♯P, θ♯Q) for θ uniform on the unit sphere, estimated with L = 128 fixed directions
   (the same for every sampler) against M = k·n fresh target samples. On the line, the optimal coupling between
   n equal atoms x_(1) ≤ … ≤ x_(n) and M equal atoms y_(1) ≤ … ≤ y_(M) is monotone, so
-  W₂² = (1/M) Σ_j (x_(⌈j/k⌉) − y_(j))² exactly. The "noise floor" reported with the reference is SW₂ of n
-  fresh target samples: no sampler can be told apart from the target below it.
+  W₂² = (1/M) Σ_j (x_(⌈j/k⌉) − y_(j))² exactly. The "noise floor" reported with the reference is the mean
+  (and spread) of SW₂ over 5 sets of n fresh target samples: below it a sampler cannot be told apart from the
+  target. Because every sampler starts from the same noise, differences between samplers are less noisy than
+  the floor's spread.
 * ``path_error`` (every workload), the mean per-sample distance (1/n) Σ_i ‖x_i − x_i^ref‖₂ to the reference
   ODE solution from the same noise: linear-schedule Heun at ``--reference-nfe`` NFE, converged for the exact
   mixture model. All ODE samplers share the probability-flow map Z ↦ X (the conversion is exact), so this
@@ -44,7 +46,7 @@ N, and flow_matching's midpoint rule 2 per step. Every run is checked against th
 **Peers** are driven through their own packages (the ``bench`` extra: ``diffusers``, ``flow_matching``).
 diffusers writes x_σ = (1 − σ) x_data + σ ε with the model predicting ε − x_data = −v(1 − σ, x), and its
 ``timesteps`` are 1000 σ; the model is evaluated at σ = timestep/1000, as diffusers pipelines do (DPM-Solver++
-and UniPC round their timesteps to integers). flow_matching's ``ScheduleTransformedModel`` moves the linear
+and UniPC truncate their timesteps to integers). flow_matching's ``ScheduleTransformedModel`` moves the linear
 model (``CondOTScheduler``) to its ``CosineScheduler``, solved by its ``ODESolver`` with the midpoint rule.
 """
 
@@ -69,9 +71,9 @@ from tqdm import tqdm
 from .conversion import convert
 from .fetch import atomic_path
 from .noise import NoiseStreams, sample_seed
-from .predictors import Model, NonFiniteError, estimate_mean, estimate_sigma
+from .predictors import Model, NonFiniteError
 from .samplers import sample
-from .schedules import lazy_vp, linear, point_mass
+from .schedules import linear
 from .targets import GaussianMixture
 
 Tensor = torch.Tensor
@@ -254,17 +256,22 @@ SAMPLERS: tuple[SamplerDef, ...] = (
     SamplerDef("linear-euler", "linear Euler", "baseline", "li", {"schedule": "linear"}),
     SamplerDef("linear-em-clipped", "linear EM, eps = min(eps*, 1)", "baseline", "li",
                {"schedule": "linear", "diffusion": _clipped_linear_eps, "last_step": "denoise"}, stochastic=True),
-    SamplerDef("lazy-vp-euler", "lazy VP Euler", "ours", "li", {"schedule": "lazy-vp"}),
-    SamplerDef("lazy-vp-heun", "lazy VP Heun", "ours", "li", {"schedule": "lazy-vp", "solver": "heun"}),
+    # The uniform grid is named explicitly: li.sample's default grid for the lazy schedules is "model".
+    SamplerDef("lazy-vp-euler", "lazy VP Euler, uniform grid", "ours", "li",
+               {"schedule": "lazy-vp", "grid": "uniform"}),
+    SamplerDef("lazy-vp-heun", "lazy VP Heun, uniform grid", "ours", "li",
+               {"schedule": "lazy-vp", "solver": "heun", "grid": "uniform"}),
     SamplerDef("lazy-vp-euler-model-grid", "lazy VP Euler, SNR-matched grid", "ours", "li",
                {"schedule": "lazy-vp", "grid": "model"}),
-    SamplerDef("point-mass-sde", "point-mass SDE (EM)", "ours", "li",
-               {"schedule": "point-mass", "diffusion": "optimal", "last_step": "denoise"}, stochastic=True),
+    SamplerDef("point-mass-sde", "point-mass SDE (EM), uniform grid", "ours", "li",
+               {"schedule": "point-mass", "diffusion": "optimal", "last_step": "denoise", "grid": "uniform"},
+               stochastic=True),
     SamplerDef("point-mass-sde-model-grid", "point-mass SDE (EM), SNR-matched grid", "ours", "li",
                {"schedule": "point-mass", "diffusion": "optimal", "last_step": "denoise", "grid": "model"},
                stochastic=True),
 )
 SAMPLER_NAMES = tuple(s.name for s in SAMPLERS)
+REFERENCE = SamplerDef("reference", "linear Heun", "reference", "li", {"schedule": "linear", "solver": "heun"})
 PEER_PACKAGES = {"diffusers": "diffusers", "flow_matching": "flow_matching"}
 
 
@@ -342,43 +349,19 @@ def flow_matching_sample(velocity: Callable[[Tensor, Any], Tensor], noise: Tenso
     return ODESolver(model).sample(x_init=noise, step_size=None, method="midpoint", time_grid=grid)
 
 
-def _lazy_sigma(model: Model, noise: Tensor, sample_shape: tuple[int, ...],
-                dtype: torch.dtype) -> tuple[float | None, str | None]:
-    r"""σ for the lazy schedules: None (li.sample's own estimate, which works) or a fallback, with a note.
-
-    li.sample estimates σ² = kα²/(β(1 − kβ)) from the slope k of η_X at SNR 1. On multimodal data whose mean
-    lies between the modes (the ring of gmm-2d) the probes sit where the posterior covariance exceeds the data's,
-    k > 1/β and the estimate fails. At SNR 0.1 the slope is in its linear regime, k ≈ β tr Cov(X)/(D α²), and
-    the same formula returns √(tr Cov X / D).
-    """
-    try:
-        sample(model, noise, steps=1, schedule="lazy-vp")
-        return None, None
-    except ValueError as exc:
-        reason = str(exc)
-    mean = estimate_mean(model, sample_shape, probes=8, generator=torch.Generator().manual_seed(12345), dtype=dtype)
-    sigma = estimate_sigma(model, sample_shape, mean=mean, snr=0.1, probes=8,
-                           generator=torch.Generator().manual_seed(54321), dtype=dtype)
-    return sigma, f"li.sample's own estimate of sigma failed ({reason}); the lazy schedules use " \
-                  f"sigma = {sigma:.4g}, estimated from the model at SNR 0.1"
-
-
-def _li_kwargs(spec: SamplerDef, plan: dict, sigma: float | None = None) -> dict:
+def _li_kwargs(spec: SamplerDef, plan: dict) -> dict:
     opts = spec.options
-    schedule = opts["schedule"]
-    if sigma is not None and schedule in ("lazy-vp", "point-mass"):
-        schedule = lazy_vp(sigma) if schedule == "lazy-vp" else point_mass(sigma)
-    return {"schedule": schedule, "diffusion": opts.get("diffusion", "ode"),
+    return {"schedule": opts["schedule"], "diffusion": opts.get("diffusion", "ode"),
             "solver": opts.get("solver", "euler"), "grid": opts.get("grid"), "steps": plan["steps"],
             "last_step": plan["last_step"]}
 
 
 def run_batch(spec: SamplerDef, plan: dict, model: Model, noise: Tensor, indices: range, seed: int,
-              velocity: Callable, sigma: float | None = None) -> tuple[Tensor, int]:
+              velocity: Callable) -> tuple[Tensor, int]:
     """Samples for one batch and the network evaluations they cost per sample (estimation excluded)."""
     model.nfe = 0
     if spec.kind == "li":
-        kwargs = _li_kwargs(spec, plan, sigma)
+        kwargs = _li_kwargs(spec, plan)
         base_point = spec.options["schedule"] == "point-mass"
         x, info = sample(model, None if base_point else noise, shape=tuple(noise.shape),
                          generator=sample_seed(seed, 1 << 62), indices=indices, return_info=True, **kwargs)
@@ -393,7 +376,7 @@ def _batches(n: int, batch_size: int) -> list[range]:
 
 
 def run_sampler(spec: SamplerDef, plan: dict, workload: Workload, noise: Tensor, batch_size: int, seed: int,
-                progress: bool = False, desc: str = "", sigma: float | None = None) -> tuple[Tensor, set[int], float]:
+                progress: bool = False, desc: str = "") -> tuple[Tensor, set[int], float]:
     """All ``n`` samples of one (sampler, plan), the per-sample NFE seen in each batch, and wall seconds."""
     velocity = linear_velocity(workload.model)
     batches = _batches(noise.shape[0], batch_size)
@@ -402,18 +385,11 @@ def run_sampler(spec: SamplerDef, plan: dict, workload: Workload, noise: Tensor,
     with tqdm(total=noise.shape[0], disable=not progress or len(batches) < 2, desc=desc, leave=False,
               unit="sample", dynamic_ncols=True, file=sys.stderr) as bar:
         for idx in batches:
-            x, used = run_batch(spec, plan, workload.model, noise[idx.start:idx.stop], idx, seed, velocity,
-                                 sigma)
+            x, used = run_batch(spec, plan, workload.model, noise[idx.start:idx.stop], idx, seed, velocity)
             out.append(x.detach())
             seen.add(int(used))
             bar.update(len(idx))
     return torch.cat(out), seen, time.perf_counter() - start
-
-
-def heun_plan(nfe: int) -> dict:
-    """The plan for linear Heun at ``nfe`` evaluations (the reference)."""
-    plan = SamplerDef("reference", "linear Heun", "reference", "li", {"schedule": "linear", "solver": "heun"})
-    return plan.plan(nfe)
 
 
 # Measurement of the sampler's own cost --------------------------------------------------------------------------
@@ -437,7 +413,6 @@ class _TimedNet:
 
 
 def measure_overhead(model: Model, sample_shape: tuple[int, ...], dtype: torch.dtype, *, seed: int = 0,
-                     sigma: float | None = None,
                      batch: int = OVERHEAD_BATCH, steps: int = OVERHEAD_STEPS,
                      repeats: int = OVERHEAD_REPEATS) -> dict[str, float]:
     r"""(T_sample − T_net)/T_net for lazy VP Euler and the point-mass SDE: the time ``li.sample`` spends outside
@@ -451,7 +426,7 @@ def measure_overhead(model: Model, sample_shape: tuple[int, ...], dtype: torch.d
     result = {}
     for name in OVERHEAD_SAMPLERS:
         spec = next(s for s in SAMPLERS if s.name == name)
-        kwargs = _li_kwargs(spec, spec.plan(steps), sigma)
+        kwargs = _li_kwargs(spec, spec.plan(steps))
         base_point = spec.options["schedule"] == "point-mass"
         fractions = []
         for rep in range(repeats + 1):
@@ -583,16 +558,20 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
     # E[X] and σ of the lazy schedules are estimated once per model and cached on it; doing it here keeps that
     # one-off cost out of every run's time and NFE.
     mdl.nfe = 0
-    sigma, sigma_note = _lazy_sigma(mdl, noise[:1], wl.sample_shape, wl.dtype)
-    estimation_nfe = mdl.nfe
-    if sigma_note:
-        log(f"warning: {sigma_note}")
+    try:
+        _, info = sample(mdl, noise[:1], steps=1, schedule="lazy-vp", return_info=True)
+        sigma = {"value": info.sigma, "note": "estimated by li.sample from the model"}
+        estimation_nfe = info.estimation_nfe
+    except ValueError as exc:
+        sigma = {"value": None, "note": f"li.sample could not estimate sigma: {exc}"}
+        log(f"warning: {sigma['note']}")
+        estimation_nfe = mdl.nfe
 
-    bar = tqdm(total=len(jobs) + 1, disable=not progress, desc="reference", unit="run", dynamic_ncols=True,
-               file=sys.stderr)
-    ref_spec = SamplerDef("reference", "linear Heun", "reference", "li", {"schedule": "linear", "solver": "heun"})
-    ref_plan = ref_spec.plan(reference_nfe)
-    ref_x, ref_seen, ref_seconds = run_sampler(ref_spec, ref_plan, wl, noise, batch_size, seed, progress,
+    # Progress in network evaluations per sample, so that the long reference weighs what it costs.
+    bar = tqdm(total=reference_nfe + sum(k for _, k, _ in jobs), disable=not progress, desc="reference",
+               unit="NFE", dynamic_ncols=True, file=sys.stderr)
+    ref_plan = REFERENCE.plan(reference_nfe)
+    ref_x, ref_seen, ref_seconds = run_sampler(REFERENCE, ref_plan, wl, noise, batch_size, seed, progress,
                                                f"reference {reference_nfe} NFE")
     if ref_seen != {reference_nfe}:
         raise RuntimeError(f"reference: expected {reference_nfe} NFE, the model counted {sorted(ref_seen)}")
@@ -601,7 +580,7 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
     for key in ("noise_floor", "noise_floor_std"):
         if key in wl.info:
             reference[key] = wl.info[key]
-    bar.update(1)
+    bar.update(reference_nfe)
     log(f"reference linear Heun, {reference_nfe} NFE: {wl.metric} {reference['value']:.4g}")
 
     results = []
@@ -612,17 +591,18 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
         if "last_step" in plan:
             entry["last_step"] = plan["last_step"]
         try:
-            x, seen, seconds = run_sampler(spec, plan, wl, noise, batch_size, seed, progress, f"{spec.name} {k}",
-                                           sigma)
-        except NonFiniteError as exc:
-            results.append({**entry, "value": None, "seconds": None, "path_error": None, "error": str(exc)})
+            x, seen, seconds = run_sampler(spec, plan, wl, noise, batch_size, seed, progress, f"{spec.name} {k}")
+        except (NonFiniteError, ValueError) as exc:
+            # A sampler that cannot run (a network NaN, or σ that cannot be estimated) is a result, not a crash.
+            results.append({**entry, "value": None, "seconds": None, "path_error": None,
+                            "stochastic": spec.stochastic, "error": str(exc).splitlines()[0]})
             log(f"{spec.name:>28} NFE {k:>3}: failed: {exc}")
-            bar.update(1)
+            bar.update(k)
             continue
         if seen != {k}:
             skipped.append({"sampler": spec.name, "nfe": k,
                             "reason": f"the model counted {sorted(seen)} evaluations, not {k}"})
-            bar.update(1)
+            bar.update(k)
             continue
         if bool(torch.isfinite(x).all()):
             entry.update(wl.score(x))
@@ -632,7 +612,7 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
         entry["seconds"] = round(seconds, 4)
         entry["stochastic"] = spec.stochastic
         results.append(entry)
-        bar.update(1)
+        bar.update(k)
         pe = entry.get("path_error")
         log(f"{spec.name:>28} NFE {k:>3}: {wl.metric} {_fmt(entry.get('value'))}"
             + (f", path error {_fmt(pe)}" if pe is not None else "") + f" ({seconds:.2f} s)")
@@ -642,12 +622,12 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
         "workload": workload, "metric": wl.metric, "metric_label": wl.metric_label, "n": n, "seed": seed,
         "nfe": nfes, "reference": reference, "results": results, "skipped": skipped,
         "estimation_nfe": estimation_nfe, "workload_info": wl.info,
-        "sigma": {"value": sigma, "note": sigma_note} if sigma_note else {"value": None, "note": "li.sample default"},
+        "sigma": sigma,
         "samplers": {s.name: {"label": s.label, "family": s.family, "stochastic": s.stochastic} for s in runnable},
         "versions": _versions(), "torch_threads": torch.get_num_threads(),
     }
     if overhead if overhead is not None else workload == "mnist":
-        out["overhead"] = measure_overhead(mdl, wl.sample_shape, wl.dtype, seed=seed, sigma=sigma)
+        out["overhead"] = measure_overhead(mdl, wl.sample_shape, wl.dtype, seed=seed)
         out["overhead_setup"] = {"batch": OVERHEAD_BATCH, "steps": OVERHEAD_STEPS, "repeats": OVERHEAD_REPEATS}
     out["seconds"] = round(time.perf_counter() - started, 2)
     return _clean(out)

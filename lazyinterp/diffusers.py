@@ -19,6 +19,7 @@ pipelines' ``timesteps`` are 1000 σ.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import warnings
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from diffusers.utils import BaseOutput
 
 from .conversion import convert, time_change
 from .noise import NoiseStreams, resolve_seed
-from .predictors import CenteredModel, Model, coefficients, to_eta
+from .predictors import CenteredModel, Model, coefficients, estimate_sigma, to_eta
 from .samplers import LAST_STEPS, Dynamics, _check_solver, check_grid, resolve_diffusion
 from .schedules import SCHEDULES, LazySchedule, Schedule, as_time, get_schedule, linear
 
@@ -45,8 +46,8 @@ __all__ = [
     "grid_to_sigmas", "sigmas_to_grid",
 ]
 
-# The σ probe sits where the linear schedule's SNR β/α is 1, as in li.estimate_sigma.
-_PROBE_TAU = 0.5
+# The σ probe sits at li.estimate_sigma's default SNR r_p (β/α of the linear schedule), so both estimate alike.
+_PROBE_SNR = float(inspect.signature(estimate_sigma).parameters["snr"].default)
 
 
 # Grids ------------------------------------------------------------------------------------------------------------
@@ -84,6 +85,7 @@ def sigmas_to_grid(sigmas: Any, schedule: Schedule | str) -> Tensor:
     sched = get_schedule(schedule)
     tau = 1 - s
     t = tau if sched.name == "linear" else sched.snr_inverse(tau / s)
+    t = torch.where(s == 1, torch.zeros_like(t), t)  # a bisected r⁻¹(0) lands within 1e-19 of 0, not on it
     grid = torch.cat([t, torch.ones(1, dtype=_F64)])
     if not bool((torch.diff(grid) > 0).all()):
         raise ValueError(f"sigmas: several of them map to the same time under {sched.name} (its SNR range does "
@@ -151,6 +153,13 @@ class _Lane:
     dynamics: Dynamics
 
 
+def _generator_seed(generator: Any) -> int:
+    """One draw from ``generator`` as li.sample takes it, also from an accelerator's generator."""
+    if isinstance(generator, torch.Generator) and generator.device.type != "cpu":
+        return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+    return resolve_seed(generator)
+
+
 def _latents_seed(x: Tensor) -> int:
     digest = hashlib.blake2b(x.detach().float().cpu().contiguous().numpy().tobytes(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
@@ -170,7 +179,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
     (``shift``, ``use_dynamic_shifting`` with ``mu``, ``shift_terminal``, Karras/exponential/beta sigmas); with
     only ``num_inference_steps = N`` the unshifted sigmas are linspace(1, 1/N, N), as FLUX passes (no step is spent
     on 0.001 → 0). Each sigma σ_k is an SNR point: the node is the target time t_k = r'⁻¹(r_lin(1 − σ_k)), and the
-    last node is t = 1 (see :func:`sigmas_to_grid`). With ``custom timesteps`` they are read as 1000 σ.
+    last node is t = 1 (see :func:`sigmas_to_grid`). Custom ``timesteps`` are read as 1000 σ. :attr:`sigmas` holds
+    the model sigmas 1 − τ(t_k) at the N + 1 nodes and :attr:`grid` the target times t_k.
 
     **Coordinates.** The pipeline calls the transformer on its latents at the exposed ``timesteps``, so the
     latents are kept in the model's coordinates x = y/c_k (+ τ_k μ when centring, below) and ``timesteps`` are the
@@ -192,9 +202,10 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
     does not centre and ``center=True`` raises.
 
     **sigma=None** (lazy schedules). σ is estimated per sample from the model, at the cost of one extra
-    evaluation inserted after the first: the latents are moved to the linear-schedule point at SNR 1,
-    x_p = (1 − τ_p) Z + τ_p μ with τ_p = 1/2 (probe noise u = (1 − τ_p) Z from the initial latents), and with
-    k = ⟨u, η_X(τ_p, x_p) − μ⟩/‖u‖², σ² = k α²/(β(1 − kβ)) at α = β = 1/2 (exact for Gaussian data; the mean
+    evaluation inserted after the first: the latents are moved to the linear-schedule point at
+    :func:`lazyinterp.estimate_sigma`'s SNR r_p, τ_p = r_p/(1 + r_p), x_p = (1 − τ_p) Z + τ_p μ (probe noise
+    u = (1 − τ_p) Z from the initial latents), and with k = ⟨u, η_X(τ_p, x_p) − μ⟩/‖u‖²,
+    σ² = k α²/(β(1 − kβ)) at α = 1 − τ_p, β = τ_p (exact for Gaussian data; the mean
     eigenvalue of the covariance in the linear regime otherwise, as :func:`lazyinterp.estimate_sigma`). Without
     centring σ is the RMS √(σ² + mean μ²). Where the probe's response admits no σ (k ≤ 0 or kβ ≥ 1, as from an
     untrained model) σ = 1 is used, with a warning. The first step then runs from the stored first evaluation.
@@ -442,12 +453,14 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = (torch.tensor(entry_sigmas, dtype=_F64) * cfg.num_train_timesteps).to(
             dtype=torch.float32, device=device)
         self.sigmas = node_sigmas.to(torch.float32)
+        # The probe's τ as the network sees it, through the float32 timestep.
+        self._probe_tau = 1 - float(self.timesteps[1]) / cfg.num_train_timesteps if probe else None
         self._begin_index = None
         self._reset_run()
 
     def _entry_sigma(self, role: str, node: int) -> float:
         if role == "probe":
-            return 1 - _PROBE_TAU
+            return 1 / (1 + _PROBE_SNR)
         return float(self._node_sigmas[node + 1 if role == "corr" else node])
 
     def _recorded_schedule(self) -> Schedule:
@@ -457,7 +470,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
     def index_for_timestep(self, timestep: Any, schedule_timesteps: Tensor | None = None) -> int:
         """The first node evaluation (not a Heun corrector or the σ probe) at ``timestep``."""
         times = self.timesteps if schedule_timesteps is None else schedule_timesteps
-        value = float(timestep)
+        value = float(torch.as_tensor(timestep).flatten()[0])
         for i, (role, _) in enumerate(self._plan or []):
             if role == "pred" and abs(float(times[i]) - value) <= 1e-3:
                 return i
@@ -549,32 +562,33 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             elif isinstance(generator, (list, tuple)):
                 if len(generator) != batch:
                     raise ValueError(f"generator: expected {batch} generators, got {len(generator)}")
-                seeds = [resolve_seed(g) for g in generator]
+                seeds = [_generator_seed(g) for g in generator]
                 self._streams = [NoiseStreams(s, [i], shape, **kw) for i, s in enumerate(seeds)]
             else:
-                seeds = [resolve_seed(generator)]
+                seeds = [_generator_seed(generator)]
                 self._streams = [NoiseStreams(seeds[0], range(batch), shape, **kw)]
             self.noise_seeds = seeds
 
     def _estimate_sigma(self, x_in: Tensor, v: Tensor) -> list[float]:
         r"""Per-sample σ from the probe at τ_p: k = ⟨u, η_X − μ⟩/‖u‖², σ² = k α²/(β(1 − kβ))."""
         mean = self._probe_mean
-        a, b = 1 - _PROBE_TAU, _PROBE_TAU
+        b = self._probe_tau
+        a = 1 - b
         eta_x = x_in + a * v
-        u = (x_in - b * mean).flatten(1).double()
-        slope = (u * (eta_x - mean).flatten(1).double()).sum(1) / (u * u).sum(1)
+        u = (x_in - b * mean).flatten(1)
+        slope = (u * (eta_x - mean).flatten(1)).sum(1) / (u * u).sum(1)
         sigmas = []
         for i, k in enumerate(slope.tolist()):
             denom = b * (1 - k * b)
             if not (math.isfinite(k) and k > 0 and denom > 0):
-                warnings.warn(f"sigma: the model's response at SNR 1 (slope {k:.3g}) gives no sigma for sample {i}; "
-                              "using 1, the scale of latents normalised to unit variance (pass sigma to choose)",
+                warnings.warn(f"sigma: the model's response at the probe (slope {k:.3g}) gives no sigma for sample "
+                              f"{i}; using 1, the scale of latents normalised to unit variance (pass sigma to choose)",
                               RuntimeWarning, stacklevel=3)
                 sigmas.append(1.0)
                 continue
             var = k * a * a / denom
             if self._mean is None:
-                var += float((mean[i].double() ** 2).mean())
+                var += float((mean[i] ** 2).mean())
             sigmas.append(math.sqrt(var))
         return sigmas
 
@@ -669,9 +683,10 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             if self._lanes is None and role == "pred":
                 self._start(x_in, v, node, generator)
                 if not self._target_resolved:
-                    # The first evaluation waits for σ; the network goes to the SNR-1 probe point first.
+                    # The first evaluation waits for σ: the network is sent to the probe point first.
                     self._deferred = (x_in, v)
-                    probe = (1 - _PROBE_TAU) * x_in + _PROBE_TAU * self._probe_mean
+                    tau = self._probe_tau
+                    probe = (1 - tau) * x_in + tau * self._probe_mean
                     return self._finish(probe, None, model_output.dtype, return_dict, y=None)
                 self._build_lanes(x_in.shape[0], None)
             if role == "probe":
@@ -776,7 +791,7 @@ def flow_transformer_model(transformer: Any, *, guidance_scale: float = 1.0, neg
     Classifier-free guidance: with ``guidance_scale`` w > 1 and ``negative_kwargs`` (e.g. the negative
     ``encoder_hidden_states`` and ``pooled_projections``), output = u + w (c − u), computed in one batched call
     [negative, positive] as the SD3 pipeline does. FLUX-dev's distilled guidance is just the fixed ``guidance``
-    argument (a (B,) tensor, as the pipeline passes it).
+    argument (a number, or a (B,) tensor as the pipeline passes it).
 
     Conditioning tensors with a batch dimension are used as is when it matches the latents' batch and
     expanded when it is 1. ``li.sample``'s mean and σ estimates (centring and ``sigma=None``) call the model
@@ -814,6 +829,8 @@ def flow_transformer_model(transformer: Any, *, guidance_scale: float = 1.0, neg
         batch = x.shape[0]
         hidden = x.to(dtype)
         kwargs = {k: _fit_batch(k, val, batch) for k, val in fixed_kwargs.items()}
+        if isinstance(kwargs.get("guidance"), (int, float)):
+            kwargs["guidance"] = torch.full((batch,), float(kwargs["guidance"]), device=hidden.device)
         packed = None
         if flux and hidden.ndim == 4:
             _, channels, height, width = hidden.shape
@@ -827,7 +844,8 @@ def flow_transformer_model(transformer: Any, *, guidance_scale: float = 1.0, neg
         if flux and "txt_ids" not in kwargs and isinstance(kwargs.get("encoder_hidden_states"), Tensor):
             kwargs["txt_ids"] = torch.zeros(kwargs["encoder_hidden_states"].shape[1], 3, device=hidden.device,
                                             dtype=dtype)
-        sigma = ((1 - t.to(_F64)) * scale).to(device=hidden.device, dtype=dtype)
+        # Float64 on the CPU: accelerators such as MPS have no float64.
+        sigma = ((1 - t.detach().to("cpu", _F64)) * scale).to(device=hidden.device, dtype=dtype)
         if cfg:
             both = dict(kwargs)
             for k, val in neg.items():
@@ -955,8 +973,11 @@ def ddpm_model(unet: Any, scheduler_or_betas: Any, prediction_type: str | None =
     r"""A DDPM-style UNet as an :class:`~lazyinterp.Model` on :func:`ddpm_schedule` of its ``alphas_cumprod``.
 
     The network is called as ``unet(x, u, class_labels=..., **unet_kwargs)`` with the float timestep
-    u(t) = T − 1 − T t, clamped at 0 on the clean piece (t > (T − 1)/T, beyond the trained range). The
-    prediction maps to lazyinterp's (with α = √(1 − ᾱ) the noise and β = √ᾱ the data coefficient):
+    u(t) = T − 1 − T t (index n at t = (T − 1 − n)/T). It is never asked beyond index 0 (``model.t_max`` is the
+    time of index 0): on the clean piece up to t = 1 its index-0 predictions are held, and the exact ODE
+    solution with held (η_Z, η_X), x_t = α_t η_Z + β_t η_X, ends at the index-0 data prediction, as DDIM's last
+    step with ``set_alpha_to_one`` does. The prediction maps to lazyinterp's (α = √(1 − ᾱ) is the noise and
+    β = √ᾱ the data coefficient):
 
     * ``"epsilon"``: η_Z = output (``predicts="noise"``);
     * ``"v_prediction"``: diffusers' v = √ᾱ ε − √(1 − ᾱ) x₀ = β η_Z − α η_X, so with α² + β² = 1,
@@ -964,6 +985,12 @@ def ddpm_model(unet: Any, scheduler_or_betas: Any, prediction_type: str | None =
     * ``"sample"``: η_X = output.
 
     UNets with a learned variance (2C output channels for C input channels) give their first C channels.
+
+    Schedules whose noisiest index is not pure noise (β_0 = √ᾱ_{T−1} > 0, e.g. linear betas) cover SNRs from
+    r_0 = β_0/α_0 only. A target that starts at SNR 0 (lazy VP, cosine, point mass) matches target times below
+    r'⁻¹(r_0) to t = 0 of the model, where the conversion is not exact: an O(β_0) error at the start, the size of
+    DDPM's own pure-noise start. A target restricted to [r_0, ∞] (e.g. α = cos θ, β = sin θ with θ from
+    atan r_0 to π/2) avoids it; zero-terminal-SNR schedules have r_0 = 0.
 
     Args:
         unet: e.g. ``UNet2DModel``; anything called as above returning ``.sample`` or a tuple.
@@ -1006,8 +1033,8 @@ def ddpm_model(unet: Any, scheduler_or_betas: Any, prediction_type: str | None =
         return b * x - a * out
 
     model = Model(net, schedule, kinds[prediction_type])
-    # The network is never evaluated past index 0: on the clean piece its index-0 predictions are held, and
-    # the exact ODE solution with held (η_Z, η_X) is x_t = α_t η_Z + β_t η_X, which ends at the index-0 data
-    # prediction, as DDIM's final step with set_alpha_to_one does.
+    # Beyond index 0 the network was never trained. Holding its index-0 predictions keeps η_Z continuous up to
+    # t = 1; otherwise a data prediction's η_Z jumps there to 0 (the α = 0 convention), and a Heun corrector at
+    # t = 1 turns that jump into a first-order error.
     model.t_max = min(model.t_max, t_clean)
     return model

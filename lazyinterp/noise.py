@@ -24,7 +24,7 @@ def resolve_seed(generator: int | torch.Generator | None) -> int:
     if generator is None:
         return int(torch.randint(0, 2**62, (1,)).item())
     if isinstance(generator, torch.Generator):
-        return int(torch.randint(0, 2**62, (1,), generator=generator).item())
+        return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
     if isinstance(generator, bool) or not isinstance(generator, (int, np.integer)):
         raise TypeError(f"generator: expected an int seed, a torch.Generator or None, got {type(generator).__name__}")
     return int(generator)

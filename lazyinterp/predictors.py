@@ -258,7 +258,7 @@ def estimate_mean(predictor: Predictor, shape: tuple[int, ...], *, probes: int =
 
 @torch.no_grad()
 def estimate_sigma(predictor: Predictor, shape: tuple[int, ...], *, mean: Tensor | None = None,
-                   snr: float = 1.0, probes: int = 8, generator: torch.Generator | None = None,
+                   snr: float = 0.1, probes: int = 8, generator: torch.Generator | None = None,
                    device=None, dtype=torch.float32) -> float:
     r"""σ with σ² = tr Cov(X)/D, from the model's posterior mean at a low SNR.
 

@@ -58,7 +58,8 @@ def test_parse_nfe():
 
 
 def test_gmm2d_bench_writes_valid_outputs(tmp_path):
-    names = ["linear-euler", "linear-em-clipped", "lazy-vp-euler", "lazy-vp-heun", "point-mass-sde"]
+    names = ["linear-euler", "linear-em-clipped", "lazy-vp-euler", "lazy-vp-euler-model-grid", "lazy-vp-heun",
+             "point-mass-sde"]
     if HAS_DIFFUSERS:
         names += ["fm-euler", "fm-heun"]
     if HAS_FLOW_MATCHING:
@@ -84,12 +85,15 @@ def test_gmm2d_bench_writes_valid_outputs(tmp_path):
             assert ((name, k) in ran) == (spec.plan(k) is not None), (name, k)
             assert ((name, k) in skipped) == (spec.plan(k) is None), (name, k)
     assert ("lazy-vp-heun", 1) in skipped and ("lazy-vp-heun", 2) in ran
+    value = {(r["sampler"], r["nfe"]): r["value"] for r in data["results"]}
+    assert value[("lazy-vp-euler", 2)] != value[("lazy-vp-euler-model-grid", 2)]  # the grids really differ
     for r in data["results"]:
         assert r["nfe"] in (1, 2, 4) and set(r) >= {"sampler", "family", "nfe", "value", "seconds", "path_error"}
         assert math.isfinite(r["value"]) and r["value"] >= 0 and r["seconds"] >= 0
         assert (r["path_error"] is None) == r["stochastic"]
     table = out_md.read_text()
-    assert "| lazy VP Euler | ours |" in table and "**" in table and "Reference: linear Heun at 40 NFE" in table
+    assert "| lazy VP Euler, uniform grid | ours |" in table and "**" in table
+    assert "Reference: linear Heun at 40 NFE" in table
     assert table in result.stdout
     assert out_png.read_bytes()[:8] == PNG_MAGIC
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md", "r.png"]

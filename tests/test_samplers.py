@@ -54,7 +54,7 @@ def test_point_mass_euler_maruyama_is_exact_on_gaussians(steps, sigma):
 
 def test_point_mass_denoise_last_step_returns_the_posterior_mean():
     model = gaussian(1.0).model("linear")
-    kwargs = dict(shape=(64, 3), steps=4, schedule=li.point_mass(1.0), diffusion="optimal", generator=3,
+    kwargs = dict(shape=(64, 3), steps=4, grid="uniform", schedule=li.point_mass(1.0), diffusion="optimal", generator=3,
                   dtype=F64, center=False)
     euler = li.sample(model, last_step="euler", **kwargs)
     denoised = li.sample(model, last_step="denoise", **kwargs)
@@ -212,7 +212,7 @@ def test_gaussian_schedules_start_at_alpha0_z():
     model = gaussian(1.0).model("linear")
     z = torch.randn(3, 3, dtype=F64)
     seen = []
-    li.sample(model, z, steps=2, schedule=li.lazy_vp(0.3), center=False,
+    li.sample(model, z, steps=2, schedule=li.lazy_vp(0.3), center=False, grid="uniform",
               callback=lambda k, t, x: seen.append((k, t)))
     assert seen == [(0, 0.5), (1, 1.0)]
     for sched in gaussian_schedules():

@@ -1,0 +1,590 @@
+"""LazyScheduler inside SD3 and FLUX pipelines, and the diffusers model adapters, on tiny random models offline."""
+
+import inspect
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("diffusers")
+
+from diffusers import (  # noqa: E402
+    DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    UNet2DModel,
+)
+
+import lazyinterp as li  # noqa: E402
+from lazyinterp.diffusers import (  # noqa: E402
+    LazyScheduler,
+    ddpm_model,
+    ddpm_schedule,
+    flow_transformer_model,
+    grid_to_sigmas,
+    sigmas_to_grid,
+)
+
+SD3_CONFIG = dict(sample_size=32, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                  num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=64,
+                  out_channels=4, pos_embed_max_size=96)
+FLUX_CONFIG = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                   num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8))
+# 64×64 "pixels" with the pipelines' VAE factor 8 give 8×8 latents: SD3 (B, 4, 8, 8); FLUX (B, 1, 8, 8), packed
+# to (B, 16, 4).
+SIZE = 64
+BATCH = 2
+
+
+def exact_output(x: torch.Tensor, t: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """diffusers' output ε − x_data = −v of the exact linear-schedule model for X ~ N(mean, std² I)."""
+    t = t.to(torch.float64).reshape(-1, *([1] * (x.ndim - 1)))
+    xd = x.double()
+    den = (1 - t) ** 2 + t**2 * std**2
+    eta_x = mean + t * std**2 * (xd - t * mean) / den
+    eta_z = (1 - t) * (xd - t * mean) / den
+    return (eta_z - eta_x).to(x.dtype)
+
+
+class ExactSD3(SD3Transformer2DModel):
+    """The tiny SD3 transformer's class and config, computing the exact Gaussian output (timestep = 1000 σ)."""
+
+    def forward(self, hidden_states, timestep=None, return_dict=True, **kwargs):
+        return (exact_output(hidden_states, 1 - timestep.double() / 1000, self.data_mean, self.data_std),)
+
+
+class ExactFlux(FluxTransformer2DModel):
+    """The tiny FLUX transformer's class and config, computing the exact Gaussian output (timestep = σ)."""
+
+    def forward(self, hidden_states, timestep=None, return_dict=True, **kwargs):
+        return (exact_output(hidden_states, 1 - timestep.double(), self.data_mean, self.data_std),)
+
+
+def exact(cls, config, mean=0.0, std=1.0):
+    model = cls(**config)
+    model.data_mean, model.data_std = mean, std
+    return model
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(**SD3_CONFIG).eval()
+
+
+@pytest.fixture(scope="module")
+def flux():
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(**FLUX_CONFIG).eval()
+
+
+@pytest.fixture(scope="module")
+def embeds():
+    g = torch.Generator().manual_seed(3)
+    return {"sd3": (torch.randn(BATCH, 7, 32, generator=g), torch.randn(BATCH, 64, generator=g)),
+            "sd3_neg": (torch.randn(BATCH, 7, 32, generator=g), torch.randn(BATCH, 64, generator=g)),
+            "flux": (torch.randn(BATCH, 7, 32, generator=g), torch.randn(BATCH, 32, generator=g))}
+
+
+def noise(kind: str, seed: int = 1) -> torch.Tensor:
+    """Initial latents, unpacked: (B, 4, 8, 8) for SD3 and (B, 1, 8, 8) for FLUX."""
+    return torch.randn(BATCH, 4 if kind == "sd3" else 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def pack(z: torch.Tensor) -> torch.Tensor:
+    return FluxPipeline._pack_latents(z, z.shape[0], z.shape[1], z.shape[2], z.shape[3])
+
+
+def pipeline(kind: str, transformer, scheduler):
+    if kind == "sd3":
+        pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=None, text_encoder=None,
+                                        tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+                                        tokenizer_3=None)
+    else:
+        pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None,
+                            text_encoder_2=None, tokenizer_2=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def base_scheduler(kind: str):
+    """The schedulers SD3 and FLUX ship with: a static shift 3, and FLUX-dev's dynamic shift."""
+    if kind == "sd3":
+        return FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+
+
+def layout(kind: str, z: torch.Tensor) -> torch.Tensor:
+    """Unpacked latents as the pipeline holds them (FLUX packs 2×2 patches)."""
+    return z.clone() if kind == "sd3" else pack(z)
+
+
+def run(kind: str, pipe, embeds, z: torch.Tensor, steps: int, **kwargs) -> torch.Tensor:
+    """The pipeline's final latents (packed for FLUX) from the unpacked initial latents ``z``."""
+    pe, pp = embeds[kind]
+    extra = {} if kind == "flux" else {"guidance_scale": kwargs.pop("guidance_scale", 1.0)}
+    return pipe(prompt_embeds=pe, pooled_prompt_embeds=pp, num_inference_steps=steps, height=SIZE, width=SIZE,
+                output_type="latent", latents=layout(kind, z), **extra, **kwargs).images
+
+
+def lazy(kind: str, **config) -> LazyScheduler:
+    return LazyScheduler.from_config(base_scheduler(kind).config, **config)
+
+
+def li_model(kind: str, transformer, embeds, index=slice(None), packed=True, **kwargs) -> li.Model:
+    """The adapter on the pipeline's conditioning; for FLUX on packed latents with the pipeline's image ids."""
+    pe, pp = (e[index] for e in embeds[kind])
+    if kind == "flux" and packed:
+        kwargs["img_ids"] = FluxPipeline._prepare_latent_image_ids(1, 4, 4, "cpu", torch.float32)
+    return flow_transformer_model(transformer, encoder_hidden_states=pe, pooled_projections=pp, **kwargs)
+
+
+# The scheduler against li.sample -----------------------------------------------------------------------------------
+
+CONFIGS = {
+    "lazy-vp euler": dict(schedule="lazy-vp", sigma=0.8),
+    "lazy-vp heun": dict(schedule="lazy-vp", sigma=1.0, solver="heun"),
+    "cosine sde heun": dict(schedule="cosine", diffusion=0.5, solver="heun"),
+    "point-mass sde": dict(schedule="point-mass", sigma=0.7, diffusion="optimal"),
+}
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("steps", [1, 2, 5, 8])
+def test_pipeline_latents_equal_li_sample(kind, name, steps, sd3, flux, embeds):
+    """In SD3 and FLUX pipelines, for 1 to 8 steps, the latents are li.sample's on the same transformer and noise
+    (the pipeline's SNR-matched grid; each sample's mean E[X] from its first evaluation; SDE noise from the seeds
+    the scheduler derived from the initial latents)."""
+    config = CONFIGS[name]
+    transformer = sd3 if kind == "sd3" else flux
+    scheduler = lazy(kind, **config)
+    point_mass = config["schedule"] == "point-mass"
+    # At a point-mass start li.sample calls the network on 0; give the pipeline 0 so the first call agrees.
+    z = torch.zeros_like(noise(kind)) if point_mass else noise(kind)
+    out = run(kind, pipeline(kind, transformer, scheduler), embeds, z, steps)
+    z = layout(kind, z)
+    assert scheduler.step_index == len(scheduler.timesteps)
+    expected_evals = steps * (2 if config.get("solver") == "heun" else 1)
+    expected_evals -= 1 if config.get("solver") == "heun" and config.get("diffusion", "ode") != "ode" else 0
+    assert len(scheduler.timesteps) == expected_evals
+
+    target = scheduler._target
+    diffusion = config.get("diffusion", "ode")
+    for i in range(BATCH):
+        model = li_model(kind, transformer, embeds, slice(i, i + 1))
+        zi = z[i : i + 1]
+        predictor, mean = model, 0.0
+        if isinstance(target, li.LazySchedule):
+            mean = model.eta(zi, 0.0)[1]
+            predictor = li.CenteredModel(model, mean)
+        kwargs = dict(grid=scheduler.grid, schedule=target, diffusion=diffusion, solver=config.get("solver", "euler"),
+                      center=False)
+        if diffusion != "ode":
+            kwargs.update(generator=scheduler.noise_seeds[i], indices=[i])
+        ref = li.sample(predictor, shape=tuple(zi.shape), **kwargs) if point_mass else \
+            li.sample(predictor, zi, **kwargs)
+        torch.testing.assert_close(out[i : i + 1], ref + mean, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+@pytest.mark.parametrize("steps", [1, 4, 8])
+def test_linear_euler_reproduces_flow_match_euler(kind, steps, sd3, flux, embeds):
+    """schedule="linear" with ODE Euler on the same sigmas is FlowMatchEulerDiscreteScheduler (SD3's static shift,
+    FLUX's dynamic shift with mu)."""
+    transformer = sd3 if kind == "sd3" else flux
+    sigmas = torch.linspace(1.0, 1.0 / steps, steps).tolist()
+    base = base_scheduler(kind)
+    ref = run(kind, pipeline(kind, transformer, base), embeds, noise(kind), steps, sigmas=sigmas)
+    ours = lazy(kind, schedule="linear", diffusion="ode")
+    out = run(kind, pipeline(kind, transformer, ours), embeds, noise(kind), steps, sigmas=sigmas)
+    torch.testing.assert_close(ours.timesteps, base.timesteps)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_heun_with_denoise_last_step_reproduces_flow_match_heun():
+    """linear + Heun + last_step="denoise" interleaves and steps as FlowMatchHeunDiscreteScheduler."""
+    def velocity_output(x, t):  # a smooth nonlinear ε − x_data
+        s = (t / 1000).reshape(-1, 1)
+        return torch.tanh(x) * (1 + s) - 0.3 * x * s
+
+    heun = FlowMatchHeunDiscreteScheduler(shift=3.0)
+    heun.set_timesteps(4)
+    ours = LazyScheduler(schedule="linear", solver="heun", last_step="denoise")
+    ours.set_timesteps(sigmas=heun.sigmas[:-1:2].tolist())
+    torch.testing.assert_close(ours.timesteps, heun.timesteps)
+    z = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for sched in (heun, ours):
+        x = z.clone()
+        for t in sched.timesteps:
+            x = sched.step(velocity_output(x, t.expand(3)), t, x).prev_sample
+        outs.append(x)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+
+
+# Exactness on Gaussian latents --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+@pytest.mark.parametrize("steps", [1, 2, 3, 8])
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+@pytest.mark.parametrize("sigma", [1.0, None])
+def test_lazy_vp_returns_initial_latents_for_exact_standard_gaussian(kind, steps, solver, sigma, embeds):
+    """A transformer with the exact velocity of N(0, I) latents: lazy VP (σ = 1, given or estimated) maps the
+    pipeline's initial latents to themselves, for any number of steps."""
+    transformer = exact(ExactSD3, SD3_CONFIG) if kind == "sd3" else exact(ExactFlux, FLUX_CONFIG)
+    scheduler = lazy(kind, schedule="lazy-vp", sigma=sigma, diffusion="ode", solver=solver)
+    z = noise(kind)
+    out = run(kind, pipeline(kind, transformer, scheduler), embeds, z, steps)
+    torch.testing.assert_close(out, layout(kind, z), rtol=1e-5, atol=2e-6)
+    if sigma is None:
+        torch.testing.assert_close(scheduler.estimated_sigma, torch.ones(BATCH, dtype=torch.float64), rtol=0,
+                                   atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+@pytest.mark.parametrize("steps", [1, 4])
+def test_sigma_none_estimates_sigma_and_mean_exactly(kind, steps, embeds):
+    """On N(m, s² I) latents σ = s is estimated per sample (one extra evaluation, at li.estimate_sigma's SNR) and
+    the centred lazy VP returns s Z + m exactly; without centring it is not lazy."""
+    mean, std = 0.4, 0.6
+    transformer = exact(ExactSD3, SD3_CONFIG, mean, std) if kind == "sd3" else exact(ExactFlux, FLUX_CONFIG,
+                                                                                     mean, std)
+    z = noise(kind)
+    scheduler = lazy(kind, schedule="lazy-vp", sigma=None)
+    out = run(kind, pipeline(kind, transformer, scheduler), embeds, z, steps)
+    z = layout(kind, z)
+    assert len(scheduler.timesteps) == steps + 1
+    snr = inspect.signature(li.estimate_sigma).parameters["snr"].default
+    assert float(scheduler.timesteps[1]) == pytest.approx(1000 / (1 + snr))
+    torch.testing.assert_close(scheduler.estimated_sigma, torch.full((BATCH,), std, dtype=torch.float64), rtol=0,
+                               atol=1e-5)
+    torch.testing.assert_close(out, std * z + mean, rtol=1e-5, atol=2e-6)
+    uncentred = lazy(kind, schedule="lazy-vp", sigma=None, center=False)
+    out = run(kind, pipeline(kind, transformer, uncentred), embeds, noise(kind), steps)
+    rms = math.sqrt(std**2 + mean**2)
+    torch.testing.assert_close(uncentred.estimated_sigma, torch.full((BATCH,), rms, dtype=torch.float64), rtol=0,
+                               atol=1e-5)
+    assert float((out - (std * z + mean)).abs().max()) > 1e-2
+
+
+def test_sigma_estimate_falls_back_to_one_with_a_warning():
+    """A model whose response admits no σ gets σ = 1, with a warning. Here E[X] = 0 and η_X(τ, x) = −x for τ > 0,
+    a slope of −1; output = (x − η_X)/(1 − τ)."""
+    sched = LazyScheduler(schedule="lazy-vp", sigma=None)
+    sched.set_timesteps(2)
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(RuntimeWarning, match="sigma"):
+        for t in sched.timesteps:
+            output = x if float(t) == 1000 else 2 * x * 1000 / t
+            x = sched.step(output, t, x).prev_sample
+    torch.testing.assert_close(sched.estimated_sigma, torch.ones(2, dtype=torch.float64))
+
+
+# Guidance, noise, state --------------------------------------------------------------------------------------------
+
+def test_classifier_free_guidance_sd3_equals_li_sample(sd3, embeds):
+    """SD3's CFG is combined before step; li.sample on the adapter with the same CFG combination agrees."""
+    scale = 3.0
+    scheduler = lazy("sd3", schedule="lazy-vp", sigma=1.0)
+    z = noise("sd3")
+    neg_pe, neg_pp = embeds["sd3_neg"]
+    out = run("sd3", pipeline("sd3", sd3, scheduler), embeds, z, 4, guidance_scale=scale,
+              negative_prompt_embeds=neg_pe, negative_pooled_prompt_embeds=neg_pp)
+    model = li_model("sd3", sd3, embeds, guidance_scale=scale,
+                     negative_kwargs=dict(encoder_hidden_states=neg_pe, pooled_projections=neg_pp))
+    mean = model.eta(z, 0.0)[1]
+    ref = li.sample(li.CenteredModel(model, mean), z, grid=scheduler.grid, schedule=li.lazy_vp(1.0), center=False)
+    torch.testing.assert_close(out, ref + mean, rtol=1e-5, atol=2e-5)
+    plain = run("sd3", pipeline("sd3", sd3, lazy("sd3", schedule="lazy-vp", sigma=1.0)), embeds, z, 4)
+    assert float((out - plain).abs().max()) > 1e-3
+
+
+def test_sde_uses_the_step_generator_like_li_sample():
+    """step(generator=g) seeds the per-sample streams as li.sample(generator=g) does."""
+    def output(x, t):
+        return torch.sin(x) - 0.5 * x * (t / 1000).reshape(-1, 1)
+
+    model = li.Model(lambda x, t: -output(x, 1000 * (1 - t)), "linear", "velocity")
+    z = torch.randn(3, 4, generator=torch.Generator().manual_seed(5))
+    for solver in ("euler", "heun"):
+        sched = LazyScheduler(schedule="cosine", diffusion="optimal", solver=solver)
+        sched.set_timesteps(5)
+        gen = torch.Generator().manual_seed(11)
+        x = z.clone()
+        for t in sched.timesteps:
+            x = sched.step(output(x, t.expand(3)), t, x, generator=gen).prev_sample
+        ref = li.sample(model, z, grid=sched.grid, schedule="cosine", diffusion="optimal", solver=solver,
+                        generator=torch.Generator().manual_seed(11))
+        torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_sde_in_a_pipeline_is_reproducible_from_the_pipeline_generator(sd3, embeds):
+    """The pipelines do not pass their generator to step; the SDE noise is seeded from the initial latents."""
+    def sample(seed):
+        pipe = pipeline("sd3", sd3, lazy("sd3", schedule="point-mass", sigma=1.0, diffusion="optimal"))
+        pe, pp = embeds["sd3"]
+        return pipe(prompt_embeds=pe, pooled_prompt_embeds=pp, num_inference_steps=3, height=SIZE, width=SIZE,
+                    guidance_scale=1.0, output_type="latent", generator=torch.Generator().manual_seed(seed)).images
+
+    first, again, other = sample(0), sample(0), sample(1)
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    assert float((first - other).abs().max()) > 1e-2
+    assert float((first[0] - first[1]).abs().max()) > 1e-2
+
+
+def test_edited_latents_between_steps_are_followed():
+    """Inpainting pipelines edit the latents between steps; the scheduler steps from what it is given."""
+    def output(x, t):
+        return torch.tanh(x) + (t / 1000).reshape(-1, 1)
+
+    z = torch.randn(2, 3, generator=torch.Generator().manual_seed(2))
+    sigmas = [1.0, 0.7, 0.4, 0.2]
+    outs = []
+    for sched in (FlowMatchEulerDiscreteScheduler(), LazyScheduler(schedule="linear")):
+        sched.set_timesteps(sigmas=sigmas)
+        x = z.clone()
+        for t in sched.timesteps:
+            x = sched.step(output(x, t.expand(2)), t, x).prev_sample
+            x = x.clone()
+            x[:, 0] = 0.25  # an inpainting-style overwrite
+        outs.append(x)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_image_to_image_begin_index_and_scale_noise():
+    """scale_noise and set_begin_index behave as FlowMatchEulerDiscreteScheduler's (image-to-image)."""
+    def output(x, t):
+        return torch.tanh(x) - (t / 1000).reshape(-1, 1) * x
+
+    g = torch.Generator().manual_seed(4)
+    image, eps = torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g)
+    outs = []
+    for sched in (FlowMatchEulerDiscreteScheduler(shift=3.0), LazyScheduler(schedule="linear", shift=3.0)):
+        sched.set_timesteps(sigmas=torch.linspace(1, 0.2, 5).tolist())
+        sched.set_begin_index(2)
+        timesteps = sched.timesteps[2:]
+        x = sched.scale_noise(image, timesteps[:1].expand(2), eps)
+        for t in timesteps:
+            x = sched.step(output(x, t.expand(2)), t, x).prev_sample
+        outs.append(x)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    sched = LazyScheduler(schedule="lazy-vp", sigma=None)
+    sched.set_timesteps(4)
+    sched.set_begin_index(2)
+    with pytest.raises(ValueError, match="sigma"):
+        sched.step(image, sched.timesteps[2], image)
+
+
+def test_step_returns_the_model_dtype():
+    sched = LazyScheduler(schedule="lazy-vp", sigma=1.0)
+    sched.set_timesteps(2)
+    x = torch.randn(2, 4, 3, 3, dtype=torch.bfloat16)
+    out = sched.step(torch.randn_like(x), sched.timesteps[0], x)
+    assert out.prev_sample.dtype == torch.bfloat16
+    assert out.pred_original_sample.dtype == torch.bfloat16
+
+
+# Grids, config and errors ------------------------------------------------------------------------------------------
+
+def test_sigmas_and_grids_are_inverse_and_snr_matched():
+    sigmas = torch.tensor([1.0, 0.8, 0.5, 0.1], dtype=torch.float64)
+    for schedule in (li.linear(), li.cosine(), li.lazy_vp(0.6), li.point_mass(1.3)):
+        grid = sigmas_to_grid(sigmas, schedule)
+        assert float(grid[0]) == 0.0 and float(grid[-1]) == 1.0
+        torch.testing.assert_close(grid_to_sigmas(grid, schedule), sigmas, rtol=0, atol=1e-12)
+        tau = 1 - sigmas[1:]
+        torch.testing.assert_close(schedule.snr(grid[1:-1]), tau / (1 - tau), rtol=1e-12, atol=0)
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    sched = LazyScheduler.from_config(base_scheduler("flux").config, schedule=li.lazy_vp(0.7), diffusion=0.5,
+                                      solver="heun", last_step="denoise")
+    sched.save_pretrained(tmp_path)
+    loaded = LazyScheduler.from_pretrained(tmp_path)
+    for key in ("schedule", "sigma", "diffusion", "solver", "last_step", "shift", "use_dynamic_shifting",
+                "max_shift", "base_shift"):
+        assert loaded.config[key] == sched.config[key], key
+    assert loaded.config.sigma == 0.7 and loaded.order == 2
+    for s in (sched, loaded):
+        s.set_timesteps(sigmas=[1.0, 0.6, 0.3], mu=0.8)
+    torch.testing.assert_close(loaded.timesteps, sched.timesteps)
+    torch.testing.assert_close(loaded.grid, sched.grid)
+
+
+def test_errors_name_the_argument():
+    with pytest.raises(ValueError, match="schedule"):
+        LazyScheduler(schedule="nonsense")
+    with pytest.raises(ValueError, match="diffusion"):
+        LazyScheduler(diffusion="bogus")
+    with pytest.raises(ValueError, match="diffusion"):
+        LazyScheduler(schedule="point-mass", diffusion="ode")
+    with pytest.raises(ValueError, match="solver"):
+        LazyScheduler(solver="rk4")
+    with pytest.raises(ValueError, match="last_step"):
+        LazyScheduler(last_step="tweedie")
+    with pytest.raises(ValueError, match="sigma"):
+        LazyScheduler(schedule="cosine", sigma=0.5)
+    with pytest.raises(ValueError, match="sigma"):
+        LazyScheduler(schedule="lazy-vp", sigma=-1.0)
+    with pytest.raises(ValueError, match="invert_sigmas"):
+        LazyScheduler(invert_sigmas=True)
+    sched = LazyScheduler(schedule="lazy-vp", sigma=1.0)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        sched.step(torch.zeros(1, 2), 1000.0, torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        sched.set_timesteps()
+    with pytest.raises(ValueError, match="sigmas"):
+        sched.set_timesteps(sigmas=[0.5, 0.8])
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        sched.set_timesteps(3, sigmas=[1.0, 0.5])
+    with pytest.raises(ValueError, match="mu"):
+        LazyScheduler(use_dynamic_shifting=True).set_timesteps(4)
+    sched.set_timesteps(2)
+    with pytest.raises(ValueError, match="timestep"):
+        sched.step(torch.zeros(1, 2), 123.0, torch.zeros(1, 2))
+
+
+def test_import_lazyinterp_does_not_import_diffusers():
+    code = "import sys, lazyinterp; sys.exit('diffusers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# Adapters ----------------------------------------------------------------------------------------------------------
+
+def test_flux_adapter_packs_unpacked_latents(flux, embeds):
+    """Unpacked (B, C, H, W) latents are packed for the call exactly as the pipeline packs them."""
+    z = noise("flux")
+    t = torch.tensor([0.3, 0.6])
+    unpacked = li_model("flux", flux, embeds, packed=False).raw(z, t)
+    packed = li_model("flux", flux, embeds).raw(pack(z), t)
+    torch.testing.assert_close(pack(unpacked), packed, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="img_ids"):
+        li_model("flux", flux, embeds, packed=False).raw(pack(z), t)
+
+
+class SpyUNet(torch.nn.Module):
+    """Records the timesteps and labels it is called with; predicts (α_n x) for the ᾱ it is given."""
+
+    def __init__(self, alphas_cumprod):
+        super().__init__()
+        self.abar = alphas_cumprod.double()
+        self.calls = []
+
+    def forward(self, sample, timestep, class_labels=None, return_dict=True):
+        self.calls.append((timestep.clone(), class_labels))
+        return (0.5 * sample,)
+
+
+def test_ddpm_schedule_nodes_timesteps_and_clean_end():
+    """Index n sits at t = (T − 1 − n)/T with ᾱ_n exactly; the UNet gets timestep n; α = 0 at t = 1; zero-terminal
+    SNR gives β = 0 at t = 0; r⁻¹ is exact."""
+    for scheduler in (DDIMScheduler(), DDIMScheduler(beta_schedule="squaredcos_cap_v2"),
+                      DDIMScheduler(rescale_betas_zero_snr=True)):
+        abar = scheduler.alphas_cumprod.double()
+        sched = ddpm_schedule(abar)
+        n = torch.arange(1000, dtype=torch.float64)
+        t = (999 - n) / 1000
+        torch.testing.assert_close(sched.beta(t) ** 2, abar, rtol=0, atol=1e-14)
+        assert float(sched.alpha(1.0)) == 0.0 and float(sched.beta(1.0)) == 1.0
+        assert (float(sched.beta(0.0)) == 0.0) == bool(abar[-1] == 0)
+        tt = torch.rand(500, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(sched.snr_inverse(sched.snr(tt)), tt, rtol=0, atol=1e-12)
+        assert bool((torch.diff(sched.snr(torch.linspace(0, 1, 20001, dtype=torch.float64)[1:-1])) > 0).all())
+        h = 1e-7
+        inner = tt.clamp(0.01, 0.99) + 0.3 / 1000  # away from the nodes, where α̇ and β̇ jump
+        torch.testing.assert_close(sched.dbeta(inner), (sched.beta(inner + h) - sched.beta(inner - h)) / (2 * h),
+                                   rtol=1e-5, atol=1e-7)
+    spy = SpyUNet(DDIMScheduler().alphas_cumprod)
+    model = ddpm_model(spy, DDIMScheduler(), class_labels=torch.tensor([3]))
+    x = torch.randn(2, 1, 4, 4)
+    model.raw(x, torch.tensor([0.0, 0.5], dtype=torch.float64))
+    model.eta(x, 1.0)  # the clean end: the network is not asked beyond index 0
+    (first, labels), (last, _) = spy.calls
+    torch.testing.assert_close(first, torch.tensor([999.0, 499.0]))
+    torch.testing.assert_close(last, torch.tensor([0.0, 0.0]))
+    assert labels.tolist() == [3, 3]
+
+
+class GaussianishUNet(torch.nn.Module):
+    """ε = α_n x + s β_n u(x, n): the exact ε of N(0, I) data plus a perturbation by a random UNet u.
+
+    A random UNet alone is not a denoiser: its ε is unrelated to x, so the ODE (x/√ᾱ from 157·Z at index 999)
+    ends as a small difference of huge terms. The exact Gaussian part keeps samples O(1), and β_n keeps the
+    perturbation from dominating at high noise. A random UNet's sinusoidal timestep embedding also oscillates
+    with a period of about 6 timesteps, which no ODE solver resolves (DDIM aliases it at integer timesteps);
+    trained UNets are smooth in the timestep, so the random one is fed n/100.
+    """
+
+    def __init__(self, unet, alphas_cumprod, prediction_type, scale=1.0):
+        super().__init__()
+        self.unet, self.prediction_type, self.scale = unet, prediction_type, scale
+        self.sched = ddpm_schedule(alphas_cumprod)
+
+    def forward(self, sample, timestep, class_labels=None, return_dict=True):
+        t = (999 - timestep.double()) / 1000
+        a, b = (c.float().reshape(-1, 1, 1, 1) for c in (self.sched.alpha(t), self.sched.beta(t)))
+        u = self.unet(sample, timestep / 100).sample
+        eps = a * sample + self.scale * b * u
+        if self.prediction_type == "v_prediction":
+            return (b * eps - a * (b * sample - self.scale * a * u),)
+        return (eps,)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_ddpm_unet_on_a_lazy_schedule_agrees_with_ddim(prediction_type):
+    """A DDPM UNet sampled through the exact conversion (Heun, 50 steps) agrees with DDIM (η = 0) on its native
+    schedule in the many-step limit.
+
+    DDIM is first order: DDIM(125) and DDIM(250) differ by about 1e-2, so the comparison is with the Richardson
+    combination 2·DDIM(250) − DDIM(125), which cancels the leading error (it agrees with 2·DDIM(1000) − DDIM(500)
+    to 3e-4). Heun at 50 steps is within 1e-3 of it; the tolerance 3e-3 is a quarter of DDIM(250)'s own error.
+
+    ε-prediction uses linear betas, whose noisiest index is not pure noise (SNR √ᾱ/√(1 − ᾱ) ≈ 6e-3), so the target
+    is lazy VP restricted to the model's SNR range, α = cos θ, β = sin θ with θ from atan(r_0) to π/2 (still
+    lazy: α² + β² = 1); a zero-SNR start would clamp the matched time below r_0. v-prediction uses
+    zero-terminal-SNR betas (full SNR range), so the target is li.lazy_vp(1) itself.
+    """
+    zero_snr = prediction_type == "v_prediction"
+    ddim_config = dict(clip_sample=False, timestep_spacing="trailing", prediction_type=prediction_type,
+                       rescale_betas_zero_snr=zero_snr)
+    native = DDIMScheduler(**ddim_config)
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4).eval()
+    net = GaussianishUNet(unet, native.alphas_cumprod, prediction_type)
+    z = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    def ddim(steps):
+        sched = DDIMScheduler(**ddim_config)
+        sched.set_timesteps(steps)
+        x = z.clone()
+        with torch.no_grad():
+            for t in sched.timesteps:
+                x = sched.step(net(x, t.expand(1).float())[0], t, x).prev_sample
+        return x
+
+    coarse, fine = ddim(125), ddim(250)
+    reference = 2 * fine - coarse
+    assert float((fine - reference).abs().max()) > 4e-3  # DDIM(250) alone is not converged
+
+    model = ddpm_model(net, native)
+    if zero_snr:
+        target = li.lazy_vp(1.0)
+    else:
+        theta0 = math.atan(float(model.schedule.snr(0.0)))
+        h = math.pi / 2 - theta0
+        target = li.Schedule(lambda t: torch.sin(h * (1 - t)), lambda t: torch.sin(theta0 + h * t),
+                             name="lazy-vp on the model's SNR range", check=False)
+    # li.sample starts at α'_0·noise; DDIM starts at z.
+    out = li.sample(model, z / float(target.alpha(0.0)), steps=50, schedule=target, solver="heun", center=False)
+    torch.testing.assert_close(out, reference, rtol=0, atol=3e-3)
