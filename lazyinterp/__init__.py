@@ -25,6 +25,7 @@ from .predictors import (
     to_eta,
 )
 from .samplers import (
+    adams_bashforth2,
     SampleInfo,
     check_grid,
     count_nfe,
@@ -53,6 +54,7 @@ from .targets import GaussianMixture
 __version__ = "0.1.0"
 
 __all__ = [
+    "adams_bashforth2",
     "CenteredModel",
     "ConvertedModel",
     "ConvertedPath",

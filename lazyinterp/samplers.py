@@ -10,6 +10,7 @@ Network evaluations (NFE) for N grid intervals:
 solver                        last_step="euler"           last_step="denoise"
 ============================  ==========================  =================================
 euler (ODE), euler (SDE: EM)  N                           N
+ab2 (ODE, Adams–Bashforth 2)  N                           N
 heun (ODE and SDE)            2N                          2N − 1
 ============================  ==========================  =================================
 
@@ -36,9 +37,9 @@ Tensor = torch.Tensor
 Drift = Callable[[Tensor, float], Tensor]
 Callback = Callable[[int, float, Tensor], None]
 
-SOLVERS = ("euler", "heun")
-SOLVER_ALIASES = {"euler": "euler", "heun": "heun", "euler_maruyama": "euler", "euler-maruyama": "euler",
-                  "em": "euler"}
+SOLVERS = ("euler", "heun", "ab2")
+SOLVER_ALIASES = {"euler": "euler", "heun": "heun", "ab2": "ab2", "euler_maruyama": "euler",
+                  "euler-maruyama": "euler", "em": "euler"}
 LAST_STEPS = ("euler", "denoise")
 DEFAULT_STEPS = 8
 
@@ -112,7 +113,7 @@ def count_nfe(solver: str, steps: int, last_step: str = "euler") -> int:
     """Network evaluations of ``solver`` over ``steps`` intervals (see the module table)."""
     solver = _check_solver(solver)
     steps = check_steps(steps)
-    if solver == "euler":
+    if solver in ("euler", "ab2"):
         return steps
     return 2 * steps - (1 if last_step == "denoise" else 0)
 
@@ -276,6 +277,33 @@ def heun(drift: Drift, x: Tensor, grid: Tensor, *, denoise: Drift | None = None,
     return x
 
 
+def adams_bashforth2(drift: Drift, x: Tensor, grid: Tensor, *, denoise: Drift | None = None,
+                     callback: Callback | None = None) -> Tensor:
+    """Two-step Adams–Bashforth on a non-uniform grid, one evaluation a step (the first step is Euler):
+
+    x_{k+1} = x_k + h_k [(1 + ρ/2) b_k − (ρ/2) b_{k−1}],  ρ = h_k / h_{k−1}.
+    """
+    times = [float(t) for t in grid]
+    last = len(times) - 2
+    previous = None
+    for k in range(len(times) - 1):
+        t, h = times[k], times[k + 1] - times[k]
+        if k == last and denoise is not None:
+            x = _guard(k, t, denoise, x, t)
+        else:
+            d = _guard(k, t, drift, x, t)
+            if previous is None:
+                x = x + h * d
+            else:
+                rho = h / (t - times[k - 1])
+                x = x + h * ((1 + 0.5 * rho) * d - 0.5 * rho * previous)
+            previous = d
+        _check_state(x, k, t)
+        if callback is not None:
+            callback(k, times[k + 1], x)
+    return x
+
+
 def euler_maruyama(drift: Drift, epsilon: Callable[[float], float], x: Tensor, grid: Tensor,
                    normal: Callable[[], Tensor], *, denoise: Drift | None = None,
                    callback: Callback | None = None) -> Tensor:
@@ -396,7 +424,8 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         steps: the number of grid intervals (uniform grid); ignored when ``grid`` is given. Default 8.
         schedule: the sampling schedule (object or name); default the model's own. Conversion is exact.
         diffusion: "ode" (ε = 0), "optimal" (ε*), a float κ (ε = κ ε*) or a callable ε(t).
-        solver: "euler" (Euler, or Euler–Maruyama for an SDE) or "heun".
+        solver: "euler" (Euler, or Euler–Maruyama for an SDE), "heun" (also for SDEs) or "ab2" (ODE only:
+            two-step Adams–Bashforth, one evaluation a step).
         generator: an int seed, a torch.Generator or None (torch's global RNG); each sample gets its own
             stream, so results do not depend on the batch size.
         grid: an explicit increasing time grid from 0 to 1, or "uniform" or "model" (the SNRs of the model's own
@@ -420,6 +449,8 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         last_step = "denoise" if is_sde else "euler"
     if last_step not in LAST_STEPS:
         raise ValueError(f"last_step: expected one of {', '.join(LAST_STEPS)}, got {last_step!r}")
+    if solver == "ab2" and is_sde:
+        raise ValueError("solver: ab2 is an ODE solver; use euler or heun with an SDE")
     if target.base == "point_mass" and not is_sde:
         raise ValueError("diffusion: a point-mass schedule starts every sample at 0, and an ODE moves them all "
                          "alike, so it cannot leave the point; use diffusion='optimal' (or kappa > 0)")
@@ -490,7 +521,7 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
             x = stepper(dynamics.drift, diffusion_spec.epsilon_at, x, grid, streams.draw, denoise=denoise,
                         callback=callback)
         else:
-            stepper = euler if solver == "euler" else heun
+            stepper = {"euler": euler, "heun": heun, "ab2": adams_bashforth2}[solver]
             x = stepper(dynamics.drift, x, grid, denoise=denoise, callback=callback)
     if mean is not None:
         x = x + mean

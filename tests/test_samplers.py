@@ -217,3 +217,20 @@ def test_gaussian_schedules_start_at_alpha0_z():
     assert seen == [(0, 0.5), (1, 1.0)]
     for sched in gaussian_schedules():
         assert float(sched.alpha(0.0)) > 0
+
+
+def test_adams_bashforth2_is_second_order_and_lazy_exact():
+    mixture = make_mixture()
+    model = mixture.model("linear")
+    z = torch.randn(64, 2, dtype=F64, generator=torch.Generator().manual_seed(9))
+    reference = li.sample(model, z, steps=2000, solver="heun")
+    errors = [float((li.sample(model, z, steps=n, solver="ab2") - reference).norm(dim=1).mean()) for n in (40, 80, 160)]
+    for coarse, fine in zip(errors, errors[1:], strict=False):
+        assert 3.0 < coarse / fine < 5.0, errors  # second order: halving h quarters the error
+    g = gaussian(0.7, mean=0.4)
+    out = li.sample(g.model("linear"), z[:, :1].expand(64, 3).contiguous(), steps=3, schedule=li.lazy_vp(),
+                    solver="ab2")
+    torch.testing.assert_close(out, 0.7 * z[:, :1].expand(64, 3) + 0.4, rtol=1e-12, atol=1e-12)
+    assert li.count_nfe("ab2", 5) == 5
+    with pytest.raises(ValueError, match="solver: ab2"):
+        li.sample(model, z, steps=2, solver="ab2", diffusion="optimal")
