@@ -25,8 +25,8 @@ from .predictors import (
     to_eta,
 )
 from .samplers import (
-    adams_bashforth2,
     SampleInfo,
+    adams_bashforth2,
     check_grid,
     count_nfe,
     euler,

@@ -254,6 +254,7 @@ SAMPLERS: tuple[SamplerDef, ...] = (
     SamplerDef("unipc", "diffusers UniPC flow", "peer", "diffusers", {"scheduler": "unipc"}),
     SamplerDef("fmlib-cosine-midpoint", "flow_matching cosine midpoint", "peer", "flow_matching"),
     SamplerDef("linear-euler", "linear Euler", "baseline", "li", {"schedule": "linear"}),
+    SamplerDef("linear-ab2", "linear AB2", "baseline", "li", {"schedule": "linear", "solver": "ab2"}),
     SamplerDef("linear-em-clipped", "linear EM, eps = min(eps*, 1)", "baseline", "li",
                {"schedule": "linear", "diffusion": _clipped_linear_eps, "last_step": "denoise"}, stochastic=True),
     # The uniform grid is named explicitly: li.sample's default grid for the lazy schedules is "model".
@@ -263,6 +264,8 @@ SAMPLERS: tuple[SamplerDef, ...] = (
                {"schedule": "lazy-vp", "solver": "heun", "grid": "uniform"}),
     SamplerDef("lazy-vp-euler-model-grid", "lazy VP Euler, SNR-matched grid", "ours", "li",
                {"schedule": "lazy-vp", "grid": "model"}),
+    SamplerDef("lazy-vp-ab2", "lazy VP AB2, SNR-matched grid", "ours", "li",
+               {"schedule": "lazy-vp", "solver": "ab2", "grid": "model"}),
     SamplerDef("point-mass-sde", "point-mass SDE (EM), uniform grid", "ours", "li",
                {"schedule": "point-mass", "diffusion": "optimal", "last_step": "denoise", "grid": "uniform"},
                stochastic=True),

@@ -130,7 +130,8 @@ SCHEDULE_NAMES = ["linear", "cosine", "vp", "lazy-vp", "point-mass"]
               help="A bundled model name or a .safetensors checkpoint path.")
 @click.option("--schedule", default="lazy-vp", type=click.Choice(SCHEDULE_NAMES), show_default=True)
 @click.option("--steps", default=4, type=click.IntRange(min=1), show_default=True)
-@click.option("--solver", default="euler", type=click.Choice(["euler", "heun", "ab2"]), show_default=True)
+@click.option("--solver", default=None, type=click.Choice(["euler", "heun", "ab2"]),
+              help="Default: ab2 for an ODE on a lazy schedule, else euler.")
 @click.option("--diffusion", default=None, help="ode, optimal, or kappa (eps = kappa * eps*). "
               "Default: optimal for point-mass, else ode.")
 @click.option("--sigma", default=None, type=click.FloatRange(min=0, min_open=True),
@@ -246,6 +247,15 @@ def demo(model_name: str, n: int, seed: int, batch_size: int, out_dir: Path, dev
 
     run_demo(model_name, n=n, seed=seed, batch_size=batch_size, out_dir=out_dir, device=device,
              progress=not quiet, echo=click.echo)
+
+
+def _register_bench() -> None:
+    from .bench import bench
+
+    main.add_command(bench)
+
+
+_register_bench()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -28,7 +28,7 @@ class SamplerSpec:
     schedule: str = "linear"
     steps: int = 8
     diffusion: Any = "ode"
-    solver: str = "euler"
+    solver: str | None = None
     sigma: float | None = None
     last_step: str | None = None
     center: bool | None = None

@@ -139,6 +139,16 @@ class Diffusion:
     def is_ode(self) -> bool:
         return self.epsilon is None and self.kappa == 0
 
+    def schedule_has_finite_optimum(self, t: float) -> bool:
+        return t > 0 or self.schedule.base == "point_mass"
+
+    def kappa_or_eps(self, t: float) -> float:
+        """A callable's ε(t), validated."""
+        eps = float(self.epsilon(t))
+        if not (math.isfinite(eps) and eps >= 0):
+            raise ValueError(f"diffusion: eps(t) must be finite and >= 0, got {eps} at t={t:.6g}")
+        return eps
+
     def kappa_at(self, t: float) -> float:
         eps_star = float(self.schedule.optimal_diffusion(t)) if (t > 0 or self.schedule.base == "point_mass") \
             else math.inf
@@ -152,6 +162,8 @@ class Diffusion:
         return eps / eps_star
 
     def epsilon_at(self, t: float) -> float:
+        if self.epsilon is not None and not self.schedule_has_finite_optimum(t):
+            return self.kappa_or_eps(t)
         kappa = self.kappa_at(t)
         if kappa == 0:
             return 0.0
@@ -199,7 +211,13 @@ class Dynamics:
         key = (t, kappa)
         if key not in self.coefficient_cache:
             sched = self.schedule
-            if t < 0.5 and (kappa > 0 or sched.base == "point_mass"):
+            if self.diffusion.epsilon is not None and not self.diffusion.schedule_has_finite_optimum(t):
+                # A Gaussian base at t = 0, where ε* is infinite but a user's ε(0) is not:
+                # b^ε = α̇ η_Z + β̇ η_X − (ε/α) η_Z.
+                eps = self.diffusion.kappa_or_eps(t)
+                a, da, db = float(sched.alpha(t)), float(sched.dalpha(t)), float(sched.dbeta(t))
+                self.coefficient_cache[key] = ("z", da - eps / a, db)
+            elif t < 0.5 and (kappa > 0 or sched.base == "point_mass"):
                 a_coef, b_coef = sched.drift_coefficients(t, kappa)
                 self.coefficient_cache[key] = ("x", a_coef, b_coef)
             else:
@@ -410,7 +428,7 @@ def data_sigma(model: Predictor, sample_shape: tuple[int, ...], mean: Tensor | N
 
 def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tuple[int, ...] | None = None,
            steps: int | None = None, schedule: Schedule | str | None = None, diffusion: Any = "ode",
-           solver: str = "euler", generator: int | torch.Generator | None = None, grid: Any = None,
+           solver: str | None = None, generator: int | torch.Generator | None = None, grid: Any = None,
            last_step: str | None = None, center: bool | None = None, indices: Any = None,
            device: torch.device | str | None = None, dtype: torch.dtype | None = None,
            callback: Callback | None = None, return_info: bool = False):
@@ -425,7 +443,8 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         schedule: the sampling schedule (object or name); default the model's own. Conversion is exact.
         diffusion: "ode" (ε = 0), "optimal" (ε*), a float κ (ε = κ ε*) or a callable ε(t).
         solver: "euler" (Euler, or Euler–Maruyama for an SDE), "heun" (also for SDEs) or "ab2" (ODE only:
-            two-step Adams–Bashforth, one evaluation a step).
+            two-step Adams–Bashforth, one evaluation a step); default "ab2" for an ODE on a lazy schedule,
+            else "euler".
         generator: an int seed, a torch.Generator or None (torch's global RNG); each sample gets its own
             stream, so results do not depend on the batch size.
         grid: an explicit increasing time grid from 0 to 1, or "uniform" or "model" (the SNRs of the model's own
@@ -441,6 +460,9 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
     predictor = _check_model(model)
     target = predictor.schedule if schedule is None else get_schedule(schedule)
     diffusion_spec = resolve_diffusion(diffusion, target)
+    if solver is None:
+        # Measured (README, "Benchmarks"): in lazy coordinates two-step Adams–Bashforth beats Euler at equal NFE.
+        solver = "ab2" if isinstance(target, LazySchedule) and diffusion_spec.is_ode else "euler"
     solver = _check_solver(solver)
     if grid is not None and not isinstance(grid, str):
         grid = check_grid(grid)

@@ -234,3 +234,25 @@ def test_adams_bashforth2_is_second_order_and_lazy_exact():
     assert li.count_nfe("ab2", 5) == 5
     with pytest.raises(ValueError, match="solver: ab2"):
         li.sample(model, z, steps=2, solver="ab2", diffusion="optimal")
+
+
+def test_callable_diffusion_is_honoured_at_a_gaussian_start():
+    """ε* is infinite at a Gaussian base's t = 0, but a user's finite ε(0) still drives the first step."""
+    model = gaussian(1.0).model("linear")
+    z = torch.randn(6, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    runs = [li.sample(model, z, steps=1, diffusion=lambda t: 0.3 + 0 * t, generator=g, last_step="euler")
+            for g in (1, 2)]
+    assert not torch.equal(runs[0], runs[1])
+    streams = NoiseStreams(1, range(6), (3,), dtype=F64)
+    # One EM step from t = 0: b^ε = α̇ η_Z + β̇ η_X − ε η_Z/α with η_Z = z, η_X = 0 (N(0, 1) data, linear).
+    expected = z + 1.0 * (-z - 0.3 * z) + math.sqrt(2 * 0.3) * streams.draw()
+    torch.testing.assert_close(runs[0], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_lazy_default_solver_is_ab2():
+    model = make_mixture().model("linear")
+    z = torch.randn(5, 2, dtype=F64)
+    default = li.sample(model, z, steps=4, schedule=li.lazy_vp(0.8))
+    torch.testing.assert_close(default, li.sample(model, z, steps=4, schedule=li.lazy_vp(0.8), solver="ab2"),
+                               rtol=0, atol=0)
+    assert not torch.equal(default, li.sample(model, z, steps=4, schedule=li.lazy_vp(0.8), solver="euler"))
