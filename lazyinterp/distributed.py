@@ -36,9 +36,25 @@ class Context:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    barriers: int = 0
+
     def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
+        """Wait for every rank.
+
+        A process that leaves right after a gloo barrier can close its socket while rank 0 is still inside the
+        barrier, which rank 0 reports as "connection reset by peer"; so the other ranks also wait, through the
+        rendezvous store, until rank 0 has left the barrier.
+        """
+        if self.world == 1:
+            return
+        dist.barrier()
+        self.barriers += 1
+        key = f"lazyinterp/left-barrier/{self.barriers}"
+        store = dist.distributed_c10d._get_default_store()
+        if self.is_main:
+            store.set(key, "1")
+        else:
+            store.wait([key])
 
 
 def setup(device: str = "cpu") -> Context:
