@@ -378,6 +378,7 @@ def _batches(n: int, batch_size: int) -> list[range]:
     return [range(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
 
 
+@torch.no_grad()
 def run_sampler(spec: SamplerDef, plan: dict, workload: Workload, noise: Tensor, batch_size: int, seed: int,
                 progress: bool = False, desc: str = "") -> tuple[Tensor, set[int], float]:
     """All ``n`` samples of one (sampler, plan), the per-sample NFE seen in each batch, and wall seconds."""
