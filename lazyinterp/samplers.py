@@ -31,7 +31,7 @@ import torch
 from .conversion import convert
 from .noise import NoiseStreams, resolve_seed
 from .predictors import CenteredModel, Model, NonFiniteError, Predictor, estimate_mean, estimate_sigma
-from .schedules import LazySchedule, Schedule, as_time, get_schedule
+from .schedules import END_OFFSET, LazySchedule, Schedule, as_time, get_schedule
 
 Tensor = torch.Tensor
 Drift = Callable[[Tensor, float], Tensor]
@@ -128,8 +128,10 @@ def _check_solver(solver: Any) -> str:
 
 @dataclass
 class Diffusion:
-    r"""ε_t as a multiple of the optimal one: ε = κ_t ε*_t. Where ε* is infinite (a Gaussian base at t = 0)
-    the diffusion is taken as 0 and where ε* = 0 (t = 1) as well."""
+    r"""ε_t, either a multiple of the optimal one (ε = κ ε*) or a user's callable ε(t).
+
+    Where ε* is infinite (a Gaussian base at t = 0) κ ε* is taken as 0, while a callable's finite ε(0) is used
+    as given; where ε* = 0 (t = 1) the diffusion is 0."""
 
     schedule: Schedule
     kappa: float | None = None
@@ -142,34 +144,33 @@ class Diffusion:
     def schedule_has_finite_optimum(self, t: float) -> bool:
         return t > 0 or self.schedule.base == "point_mass"
 
-    def kappa_or_eps(self, t: float) -> float:
-        """A callable's ε(t), validated."""
+    def user_epsilon(self, t: float) -> float:
+        """The callable's ε(t), validated."""
         eps = float(self.epsilon(t))
         if not (math.isfinite(eps) and eps >= 0):
             raise ValueError(f"diffusion: eps(t) must be finite and >= 0, got {eps} at t={t:.6g}")
         return eps
 
+    def _optimum(self, t: float) -> float:
+        if not self.schedule_has_finite_optimum(t):
+            return math.inf
+        # A point mass's ε* at t = 0 is a 0/0: its right limit.
+        return float(self.schedule.optimal_diffusion(max(t, END_OFFSET)))
+
     def kappa_at(self, t: float) -> float:
-        eps_star = float(self.schedule.optimal_diffusion(t)) if (t > 0 or self.schedule.base == "point_mass") \
-            else math.inf
+        eps_star = self._optimum(t)
         if self.epsilon is None:
             return 0.0 if not math.isfinite(eps_star) else float(self.kappa)
-        eps = float(self.epsilon(t))
-        if not (math.isfinite(eps) and eps >= 0):
-            raise ValueError(f"diffusion: eps(t) must be finite and >= 0, got {eps} at t={t:.6g}")
+        eps = self.user_epsilon(t)
         if not math.isfinite(eps_star) or eps_star == 0 or eps == 0:
             return 0.0
         return eps / eps_star
 
     def epsilon_at(self, t: float) -> float:
         if self.epsilon is not None and not self.schedule_has_finite_optimum(t):
-            return self.kappa_or_eps(t)
+            return self.user_epsilon(t)
         kappa = self.kappa_at(t)
-        if kappa == 0:
-            return 0.0
-        if self.schedule.base == "point_mass" and t <= 0:
-            return kappa * float(self.schedule.optimal_diffusion(max(t, 1e-9)))
-        return kappa * float(self.schedule.optimal_diffusion(t))
+        return 0.0 if kappa == 0 else kappa * self._optimum(t)
 
 
 def resolve_diffusion(diffusion: Any, schedule: Schedule) -> Diffusion:
@@ -214,7 +215,7 @@ class Dynamics:
             if self.diffusion.epsilon is not None and not self.diffusion.schedule_has_finite_optimum(t):
                 # A Gaussian base at t = 0, where ε* is infinite but a user's ε(0) is not:
                 # b^ε = α̇ η_Z + β̇ η_X − (ε/α) η_Z.
-                eps = self.diffusion.kappa_or_eps(t)
+                eps = self.diffusion.user_epsilon(t)
                 a, da, db = float(sched.alpha(t)), float(sched.dalpha(t)), float(sched.dbeta(t))
                 self.coefficient_cache[key] = ("z", da - eps / a, db)
             elif t < 0.5 and (kappa > 0 or sched.base == "point_mass"):
