@@ -52,12 +52,11 @@ model (``CondOTScheduler``) to its ``CosineScheduler``, solved by its ``ODESolve
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -68,8 +67,10 @@ import click
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from .conversion import convert
-from .fetch import atomic_path
+from .distributed import Context
+from .fetch import atomic_path, cache_dir, ensure_writable, sha256_file
 from .noise import NoiseStreams, sample_seed
 from .predictors import Model, NonFiniteError
 from .samplers import sample
@@ -165,23 +166,29 @@ class Workload:
     dtype: torch.dtype
     metric: str
     metric_label: str
-    score: Callable[[Tensor], dict[str, Any]]
+    score: Callable[[Tensor, Context], dict[str, Any]]
     info: dict[str, Any] = field(default_factory=dict)
+    identity: str = ""  # what the model's results depend on, for matching cached runs
 
 
-def _mnist_workload(model_name: str) -> Workload:
-    from .metrics import evaluate
-    from .models import load_model
+def _mnist_workload(model_name: str, device: torch.device | str = "cpu") -> Workload:
+    from .metrics import FeatureStats, class_report, features_and_probs, fid_from_stats
+    from .models import load_model, resolve_model_path
 
-    model, info = load_model(model_name)
+    model, info = load_model(model_name, device)
 
-    def score(x: Tensor) -> dict[str, Any]:
-        report = evaluate(x.float())
-        return {"value": report["fid"], "mean_confidence": report["mean_confidence"],
+    def score(x: Tensor, ctx: Context) -> dict[str, Any]:
+        """FID-MNIST with the classifier run on each rank's share and the feature moments all-reduced."""
+        share = ctx.part(x.shape[0])
+        feats, probs = features_and_probs(x[share.start:share.stop].float())
+        stats = distributed.all_reduce_stats(FeatureStats.from_features(feats), ctx)
+        report = class_report(ctx.all_gather_rows(torch.from_numpy(probs)))
+        return {"value": fid_from_stats(stats), "mean_confidence": report["mean_confidence"],
                 "class_entropy": report["class_entropy"]}
 
     return Workload("mnist", model, (1, 28, 28), torch.float32, "fid", "FID-MNIST", score,
-                    {"model": str(model_name), "schedule": info.schedule, "predicts": info.predicts})
+                    {"model": str(model_name), "schedule": info.schedule, "predicts": info.predicts},
+                    identity=sha256_file(resolve_model_path(model_name)))
 
 
 def _gmm_workload(name: str, n: int) -> Workload:
@@ -191,7 +198,7 @@ def _gmm_workload(name: str, n: int) -> Workload:
     # well-separated modes: the floor is given as the mean and spread over several fresh samples.
     floors = torch.tensor([sliced(target.sample(n, torch.Generator().manual_seed(7 + i))) for i in range(5)])
 
-    def score(x: Tensor) -> dict[str, Any]:
+    def score(x: Tensor, ctx: Context) -> dict[str, Any]:
         return {"value": sliced(x)}
 
     info = {"components": int(target.means.shape[0]), "dim": target.dim, "directions": SLICED_DIRECTIONS,
@@ -201,10 +208,11 @@ def _gmm_workload(name: str, n: int) -> Workload:
                     "sliced W2 to the target", score, info)
 
 
-def make_workload(name: str, n: int, model_name: str = "mnist") -> Workload:
+def make_workload(name: str, n: int, model_name: str = "mnist", device: torch.device | str = "cpu") -> Workload:
+    """The workload ``name``; ``device`` runs the mnist network (the mixtures' exact models stay on the CPU)."""
     if name not in WORKLOADS:
         raise ValueError(f"workload: unknown workload {name!r}; expected one of {', '.join(WORKLOADS)}")
-    return _mnist_workload(model_name) if name == "mnist" else _gmm_workload(name, n)
+    return _mnist_workload(model_name, device) if name == "mnist" else _gmm_workload(name, n)
 
 
 # Samplers -------------------------------------------------------------------------------------------------------
@@ -348,7 +356,7 @@ def flow_matching_sample(velocity: Callable[[Tensor, Any], Tensor], noise: Tenso
             return velocity(x, t)
 
     model = ScheduleTransformedModel(Velocity(), CondOTScheduler(), CosineScheduler())
-    grid = torch.linspace(0.0, 1.0, steps + 1, dtype=noise.dtype)
+    grid = torch.linspace(0.0, 1.0, steps + 1, dtype=noise.dtype, device=noise.device)
     return ODESolver(model).sample(x_init=noise, step_size=None, method="midpoint", time_grid=grid)
 
 
@@ -366,7 +374,7 @@ def run_batch(spec: SamplerDef, plan: dict, model: Model, noise: Tensor, indices
     if spec.kind == "li":
         kwargs = _li_kwargs(spec, plan)
         base_point = spec.options["schedule"] == "point-mass"
-        x, info = sample(model, None if base_point else noise, shape=tuple(noise.shape),
+        x, info = sample(model, None if base_point else noise, shape=tuple(noise.shape), device=noise.device,
                          generator=sample_seed(seed, 1 << 62), indices=indices, return_info=True, **kwargs)
         return x, model.nfe - info.estimation_nfe
     if spec.kind == "diffusers":
@@ -378,22 +386,43 @@ def _batches(n: int, batch_size: int) -> list[range]:
     return [range(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
 
 
+class RunFailed(Exception):
+    """A sampler could not run (a network NaN, or σ that cannot be estimated) on some rank."""
+
+
 @torch.no_grad()
 def run_sampler(spec: SamplerDef, plan: dict, workload: Workload, noise: Tensor, batch_size: int, seed: int,
-                progress: bool = False, desc: str = "") -> tuple[Tensor, set[int], float]:
-    """All ``n`` samples of one (sampler, plan), the per-sample NFE seen in each batch, and wall seconds."""
+                progress: bool = False, desc: str = "", ctx: Context | None = None) -> tuple[Tensor, set[int], float]:
+    """All ``n`` samples of one (sampler, plan), the per-sample NFE seen in each batch, and wall seconds.
+
+    Under torch.distributed each rank runs a contiguous share of the batches and every rank gets all samples
+    back in order. Sample i depends only on its noise (seed, i), so the result is the same for any split.
+    """
+    ctx = ctx or Context()
     velocity = linear_velocity(workload.model)
     batches = _batches(noise.shape[0], batch_size)
-    out, seen = [], set()
+    share = ctx.part(len(batches))
+    mine = batches[share.start:share.stop]
+    out, seen, error = [], set(), None
     start = time.perf_counter()
-    with tqdm(total=noise.shape[0], disable=not progress or len(batches) < 2, desc=desc, leave=False,
-              unit="sample", dynamic_ncols=True, file=sys.stderr) as bar:
-        for idx in batches:
-            x, used = run_batch(spec, plan, workload.model, noise[idx.start:idx.stop], idx, seed, velocity)
-            out.append(x.detach())
-            seen.add(int(used))
-            bar.update(len(idx))
-    return torch.cat(out), seen, time.perf_counter() - start
+    with tqdm(total=sum(len(idx) for idx in mine), disable=not progress or len(mine) < 2 or not ctx.is_main,
+              desc=desc, leave=False, unit="sample", dynamic_ncols=True, file=sys.stderr) as bar:
+        try:
+            for idx in mine:
+                x, used = run_batch(spec, plan, workload.model, noise[idx.start:idx.stop], idx, seed, velocity)
+                out.append(x.detach())
+                seen.add(int(used))
+                bar.update(len(idx))
+        except (NonFiniteError, ValueError) as exc:
+            error = str(exc).splitlines()[0] or type(exc).__name__
+    # Every rank learns of a failure anywhere, so that none waits in a collective the others skip.
+    reports = ctx.all_gather_object((error, sorted(seen)))
+    errors = [e for e, _ in reports if e is not None]
+    if errors:
+        raise RunFailed(errors[0])
+    local = torch.cat(out) if out else noise[:0]
+    x = ctx.all_gather_rows(local)
+    return x, set().union(*(set(s) for _, s in reports)), time.perf_counter() - start
 
 
 # Measurement of the sampler's own cost --------------------------------------------------------------------------
@@ -417,8 +446,8 @@ class _TimedNet:
 
 
 def measure_overhead(model: Model, sample_shape: tuple[int, ...], dtype: torch.dtype, *, seed: int = 0,
-                     batch: int = OVERHEAD_BATCH, steps: int = OVERHEAD_STEPS,
-                     repeats: int = OVERHEAD_REPEATS) -> dict[str, float]:
+                     batch: int = OVERHEAD_BATCH, steps: int = OVERHEAD_STEPS, repeats: int = OVERHEAD_REPEATS,
+                     device: torch.device | str = "cpu") -> dict[str, float]:
     r"""(T_sample − T_net)/T_net for lazy VP Euler and the point-mass SDE: the time ``li.sample`` spends outside
     the network (schedule maths, conversion, noise draws, state updates) as a fraction of network time.
 
@@ -426,7 +455,7 @@ def measure_overhead(model: Model, sample_shape: tuple[int, ...], dtype: torch.d
     """
     timed = _TimedNet(model.net)
     timed_model = Model(timed, model.schedule, model.predicts, t_min=model.t_min, net_dtype=model.net_dtype)
-    noise = NoiseStreams(seed, range(batch), sample_shape, dtype=dtype).draw()
+    noise = NoiseStreams(seed, range(batch), sample_shape, dtype=dtype).draw().to(device)
     result = {}
     for name in OVERHEAD_SAMPLERS:
         spec = next(s for s in SAMPLERS if s.name == name)
@@ -436,7 +465,8 @@ def measure_overhead(model: Model, sample_shape: tuple[int, ...], dtype: torch.d
         for rep in range(repeats + 1):
             timed.seconds = 0.0
             start = time.perf_counter()
-            sample(timed_model, None if base_point else noise, shape=tuple(noise.shape), generator=seed, **kwargs)
+            sample(timed_model, None if base_point else noise, shape=tuple(noise.shape), device=noise.device,
+                   generator=seed, **kwargs)
             total = time.perf_counter() - start
             if rep > 0:
                 fractions.append((total - timed.seconds) / timed.seconds)
@@ -482,7 +512,7 @@ def _finite_or_none(value: float | None) -> float | None:
 
 
 def _path_error(x: Tensor, reference: Tensor) -> float:
-    diff = (x.to(torch.float64) - reference.to(torch.float64)).reshape(x.shape[0], -1)
+    diff = (x.detach().cpu().double() - reference.detach().cpu().double()).reshape(x.shape[0], -1)
     return float(diff.norm(dim=1).mean())
 
 
@@ -498,10 +528,86 @@ def _versions() -> dict[str, str]:
     return out
 
 
+class RunCache:
+    """Finished runs of an interrupted benchmark, so that the next run of the same command resumes.
+
+    One folder per configuration (workload, n, seed, reference NFE, model file, device type, package versions,
+    lazyinterp's source) under ``root``: ``reference.json`` and ``reference.safetensors`` (the reference samples,
+    for path errors) and one ``run-<sampler>-<nfe>.json`` per finished (sampler, NFE). Every file is written
+    atomically, and only by rank 0, which shares what it read with the other ranks.
+    """
+
+    def __init__(self, root: Path | str, manifest: dict[str, Any]):
+        text = json.dumps(manifest, sort_keys=True)
+        self.folder = Path(root) / hashlib.sha256(text.encode()).hexdigest()[:16]
+        self.manifest = json.loads(text)
+
+    def _run_path(self, sampler: str, nfe: int) -> Path:
+        return self.folder / f"run-{sampler}-{nfe}.json"
+
+    def load(self) -> tuple[dict | None, Tensor | None, dict[tuple[str, int], dict]]:
+        """The cached reference entry and samples, and the cached runs by (sampler, NFE)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        if not (self.folder / "manifest.json").is_file():
+            return None, None, {}
+        reference, samples, runs = None, None, {}
+        try:
+            if (self.folder / "reference.json").is_file():
+                samples = load_file(self.folder / "reference.safetensors")["samples"]
+                reference = json.loads((self.folder / "reference.json").read_text())
+            for path in self.folder.glob("run-*.json"):
+                entry = json.loads(path.read_text())
+                runs[(entry["sampler"], int(entry["nfe"]))] = entry
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:
+            raise ValueError(f"work_dir: {self.folder} holds unreadable results ({exc}); remove it or pass "
+                             "--fresh") from None
+        return reference, samples, runs
+
+    def start(self, fresh: bool) -> None:
+        if fresh:
+            self.remove()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_text(json.dumps(self.manifest, indent=1, sort_keys=True) + "\n", self.folder / "manifest.json")
+
+    def save_reference(self, entry: dict, samples: Tensor) -> None:
+        from safetensors.torch import save_file
+
+        with atomic_path(self.folder / "reference.safetensors") as tmp:
+            save_file({"samples": samples.detach().cpu().contiguous()}, str(tmp))
+        write_text(json.dumps(entry) + "\n", self.folder / "reference.json")
+
+    def save_run(self, entry: dict) -> None:
+        write_text(json.dumps(_clean(entry)) + "\n", self._run_path(entry["sampler"], entry["nfe"]))
+
+    def remove(self) -> None:
+        if self.folder.is_dir():
+            for path in self.folder.iterdir():
+                path.unlink()
+            self.folder.rmdir()
+
+
+def code_identity() -> str:
+    """sha256 of lazyinterp's own source files: runs cached by other code are never resumed."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def default_work_dir() -> Path:
+    """Where an interrupted benchmark keeps its finished runs: ``<cache>/bench``."""
+    return cache_dir() / "bench"
+
+
 def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NFE, n: int | None = None,
               seed: int = 0, samplers: str | Sequence[str] | None = None, reference_nfe: int = 1000,
               model: str = "mnist", batch_size: int | None = None, progress: bool = True,
-              overhead: bool | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+              overhead: bool | None = None, log: Callable[[str], None] | None = None,
+              device: torch.device | str = "cpu", ctx: Context | None = None, work_dir: Path | str | None = None,
+              fresh: bool = False, max_runs: int | None = None,
+              finish: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run the benchmark and return its results (the dict that ``--json`` writes).
 
     Args:
@@ -514,7 +620,18 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
         batch_size: samples per batch; default 250 for mnist and all n for the mixtures.
         overhead: measure the sampler overhead (default: for mnist only, where the network is a real one).
         log: called with one line per finished run.
+        device: where the mnist network runs ("cpu", "cuda", "cuda:1"); under torchrun use ``ctx``'s device.
+        ctx: the torch.distributed context (:func:`lazyinterp.distributed.setup`); every rank calls run_bench
+            with the same arguments and samples its share of each run; rank 0 holds the complete results (path
+            errors, overhead), reads and writes the cache, and calls ``finish``.
+        work_dir: where finished runs are kept until the benchmark completes (default :func:`default_work_dir`);
+            a run interrupted for any reason resumes from there when called again with the same configuration.
+        fresh: discard runs cached by an interrupted benchmark of the same configuration.
+        max_runs: stop after this many new (sampler, NFE) runs; the result then has ``"complete": False`` and
+            the next call resumes.
+        finish: called with the complete results before the cached runs are removed (e.g. to write outputs).
     """
+    ctx = ctx or Context(device=torch.device(device))
     nfes = parse_nfe(nfe)
     specs = select_samplers(samplers)
     if workload not in WORKLOADS:
@@ -527,7 +644,10 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
     batch_size = batch_size or DEFAULT_BATCH.get(workload, n)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
-    log = log or (lambda line: None)
+    if max_runs is not None and (isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 0):
+        raise ValueError(f"max_runs: expected an integer >= 0 or None, got {max_runs!r}")
+    log = log if log is not None and ctx.is_main else (lambda line: None)
+    progress = progress and ctx.is_main
     started = time.perf_counter()
 
     skipped: list[dict[str, Any]] = []
@@ -549,7 +669,21 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
             else:
                 jobs.append((spec, k, plan))
 
-    wl = make_workload(workload, n, model)
+    wl = make_workload(workload, n, model, ctx.device)
+    versions = _versions()
+    cache = RunCache(default_work_dir() if work_dir is None else work_dir,
+                     {"workload": workload, "n": n, "seed": seed, "reference_nfe": reference_nfe,
+                      "model": wl.identity, "device": ctx.device.type, "versions": versions,
+                      "code": code_identity()})
+    if ctx.is_main:
+        cache.start(fresh)
+    # Rank 0 reads the cache and tells the others; only rank 0 computes path errors and needs the samples.
+    cached_ref, cached_ref_x, cached_runs = cache.load() if ctx.is_main else (None, None, None)
+    cached_ref, cached_runs = ctx.broadcast_object((cached_ref, cached_runs))
+    if cached_ref is not None:
+        log(f"resuming from {cache.folder}: the reference and {len(cached_runs)} runs are cached (--fresh discards "
+            "them)")
+
     # Importing a peer package takes seconds; it must not count against the first run's time.
     for kind in {spec.kind for spec in runnable} & set(PEER_PACKAGES):
         importlib.import_module(PEER_PACKAGES[kind])
@@ -559,6 +693,8 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
         importlib.import_module("flow_matching.solver")
     mdl = wl.model
     noise = NoiseStreams(seed, range(n), wl.sample_shape, dtype=wl.dtype).draw()
+    if workload == "mnist":
+        noise = noise.to(ctx.device)
     # E[X] and σ of the lazy schedules are estimated once per model and cached on it; doing it here keeps that
     # one-off cost out of every run's time and NFE.
     mdl.nfe = 0
@@ -575,51 +711,50 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
     bar = tqdm(total=reference_nfe + sum(k for _, k, _ in jobs), disable=not progress, desc="reference",
                unit="NFE", dynamic_ncols=True, file=sys.stderr)
     ref_plan = REFERENCE.plan(reference_nfe)
-    ref_x, ref_seen, ref_seconds = run_sampler(REFERENCE, ref_plan, wl, noise, batch_size, seed, progress,
-                                               f"reference {reference_nfe} NFE")
-    if ref_seen != {reference_nfe}:
-        raise RuntimeError(f"reference: expected {reference_nfe} NFE, the model counted {sorted(ref_seen)}")
-    reference = {"sampler": "linear Heun", "nfe": reference_nfe, "steps": ref_plan["steps"],
-                 "last_step": ref_plan["last_step"], "seconds": round(ref_seconds, 3), **wl.score(ref_x)}
-    for key in ("noise_floor", "noise_floor_std"):
-        if key in wl.info:
-            reference[key] = wl.info[key]
+    if cached_ref is not None:
+        reference, ref_x = cached_ref, cached_ref_x
+        log(f"reference linear Heun, {reference_nfe} NFE: {wl.metric} {reference['value']:.4g} (cached in "
+            f"{cache.folder})")
+    else:
+        ref_x, ref_seen, ref_seconds = run_sampler(REFERENCE, ref_plan, wl, noise, batch_size, seed, progress,
+                                                   f"reference {reference_nfe} NFE", ctx)
+        if ref_seen != {reference_nfe}:
+            raise RuntimeError(f"reference: expected {reference_nfe} NFE, the model counted {sorted(ref_seen)}")
+        reference = {"sampler": "linear Heun", "nfe": reference_nfe, "steps": ref_plan["steps"],
+                     "last_step": ref_plan["last_step"], "seconds": round(ref_seconds, 3), **wl.score(ref_x, ctx)}
+        for key in ("noise_floor", "noise_floor_std"):
+            if key in wl.info:
+                reference[key] = wl.info[key]
+        if ctx.is_main:
+            cache.save_reference(reference, ref_x)
+        log(f"reference linear Heun, {reference_nfe} NFE: {wl.metric} {reference['value']:.4g}")
     bar.update(reference_nfe)
-    log(f"reference linear Heun, {reference_nfe} NFE: {wl.metric} {reference['value']:.4g}")
 
     results = []
+    new_runs = 0
+    complete = True
     for spec, k, plan in jobs:
+        if (spec.name, k) in cached_runs:
+            entry = cached_runs[(spec.name, k)]
+            if entry.get("skipped"):
+                skipped.append(entry["skipped"])
+            else:
+                results.append(entry)
+            bar.update(k)
+            continue
+        if max_runs is not None and new_runs >= max_runs:
+            complete = False
+            break
         bar.set_description(f"{spec.name} NFE {k}")
-        entry: dict[str, Any] = {"sampler": spec.name, "label": spec.label, "family": spec.family, "nfe": k,
-                                 "steps": plan["steps"]}
-        if "last_step" in plan:
-            entry["last_step"] = plan["last_step"]
-        try:
-            x, seen, seconds = run_sampler(spec, plan, wl, noise, batch_size, seed, progress, f"{spec.name} {k}")
-        except (NonFiniteError, ValueError) as exc:
-            # A sampler that cannot run (a network NaN, or σ that cannot be estimated) is a result, not a crash.
-            results.append({**entry, "value": None, "seconds": None, "path_error": None,
-                            "stochastic": spec.stochastic, "error": str(exc).splitlines()[0]})
-            log(f"{spec.name:>28} NFE {k:>3}: failed: {exc}")
-            bar.update(k)
-            continue
-        if seen != {k}:
-            skipped.append({"sampler": spec.name, "nfe": k,
-                            "reason": f"the model counted {sorted(seen)} evaluations, not {k}"})
-            bar.update(k)
-            continue
-        if bool(torch.isfinite(x).all()):
-            entry.update(wl.score(x))
-            entry["path_error"] = None if spec.stochastic else _path_error(x, ref_x)
+        entry = _run_entry(spec, k, plan, wl, noise, batch_size, seed, progress, ctx, ref_x, log)
+        if entry.get("skipped"):
+            skipped.append(entry["skipped"])
         else:
-            entry.update({"value": None, "path_error": None, "error": "non-finite samples"})
-        entry["seconds"] = round(seconds, 4)
-        entry["stochastic"] = spec.stochastic
-        results.append(entry)
+            results.append(entry)
+        if ctx.is_main:
+            cache.save_run(entry)
+        new_runs += 1
         bar.update(k)
-        pe = entry.get("path_error")
-        log(f"{spec.name:>28} NFE {k:>3}: {wl.metric} {_fmt(entry.get('value'))}"
-            + (f", path error {_fmt(pe)}" if pe is not None else "") + f" ({seconds:.2f} s)")
     bar.close()
 
     out: dict[str, Any] = {
@@ -628,13 +763,54 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
         "estimation_nfe": estimation_nfe, "workload_info": wl.info,
         "sigma": sigma,
         "samplers": {s.name: {"label": s.label, "family": s.family, "stochastic": s.stochastic} for s in runnable},
-        "versions": _versions(), "torch_threads": torch.get_num_threads(),
+        "versions": versions, "torch_threads": torch.get_num_threads(), "device": str(ctx.device),
+        "processes": ctx.world, "complete": complete,
     }
-    if overhead if overhead is not None else workload == "mnist":
-        out["overhead"] = measure_overhead(mdl, wl.sample_shape, wl.dtype, seed=seed)
+    if not complete:
+        out["work_dir"] = str(cache.folder)
+        return _clean(out)
+    if (overhead if overhead is not None else workload == "mnist") and ctx.is_main:
+        out["overhead"] = measure_overhead(mdl, wl.sample_shape, wl.dtype, seed=seed, device=noise.device)
         out["overhead_setup"] = {"batch": OVERHEAD_BATCH, "steps": OVERHEAD_STEPS, "repeats": OVERHEAD_REPEATS}
     out["seconds"] = round(time.perf_counter() - started, 2)
-    return _clean(out)
+    out = _clean(out)
+    if finish is not None and ctx.is_main:
+        finish(out)
+    ctx.barrier()
+    if ctx.is_main:
+        cache.remove()
+    return out
+
+
+def _run_entry(spec: SamplerDef, k: int, plan: dict, wl: Workload, noise: Tensor, batch_size: int, seed: int,
+               progress: bool, ctx: Context, ref_x: Tensor | None, log: Callable[[str], None]) -> dict[str, Any]:
+    """One (sampler, NFE) run and its scores, or ``{"skipped": ...}`` when the evaluations did not add up."""
+    entry: dict[str, Any] = {"sampler": spec.name, "label": spec.label, "family": spec.family, "nfe": k,
+                             "steps": plan["steps"]}
+    if "last_step" in plan:
+        entry["last_step"] = plan["last_step"]
+    try:
+        x, seen, seconds = run_sampler(spec, plan, wl, noise, batch_size, seed, progress, f"{spec.name} {k}", ctx)
+    except RunFailed as exc:
+        # A sampler that cannot run (a network NaN, or σ that cannot be estimated) is a result, not a crash.
+        log(f"{spec.name:>28} NFE {k:>3}: failed: {exc}")
+        return {**entry, "value": None, "seconds": None, "path_error": None, "stochastic": spec.stochastic,
+                "error": str(exc)}
+    if seen != {k}:
+        return {"sampler": spec.name, "nfe": k,
+                "skipped": {"sampler": spec.name, "nfe": k,
+                            "reason": f"the model counted {sorted(seen)} evaluations, not {k}"}}
+    if bool(torch.isfinite(x).all()):
+        entry.update(wl.score(x, ctx))
+        entry["path_error"] = None if spec.stochastic or ref_x is None else _path_error(x, ref_x)
+    else:
+        entry.update({"value": None, "path_error": None, "error": "non-finite samples"})
+    entry["seconds"] = round(seconds, 4)
+    entry["stochastic"] = spec.stochastic
+    pe = entry.get("path_error")
+    log(f"{spec.name:>28} NFE {k:>3}: {wl.metric} {_fmt(entry.get('value'))}"
+        + (f", path error {_fmt(pe)}" if pe is not None else "") + f" ({seconds:.2f} s)")
+    return entry
 
 
 def _clean(obj: Any) -> Any:
@@ -764,21 +940,6 @@ def write_text(text: str, path: Path | str) -> None:
 
 # Command line ---------------------------------------------------------------------------------------------------
 
-def check_writable(path: Path, option: str) -> None:
-    """Fail before any sampling if ``path`` cannot be written (tried, since permission bits lie to root)."""
-    if path.is_dir():
-        raise BenchError(f"{option}: {path} is a directory")
-    parent = path.absolute().parent
-    if not parent.is_dir():
-        raise BenchError(f"{option}: directory {parent} does not exist")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
-    except OSError as exc:
-        raise BenchError(f"{option}: cannot write in {parent} ({exc.strerror or exc})") from None
-    os.close(fd)
-    os.unlink(probe)
-
-
 class _OneLineErrors(click.Command):
     """Usage errors as one line (no usage banner), like every other failure of this command."""
 
@@ -792,7 +953,8 @@ class _OneLineErrors(click.Command):
 @click.command("bench", cls=_OneLineErrors)
 @click.option("--workload", default="gmm-2d", show_default=True, help="mnist, gmm-2d or gmm-64d.")
 @click.option("--nfe", default=DEFAULT_NFE, show_default=True, help="Comma-separated NFE values.")
-@click.option("--n", "n", default=None, type=int, help="Samples per run [default: 2000 mnist, 4000 gmm].")
+@click.option("--n", "-n", "n", default=None, type=int,
+              help="Samples per run [default: 2000 mnist, 4000 gmm]; under torchrun write -n.")
 @click.option("--seed", default=0, type=int, show_default=True)
 @click.option("--samplers", default=None, help=f"Comma list of samplers [default: all]: {', '.join(SAMPLER_NAMES)}.")
 @click.option("--reference-nfe", default=1000, type=int, show_default=True,
@@ -805,11 +967,25 @@ class _OneLineErrors(click.Command):
 @click.option("--model", "model_name", default="mnist", show_default=True,
               help="mnist workload: a bundled model name or a .safetensors checkpoint.")
 @click.option("--batch-size", default=None, type=int, help="Samples per batch [default: 250 mnist, all n gmm].")
+@click.option("--device", default="cpu", show_default=True,
+              help="Device of the mnist network: cpu or cuda (one GPU per process under torchrun).")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where finished runs are kept until the benchmark completes, so that an interrupted "
+                   "benchmark resumes [default: $LAZYINTERP_CACHE/bench].")
+@click.option("--fresh", is_flag=True, help="Discard the finished runs of an interrupted benchmark.")
+@click.option("--max-runs", default=None, type=int,
+              help="Stop after this many new (sampler, NFE) runs (rerun to continue).")
+@click.option("--overhead/--no-overhead", default=None,
+              help="Measure the sampler overhead outside the network [default: for mnist].")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-run lines.")
 def bench(workload: str, nfe: str, n: int | None, seed: int, samplers: str | None, reference_nfe: int,
           json_path: Path | None, markdown_path: Path | None, plot_path: Path | None, model_name: str,
-          batch_size: int | None, quiet: bool) -> None:
-    """Compare samplers at exactly counted NFE: peers (diffusers, flow_matching), baselines and lazy schedules."""
+          batch_size: int | None, device: str, work_dir: Path | None, fresh: bool, max_runs: int | None,
+          overhead: bool | None, quiet: bool) -> None:
+    """Compare samplers at exactly counted NFE: peers (diffusers, flow_matching), baselines and lazy schedules.
+
+    Runs as one process or under torchrun (each rank samples a share of every run); the results are the same.
+    """
     if workload not in WORKLOADS:
         raise BenchError(f"--workload: unknown workload {workload!r}; expected one of {', '.join(WORKLOADS)}")
     if n is not None and n < 2:
@@ -818,6 +994,8 @@ def bench(workload: str, nfe: str, n: int | None, seed: int, samplers: str | Non
         raise BenchError(f"--reference-nfe: expected an integer >= 2, got {reference_nfe}")
     if batch_size is not None and batch_size < 1:
         raise BenchError(f"--batch-size: expected an integer >= 1, got {batch_size}")
+    if max_runs is not None and max_runs < 1:
+        raise BenchError(f"--max-runs: expected an integer >= 1, got {max_runs}")
     try:
         parse_nfe(nfe)
         select_samplers(samplers)
@@ -825,15 +1003,16 @@ def bench(workload: str, nfe: str, n: int | None, seed: int, samplers: str | Non
         raise BenchError(f"--{exc}") from None
     outputs = [(p, o) for p, o in ((json_path, "--json"), (markdown_path, "--markdown"), (plot_path, "--plot"))
                if p is not None]
-    for path, option in outputs:
-        check_writable(path, option)
+    try:
+        for path, option in outputs:
+            ensure_writable(path, option)
+    except ValueError as exc:
+        raise BenchError(str(exc)) from None
     resolved = [p.absolute() for p, _ in outputs]
     if len(set(resolved)) != len(resolved):
         raise BenchError("--json, --markdown, --plot: each output needs its own file")
-    try:
-        results = run_bench(workload, nfe=nfe, n=n, seed=seed, samplers=samplers, reference_nfe=reference_nfe,
-                            model=model_name, batch_size=batch_size, progress=not quiet,
-                            log=None if quiet else lambda line: tqdm.write(line, file=sys.stderr))
+
+    def write_outputs(results: dict) -> None:
         report = markdown_report(results)
         if json_path is not None:
             write_json(results, json_path)
@@ -841,12 +1020,31 @@ def bench(workload: str, nfe: str, n: int | None, seed: int, samplers: str | Non
             write_text(report, markdown_path)
         if plot_path is not None:
             plot_results(results, plot_path)
+        click.echo(report, nl=False)
+
+    try:
+        ctx = distributed.setup(device)
+    except ValueError as exc:
+        raise BenchError(f"--{exc}") from None
+    try:
+        results = run_bench(workload, nfe=nfe, n=n, seed=seed, samplers=samplers, reference_nfe=reference_nfe,
+                            model=model_name, batch_size=batch_size, progress=not quiet,
+                            log=None if quiet else lambda line: tqdm.write(line, file=sys.stderr), ctx=ctx,
+                            work_dir=work_dir, fresh=fresh, max_runs=max_runs, overhead=overhead,
+                            finish=write_outputs)
     except (ValueError, TypeError, RuntimeError, FileNotFoundError) as exc:
         raise BenchError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
     except OSError as exc:
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         raise BenchError(f"{exc.strerror or exc}{where}") from None
-    click.echo(report, nl=False)
+    finally:
+        distributed.teardown(ctx)
+    if not ctx.is_main:
+        return
+    if not results["complete"]:
+        click.echo(f"stopped after {max_runs} new runs; finished runs are in {results['work_dir']}; "
+                   "run the same command again to resume")
+        return
     if results.get("overhead"):
         parts = ", ".join(f"{k} {100 * v:.2f}%" for k, v in results["overhead"].items())
         click.echo(f"overhead outside the network: {parts}", err=True)

@@ -109,19 +109,6 @@ def parse_diffusion(value: str | None, schedule: str) -> object:
     return kappa
 
 
-def check_writable(path: Path, option: str) -> None:
-    """Fail early, before any sampling, if ``path`` cannot be written."""
-    import os
-
-    parent = path.resolve().parent
-    if path.is_dir():
-        raise UserError(f"{option}: {path} is a directory")
-    if not parent.is_dir():
-        raise UserError(f"{option}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"{option}: directory {parent} is not writable")
-
-
 SCHEDULE_NAMES = ["linear", "cosine", "vp", "lazy-vp", "point-mass"]
 
 
@@ -167,17 +154,21 @@ def sample(model_name: str, schedule: str, steps: int, solver: str, diffusion: s
     from tqdm import tqdm
 
     from . import distributed
+    from .fetch import ensure_writable
     from .generate import SamplerSpec, generate, image_grid, save_png, save_samples
     from .models import load_model
 
-    check_writable(out, "--out")
+    ensure_writable(out, "--out")
     if grid_png is not None:
-        check_writable(grid_png, "--grid")
+        ensure_writable(grid_png, "--grid")
     if sigma is not None and schedule not in ("lazy-vp", "point-mass"):
         raise UserError("--sigma: only the lazy schedules (lazy-vp, point-mass) take sigma")
     spec = SamplerSpec(schedule=schedule, steps=steps, diffusion=parse_diffusion(diffusion, schedule),
                        solver=solver, sigma=sigma, last_step=last_step, grid=time_grid, center=center)
-    ctx = distributed.setup(device)
+    try:
+        ctx = distributed.setup(device)
+    except ValueError as exc:
+        raise UserError(f"--{exc}") from None
     try:
         model, info = load_model(model_name, ctx.device)
         manifest = {"model": str(model_name), "n": n, "seed": seed, "shard_size": shard_size,
@@ -229,10 +220,7 @@ def _distributed_fid(out: Path, n: int, shard_size: int, ctx) -> float | None:
             features, _ = metrics.features_and_probs(torch.from_numpy(f["samples"]))
         stats.update(features)
     stats = distributed.all_reduce_stats(stats, ctx)
-    if not ctx.is_main:
-        return None
-    ref = metrics.reference_stats()
-    return metrics.frechet_distance(stats.mean, stats.cov, ref.mean, ref.cov)
+    return metrics.fid_from_stats(stats) if ctx.is_main else None
 
 
 @main.command()

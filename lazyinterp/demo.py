@@ -65,11 +65,16 @@ def run_demo(model_name: str = "mnist", *, n: int = 1000, nfes: tuple[int, ...] 
              batch_size: int = 250, out_dir: Path | str = "demo", device: str = "cpu", progress: bool = True,
              echo=print) -> dict:
     """Run the comparison and write ``comparison.png``, ``results.json`` and ``table.md`` into ``out_dir``."""
+    from .fetch import ensure_writable
     from .metrics import evaluate
     from .models import load_model
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"out_dir: cannot create {out_dir} ({exc.strerror or exc})") from None
+    ensure_writable(out_dir / "results.json", "out_dir")
     model, _ = load_model(model_name, device)
     shape = (1, 28, 28)
     started = time.time()

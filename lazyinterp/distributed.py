@@ -56,13 +56,59 @@ class Context:
         else:
             store.wait([key])
 
+    def part(self, count: int) -> range:
+        """This rank's contiguous share of ``count`` items (shares differ in size by at most one)."""
+        base, extra = divmod(count, self.world)
+        start = self.rank * base + min(self.rank, extra)
+        return range(start, start + base + (self.rank < extra))
+
+    def all_gather_object(self, obj):
+        """Every rank's ``obj`` (small, picklable), in rank order."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_gather_rows(self, local: torch.Tensor) -> torch.Tensor:
+        """The concatenation of every rank's rows in rank order (ranks may hold different row counts)."""
+        if self.world == 1:
+            return local
+        counts = self.all_gather_object(int(local.shape[0]))
+        # Collectives need equal shapes: pad every rank's rows to the longest, then trim.
+        padded = local.new_zeros((max(counts), *local.shape[1:]), device=self.collective_device)
+        padded[: local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)]).to(local.device)
+
+    @property
+    def collective_device(self) -> torch.device:
+        """Where collectives take their tensors: the GPU under nccl, the CPU under gloo."""
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
 
 def setup(device: str = "cpu") -> Context:
     """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); a lone process needs none."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected cpu, cuda or cuda:N, got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} asked for, but CUDA is not available")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank)
     if dev.type == "cuda":
@@ -162,7 +208,7 @@ def all_reduce_stats(stats, ctx: Context):
     """Sum FeatureStats (n, sum, outer_sum) across ranks, in float64."""
     if ctx.world == 1:
         return stats
-    device = ctx.device if ctx.device.type == "cuda" else torch.device("cpu")
+    device = ctx.collective_device
     n = torch.tensor([float(stats.n)], dtype=torch.float64, device=device)
     total = torch.as_tensor(stats.sum, dtype=torch.float64, device=device).clone()
     outer = torch.as_tensor(stats.outer_sum, dtype=torch.float64, device=device).clone()

@@ -73,6 +73,26 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
             tmp.unlink()
 
 
+def ensure_writable(path: Path | str, what: str) -> None:
+    """Raise ValueError naming ``what`` unless a file can be written at ``path``.
+
+    A temporary file is created and removed beside ``path``: permission bits alone say nothing when running as
+    root or on some network file systems.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what}: {path} is a directory")
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        raise ValueError(f"{what}: directory {parent} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+    except OSError as exc:
+        raise ValueError(f"{what}: cannot write in {parent} ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def write_verified(target: Path, writer: Callable[[Path], None]) -> None:
     """Write ``target`` atomically with ``writer(tmp_path)`` and record its sha256 in ``target.sha256``."""
     with atomic_path(target) as tmp:

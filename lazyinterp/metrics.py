@@ -339,7 +339,10 @@ def reference_stats() -> FeatureStats:
     return _shipped_reference().copy()
 
 
-def _fid_against(stats: FeatureStats, reference: FeatureStats | None) -> float:
+def fid_from_stats(stats: FeatureStats, reference: FeatureStats | None = None) -> float:
+    """FID between feature statistics (e.g. all-reduced across ranks) and ``reference`` (default: MNIST test)."""
+    if not isinstance(stats, FeatureStats):
+        raise TypeError(f"stats: expected FeatureStats, got {type(stats).__name__}")
     reference = reference_stats() if reference is None else reference
     if not isinstance(reference, FeatureStats):
         raise TypeError(f"reference: expected FeatureStats or None, got {type(reference).__name__}")
@@ -362,7 +365,7 @@ def fid_mnist(samples: torch.Tensor, reference: FeatureStats | None = None) -> f
     samples = _check_images(samples, "samples")
     _check_fid_count(samples)
     feats, _ = features_and_probs(samples)
-    return _fid_against(FeatureStats.from_features(feats), reference)
+    return fid_from_stats(FeatureStats.from_features(feats), reference)
 
 
 def class_report(probs: np.ndarray | torch.Tensor) -> dict[str, float | list[int]]:
@@ -399,7 +402,7 @@ def evaluate(samples: torch.Tensor,
     _check_fid_count(samples)
     feats, probs = features_and_probs(samples)
     report = class_report(probs)
-    fid = _fid_against(FeatureStats.from_features(feats), reference)
+    fid = fid_from_stats(FeatureStats.from_features(feats), reference)
     return {"fid": fid, **report, "n": int(samples.shape[0])}
 
 

@@ -190,3 +190,66 @@ def test_cli_failure_during_the_run_writes_nothing(tmp_path):
                             "--json", str(out), "--quiet"])
     assert result.exit_code != 0 and len(lines) == 1 and "does not exist" in lines[0], result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+RESUME_ARGS = ["--workload", "gmm-2d", "--n", "120", "--nfe", "1,2,4", "--reference-nfe", "20", "--seed", "2",
+               "--samplers", "linear-euler,lazy-vp-ab2,point-mass-sde", "--quiet"]
+
+
+def _values(path):
+    data = json.loads(path.read_text())
+    return data["reference"]["value"], [(r["sampler"], r["nfe"], r["value"], r["path_error"]) for r in data["results"]]
+
+
+def test_interrupted_bench_resumes_to_the_identical_result(tmp_path):
+    work = tmp_path / "work"
+    straight = tmp_path / "straight.json"
+    result, _ = invoke([*RESUME_ARGS, "--work-dir", str(work), "--json", str(straight)])
+    assert result.exit_code == 0, result.stderr
+    assert list(work.iterdir()) == []  # a finished benchmark leaves nothing behind
+
+    out = tmp_path / "resumed.json"
+    first, _ = invoke([*RESUME_ARGS, "--work-dir", str(work), "--json", str(out), "--max-runs", "4"])
+    assert first.exit_code == 0 and "run the same command again" in first.stdout, first.output
+    assert not out.exists()
+    (folder,) = work.iterdir()
+    assert len(list(folder.glob("run-*.json"))) == 4 and (folder / "reference.safetensors").is_file()
+    # A temporary file left by a writer killed mid-write is ignored.
+    (folder / ".run-lazy-vp-ab2-4.json.x.tmp").write_text('{"sampler": "lazy-vp-ab2", "nfe": ')
+    second = CliRunner().invoke(bench, [*RESUME_ARGS[:-1], "--work-dir", str(work), "--json", str(out)])
+    assert second.exit_code == 0, second.output
+    assert "resuming from" in second.stderr and "4 runs are cached" in second.stderr
+    assert _values(out) == _values(straight)
+    assert not folder.exists()
+
+
+def test_bench_cache_is_kept_per_configuration_and_fresh_discards_it(tmp_path):
+    work = tmp_path / "work"
+    invoke([*RESUME_ARGS, "--work-dir", str(work), "--max-runs", "1"])
+    invoke([*RESUME_ARGS[:2], "--n", "130", *RESUME_ARGS[4:], "--work-dir", str(work), "--max-runs", "1"])
+    folders = sorted(work.iterdir())
+    assert len(folders) == 2  # another n is another configuration, never mixed with the first
+    for folder in folders:
+        assert len(list(folder.glob("run-*.json"))) == 1
+    result, _ = invoke([*RESUME_ARGS, "--work-dir", str(work), "--fresh", "--max-runs", "2"])
+    assert result.exit_code == 0
+    counts = sorted(len(list(f.glob("run-*.json"))) for f in work.iterdir())
+    assert counts == [1, 2]  # the fresh run started over: 2 new runs, not 1 cached + 2 new
+
+
+def test_unreadable_bench_cache_is_a_one_line_error(tmp_path):
+    work = tmp_path / "work"
+    invoke([*RESUME_ARGS, "--work-dir", str(work), "--max-runs", "1"])
+    (folder,) = work.iterdir()
+    (folder / "reference.safetensors").write_bytes(b"\0" * 10)
+    result, lines = invoke([*RESUME_ARGS, "--work-dir", str(work)])
+    assert result.exit_code != 0 and len(lines) == 1 and "--fresh" in lines[0], result.stderr
+    result, _ = invoke([*RESUME_ARGS, "--work-dir", str(work), "--fresh"])
+    assert result.exit_code == 0, result.stderr
+
+
+def test_cli_device_errors_are_one_line(tmp_path):
+    for device, needle in (("tpu", "expected cpu, cuda"), ("cuda:0" if not torch.cuda.is_available() else "x",
+                                                            "--device")):
+        result, lines = invoke([*RESUME_ARGS, "--device", device, "--work-dir", str(tmp_path)])
+        assert result.exit_code != 0 and len(lines) == 1 and needle in lines[0], result.stderr

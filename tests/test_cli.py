@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,9 +84,23 @@ def test_unwritable_output_directory(checkpoint, tmp_path):
 
         if os.access(locked, os.W_OK):
             pytest.skip("running with permissions that ignore directory modes")
-        assert_one_line_error(run("sample", "--model", checkpoint, "--out", locked / "x.npz"), "not writable")
+        assert_one_line_error(run("sample", "--model", checkpoint, "--out", locked / "x.npz"), "cannot write in")
     finally:
         locked.chmod(0o700)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs a /proc file system")
+@pytest.mark.parametrize("command", ["sample", "demo", "bench"])
+def test_output_on_a_file_system_that_refuses_files(checkpoint, tmp_path, command):
+    # /proc refuses new files even to root, for whom permission bits are no test.
+    target = Path("/proc/lazyinterp-test-output")
+    if command == "sample":
+        result = run("sample", "--model", checkpoint, "--out", target.with_suffix(".npz"))
+    elif command == "demo":
+        result = run("demo", "--model", checkpoint, "--n", 4, "--out", target)
+    else:
+        result = run("bench", "--workload", "gmm-2d", "--n", 8, "--json", target.with_suffix(".json"))
+    assert_one_line_error(result, "/proc")
 
 
 def test_console_script_error_has_no_traceback(tmp_path):
