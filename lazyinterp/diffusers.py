@@ -46,6 +46,9 @@ __all__ = [
     "grid_to_sigmas", "sigmas_to_grid",
 ]
 
+# The solvers ``step`` implements (li.sample's names; its aliases such as "em" resolve to them).
+_SOLVERS = ("euler", "heun", "ab2")
+
 # The σ probe sits at li.estimate_sigma's default SNR r_p (β/α of the linear schedule), so both estimate alike.
 _PROBE_SNR = float(inspect.signature(estimate_sigma).parameters["snr"].default)
 
@@ -213,11 +216,18 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
     only t_k and c_k do. The estimates are in :attr:`estimated_sigma`. Pass a number (e.g. 1 for latents
     normalised to unit variance) to skip the probe. The probe needs a run that starts at σ = 1.
 
-    **Solvers.** ``solver="euler"`` (Euler, or Euler–Maruyama for an SDE) evaluates once per node. ``"heun"``
-    (order 2) interleaves like ``FlowMatchHeunDiscreteScheduler``: timesteps m_0, m_1, m_1, …, m_{N−1}, m_{N−1},
-    then m_N = 0 (the corrector at t = 1) when ``last_step="euler"``; with ``last_step="denoise"`` (the default
-    for SDEs) the last interval is x_1 = η_X(t_{N−1}, x) and m_N is dropped. The arithmetic is that of
-    :func:`lazyinterp.sample` with the same grid, so the two agree to float precision.
+    **Solvers.** ``solver="euler"`` (Euler, or Euler–Maruyama for an SDE) evaluates once per node. ``"ab2"``
+    (two-step Adams–Bashforth, ODE only) also evaluates once per node and keeps the previous drift between
+    ``step`` calls (``set_timesteps`` clears it): with the drift b_k = b(t_k, y_k) in the target coordinates and
+    h_k = t_{k+1} − t_k, the first step is Euler and then y_{k+1} = y_k + h_k [(1 + ρ/2) b_k − (ρ/2) b_{k−1}],
+    ρ = h_k/h_{k−1}; the last interval takes that step too (``last_step="euler"``, the ODE default) or is
+    replaced by x_1 = η_X(t_{N−1}, x) (``"denoise"``). ``"heun"`` (order 2) interleaves like
+    ``FlowMatchHeunDiscreteScheduler``: timesteps m_0, m_1, m_1, …, m_{N−1}, m_{N−1}, then m_N = 0 (the
+    corrector at t = 1) when ``last_step="euler"``; with ``last_step="denoise"`` (the default for SDEs) the last
+    interval is x_1 = η_X(t_{N−1}, x) and m_N is dropped. The default is :func:`lazyinterp.sample`'s: ``"ab2"``
+    for an ODE on a lazy schedule, ``"euler"`` otherwise; the config keeps ``solver=None`` for it, so a reloaded
+    or re-targeted config takes the default of its own schedule and diffusion (:attr:`solver` is the one in use).
+    The arithmetic is that of :func:`lazyinterp.sample` with the same grid, so the two agree to float precision.
 
     **Noise.** SDEs draw one standard normal per step and sample from per-sample streams
     (:class:`lazyinterp.noise.NoiseStreams`). With ``step(..., generator=g)`` the base seed is one draw from ``g``,
@@ -232,7 +242,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             (custom schedule objects work but are saved to the config by name only).
         sigma: σ of a lazy schedule; ``None`` estimates it per sample (above).
         diffusion: ``"ode"``, ``"optimal"`` (ε*), a number κ (ε = κε*) or a callable ε(t) (not saved).
-        solver: ``"euler"`` or ``"heun"``.
+        solver: ``"euler"``, ``"heun"`` or ``"ab2"`` (ODE only); ``None`` for ``"ab2"`` on a lazy-schedule ODE and
+            ``"euler"`` otherwise.
         last_step: ``"euler"`` or ``"denoise"``; default ``"euler"`` for ODEs and ``"denoise"`` for SDEs.
         center: centre on the model's own E[X] estimate; default on for lazy schedules.
         shift, use_dynamic_shifting, base_shift, max_shift, base_image_seq_len, max_image_seq_len, time_shift_type,
@@ -242,8 +253,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         use_flow_sigmas: read by FLUX pipelines; when True they pass only ``num_inference_steps``.
 
     Raises:
-        ValueError: an unknown schedule, diffusion, solver or last step, a sigma for a non-lazy schedule, or a
-            point-mass schedule with an ODE.
+        ValueError: an unknown schedule, diffusion, solver or last step, a sigma for a non-lazy schedule, a
+            point-mass schedule with an ODE, or ``"ab2"`` with an SDE.
     """
 
     _compatibles: list[str] = []
@@ -251,7 +262,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, schedule: str = "lazy-vp", sigma: float | None = None,
-                 diffusion: str | float = "ode", solver: str = "euler", last_step: str | None = None,
+                 diffusion: str | float = "ode", solver: str | None = None, last_step: str | None = None,
                  center: bool | None = None, shift: float = 1.0, use_dynamic_shifting: bool = False,
                  base_shift: float | None = 0.5, max_shift: float | None = 1.15, base_image_seq_len: int = 256,
                  max_image_seq_len: int = 4096, time_shift_type: str = "exponential",
@@ -271,10 +282,18 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         if target.base == "point_mass" and probe_diffusion.is_ode:
             raise ValueError("diffusion: a point-mass schedule starts every sample at 0, and an ODE moves them all "
                              "alike, so it cannot leave the point; use diffusion='optimal' (or kappa > 0)")
-        self._solver = _check_solver(solver)
+        self._is_sde = not probe_diffusion.is_ode
+        # The default is li.sample's: in lazy coordinates AB2 beats Euler at equal NFE (README, "Benchmarks").
+        default_solver = "ab2" if isinstance(target, LazySchedule) and not self._is_sde else "euler"
+        self._solver = _check_solver(default_solver if solver is None else solver)
+        # li.sample may know more solvers than the stepping below implements; those must not run as Euler.
+        if self._solver not in _SOLVERS:
+            raise ValueError(f"solver: LazyScheduler implements {', '.join(_SOLVERS)} (or None for the default), "
+                             f"got {solver!r}")
+        if self._solver == "ab2" and self._is_sde:
+            raise ValueError("solver: ab2 is an ODE solver; use euler or heun with an SDE")
         if last_step is not None and last_step not in LAST_STEPS:
             raise ValueError(f"last_step: expected one of {', '.join(LAST_STEPS)} or None, got {last_step!r}")
-        self._is_sde = not probe_diffusion.is_ode
         self._last_step = last_step or ("denoise" if self._is_sde else "euler")
         if center is not None and not isinstance(center, bool):
             raise TypeError(f"center: expected True, False or None, got {type(center).__name__}")
@@ -282,10 +301,12 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         if self._solver == "heun":
             self.order = 2
         config_diffusion = diffusion if isinstance(diffusion, (str, int, float)) else "custom"
-        # Values normalised here are explicit settings now, not defaults to be dropped on reload.
+        # Values normalised here are explicit settings now, not defaults to be dropped on reload. A default solver
+        # stays None, so that a reloaded or re-targeted config (from_config(config, diffusion="optimal")) picks
+        # the default of its own schedule and diffusion rather than inheriting ab2.
         defaults = [k for k in self.config.get("_use_default_values", []) if k not in ("schedule", "sigma")]
         self.register_to_config(schedule=config_name, sigma=config_sigma, diffusion=config_diffusion,
-                                solver=self._solver, _use_default_values=defaults)
+                                solver=None if solver is None else self._solver, _use_default_values=defaults)
         self._shift = shift
         self.init_noise_sigma = 1.0
         train = torch.linspace(1.0, 1.0 / num_train_timesteps, num_train_timesteps, dtype=torch.float32)
@@ -318,6 +339,11 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         return (linear() if key == "linear" else target), key, None
 
     # Properties of the diffusers contract -----------------------------------------------------------------------
+    @property
+    def solver(self) -> str:
+        """The solver in use: the configured one, or the default for the schedule and diffusion."""
+        return self._solver
+
     @property
     def shift(self) -> float:
         """The static shift applied to the sigmas (when ``use_dynamic_shifting`` is off)."""
@@ -369,6 +395,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         self._y: Tensor | None = None
         self._returned: Tensor | None = None
         self._heun: tuple | None = None
+        self._previous_drift: Tensor | None = None
         self._deferred: tuple | None = None
         self._probe_mean: Tensor | None = None
         self.estimated_sigma: Tensor | None = None
@@ -611,17 +638,25 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                 out[lane.index] = lane.dynamics.denoise(y[lane.index], lane.grid[node])
             return out, node + 1
         drift = self._drift(y, node)
+        previous = self._previous_drift if self._solver == "ab2" else None
         step = torch.empty_like(y)
         kick = torch.zeros_like(y)
         for lane in self._lanes:
             t, h = lane.grid[node], lane.grid[node + 1] - lane.grid[node]
-            step[lane.index] = h * drift[lane.index]
+            if previous is None:
+                step[lane.index] = h * drift[lane.index]
+            else:
+                # Each lane has its own grid (per-sample σ), so ρ is per lane.
+                rho = h / (t - lane.grid[node - 1])
+                step[lane.index] = h * ((1 + 0.5 * rho) * drift[lane.index] - 0.5 * rho * previous[lane.index])
             if xi is not None:
                 eps = lane.dynamics.diffusion.epsilon_at(t)
                 if eps > 0:
                     kick[lane.index] = math.sqrt(2 * eps * h) * xi[lane.index]
         if self._solver == "heun":
             self._heun = (y, drift, kick)
+        elif self._solver == "ab2":
+            self._previous_drift = drift
         return y + step + kick, node + 1
 
     def _corr(self, y_pred: Tensor, node: int) -> Tensor:
