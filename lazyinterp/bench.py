@@ -171,11 +171,11 @@ class Workload:
     identity: str = ""  # what the model's results depend on, for matching cached runs
 
 
-def _mnist_workload(model_name: str, device: torch.device | str = "cpu") -> Workload:
+def _mnist_workload(model_name: str, device: torch.device | str = "cpu", chunk: int | None = None) -> Workload:
     from .metrics import FeatureStats, class_report, features_and_probs, fid_from_stats
-    from .models import load_model, resolve_model_path
+    from .models import EVAL_CHUNK, load_model, resolve_model_path
 
-    model, info = load_model(model_name, device)
+    model, info = load_model(model_name, device, chunk=chunk or EVAL_CHUNK)
 
     def score(x: Tensor, ctx: Context) -> dict[str, Any]:
         """FID-MNIST with the classifier run on each rank's share and the feature moments all-reduced."""
@@ -208,11 +208,13 @@ def _gmm_workload(name: str, n: int) -> Workload:
                     "sliced W2 to the target", score, info)
 
 
-def make_workload(name: str, n: int, model_name: str = "mnist", device: torch.device | str = "cpu") -> Workload:
-    """The workload ``name``; ``device`` runs the mnist network (the mixtures' exact models stay on the CPU)."""
+def make_workload(name: str, n: int, model_name: str = "mnist", device: torch.device | str = "cpu",
+                  chunk: int | None = None) -> Workload:
+    """The workload ``name``; ``device`` runs the mnist network (the mixtures' exact models stay on the CPU) in
+    fixed chunks of ``chunk`` samples (default :data:`lazyinterp.models.EVAL_CHUNK`)."""
     if name not in WORKLOADS:
         raise ValueError(f"workload: unknown workload {name!r}; expected one of {', '.join(WORKLOADS)}")
-    return _mnist_workload(model_name, device) if name == "mnist" else _gmm_workload(name, n)
+    return _mnist_workload(model_name, device, chunk) if name == "mnist" else _gmm_workload(name, n)
 
 
 # Samplers -------------------------------------------------------------------------------------------------------
@@ -606,7 +608,7 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
               model: str = "mnist", batch_size: int | None = None, progress: bool = True,
               overhead: bool | None = None, log: Callable[[str], None] | None = None,
               device: torch.device | str = "cpu", ctx: Context | None = None, work_dir: Path | str | None = None,
-              fresh: bool = False, max_runs: int | None = None,
+              fresh: bool = False, max_runs: int | None = None, chunk: int | None = None,
               finish: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run the benchmark and return its results (the dict that ``--json`` writes).
 
@@ -629,6 +631,8 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
         fresh: discard runs cached by an interrupted benchmark of the same configuration.
         max_runs: stop after this many new (sampler, NFE) runs; the result then has ``"complete": False`` and
             the next call resumes.
+        chunk: the mnist network sees fixed chunks of this many samples (default 50), which makes samples
+            independent of ``batch_size`` and of the number of processes; larger chunks are faster on a GPU.
         finish: called with the complete results before the cached runs are removed (e.g. to write outputs).
     """
     ctx = ctx or Context(device=torch.device(device))
@@ -669,12 +673,14 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
             else:
                 jobs.append((spec, k, plan))
 
-    wl = make_workload(workload, n, model, ctx.device)
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk: expected an integer >= 1, got {chunk!r}")
+    wl = make_workload(workload, n, model, ctx.device, chunk)
     versions = _versions()
     cache = RunCache(default_work_dir() if work_dir is None else work_dir,
                      {"workload": workload, "n": n, "seed": seed, "reference_nfe": reference_nfe,
                       "model": wl.identity, "device": ctx.device.type, "versions": versions,
-                      "code": code_identity()})
+                      "code": code_identity(), "chunk": chunk})
     if ctx.is_main:
         cache.start(fresh)
     # Rank 0 reads the cache and tells the others; only rank 0 computes path errors and needs the samples.
@@ -764,7 +770,7 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
         "sigma": sigma,
         "samplers": {s.name: {"label": s.label, "family": s.family, "stochastic": s.stochastic} for s in runnable},
         "versions": versions, "torch_threads": torch.get_num_threads(), "device": str(ctx.device),
-        "processes": ctx.world, "complete": complete,
+        "processes": ctx.world, "network_chunk": getattr(mdl, "chunk", None), "complete": complete,
     }
     if not complete:
         out["work_dir"] = str(cache.folder)
@@ -969,6 +975,9 @@ class _OneLineErrors(click.Command):
 @click.option("--batch-size", default=None, type=int, help="Samples per batch [default: 250 mnist, all n gmm].")
 @click.option("--device", default="cpu", show_default=True,
               help="Device of the mnist network: cpu or cuda (one GPU per process under torchrun).")
+@click.option("--chunk", default=None, type=int,
+              help="mnist: the network sees fixed chunks of this many samples, so samples do not depend on "
+                   "--batch-size or the process count [default: 50; larger is faster on a GPU].")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where finished runs are kept until the benchmark completes, so that an interrupted "
                    "benchmark resumes [default: $LAZYINTERP_CACHE/bench].")
@@ -981,7 +990,7 @@ class _OneLineErrors(click.Command):
 def bench(workload: str, nfe: str, n: int | None, seed: int, samplers: str | None, reference_nfe: int,
           json_path: Path | None, markdown_path: Path | None, plot_path: Path | None, model_name: str,
           batch_size: int | None, device: str, work_dir: Path | None, fresh: bool, max_runs: int | None,
-          overhead: bool | None, quiet: bool) -> None:
+          chunk: int | None, overhead: bool | None, quiet: bool) -> None:
     """Compare samplers at exactly counted NFE: peers (diffusers, flow_matching), baselines and lazy schedules.
 
     Runs as one process or under torchrun (each rank samples a share of every run); the results are the same.
@@ -994,6 +1003,8 @@ def bench(workload: str, nfe: str, n: int | None, seed: int, samplers: str | Non
         raise BenchError(f"--reference-nfe: expected an integer >= 2, got {reference_nfe}")
     if batch_size is not None and batch_size < 1:
         raise BenchError(f"--batch-size: expected an integer >= 1, got {batch_size}")
+    if chunk is not None and chunk < 1:
+        raise BenchError(f"--chunk: expected an integer >= 1, got {chunk}")
     if max_runs is not None and max_runs < 1:
         raise BenchError(f"--max-runs: expected an integer >= 1, got {max_runs}")
     try:
@@ -1030,7 +1041,7 @@ def bench(workload: str, nfe: str, n: int | None, seed: int, samplers: str | Non
         results = run_bench(workload, nfe=nfe, n=n, seed=seed, samplers=samplers, reference_nfe=reference_nfe,
                             model=model_name, batch_size=batch_size, progress=not quiet,
                             log=None if quiet else lambda line: tqdm.write(line, file=sys.stderr), ctx=ctx,
-                            work_dir=work_dir, fresh=fresh, max_runs=max_runs, overhead=overhead,
+                            work_dir=work_dir, fresh=fresh, max_runs=max_runs, overhead=overhead, chunk=chunk,
                             finish=write_outputs)
     except (ValueError, TypeError, RuntimeError, FileNotFoundError) as exc:
         raise BenchError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
