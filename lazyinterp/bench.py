@@ -88,7 +88,7 @@ SLICED_DIRECTIONS = 128
 # The target sample behind the sliced distance has at least this many points (a multiple of n).
 TARGET_POINTS = 40_000
 OVERHEAD_SAMPLERS = ("lazy-vp-euler", "point-mass-sde")
-OVERHEAD_BATCH, OVERHEAD_STEPS, OVERHEAD_REPEATS = 256, 8, 3
+OVERHEAD_BATCH, OVERHEAD_STEPS, OVERHEAD_REPEATS = 256, 8, 5
 
 
 class BenchError(click.ClickException):
@@ -429,49 +429,58 @@ def run_sampler(spec: SamplerDef, plan: dict, workload: Workload, noise: Tensor,
 
 # Measurement of the sampler's own cost --------------------------------------------------------------------------
 
-class _TimedNet:
-    """The network with its own wall time accumulated (the state is synchronised on an accelerator)."""
-
-    def __init__(self, net):
-        self.net = net
-        self.seconds = 0.0
-
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        if x.is_cuda:
-            torch.cuda.synchronize(x.device)
-        start = time.perf_counter()
-        out = self.net(x, t)
-        if out.is_cuda:
-            torch.cuda.synchronize(out.device)
-        self.seconds += time.perf_counter() - start
-        return out
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def measure_overhead(model: Model, sample_shape: tuple[int, ...], dtype: torch.dtype, *, seed: int = 0,
                      batch: int = OVERHEAD_BATCH, steps: int = OVERHEAD_STEPS, repeats: int = OVERHEAD_REPEATS,
                      device: torch.device | str = "cpu") -> dict[str, float]:
-    r"""(T_sample − T_net)/T_net for lazy VP Euler and the point-mass SDE: the time ``li.sample`` spends outside
-    the network (schedule maths, conversion, noise draws, state updates) as a fraction of network time.
+    r"""T_sample / T_net − 1 for lazy VP Euler and the point-mass SDE: the time ``li.sample`` spends beyond the
+    network (schedule maths, conversion, noise draws, state updates, checks) as a fraction of network time.
 
-    The median over ``repeats`` timed runs after one warm-up run (which also estimates E[X] and σ).
+    T_sample is the wall time of ``li.sample`` for one batch; T_net that of the same number of network calls on a
+    batch of the same shape, back to back. Each synchronises the device once, at the end, so on an accelerator
+    the sampler's own work counts only where the device has to wait for it. The median over ``repeats``
+    interleaved pairs, after one warm-up run (which also estimates E[X] and σ).
     """
-    timed = _TimedNet(model.net)
-    timed_model = Model(timed, model.schedule, model.predicts, t_min=model.t_min, net_dtype=model.net_dtype)
+    device = torch.device(device)
+    bare = Model(model.net, model.schedule, model.predicts, t_min=model.t_min, net_dtype=model.net_dtype)
     noise = NoiseStreams(seed, range(batch), sample_shape, dtype=dtype).draw().to(device)
+    net_dtype = bare.net_dtype or dtype
+    net_x, net_t = noise.to(net_dtype), torch.full((batch,), 0.5, device=device, dtype=net_dtype)
+
+    def network_seconds(calls: int) -> float:
+        _synchronize(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            model.net(net_x, net_t)
+        _synchronize(device)
+        return time.perf_counter() - start
+
     result = {}
     for name in OVERHEAD_SAMPLERS:
         spec = next(s for s in SAMPLERS if s.name == name)
         kwargs = _li_kwargs(spec, spec.plan(steps))
-        base_point = spec.options["schedule"] == "point-mass"
-        fractions = []
-        for rep in range(repeats + 1):
-            timed.seconds = 0.0
+        start_noise = None if spec.options["schedule"] == "point-mass" else noise
+
+        def run(start_noise: Tensor | None, kwargs: dict) -> float:
+            _synchronize(device)
             start = time.perf_counter()
-            sample(timed_model, None if base_point else noise, shape=tuple(noise.shape), device=noise.device,
-                   generator=seed, **kwargs)
-            total = time.perf_counter() - start
-            if rep > 0:
-                fractions.append((total - timed.seconds) / timed.seconds)
+            sample(bare, start_noise, shape=tuple(noise.shape), device=device, generator=seed, **kwargs)
+            _synchronize(device)
+            return time.perf_counter() - start
+
+        bare.nfe = 0
+        _, info = sample(bare, start_noise, shape=tuple(noise.shape), device=device, generator=seed,
+                         return_info=True, **kwargs)
+        calls = bare.nfe - info.estimation_nfe
+        network_seconds(calls)
+        fractions = []
+        for _ in range(repeats):
+            t_net = network_seconds(calls)
+            fractions.append(run(start_noise, kwargs) / t_net - 1)
         result[name] = sorted(fractions)[len(fractions) // 2]
     return result
 

@@ -67,6 +67,10 @@ def fetch(dataset: str, force: bool) -> None:
 @click.option("--steps", default=6000, type=click.IntRange(min=1), show_default=True)
 @click.option("--batch-size", default=128, type=click.IntRange(min=1), show_default=True)
 @click.option("--lr", default=2e-3, type=click.FloatRange(min=0, min_open=True), show_default=True)
+@click.option("--warmup", default=200, type=click.IntRange(min=0), show_default=True,
+              help="Steps of linear learning-rate warm-up before the cosine decay.")
+@click.option("--ema-decay", default=0.999, type=click.FloatRange(min=0, max=1, max_open=True), show_default=True,
+              help="Decay of the exported exponential moving average of the weights.")
 @click.option("--channels", default="16,32,64", show_default=True, help="UNet widths per level.")
 @click.option("--seed", default=0, type=int, show_default=True)
 @click.option("--checkpoint-every", default=500, type=click.IntRange(min=1), show_default=True)
@@ -74,8 +78,8 @@ def fetch(dataset: str, force: bool) -> None:
 @click.option("--limit-data", default=0, type=click.IntRange(min=0), help="Use only the first N images.")
 @click.option("--device", default="cpu", show_default=True)
 @friendly_errors
-def train(out_dir: Path, data: str, steps: int, batch_size: int, lr: float, channels: str, seed: int,
-          checkpoint_every: int, threads: int, limit_data: int, device: str) -> None:
+def train(out_dir: Path, data: str, steps: int, batch_size: int, lr: float, warmup: int, ema_decay: float,
+          channels: str, seed: int, checkpoint_every: int, threads: int, limit_data: int, device: str) -> None:
     """Train a velocity UNet with the linear (rectified-flow) schedule; resumes if OUT has a state."""
     from .training import TrainConfig
     from .training import train as run_training
@@ -86,7 +90,8 @@ def train(out_dir: Path, data: str, steps: int, batch_size: int, lr: float, chan
         raise UserError(f"--channels: expected comma-separated integers, got {channels!r}") from exc
     if not widths or min(widths) < 8 or any(w % 8 for w in widths):
         raise UserError(f"--channels: each width must be a positive multiple of 8, got {channels!r}")
-    cfg = TrainConfig(data=data, steps=steps, batch_size=batch_size, lr=lr, channels=widths, seed=seed,
+    cfg = TrainConfig(data=data, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay,
+                      channels=widths, seed=seed,
                       checkpoint_every=checkpoint_every, threads=threads, limit_data=limit_data,
                       device=device)
     command = "lazyinterp " + " ".join(shlex.quote(a) for a in sys.argv[1:])

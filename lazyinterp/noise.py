@@ -55,3 +55,15 @@ class NoiseStreams:
         out = torch.stack([torch.randn(self.sample_shape, generator=g, dtype=torch.float64)
                            for g in self._generators])
         return out.to(device=self.device, dtype=self.dtype)
+
+    def draw_block(self, count: int) -> Tensor:
+        """The next ``count`` draws at once, shape (count, batch, *sample_shape).
+
+        One call per sample instead of one per sample and draw: an SDE takes all its increments up front, so the
+        per-step cost does not grow with the batch. The values are a function of (seed, i, count) alone.
+        """
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"count: expected an integer >= 0, got {count!r}")
+        out = torch.stack([torch.randn((count, *self.sample_shape), generator=g, dtype=torch.float64)
+                           for g in self._generators], dim=1)
+        return out.to(device=self.device, dtype=self.dtype)

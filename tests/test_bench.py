@@ -253,3 +253,31 @@ def test_cli_device_errors_are_one_line(tmp_path):
                                                             "--device")):
         result, lines = invoke([*RESUME_ARGS, "--device", device, "--work-dir", str(tmp_path)])
         assert result.exit_code != 0 and len(lines) == 1 and needle in lines[0], result.stderr
+
+
+def test_overhead_measurement_tells_a_cheap_network_from_a_costly_one():
+    import time
+
+    from lazyinterp.bench import measure_overhead
+
+    class Net(torch.nn.Module):
+        def __init__(self, seconds):
+            super().__init__()
+            self.seconds = seconds
+
+        def forward(self, x, t):
+            if self.seconds:
+                time.sleep(self.seconds)
+            return -x
+
+    def overhead(seconds):
+        model = li.Model(Net(seconds), "linear", "velocity")
+        return measure_overhead(model, (4,), torch.float64, batch=8, steps=6, repeats=3)
+
+    costly, cheap = overhead(0.02), overhead(0.0)
+    assert set(costly) == {"lazy-vp-euler", "point-mass-sde"}
+    for name in costly:
+        # li.sample's own work per step (well under a millisecond) against 20 ms networks, and against a
+        # network that costs next to nothing.
+        assert -0.2 < costly[name] < 0.3, costly
+        assert cheap[name] > 1.0, cheap

@@ -1,0 +1,34 @@
+import pytest
+import torch
+
+from lazyinterp.noise import NoiseStreams, sample_seed
+
+
+def test_block_draws_depend_only_on_seed_and_index():
+    whole = NoiseStreams(3, range(6), (2, 5)).draw_block(4)
+    assert whole.shape == (4, 6, 2, 5) and whole.dtype == torch.float32
+    part = NoiseStreams(3, [4, 1], (2, 5)).draw_block(4)
+    assert torch.equal(part[:, 0], whole[:, 4]) and torch.equal(part[:, 1], whole[:, 1])
+    assert not torch.equal(NoiseStreams(4, range(6), (2, 5)).draw_block(4), whole)
+    # Draws within a block are independent standard normals.
+    big = NoiseStreams(0, range(64), (32,), dtype=torch.float64).draw_block(16)
+    assert abs(float(big.mean())) < 0.02 and abs(float(big.std()) - 1) < 0.02
+    corr = torch.corrcoef(big[:, :, 0].T)
+    assert float((corr - torch.eye(64)).abs().max()) < 0.8
+
+
+def test_float32_and_float64_blocks_share_the_noise():
+    a = NoiseStreams(1, range(3), (4,), dtype=torch.float64).draw_block(2)
+    b = NoiseStreams(1, range(3), (4,), dtype=torch.float32).draw_block(2)
+    torch.testing.assert_close(a.float(), b)
+
+
+@pytest.mark.parametrize("count", [-1, 1.5, True])
+def test_block_count_is_validated(count):
+    with pytest.raises(ValueError, match="count"):
+        NoiseStreams(0, range(2), (3,)).draw_block(count)
+
+
+def test_seeds_differ_across_indices_and_base_seeds():
+    seeds = {sample_seed(s, i) for s in range(4) for i in range(256)}
+    assert len(seeds) == 4 * 256 and all(0 <= x < 2**63 for x in seeds)
