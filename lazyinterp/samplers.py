@@ -11,6 +11,7 @@ solver                        last_step="euler"           last_step="denoise"
 ============================  ==========================  =================================
 euler (ODE), euler (SDE: EM)  N                           N
 ab2 (ODE, Adams–Bashforth 2)  N                           N
+ab2-pc (ODE, AB2 + AM3 PEC)   N                           N
 heun (ODE and SDE)            2N                          2N − 1
 ============================  ==========================  =================================
 
@@ -37,9 +38,11 @@ Tensor = torch.Tensor
 Drift = Callable[[Tensor, float], Tensor]
 Callback = Callable[[int, float, Tensor], None]
 
-SOLVERS = ("euler", "heun", "ab2")
-SOLVER_ALIASES = {"euler": "euler", "heun": "heun", "ab2": "ab2", "euler_maruyama": "euler",
+SOLVERS = ("euler", "heun", "ab2", "ab2-pc")
+SOLVER_ALIASES = {"euler": "euler", "heun": "heun", "ab2": "ab2", "ab2-pc": "ab2-pc", "euler_maruyama": "euler",
                   "euler-maruyama": "euler", "em": "euler"}
+# Multistep solvers: one evaluation a step, probability-flow ODE only (they reuse drifts of earlier nodes).
+ODE_SOLVERS = ("ab2", "ab2-pc")
 LAST_STEPS = ("euler", "denoise")
 DEFAULT_STEPS = 8
 
@@ -113,7 +116,7 @@ def count_nfe(solver: str, steps: int, last_step: str = "euler") -> int:
     """Network evaluations of ``solver`` over ``steps`` intervals (see the module table)."""
     solver = _check_solver(solver)
     steps = check_steps(steps)
-    if solver in ("euler", "ab2"):
+    if solver == "euler" or solver in ODE_SOLVERS:
         return steps
     return 2 * steps - (1 if last_step == "denoise" else 0)
 
@@ -323,6 +326,62 @@ def adams_bashforth2(drift: Drift, x: Tensor, grid: Tensor, *, denoise: Drift | 
     return x
 
 
+def adams_predictor_corrector(drift: Drift, x: Tensor, grid: Tensor, *, denoise: Drift | None = None,
+                              callback: Callback | None = None) -> Tensor:
+    r"""AB2 predictor, AM3 corrector, one evaluation a step (PEC): third order on a non-uniform grid.
+
+    With h = t_{k+1} − t_k, ρ = h / (t_k − t_{k−1}) and d_j the drift evaluated at node t_j:
+
+    * predict (AB2):  x̃_{k+1} = x_k + h [(1 + ρ/2) d_k − (ρ/2) d_{k−1}]   (Euler for k = 0);
+    * evaluate:       d_{k+1} = b(t_{k+1}, x̃_{k+1}), the step's only network evaluation;
+    * correct (AM3):  x_{k+1} = x_k + h [(3 + 2ρ)/(6(1 + ρ)) d_{k+1} + (3 + ρ)/6 d_k − ρ²/(6(1 + ρ)) d_{k−1}]
+      (the trapezoid x_1 = x_0 + h/2 (d_0 + d_1) for k = 0),
+
+    the AM3 weights being the integrals over [t_k, t_{k+1}] of the quadratic through (t_j, d_j), j = k−1..k+1.
+    As in UniPC, the corrected state moves on with d_{k+1}, the drift at the *predicted* point, instead of
+    paying for a second evaluation: d_{k+1} − b(t_{k+1}, x_{k+1}) = O(h³) (O(h²) after the Euler start) enters
+    the next step multiplied by h, so the local error stays O(h⁴) (O(h³) once) and the scheme is third order.
+
+    The last interval has no evaluation at its end, so it is the predictor alone; with ``denoise`` it is
+    x_N = D(t_{N−1}, x̃_{N−1}), taken at the predicted state because correcting that state would cost an
+    evaluation. ``callback(k, t, x)`` receives each node's final (corrected) state, so it runs one node behind
+    the evaluations.
+    """
+    times = [float(t) for t in grid]
+    last = len(times) - 2
+    drifts: list[Tensor] = []  # d_{k−2}, d_{k−1}, d_k
+    start = x  # x_{k−1}, where the corrector of the interval ending at t_k starts
+    for k in range(len(times) - 1):
+        t, t_next = times[k], times[k + 1]
+        h = t_next - t
+        final_denoise = k == last and denoise is not None
+        if not final_denoise:
+            drifts = [*drifts[-2:], _guard(k, t, drift, x, t)]
+            if k > 0:
+                h_prev = t - times[k - 1]
+                if k == 1:
+                    x = start + 0.5 * h_prev * (drifts[-2] + drifts[-1])
+                else:
+                    r = h_prev / (times[k - 1] - times[k - 2])
+                    x = start + h_prev * ((3 + 2 * r) / (6 * (1 + r)) * drifts[-1] + (3 + r) / 6 * drifts[-2]
+                                          - r * r / (6 * (1 + r)) * drifts[-3])
+        if k > 0 and callback is not None:
+            callback(k - 1, t, x)
+        if final_denoise:
+            x = _guard(k, t, denoise, x, t)
+        else:
+            start = x
+            if k == 0:
+                x = x + h * drifts[-1]
+            else:
+                rho = h / (t - times[k - 1])
+                x = x + h * ((1 + 0.5 * rho) * drifts[-1] - 0.5 * rho * drifts[-2])
+        _check_state(x, k, t)
+    if callback is not None:
+        callback(last, times[-1], x)
+    return x
+
+
 def euler_maruyama(drift: Drift, epsilon: Callable[[float], float], x: Tensor, grid: Tensor,
                    normal: Callable[[], Tensor], *, denoise: Drift | None = None,
                    callback: Callback | None = None) -> Tensor:
@@ -443,9 +502,10 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         steps: the number of grid intervals (uniform grid); ignored when ``grid`` is given. Default 8.
         schedule: the sampling schedule (object or name); default the model's own. Conversion is exact.
         diffusion: "ode" (ε = 0), "optimal" (ε*), a float κ (ε = κ ε*) or a callable ε(t).
-        solver: "euler" (Euler, or Euler–Maruyama for an SDE), "heun" (also for SDEs) or "ab2" (ODE only:
-            two-step Adams–Bashforth, one evaluation a step); default "ab2" for an ODE on a lazy schedule,
-            else "euler".
+        solver: "euler" (Euler, or Euler–Maruyama for an SDE), "heun" (also for SDEs), "ab2" (ODE only:
+            two-step Adams–Bashforth, one evaluation a step) or "ab2-pc" (ODE only: AB2 predicted, AM3
+            corrected, still one evaluation a step, third order; see :func:`adams_predictor_corrector`);
+            default "ab2" for an ODE on a lazy schedule, else "euler".
         generator: an int seed, a torch.Generator or None (torch's global RNG); each sample gets its own
             stream, so results do not depend on the batch size.
         grid: an explicit increasing time grid from 0 to 1, or "uniform" or "model" (the SNRs of the model's own
@@ -472,8 +532,8 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         last_step = "denoise" if is_sde else "euler"
     if last_step not in LAST_STEPS:
         raise ValueError(f"last_step: expected one of {', '.join(LAST_STEPS)}, got {last_step!r}")
-    if solver == "ab2" and is_sde:
-        raise ValueError("solver: ab2 is an ODE solver; use euler or heun with an SDE")
+    if solver in ODE_SOLVERS and is_sde:
+        raise ValueError(f"solver: {solver} is an ODE solver; use euler or heun with an SDE")
     if target.base == "point_mass" and not is_sde:
         raise ValueError("diffusion: a point-mass schedule starts every sample at 0, and an ODE moves them all "
                          "alike, so it cannot leave the point; use diffusion='optimal' (or kappa > 0)")
@@ -544,7 +604,8 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
             x = stepper(dynamics.drift, diffusion_spec.epsilon_at, x, grid, streams.draw, denoise=denoise,
                         callback=callback)
         else:
-            stepper = {"euler": euler, "heun": heun, "ab2": adams_bashforth2}[solver]
+            stepper = {"euler": euler, "heun": heun, "ab2": adams_bashforth2,
+                       "ab2-pc": adams_predictor_corrector}[solver]
             x = stepper(dynamics.drift, x, grid, denoise=denoise, callback=callback)
     if mean is not None:
         x = x + mean

@@ -27,7 +27,7 @@ def test_linear_euler_on_standard_gaussian_is_the_closed_form_product(steps):
 
 @pytest.mark.parametrize("steps", [1, 2, 5])
 @pytest.mark.parametrize("sigma,mean", [(1.0, 0.0), (0.5, 0.0), (2.0, 0.0), (0.5, 1.3)])
-@pytest.mark.parametrize("solver", ["euler", "heun"])
+@pytest.mark.parametrize("solver", ["euler", "heun", "ab2-pc"])
 def test_lazy_vp_is_exact_on_gaussians(steps, sigma, mean, solver):
     """Lazy VP Euler on N(μ, σ² I) maps Z to σZ + μ exactly for any number of steps (centred on E[X])."""
     z = torch.randn(10, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
@@ -67,7 +67,8 @@ def test_point_mass_denoise_last_step_returns_the_posterior_mean():
 
 def test_nfe_counts_are_exact():
     for solver, last_step, steps, expected in [("euler", "euler", 5, 5), ("heun", "euler", 5, 10),
-                                               ("heun", "denoise", 5, 9), ("euler", "denoise", 3, 3)]:
+                                               ("heun", "denoise", 5, 9), ("euler", "denoise", 3, 3),
+                                               ("ab2-pc", "euler", 5, 5), ("ab2-pc", "denoise", 4, 4)]:
         model = gaussian(1.0).model("linear")
         _, info = li.sample(model, torch.randn(4, 3), steps=steps, solver=solver, last_step=last_step,
                             return_info=True)
@@ -101,7 +102,7 @@ def test_no_solver_produces_nan_or_inf(sched, dtype):
     for predicts in ("velocity", "noise", "data"):
         model = mixture.model("linear" if predicts == "velocity" else li.vp(), predicts)
         for diffusion in diffusions:
-            for solver in ("euler", "heun"):
+            for solver in ("euler", "heun", *(li.samplers.ODE_SOLVERS if diffusion == "ode" else ())):
                 for steps in (1, 2, 10):
                     for last_step in ("euler", "denoise"):
                         out = li.sample(model, shape=(6, 2), steps=steps, schedule=sched, diffusion=diffusion,
@@ -256,3 +257,48 @@ def test_lazy_default_solver_is_ab2():
     torch.testing.assert_close(default, li.sample(model, z, steps=4, schedule=li.lazy_vp(0.8), solver="ab2"),
                                rtol=0, atol=0)
     assert not torch.equal(default, li.sample(model, z, steps=4, schedule=li.lazy_vp(0.8), solver="euler"))
+
+
+def test_predictor_corrector_is_third_order_and_lazy_exact():
+    mixture = make_mixture()
+    model = mixture.model("linear")
+    z = torch.randn(64, 2, dtype=F64, generator=torch.Generator().manual_seed(9))
+    reference = li.sample(model, z, steps=1000, solver="heun")  # another solver's limit, error ~5e-7
+    for schedule, grid in ((li.linear(), "uniform"), (li.lazy_vp(0.8), "model")):
+        errors = [float((li.sample(model, z, steps=n, schedule=schedule, grid=grid, solver="ab2-pc")
+                         - reference).norm(dim=1).mean()) for n in (20, 40, 80)]
+        for coarse, fine in zip(errors, errors[1:], strict=False):
+            assert 6.0 < coarse / fine < 10.0, (schedule, errors)  # third order: halving h divides by 8
+        assert errors[-1] < 3e-5, errors
+    ab2 = li.sample(model, z, steps=80, schedule=li.lazy_vp(0.8), solver="ab2")
+    assert errors[-1] < 0.2 * float((ab2 - reference).norm(dim=1).mean())
+    g = gaussian(0.7, mean=0.4)
+    out = li.sample(g.model("linear"), z[:, :1].expand(64, 3).contiguous(), steps=3, schedule=li.lazy_vp(),
+                    solver="ab2-pc")
+    torch.testing.assert_close(out, 0.7 * z[:, :1].expand(64, 3) + 0.4, rtol=1e-12, atol=1e-12)
+    assert li.count_nfe("ab2-pc", 5) == li.count_nfe("ab2-pc", 5, "denoise") == 5
+    with pytest.raises(ValueError, match="solver: ab2-pc is an ODE solver"):
+        li.sample(model, z, steps=2, solver="ab2-pc", diffusion="optimal")
+
+
+def test_predictor_corrector_weights_integrate_polynomials_exactly():
+    """With a drift f(t) that ignores x, every evaluation is exact, so each interval is a quadrature rule: AB2
+    (last interval) and the trapezoid (first) are exact for linear f, the AM3 corrector for quadratic f."""
+    grid = torch.tensor([0.0, 0.1, 0.35, 0.45, 0.8, 1.0], dtype=F64)
+    x0 = torch.zeros(1, dtype=F64)
+    linear = li.samplers.adams_predictor_corrector(lambda x, t: torch.full_like(x, 2 - 3 * t), x0, grid)
+    torch.testing.assert_close(linear, torch.tensor([2 - 1.5], dtype=F64), rtol=0, atol=1e-14)
+
+    def antiderivative(t):
+        return 1.5 * t - t**2 + 2 * t**3
+
+    seen = []
+    li.samplers.adams_predictor_corrector(lambda x, t: torch.full_like(x, 1.5 - 2 * t + 6 * t * t), x0, grid,
+                                          callback=lambda k, t, x: seen.append((k, t, float(x))))
+    assert [(k, t) for k, t, _ in seen] == list(enumerate(grid[1:].tolist()))
+    states = [0.0] + [x for _, _, x in seen]
+    for k in range(1, len(grid) - 2):  # the corrected intervals after the first
+        exact = antiderivative(float(grid[k + 1])) - antiderivative(float(grid[k]))
+        assert states[k + 1] - states[k] == pytest.approx(exact, abs=1e-14)
+    first = antiderivative(float(grid[1]))
+    assert abs(states[1] - first) > 1e-4  # the trapezoid alone is not exact for a quadratic
