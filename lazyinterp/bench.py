@@ -35,12 +35,13 @@ difference is discretisation error. Their metrics:
   measures discretisation error pathwise. It is left out (null) for stochastic samplers, whose samples are not
   a function of Z.
 
-**Counting NFE.** Euler and Euler–Maruyama use N evaluations for N steps. Heun uses 2N, or 2N − 1 when its last
-interval is the denoising step x_1 = η_X(t_{N−1}, x); a target K is reached with N = K/2 (K even) or
-N = (K + 1)/2 and a final denoising step (K odd ≥ 3). Heun at K = 1 would be a bare denoising step and is
-skipped. diffusers' FlowMatchHeun uses 2N − 1 evaluations (Euler on its last interval), DPM-Solver++ and UniPC
-N, and flow_matching's midpoint rule 2 per step. Every run is checked against the model's own evaluation counter
-(minus the one-off evaluations that estimate E[X] and σ for the lazy schedules, reported as
+**Counting NFE.** Euler, AB2, AB2-PC and Euler–Maruyama use N evaluations for N steps. Heun uses 2N, or 2N − 1 when
+its last interval is the denoising step x_1 = η_X(t_{N−1}, x). The lazy schedules centre the data, which makes the
+drift at t = 0 known without the network (``li.sample``'s ``known_start``): their N steps cost one evaluation fewer,
+so a target K is reached with N = K + 1 steps (Heun: 2N − 1 or 2N − 2 = K). A linear Heun at K = 1 would be a bare
+denoising step and is skipped. diffusers' FlowMatchHeun uses 2N − 1 evaluations (Euler on its last interval), DPM-
+Solver++ and UniPC N, and flow_matching's midpoint rule 2 per step. Every run is checked against the model's own
+evaluation counter (minus the one-off evaluations that estimate E[X] and σ for the lazy schedules, reported as
 ``estimation_nfe``); a (sampler, K) pair that cannot reach K exactly is listed in ``skipped``.
 
 **Peers** are driven through their own packages (the ``bench`` extra: ``diffusers``, ``flow_matching``).
@@ -73,7 +74,7 @@ from .distributed import Context
 from .fetch import atomic_path, cache_dir, ensure_writable, sha256_file
 from .noise import NoiseStreams, sample_seed
 from .predictors import Model, NonFiniteError
-from .samplers import sample
+from .samplers import count_nfe, sample
 from .schedules import linear
 from .targets import GaussianMixture
 
@@ -230,17 +231,26 @@ class SamplerDef:
     options: dict = field(default_factory=dict)
     stochastic: bool = False
 
+    @property
+    def known_start(self) -> bool:
+        """li.sample's default for this sampler: the lazy schedules centre, so their drift at t = 0 is free."""
+        return self.kind == "li" and self.options["schedule"] in ("lazy-vp", "point-mass")
+
     def plan(self, nfe: int) -> dict | None:
         """The step count (and last step) that costs exactly ``nfe`` evaluations, or None."""
         second_order = self.options.get("solver") == "heun" or self.options.get("scheduler") == "heun"
         if self.kind == "li":
-            if not second_order:
-                return {"steps": nfe, "last_step": self.options.get("last_step") or "euler"}
-            if nfe < 2:
-                return None
-            if nfe % 2 == 0:
-                return {"steps": nfe // 2, "last_step": "euler"}
-            return {"steps": (nfe + 1) // 2, "last_step": "denoise"}
+            solver = self.options.get("solver", "euler")
+            # A second-order method lands on odd counts with its own last step and on even ones with a denoising
+            # last step (or the other way round when the first evaluation is free).
+            last_steps = [self.options.get("last_step") or "euler"] + (["denoise"] if second_order else [])
+            for last_step in last_steps:
+                for steps in range(1, nfe + 3):
+                    if second_order and steps == 1 and last_step == "denoise":
+                        continue  # a bare denoising step, not Heun
+                    if count_nfe(solver, steps, last_step, self.known_start) == nfe:
+                        return {"steps": steps, "last_step": last_step}
+            return None
         if self.kind == "diffusers":
             if second_order:  # 2N − 1 evaluations; N = 1 would be a single Euler step
                 return {"steps": (nfe + 1) // 2} if nfe % 2 == 1 and nfe >= 3 else None
@@ -276,6 +286,8 @@ SAMPLERS: tuple[SamplerDef, ...] = (
                {"schedule": "lazy-vp", "grid": "model"}),
     SamplerDef("lazy-vp-ab2", "lazy VP AB2, SNR-matched grid", "ours", "li",
                {"schedule": "lazy-vp", "solver": "ab2", "grid": "model"}),
+    SamplerDef("lazy-vp-ab2-pc", "lazy VP AB2-AM3 PC, SNR-matched grid", "ours", "li",
+               {"schedule": "lazy-vp", "solver": "ab2-pc", "grid": "model"}),
     SamplerDef("point-mass-sde", "point-mass SDE (EM), uniform grid", "ours", "li",
                {"schedule": "point-mass", "diffusion": "optimal", "last_step": "denoise", "grid": "uniform"},
                stochastic=True),

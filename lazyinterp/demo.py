@@ -15,6 +15,7 @@ import torch
 
 from .fetch import atomic_path
 from .generate import SamplerSpec, generate, image_grid
+from .samplers import count_nfe
 
 DEMO_SAMPLERS: dict[str, dict] = {
     "linear Euler": dict(schedule="linear", solver="euler"),
@@ -23,6 +24,19 @@ DEMO_SAMPLERS: dict[str, dict] = {
     "point-mass SDE": dict(schedule="point-mass", diffusion="optimal"),
 }
 REFERENCE = ("linear Heun", dict(schedule="linear", solver="heun"), 100)
+# li.sample centres the lazy schedules, which makes their drift at t = 0 known without the network.
+CENTRED = ("lazy-vp", "point-mass")
+
+
+def steps_for_nfe(options: dict, nfe: int) -> int:
+    """The number of steps at which ``options`` (li.sample's defaults otherwise) costs exactly ``nfe`` evaluations."""
+    known_start = options["schedule"] in CENTRED
+    last_step = options.get("last_step") or ("denoise" if options.get("diffusion", "ode") != "ode" else "euler")
+    solver = options.get("solver") or "euler"
+    for steps in range(1, nfe + 2):
+        if count_nfe(solver, steps, last_step, known_start) == nfe:
+            return steps
+    raise ValueError(f"nfe: no step count of {options} costs exactly {nfe} evaluations")
 
 
 def comparison_figure(path: Path, cells: dict[str, dict[int, torch.Tensor]], nfes: list[int],
@@ -84,12 +98,12 @@ def run_demo(model_name: str = "mnist", *, n: int = 1000, nfes: tuple[int, ...] 
     for name, options in DEMO_SAMPLERS.items():
         fids[name], reports[name], cells[name] = {}, {}, {}
         for nfe in nfes:
-            spec = SamplerSpec(steps=nfe, **options)
+            spec = SamplerSpec(steps=steps_for_nfe(options, nfe), **options)
             x = generate(model, spec, n, shape, seed=seed, batch_size=batch_size, device=device,
                          progress=progress, desc=f"{name} NFE {nfe}")
             report = evaluate(x)
             fids[name][nfe] = report["fid"]
-            reports[name][nfe] = {k: v for k, v in report.items() if k != "class_histogram"}
+            reports[name][nfe] = {"steps": spec.steps, **{k: v for k, v in report.items() if k != "class_histogram"}}
             cells[name][nfe] = x[:24]
             echo(f"{name:>16} NFE {nfe:>2}: FID {report['fid']:7.2f}  confidence {report['mean_confidence']:.3f}")
     ref_name, ref_options, ref_nfe = REFERENCE

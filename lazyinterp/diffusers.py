@@ -35,7 +35,7 @@ from diffusers.utils import BaseOutput
 from .conversion import convert, time_change
 from .noise import NoiseStreams, resolve_seed
 from .predictors import CenteredModel, Model, coefficients, estimate_sigma, to_eta
-from .samplers import LAST_STEPS, Dynamics, _check_solver, check_grid, resolve_diffusion
+from .samplers import LAST_STEPS, Dynamics, _check_solver, check_grid, normal_draws, resolve_diffusion
 from .schedules import SCHEDULES, LazySchedule, Schedule, as_time, get_schedule, linear
 
 Tensor = torch.Tensor
@@ -392,6 +392,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         self._lanes: list[_Lane] | None = None
         self._mean: Tensor | None = None
         self._streams: list[NoiseStreams] | None = None
+        self._draws: list | None = None
         self._y: Tensor | None = None
         self._returned: Tensor | None = None
         self._heun: tuple | None = None
@@ -595,6 +596,9 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                 seeds = [_generator_seed(generator)]
                 self._streams = [NoiseStreams(seeds[0], range(batch), shape, **kw)]
             self.noise_seeds = seeds
+            # The same blocks of draws as li.sample takes over the same number of steps.
+            draws = [normal_draws(s, self.num_inference_steps) for s in self._streams]
+            self._draws = draws
 
     def _estimate_sigma(self, x_in: Tensor, v: Tensor) -> list[float]:
         r"""Per-sample σ from the probe at τ_p: k = ⟨u, η_X − μ⟩/‖u‖², σ² = k α²/(β(1 − kβ))."""
@@ -620,7 +624,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         return sigmas
 
     def _draw(self) -> Tensor:
-        return torch.cat([s.draw() for s in self._streams]) if len(self._streams) > 1 else self._streams[0].draw()
+        return torch.cat([d() for d in self._draws]) if len(self._draws) > 1 else self._draws[0]()
 
     def _drift(self, y: Tensor, node: int) -> Tensor:
         out = torch.empty_like(y)

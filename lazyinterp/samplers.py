@@ -112,13 +112,16 @@ def check_grid(grid: Any) -> Tensor:
     return g
 
 
-def count_nfe(solver: str, steps: int, last_step: str = "euler") -> int:
-    """Network evaluations of ``solver`` over ``steps`` intervals (see the module table)."""
+def count_nfe(solver: str, steps: int, last_step: str = "euler", known_start: bool = False) -> int:
+    """Network evaluations of ``solver`` over ``steps`` intervals (see the module table); one fewer with
+    ``known_start``, where the drift at t = 0 needs no network (see :func:`sample`)."""
     solver = _check_solver(solver)
     steps = check_steps(steps)
     if solver == "euler" or solver in ODE_SOLVERS:
-        return steps
-    return 2 * steps - (1 if last_step == "denoise" else 0)
+        nfe = steps
+    else:
+        nfe = 2 * steps - (1 if last_step == "denoise" else 0)
+    return nfe - int(bool(known_start))
 
 
 def _check_solver(solver: Any) -> str:
@@ -205,6 +208,7 @@ class Dynamics:
 
     predictor: Predictor
     diffusion: Diffusion
+    known_start: bool = False
     coefficient_cache: dict = field(default_factory=dict)
 
     @property
@@ -237,14 +241,24 @@ class Dynamics:
         """b^ε(t, x) = A x + B η_X (for t < 1/2) or C η_Z + D η_X (otherwise): both exact, each bounded
         where it is used."""
         form, first, second = self._coefficients(float(t), self.diffusion.kappa_at(float(t)))
-        eta_z, eta_x = self.predictor.eta(x, t)
+        eta_z, eta_x = self._start_eta(x) if self._at_known_start(t) else self.predictor.eta(x, t)
         if form == "x":
             return first * x + second * eta_x
         return first * eta_z + second * eta_x
 
     def denoise(self, x: Tensor, t: float) -> Tensor:
         """η_X(t, x), the posterior mean of the data."""
-        return self.predictor.eta(x, t)[1]
+        return self._start_eta(x)[1] if self._at_known_start(t) else self.predictor.eta(x, t)[1]
+
+    def _at_known_start(self, t: float) -> bool:
+        return self.known_start and float(t) == 0.0
+
+    def _start_eta(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(η_Z, η_X) at t = 0 for centred data: X is independent of the state there, so η_X = E[X − μ] = 0, and
+        x = α_0 Z gives η_Z = x/α_0 (0 at a point-mass start, where x = 0)."""
+        alpha0 = float(self.schedule.alpha(0.0))
+        eta_z = x / alpha0 if alpha0 > 0 else torch.zeros_like(x)
+        return eta_z, torch.zeros_like(x)
 
 
 # Pure solvers ---------------------------------------------------------------------------------------------------
@@ -256,8 +270,34 @@ def _guard(step: int, t: float, fn, *args):
         raise NonFiniteError(f"{exc} (step {step + 1}, t={t:.6g})", t=t, step=step) from None
 
 
-def _check_state(x: Tensor, step: int, t: float) -> None:
-    if not bool(torch.isfinite(x).all()):
+class _StateCheck:
+    """Raises :class:`NonFiniteError` naming the first step (and its time) whose state is NaN or inf.
+
+    On the CPU each step is checked at once. On an accelerator the per-step flags stay on the device and are read
+    once, at the end: reading one every step would stall the device's queue behind the host.
+    """
+
+    def __init__(self, x: Tensor):
+        self.deferred = x.device.type != "cpu"
+        self.flags: list[Tensor] = []
+        self.times: list[float] = []
+
+    def __call__(self, x: Tensor, step: int, t: float) -> None:
+        if self.deferred:
+            self.flags.append(torch.isfinite(x).all())
+            self.times.append(t)
+        elif not bool(torch.isfinite(x).all()):
+            self._raise(step, t)
+
+    def finish(self) -> None:
+        if self.flags:
+            finite = torch.stack(self.flags).cpu()
+            if not bool(finite.all()):
+                step = int((~finite).nonzero()[0])
+                self._raise(step, self.times[step])
+
+    @staticmethod
+    def _raise(step: int, t: float) -> None:
         raise NonFiniteError(f"the sample became NaN or inf at step {step + 1} (t={t:.6g})", t=t, step=step)
 
 
@@ -265,6 +305,7 @@ def euler(drift: Drift, x: Tensor, grid: Tensor, *, denoise: Drift | None = None
           callback: Callback | None = None) -> Tensor:
     """Explicit Euler: x_{k+1} = x_k + h_k b(t_k, x_k). With ``denoise``, the last step is x_N = D(t_{N−1}, x)."""
     times = [float(t) for t in grid]
+    check = _StateCheck(x)
     last = len(times) - 2
     for k in range(len(times) - 1):
         t, h = times[k], times[k + 1] - times[k]
@@ -272,9 +313,10 @@ def euler(drift: Drift, x: Tensor, grid: Tensor, *, denoise: Drift | None = None
             x = _guard(k, t, denoise, x, t)
         else:
             x = x + h * _guard(k, t, drift, x, t)
-        _check_state(x, k, t)
+        check(x, k, t)
         if callback is not None:
             callback(k, times[k + 1], x)
+    check.finish()
     return x
 
 
@@ -282,6 +324,7 @@ def heun(drift: Drift, x: Tensor, grid: Tensor, *, denoise: Drift | None = None,
          callback: Callback | None = None) -> Tensor:
     """Heun (explicit trapezoid), 2 evaluations a step: x̃ = x + h b(t, x); x' = x + h/2 (b(t, x) + b(t', x̃))."""
     times = [float(t) for t in grid]
+    check = _StateCheck(x)
     last = len(times) - 2
     for k in range(len(times) - 1):
         t, t_next = times[k], times[k + 1]
@@ -293,9 +336,10 @@ def heun(drift: Drift, x: Tensor, grid: Tensor, *, denoise: Drift | None = None,
             x_pred = x + h * d0
             d1 = _guard(k, t_next, drift, x_pred, t_next)
             x = x + 0.5 * h * (d0 + d1)
-        _check_state(x, k, t)
+        check(x, k, t)
         if callback is not None:
             callback(k, t_next, x)
+    check.finish()
     return x
 
 
@@ -306,6 +350,7 @@ def adams_bashforth2(drift: Drift, x: Tensor, grid: Tensor, *, denoise: Drift | 
     x_{k+1} = x_k + h_k [(1 + ρ/2) b_k − (ρ/2) b_{k−1}],  ρ = h_k / h_{k−1}.
     """
     times = [float(t) for t in grid]
+    check = _StateCheck(x)
     last = len(times) - 2
     previous = None
     for k in range(len(times) - 1):
@@ -320,9 +365,10 @@ def adams_bashforth2(drift: Drift, x: Tensor, grid: Tensor, *, denoise: Drift | 
                 rho = h / (t - times[k - 1])
                 x = x + h * ((1 + 0.5 * rho) * d - 0.5 * rho * previous)
             previous = d
-        _check_state(x, k, t)
+        check(x, k, t)
         if callback is not None:
             callback(k, times[k + 1], x)
+    check.finish()
     return x
 
 
@@ -348,6 +394,7 @@ def adams_predictor_corrector(drift: Drift, x: Tensor, grid: Tensor, *, denoise:
     the evaluations.
     """
     times = [float(t) for t in grid]
+    check = _StateCheck(x)
     last = len(times) - 2
     drifts: list[Tensor] = []  # d_{k−2}, d_{k−1}, d_k
     start = x  # x_{k−1}, where the corrector of the interval ending at t_k starts
@@ -376,9 +423,10 @@ def adams_predictor_corrector(drift: Drift, x: Tensor, grid: Tensor, *, denoise:
             else:
                 rho = h / (t - times[k - 1])
                 x = x + h * ((1 + 0.5 * rho) * drifts[-1] - 0.5 * rho * drifts[-2])
-        _check_state(x, k, t)
+        check(x, k, t)
     if callback is not None:
         callback(last, times[-1], x)
+    check.finish()
     return x
 
 
@@ -391,6 +439,7 @@ def euler_maruyama(drift: Drift, epsilon: Callable[[float], float], x: Tensor, g
     depend on earlier steps' diffusion.
     """
     times = [float(t) for t in grid]
+    check = _StateCheck(x)
     last = len(times) - 2
     for k in range(len(times) - 1):
         t, h = times[k], times[k + 1] - times[k]
@@ -402,9 +451,10 @@ def euler_maruyama(drift: Drift, epsilon: Callable[[float], float], x: Tensor, g
             x = x + h * _guard(k, t, drift, x, t)
             if eps > 0:
                 x = x + math.sqrt(2 * eps * h) * xi
-        _check_state(x, k, t)
+        check(x, k, t)
         if callback is not None:
             callback(k, times[k + 1], x)
+    check.finish()
     return x
 
 
@@ -414,6 +464,7 @@ def stochastic_heun(drift: Drift, epsilon: Callable[[float], float], x: Tensor, 
     """Heun for additive noise: x̃ = x + h b(t, x) + g ΔW, x' = x + h/2 (b(t, x) + b(t', x̃)) + g ΔW,
     with g ΔW = √(2 ε(t) h) ξ (the noise does not depend on x, so this is the strong order-1 scheme)."""
     times = [float(t) for t in grid]
+    check = _StateCheck(x)
     last = len(times) - 2
     for k in range(len(times) - 1):
         t, t_next = times[k], times[k + 1]
@@ -428,9 +479,10 @@ def stochastic_heun(drift: Drift, epsilon: Callable[[float], float], x: Tensor, 
             x_pred = x + h * d0 + kick
             d1 = _guard(k, t_next, drift, x_pred, t_next)
             x = x + 0.5 * h * (d0 + d1) + kick
-        _check_state(x, k, t)
+        check(x, k, t)
         if callback is not None:
             callback(k, t_next, x)
+    check.finish()
     return x
 
 
@@ -446,6 +498,21 @@ class SampleInfo:
     sigma: float | None = None
     mean: Tensor | None = None
     estimation_nfe: int = 0
+
+
+def normal_draws(streams: NoiseStreams, count: int, block: int = 32) -> Callable[[], Tensor]:
+    """``count`` draws from ``streams``, taken a block at a time: one generator call per sample and block rather
+    than per sample and step (the per-step cost would otherwise grow with the batch)."""
+
+    def draws():
+        left = count
+        while left > 0:
+            take = min(block, left)
+            yield from streams.draw_block(take)
+            left -= take
+
+    iterator = draws()
+    return lambda: next(iterator)
 
 
 def _check_model(model: Any) -> Predictor:
@@ -491,7 +558,7 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
            solver: str | None = None, generator: int | torch.Generator | None = None, grid: Any = None,
            last_step: str | None = None, center: bool | None = None, indices: Any = None,
            device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-           callback: Callback | None = None, return_info: bool = False):
+           callback: Callback | None = None, known_start: bool | None = None, return_info: bool = False):
     r"""Samples at t = 1 of dX = b^ε dt + √(2ε) dW under ``schedule``, from ``model`` converted exactly.
 
     Args:
@@ -516,6 +583,10 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         center: sample X − E[X] with the model's own estimate of E[X] and add it back; default on for the lazy
             schedules, which are lazy only for centred data.
         indices: global indices of the samples, for per-sample noise when a job is split (default 0..B−1).
+        known_start: at t = 0 the state carries no information about the data, so for centred data the
+            posterior means are known without the network: η_X = 0 and η_Z = x/α_0. The first evaluation is
+            skipped and N steps cost one evaluation fewer (:func:`count_nfe`). Needs centring; default on
+            whenever ``center`` is.
         return_info: also return a :class:`SampleInfo`.
     """
     predictor = _check_model(model)
@@ -577,6 +648,10 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
     is_lazy = isinstance(target, LazySchedule)
     if center is None:
         center = is_lazy
+    if known_start is None:
+        known_start = bool(center)
+    elif known_start and not center:
+        raise ValueError("known_start: the drift at t = 0 is known only for centred data; pass center=True")
     mean = data_mean(predictor, sample_shape, device, dtype) if center else None
     source = CenteredModel(predictor, mean) if center else predictor
     sigma = getattr(target, "sigma", None)
@@ -591,7 +666,8 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         # visit the noise levels of the model's own uniform grid (see README, "Choosing the grid").
         grid = "model" if is_lazy else "uniform"
     grid = make_grid(grid, steps, target, predictor.schedule)
-    dynamics = Dynamics(convert(source, target), diffusion_spec)
+    known_start = bool(known_start) and float(grid[0]) == 0.0
+    dynamics = Dynamics(convert(source, target), diffusion_spec, known_start)
     if target.base == "point_mass":
         x = torch.zeros(shape, device=device, dtype=dtype)
     else:
@@ -601,8 +677,8 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
     with torch.no_grad():
         if is_sde:
             stepper = euler_maruyama if solver == "euler" else stochastic_heun
-            x = stepper(dynamics.drift, diffusion_spec.epsilon_at, x, grid, streams.draw, denoise=denoise,
-                        callback=callback)
+            x = stepper(dynamics.drift, diffusion_spec.epsilon_at, x, grid, normal_draws(streams, len(grid) - 1),
+                        denoise=denoise, callback=callback)
         else:
             stepper = {"euler": euler, "heun": heun, "ab2": adams_bashforth2,
                        "ab2-pc": adams_predictor_corrector}[solver]
@@ -610,7 +686,7 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
     if mean is not None:
         x = x + mean
     if return_info:
-        info = SampleInfo(nfe=count_nfe(solver, len(grid) - 1, last_step), grid=grid, schedule=target,
+        info = SampleInfo(nfe=count_nfe(solver, len(grid) - 1, last_step, known_start), grid=grid, schedule=target,
                           sigma=sigma, mean=mean, estimation_nfe=estimation_nfe)
         return x, info
     return x

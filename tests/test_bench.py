@@ -9,6 +9,7 @@ from click.testing import CliRunner
 import lazyinterp as li
 from lazyinterp.bench import (
     SAMPLERS,
+    SamplerDef,
     SlicedW2,
     bench,
     diffusers_sample,
@@ -38,7 +39,7 @@ def test_plans_cost_exactly_the_requested_nfe():
             steps = plan["steps"]
             if spec.kind == "li":
                 solver = spec.options.get("solver", "euler")
-                assert li.count_nfe(solver, steps, plan["last_step"]) == k, (spec.name, k)
+                assert li.count_nfe(solver, steps, plan["last_step"], spec.known_start) == k, (spec.name, k)
                 if second_order:
                     assert steps >= 2 or plan["last_step"] == "euler", (spec.name, k)
             elif spec.kind == "diffusers":
@@ -47,7 +48,14 @@ def test_plans_cost_exactly_the_requested_nfe():
             else:
                 assert 2 * steps == k
     heun = next(s for s in SAMPLERS if s.name == "lazy-vp-heun")
-    assert heun.plan(1) is None and heun.plan(3) == {"steps": 2, "last_step": "denoise"}
+    # Lazy VP centres the data, so its first evaluation (at t = 0) is free: Heun costs 2N − 1, or 2N − 2 with a
+    # denoising last step.
+    assert heun.known_start and heun.plan(1) == {"steps": 1, "last_step": "euler"}
+    assert heun.plan(4) == {"steps": 3, "last_step": "denoise"}
+    linear_heun = SamplerDef("x", "x", "baseline", "li", {"schedule": "linear", "solver": "heun"})
+    assert linear_heun.plan(1) is None and linear_heun.plan(3) == {"steps": 2, "last_step": "denoise"}
+    euler = next(s for s in SAMPLERS if s.name == "lazy-vp-euler")
+    assert euler.plan(4) == {"steps": 5, "last_step": "euler"}
 
 
 def test_parse_nfe():
@@ -84,7 +92,7 @@ def test_gmm2d_bench_writes_valid_outputs(tmp_path):
         for k in (1, 2, 4):
             assert ((name, k) in ran) == (spec.plan(k) is not None), (name, k)
             assert ((name, k) in skipped) == (spec.plan(k) is None), (name, k)
-    assert ("lazy-vp-heun", 1) in skipped and ("lazy-vp-heun", 2) in ran
+    assert ("lazy-vp-heun", 1) in ran and ("lazy-vp-heun", 2) in ran
     value = {(r["sampler"], r["nfe"]): r["value"] for r in data["results"]}
     assert value[("lazy-vp-euler", 2)] != value[("lazy-vp-euler-model-grid", 2)]  # the grids really differ
     for r in data["results"]:
@@ -106,7 +114,8 @@ def test_ode_samplers_converge_to_the_reference_path():
     data = run_bench("gmm-2d", nfe=[64], n=300, reference_nfe=400, samplers=names, progress=False)
     assert {r["sampler"] for r in data["results"]} == set(names) - {"fm-heun"}  # 2N − 1 is odd
     for r in data["results"]:
-        assert r["path_error"] < 0.02, r
+        # First-order pieces (an Euler or a denoising last step) leave O(h) ≈ 0.02 at h = 1/32.
+        assert r["path_error"] < 0.03, r
     few = run_bench("gmm-2d", nfe=[4], n=300, reference_nfe=400, samplers=["linear-euler"], progress=False)
     assert few["results"][0]["path_error"] > 0.05  # the metric sees discretisation error when there is some
 

@@ -46,8 +46,9 @@ def test_point_mass_euler_maruyama_is_exact_on_gaussians(steps, sigma):
                         dtype=F64)
     out = li.sample(model, shape=(2000, 3), grid=grid, schedule=li.point_mass(sigma), diffusion="optimal",
                     generator=7, last_step="euler", dtype=F64, center=False)
-    streams = NoiseStreams(7, range(2000), (3,), dtype=F64)
-    expected = sum(sigma * math.sqrt(float(h)) * streams.draw() for h in torch.diff(grid))
+    # The SDE takes its increments in one block per sample (see li.NoiseStreams.draw_block).
+    draws = NoiseStreams(7, range(2000), (3,), dtype=F64).draw_block(len(grid) - 1)
+    expected = sum(sigma * math.sqrt(float(h)) * draws[k] for k, h in enumerate(torch.diff(grid)))
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     assert out.std().item() == pytest.approx(sigma, rel=0.05)
 
@@ -58,8 +59,7 @@ def test_point_mass_denoise_last_step_returns_the_posterior_mean():
                   dtype=F64, center=False)
     euler = li.sample(model, last_step="euler", **kwargs)
     denoised = li.sample(model, last_step="denoise", **kwargs)
-    streams = NoiseStreams(3, range(64), (3,), dtype=F64)
-    draws = [streams.draw() for _ in range(4)]
+    draws = NoiseStreams(3, range(64), (3,), dtype=F64).draw_block(4)
     # On N(0, 1) data η_X(t, x) = x on this schedule: denoising returns x_{N-1}, without the last noise.
     torch.testing.assert_close(denoised, sum(0.5 * d for d in draws[:3]), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(euler, denoised + 0.5 * draws[3], rtol=1e-12, atol=1e-12)
@@ -73,10 +73,13 @@ def test_nfe_counts_are_exact():
         _, info = li.sample(model, torch.randn(4, 3), steps=steps, solver=solver, last_step=last_step,
                             return_info=True)
         assert model.nfe == expected == info.nfe == li.count_nfe(solver, steps, last_step)
-    model = gaussian(1.0).model("linear")
-    _, info = li.sample(model, shape=(4, 3), steps=4, schedule=li.point_mass(), diffusion="optimal",
-                        solver="heun", return_info=True, generator=0)
-    assert info.nfe == 7 and model.nfe == 7 + info.estimation_nfe and info.estimation_nfe == 2
+    for known_start, expected in [(False, 7), (True, 6)]:
+        # Centred data make the drift at t = 0 known (a point-mass start is centred by default): one call fewer.
+        model = gaussian(1.0).model("linear")
+        _, info = li.sample(model, shape=(4, 3), steps=4, schedule=li.point_mass(), diffusion="optimal",
+                            solver="heun", return_info=True, generator=0, known_start=known_start)
+        assert info.nfe == expected == li.count_nfe("heun", 4, "denoise", known_start)
+        assert model.nfe == expected + info.estimation_nfe and info.estimation_nfe == 2
 
 
 @pytest.mark.parametrize("diffusion", ["ode", "optimal"])
@@ -244,9 +247,9 @@ def test_callable_diffusion_is_honoured_at_a_gaussian_start():
     runs = [li.sample(model, z, steps=1, diffusion=lambda t: 0.3 + 0 * t, generator=g, last_step="euler")
             for g in (1, 2)]
     assert not torch.equal(runs[0], runs[1])
-    streams = NoiseStreams(1, range(6), (3,), dtype=F64)
+    xi = NoiseStreams(1, range(6), (3,), dtype=F64).draw_block(1)[0]
     # One EM step from t = 0: b^ε = α̇ η_Z + β̇ η_X − ε η_Z/α with η_Z = z, η_X = 0 (N(0, 1) data, linear).
-    expected = z + 1.0 * (-z - 0.3 * z) + math.sqrt(2 * 0.3) * streams.draw()
+    expected = z + 1.0 * (-z - 0.3 * z) + math.sqrt(2 * 0.3) * xi
     torch.testing.assert_close(runs[0], expected, rtol=1e-12, atol=1e-12)
 
 
@@ -302,3 +305,40 @@ def test_predictor_corrector_weights_integrate_polynomials_exactly():
         assert states[k + 1] - states[k] == pytest.approx(exact, abs=1e-14)
     first = antiderivative(float(grid[1]))
     assert abs(states[1] - first) > 1e-4  # the trapezoid alone is not exact for a quadratic
+
+
+@pytest.mark.parametrize("schedule, diffusion, solver", [("lazy-vp", "ode", "ab2"), ("lazy-vp", "ode", "heun"),
+                                                         ("linear", "ode", "euler"),
+                                                         ("point-mass", "optimal", "euler")])
+def test_known_start_skips_the_network_at_t0_and_changes_nothing_else(schedule, diffusion, solver):
+    """For centred data η_X(0, x) = 0 and η_Z(0, x) = x/α_0 exactly, so skipping the evaluation at t = 0 gives the
+    same samples as evaluating the exact mixture model there, with one evaluation fewer."""
+    mixture = make_mixture()
+    seen_times = []
+
+    def velocity(x, t):
+        seen_times.append(float(t.min()))
+        return exact.predict(x, t, "velocity")
+
+    exact = mixture.model("linear")
+    model = li.Model(velocity, "linear", "velocity")
+    z = torch.randn(64, 2, dtype=F64, generator=torch.Generator().manual_seed(1))
+    kwargs = dict(steps=5, schedule=schedule, diffusion=diffusion, solver=solver, center=True, generator=4,
+                  return_info=True, shape=z.shape, dtype=F64)
+    start = None if schedule == "point-mass" else z
+    evaluated, info_evaluated = li.sample(model, start, known_start=False, **kwargs)
+    seen_times.clear()
+    skipped, info_skipped = li.sample(model, start, known_start=True, **kwargs)
+    assert min(seen_times) > 0  # the estimates of E[X] and σ are cached on the model: only sampling calls here
+    assert info_skipped.nfe == info_evaluated.nfe - 1 == len(seen_times)
+    torch.testing.assert_close(skipped, evaluated, rtol=1e-9, atol=1e-9)
+
+
+def test_known_start_needs_centring():
+    model = make_mixture().model("linear")
+    with pytest.raises(ValueError, match="known_start"):
+        li.sample(model, torch.randn(3, 2), steps=2, schedule="linear", known_start=True)
+    _, info = li.sample(model, torch.randn(3, 2), steps=2, schedule="linear", return_info=True)
+    assert info.nfe == 2  # no centring by default off the lazy schedules, so t = 0 is evaluated
+    _, info = li.sample(model, torch.randn(3, 2), steps=2, schedule="lazy-vp", return_info=True)
+    assert info.nfe == 1
