@@ -342,3 +342,13 @@ def test_known_start_needs_centring():
     assert info.nfe == 2  # no centring by default off the lazy schedules, so t = 0 is evaluated
     _, info = li.sample(model, torch.randn(3, 2), steps=2, schedule="lazy-vp", return_info=True)
     assert info.nfe == 1
+
+
+def test_lazy_default_switches_to_the_predictor_corrector_for_many_steps():
+    model = make_mixture().model("linear")
+    z = torch.randn(5, 2, dtype=F64)
+    switch = li.samplers.PC_DEFAULT_FROM_STEPS
+    for steps, solver in [(switch - 1, "ab2"), (switch, "ab2-pc")]:
+        default = li.sample(model, z, steps=steps, schedule=li.lazy_vp(0.8))
+        explicit = li.sample(model, z, steps=steps, schedule=li.lazy_vp(0.8), solver=solver)
+        torch.testing.assert_close(default, explicit, rtol=0, atol=0)
