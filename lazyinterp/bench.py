@@ -463,6 +463,7 @@ def measure_overhead(model: Model, sample_shape: tuple[int, ...], dtype: torch.d
     net_dtype = bare.net_dtype or dtype
     net_x, net_t = noise.to(net_dtype), torch.full((batch,), 0.5, device=device, dtype=net_dtype)
 
+    @torch.no_grad()  # as li.sample runs the network
     def network_seconds(calls: int) -> float:
         _synchronize(device)
         start = time.perf_counter()
