@@ -18,6 +18,9 @@ heun (ODE and SDE)            2N                          2N − 1
 ``last_step="denoise"`` replaces the final interval by the posterior mean x_1 = η_X(t_{N−1}, x_{N−1})
 (Tweedie's estimate): on the linear schedule this *is* the Euler step; on a point-mass SDE it drops the
 final injected noise of variance 2 ε h, which cannot be removed by later steps.
+
+With ``known_start`` (centred data, the default of the lazy schedules) every count is one lower: at t = 0 the
+state says nothing about the data, so η_X = E[X − μ] = 0 and η_Z = x/α_0 there without the network.
 """
 
 from __future__ import annotations
