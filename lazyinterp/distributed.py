@@ -181,8 +181,10 @@ def run_shards(out: Path, n: int, shard_size: int, ctx: Context, produce, *, max
         if progress is not None:
             progress(len(shards[j]))
     ctx.barrier()
-    done = sum(shard_path(out, j, len(shards)).exists() for j in range(len(shards)))
-    return done, len(shards)
+    # Rank 0 counts and tells the others: once it has left the barrier it may gather and remove the shards, and a
+    # slower rank counting the files itself could then see none, skip the final barrier and exit under it.
+    done = sum(shard_path(out, j, len(shards)).exists() for j in range(len(shards))) if ctx.is_main else None
+    return ctx.broadcast_object(done), len(shards)
 
 
 def gather(out: Path, n: int, shard_size: int) -> np.ndarray:

@@ -102,5 +102,6 @@ def test_bench_over_two_gloo_processes_matches_one_process(checkpoint, tmp_path)
     for x, y in zip(a["results"], b["results"], strict=True):
         assert (x["sampler"], x["nfe"], x["path_error"]) == (y["sampler"], y["nfe"], y["path_error"])
         assert y["value"] == pytest.approx(x["value"], rel=1e-6)
-        assert y["mean_confidence"] == pytest.approx(x["mean_confidence"], rel=1e-9)
+        # The classifier sees batches of another size on each rank: float32 kernels differ in the last bits.
+        assert y["mean_confidence"] == pytest.approx(x["mean_confidence"], rel=1e-6)
     assert list((tmp_path / "work").iterdir()) == []
