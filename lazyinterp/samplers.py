@@ -172,6 +172,8 @@ class Diffusion:
         return float(self.schedule.optimal_diffusion(max(t, END_OFFSET)))
 
     def kappa_at(self, t: float) -> float:
+        if self.epsilon is None and self.kappa == 0:
+            return 0.0  # the ODE: no need for ε*
         eps_star = self._optimum(t)
         if self.epsilon is None:
             return 0.0 if not math.isfinite(eps_star) else float(self.kappa)

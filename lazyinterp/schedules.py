@@ -29,6 +29,7 @@ _F64 = torch.float64
 # Where an end-point quantity is a 0/0, it is replaced by its right/left limit, evaluated this close to the
 # end. In float64 the evaluated limit is accurate to about this value times the quantity's derivative.
 END_OFFSET = 1e-9
+_SCALAR_CACHE_SIZE = 4096
 
 
 def as_time(t: Tensor | float) -> Tensor:
@@ -98,11 +99,24 @@ class Schedule:
     def __repr__(self) -> str:
         return f"Schedule({self.name}, base={self.base})"
 
-    @staticmethod
-    def _eval(fn: ScheduleFn, t: Tensor | float) -> Tensor:
+    def _eval(self, fn: ScheduleFn, t: Tensor | float) -> Tensor:
+        # A sampler asks for α, β and their derivatives at the same few grid times many times a step; scalar
+        # values are remembered per schedule (the functions are deterministic, so this changes no result).
+        scalar = not isinstance(t, Tensor) or t.ndim == 0
+        if scalar:
+            cache = self.__dict__.setdefault("_scalar_values", {})
+            key = (fn, float(t))
+            hit = cache.get(key)
+            if hit is not None:
+                return hit.clone()
         # Solvers may step a rounding error past an end; the schedule is only defined on [0, 1].
         tt = as_time(t).clamp(0.0, 1.0)
-        return torch.as_tensor(fn(tt), dtype=_F64).expand_as(tt).clone()
+        value = torch.as_tensor(fn(tt), dtype=_F64).expand_as(tt).clone()
+        if scalar:
+            if len(cache) >= _SCALAR_CACHE_SIZE:
+                cache.clear()
+            cache[key] = value.clone()
+        return value
 
     def _validate(self) -> None:
         grid = torch.linspace(0.0, 1.0, 2001, dtype=_F64)

@@ -107,3 +107,13 @@ def test_schedule_names_and_errors():
         li.lazy_vp().alpha(0.5)
     with pytest.raises(ValueError, match="beta_min"):
         li.vp(5.0, 1.0)
+
+
+def test_remembered_scalar_values_equal_fresh_ones_and_are_not_shared():
+    sched = li.lazy_vp(0.7)
+    fresh = li.lazy_vp(0.7)
+    for t in (0.0, 0.25, 1.0):
+        first = sched.alpha(t)
+        first += 1.0  # a caller changing its tensor must not change what the schedule remembers
+        assert torch.equal(sched.alpha(t), fresh.alpha(torch.tensor(t, dtype=torch.float64)))
+        assert torch.equal(sched.dbeta(t), fresh.dbeta(torch.tensor([t], dtype=torch.float64))[0])
