@@ -352,3 +352,21 @@ def test_lazy_default_switches_to_the_predictor_corrector_for_many_steps():
         default = li.sample(model, z, steps=steps, schedule=li.lazy_vp(0.8))
         explicit = li.sample(model, z, steps=steps, schedule=li.lazy_vp(0.8), solver=solver)
         torch.testing.assert_close(default, explicit, rtol=0, atol=0)
+
+
+def test_deferred_state_check_names_the_first_bad_step():
+    """On an accelerator the per-step finiteness flags are read once, at the end; the report is the same."""
+    from lazyinterp.samplers import _StateCheck
+
+    good, bad = torch.zeros(3), torch.tensor([0.0, float("nan"), 1.0])
+    check = _StateCheck(good)
+    check.deferred = True  # as on a GPU; CPU tensors keep the arithmetic the same
+    for step, (x, t) in enumerate([(good, 0.25), (bad, 0.5), (bad, 0.75)]):
+        check(x, step, t)  # nothing is read yet
+    with pytest.raises(li.NonFiniteError, match=r"step 2 \(t=0.5\)") as info:
+        check.finish()
+    assert info.value.step == 1 and info.value.t == 0.5
+    clean = _StateCheck(good)
+    clean.deferred = True
+    clean(good, 0, 0.5)
+    clean.finish()
