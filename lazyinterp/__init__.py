@@ -35,6 +35,7 @@ from .samplers import (
     make_grid,
     sample,
     snr_matched_grid,
+    steps_for_nfe,
     stochastic_heun,
     uniform_grid,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "converted_diffusion",
     "cosine",
     "count_nfe",
+    "steps_for_nfe",
     "estimate_mean",
     "estimate_sigma",
     "euler",

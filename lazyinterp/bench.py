@@ -74,7 +74,7 @@ from .distributed import Context
 from .fetch import atomic_path, cache_dir, ensure_writable, sha256_file
 from .noise import NoiseStreams, sample_seed
 from .predictors import Model, NonFiniteError
-from .samplers import count_nfe, sample
+from .samplers import default_known_start, sample, steps_for_nfe
 from .schedules import linear
 from .targets import GaussianMixture
 
@@ -234,7 +234,7 @@ class SamplerDef:
     @property
     def known_start(self) -> bool:
         """li.sample's default for this sampler: the lazy schedules centre, so their drift at t = 0 is free."""
-        return self.kind == "li" and self.options["schedule"] in ("lazy-vp", "point-mass")
+        return self.kind == "li" and default_known_start(self.options["schedule"])
 
     def plan(self, nfe: int) -> dict | None:
         """The step count (and last step) that costs exactly ``nfe`` evaluations, or None."""
@@ -245,11 +245,10 @@ class SamplerDef:
             # last step (or the other way round when the first evaluation is free).
             last_steps = [self.options.get("last_step") or "euler"] + (["denoise"] if second_order else [])
             for last_step in last_steps:
-                for steps in range(1, nfe + 3):
-                    if second_order and steps == 1 and last_step == "denoise":
-                        continue  # a bare denoising step, not Heun
-                    if count_nfe(solver, steps, last_step, self.known_start) == nfe:
-                        return {"steps": steps, "last_step": last_step}
+                steps = steps_for_nfe(solver, nfe, last_step, self.known_start)
+                # One Heun step that is all denoising is a bare denoising step, not Heun.
+                if steps is not None and not (second_order and steps == 1 and last_step == "denoise"):
+                    return {"steps": steps, "last_step": last_step}
             return None
         if self.kind == "diffusers":
             if second_order:  # 2N − 1 evaluations; N = 1 would be a single Euler step
@@ -574,8 +573,6 @@ class RunCache:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        if not (self.folder / "manifest.json").is_file():
-            return None, None, {}
         reference, samples, runs = None, None, {}
         try:
             if (self.folder / "reference.json").is_file():

@@ -15,7 +15,7 @@ import torch
 
 from .fetch import atomic_path
 from .generate import SamplerSpec, generate, image_grid
-from .samplers import count_nfe
+from .samplers import default_known_start, steps_for_nfe
 
 DEMO_SAMPLERS: dict[str, dict] = {
     "linear Euler": dict(schedule="linear", solver="euler"),
@@ -24,19 +24,15 @@ DEMO_SAMPLERS: dict[str, dict] = {
     "point-mass SDE": dict(schedule="point-mass", diffusion="optimal"),
 }
 REFERENCE = ("linear Heun", dict(schedule="linear", solver="heun"), 100)
-# li.sample centres the lazy schedules, which makes their drift at t = 0 known without the network.
-CENTRED = ("lazy-vp", "point-mass")
 
 
-def steps_for_nfe(options: dict, nfe: int) -> int:
+def demo_steps(options: dict, nfe: int) -> int:
     """The number of steps at which ``options`` (li.sample's defaults otherwise) costs exactly ``nfe`` evaluations."""
-    known_start = options["schedule"] in CENTRED
     last_step = options.get("last_step") or ("denoise" if options.get("diffusion", "ode") != "ode" else "euler")
-    solver = options.get("solver") or "euler"
-    for steps in range(1, nfe + 2):
-        if count_nfe(solver, steps, last_step, known_start) == nfe:
-            return steps
-    raise ValueError(f"nfe: no step count of {options} costs exactly {nfe} evaluations")
+    steps = steps_for_nfe(options.get("solver") or "euler", nfe, last_step, default_known_start(options["schedule"]))
+    if steps is None:
+        raise ValueError(f"nfe: no step count of {options} costs exactly {nfe} evaluations")
+    return steps
 
 
 def comparison_figure(path: Path, cells: dict[str, dict[int, torch.Tensor]], nfes: list[int],
@@ -98,7 +94,7 @@ def run_demo(model_name: str = "mnist", *, n: int = 1000, nfes: tuple[int, ...] 
     for name, options in DEMO_SAMPLERS.items():
         fids[name], reports[name], cells[name] = {}, {}, {}
         for nfe in nfes:
-            spec = SamplerSpec(steps=steps_for_nfe(options, nfe), **options)
+            spec = SamplerSpec(steps=demo_steps(options, nfe), **options)
             x = generate(model, spec, n, shape, seed=seed, batch_size=batch_size, device=device,
                          progress=progress, desc=f"{name} NFE {nfe}")
             report = evaluate(x)

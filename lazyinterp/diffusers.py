@@ -35,7 +35,15 @@ from diffusers.utils import BaseOutput
 from .conversion import convert, time_change
 from .noise import NoiseStreams, resolve_seed
 from .predictors import CenteredModel, Model, coefficients, estimate_sigma, to_eta
-from .samplers import LAST_STEPS, Dynamics, _check_solver, check_grid, normal_draws, resolve_diffusion
+from .samplers import (
+    LAST_STEPS,
+    Dynamics,
+    _check_solver,
+    ab2_increment,
+    check_grid,
+    normal_draws,
+    resolve_diffusion,
+)
 from .schedules import SCHEDULES, LazySchedule, Schedule, as_time, get_schedule, linear
 
 Tensor = torch.Tensor
@@ -650,9 +658,9 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             if previous is None:
                 step[lane.index] = h * drift[lane.index]
             else:
-                # Each lane has its own grid (per-sample σ), so ρ is per lane.
-                rho = h / (t - lane.grid[node - 1])
-                step[lane.index] = h * ((1 + 0.5 * rho) * drift[lane.index] - 0.5 * rho * previous[lane.index])
+                # Each lane has its own grid (per-sample σ), so the step ratio is per lane.
+                step[lane.index] = ab2_increment(h, t - lane.grid[node - 1], drift[lane.index],
+                                                 previous[lane.index])
             if xi is not None:
                 eps = lane.dynamics.diffusion.epsilon_at(t)
                 if eps > 0:

@@ -132,6 +132,19 @@ def count_nfe(solver: str, steps: int, last_step: str = "euler", known_start: bo
     return nfe - int(bool(known_start))
 
 
+def steps_for_nfe(solver: str, nfe: int, last_step: str = "euler", known_start: bool = False) -> int | None:
+    """The number of steps at which ``solver`` costs exactly ``nfe`` evaluations (:func:`count_nfe`), or None."""
+    for steps in range(1, nfe + 3):
+        if count_nfe(solver, steps, last_step, known_start) == nfe:
+            return steps
+    return None
+
+
+def default_known_start(schedule: Schedule | str) -> bool:
+    """:func:`sample`'s default ``known_start``: it centres (and so knows the drift at t = 0) on lazy schedules."""
+    return isinstance(get_schedule(schedule), LazySchedule)
+
+
 def _check_solver(solver: Any) -> str:
     if not isinstance(solver, str) or solver.lower() not in SOLVER_ALIASES:
         raise ValueError(f"solver: expected one of {', '.join(SOLVER_ALIASES)}, got {solver!r}")
@@ -273,6 +286,12 @@ class Dynamics:
 
 # Pure solvers ---------------------------------------------------------------------------------------------------
 
+def ab2_increment(h: float, h_prev: float, d: Tensor, d_prev: Tensor) -> Tensor:
+    """The variable-step Adams–Bashforth 2 increment h [(1 + ρ/2) d_k − (ρ/2) d_{k−1}], ρ = h / h_prev."""
+    rho = h / h_prev
+    return h * ((1 + 0.5 * rho) * d - 0.5 * rho * d_prev)
+
+
 def _guard(step: int, t: float, fn, *args):
     try:
         return fn(*args)
@@ -369,11 +388,7 @@ def adams_bashforth2(drift: Drift, x: Tensor, grid: Tensor, *, denoise: Drift | 
             x = _guard(k, t, denoise, x, t)
         else:
             d = _guard(k, t, drift, x, t)
-            if previous is None:
-                x = x + h * d
-            else:
-                rho = h / (t - times[k - 1])
-                x = x + h * ((1 + 0.5 * rho) * d - 0.5 * rho * previous)
+            x = x + (h * d if previous is None else ab2_increment(h, t - times[k - 1], d, previous))
             previous = d
         check(x, k, t)
         if callback is not None:
@@ -428,11 +443,7 @@ def adams_predictor_corrector(drift: Drift, x: Tensor, grid: Tensor, *, denoise:
             x = _guard(k, t, denoise, x, t)
         else:
             start = x
-            if k == 0:
-                x = x + h * drifts[-1]
-            else:
-                rho = h / (t - times[k - 1])
-                x = x + h * ((1 + 0.5 * rho) * drifts[-1] - 0.5 * rho * drifts[-2])
+            x = x + (h * drifts[-1] if k == 0 else ab2_increment(h, t - times[k - 1], drifts[-1], drifts[-2]))
         check(x, k, t)
     if callback is not None:
         callback(last, times[-1], x)

@@ -370,3 +370,17 @@ def test_deferred_state_check_names_the_first_bad_step():
     clean.deferred = True
     clean(good, 0, 0.5)
     clean.finish()
+
+
+def test_steps_for_nfe_inverts_count_nfe():
+    for solver in ("euler", "ab2", "ab2-pc", "heun"):
+        for last_step in ("euler", "denoise"):
+            for known_start in (False, True):
+                for nfe in range(1, 12):
+                    steps = li.steps_for_nfe(solver, nfe, last_step, known_start)
+                    if steps is None:
+                        assert all(li.count_nfe(solver, s, last_step, known_start) != nfe for s in range(1, 20))
+                    else:
+                        assert li.count_nfe(solver, steps, last_step, known_start) == nfe
+    assert li.steps_for_nfe("heun", 4, "euler") == 2 and li.steps_for_nfe("heun", 3, "euler") is None
+    assert li.steps_for_nfe("ab2", 4, known_start=True) == 5
