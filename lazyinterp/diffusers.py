@@ -37,9 +37,11 @@ from .noise import NoiseStreams, resolve_seed
 from .predictors import CenteredModel, Model, coefficients, estimate_sigma, to_eta
 from .samplers import (
     LAST_STEPS,
+    PC_DEFAULT_FROM_STEPS,
     Dynamics,
     _check_solver,
     ab2_increment,
+    am3_increment,
     check_grid,
     normal_draws,
     resolve_diffusion,
@@ -55,7 +57,7 @@ __all__ = [
 ]
 
 # The solvers ``step`` implements (li.sample's names; its aliases such as "em" resolve to them).
-_SOLVERS = ("euler", "heun", "ab2")
+_SOLVERS = ("euler", "heun", "ab2", "ab2-pc")
 
 # The σ probe sits at li.estimate_sigma's default SNR r_p (β/α of the linear schedule), so both estimate alike.
 _PROBE_SNR = float(inspect.signature(estimate_sigma).parameters["snr"].default)
@@ -229,11 +231,15 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
     ``step`` calls (``set_timesteps`` clears it): with the drift b_k = b(t_k, y_k) in the target coordinates and
     h_k = t_{k+1} − t_k, the first step is Euler and then y_{k+1} = y_k + h_k [(1 + ρ/2) b_k − (ρ/2) b_{k−1}],
     ρ = h_k/h_{k−1}; the last interval takes that step too (``last_step="euler"``, the ODE default) or is
-    replaced by x_1 = η_X(t_{N−1}, x) (``"denoise"``). ``"heun"`` (order 2) interleaves like
+    replaced by x_1 = η_X(t_{N−1}, x) (``"denoise"``). ``"ab2-pc"`` (ODE only, third order, once per node) is
+    :func:`lazyinterp.samplers.adams_predictor_corrector`: the latents returned are the AB2-predicted state, and
+    the evaluation there first corrects the state the last interval reached with the AM3 weights, then predicts
+    the next one from the corrected state with that same drift. ``"heun"`` (order 2) interleaves like
     ``FlowMatchHeunDiscreteScheduler``: timesteps m_0, m_1, m_1, …, m_{N−1}, m_{N−1}, then m_N = 0 (the
     corrector at t = 1) when ``last_step="euler"``; with ``last_step="denoise"`` (the default for SDEs) the last
     interval is x_1 = η_X(t_{N−1}, x) and m_N is dropped. The default is :func:`lazyinterp.sample`'s: ``"ab2"``
-    for an ODE on a lazy schedule, ``"euler"`` otherwise; the config keeps ``solver=None`` for it, so a reloaded
+    for an ODE on a lazy schedule, ``"ab2-pc"`` there from 12 steps
+    (:data:`lazyinterp.samplers.PC_DEFAULT_FROM_STEPS`, decided in ``set_timesteps``), ``"euler"`` otherwise; the config keeps ``solver=None`` for it, so a reloaded
     or re-targeted config takes the default of its own schedule and diffusion (:attr:`solver` is the one in use).
     The arithmetic is that of :func:`lazyinterp.sample` with the same grid, so the two agree to float precision.
 
@@ -250,8 +256,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             (custom schedule objects work but are saved to the config by name only).
         sigma: σ of a lazy schedule; ``None`` estimates it per sample (above).
         diffusion: ``"ode"``, ``"optimal"`` (ε*), a number κ (ε = κε*) or a callable ε(t) (not saved).
-        solver: ``"euler"``, ``"heun"`` or ``"ab2"`` (ODE only); ``None`` for ``"ab2"`` on a lazy-schedule ODE and
-            ``"euler"`` otherwise.
+        solver: ``"euler"``, ``"heun"``, ``"ab2"`` or ``"ab2-pc"`` (the last two ODE only); ``None`` for ``"ab2"``
+            on a lazy-schedule ODE (``"ab2-pc"`` from 12 steps) and ``"euler"`` otherwise.
         last_step: ``"euler"`` or ``"denoise"``; default ``"euler"`` for ODEs and ``"denoise"`` for SDEs.
         center: centre on the model's own E[X] estimate; default on for lazy schedules.
         shift, use_dynamic_shifting, base_shift, max_shift, base_image_seq_len, max_image_seq_len, time_shift_type,
@@ -262,7 +268,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
 
     Raises:
         ValueError: an unknown schedule, diffusion, solver or last step, a sigma for a non-lazy schedule, a
-            point-mass schedule with an ODE, or ``"ab2"`` with an SDE.
+            point-mass schedule with an ODE, or ``"ab2"`` / ``"ab2-pc"`` with an SDE.
     """
 
     _compatibles: list[str] = []
@@ -292,14 +298,16 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                              "alike, so it cannot leave the point; use diffusion='optimal' (or kappa > 0)")
         self._is_sde = not probe_diffusion.is_ode
         # The default is li.sample's: in lazy coordinates AB2 beats Euler at equal NFE (README, "Benchmarks").
-        default_solver = "ab2" if isinstance(target, LazySchedule) and not self._is_sde else "euler"
+        # From PC_DEFAULT_FROM_STEPS steps on, set_timesteps moves that default to its third-order form, ab2-pc.
+        self._multistep_default = solver is None and isinstance(target, LazySchedule) and not self._is_sde
+        default_solver = "ab2" if self._multistep_default else "euler"
         self._solver = _check_solver(default_solver if solver is None else solver)
         # li.sample may know more solvers than the stepping below implements; those must not run as Euler.
         if self._solver not in _SOLVERS:
             raise ValueError(f"solver: LazyScheduler implements {', '.join(_SOLVERS)} (or None for the default), "
                              f"got {solver!r}")
-        if self._solver == "ab2" and self._is_sde:
-            raise ValueError("solver: ab2 is an ODE solver; use euler or heun with an SDE")
+        if self._solver in ("ab2", "ab2-pc") and self._is_sde:
+            raise ValueError(f"solver: {self._solver} is an ODE solver; use euler or heun with an SDE")
         if last_step is not None and last_step not in LAST_STEPS:
             raise ValueError(f"last_step: expected one of {', '.join(LAST_STEPS)} or None, got {last_step!r}")
         self._last_step = last_step or ("denoise" if self._is_sde else "euler")
@@ -405,6 +413,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         self._returned: Tensor | None = None
         self._heun: tuple | None = None
         self._previous_drift: Tensor | None = None
+        self._drifts: list[Tensor] = []  # ab2-pc: d_{k−2}, d_{k−1}, d_k
+        self._corrector_start: Tensor | None = None  # ab2-pc: the corrected state the last interval left from
         self._deferred: tuple | None = None
         self._probe_mean: Tensor | None = None
         self.estimated_sigma: Tensor | None = None
@@ -464,6 +474,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         n = model_sigmas.numel()
         self._model_sigmas = model_sigmas
         self.num_inference_steps = n
+        if self._multistep_default:
+            self._solver = "ab2-pc" if n >= PC_DEFAULT_FROM_STEPS else "ab2"
 
         # Model sigmas at the nodes: 1 − τ(t_k). SNR-matched nodes give 1 − σ_k back, except where a target's SNR
         # range is narrower than the linear one (vp at t = 0), which time_change clamps.
@@ -644,13 +656,15 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         """The step from ``node`` (or Heun's predictor half of it): the new state and the node it is at."""
         n = self.num_inference_steps
         xi = self._draw() if self._is_sde else None
+        if self._solver == "ab2-pc":
+            y = self._correct(y, node)
         if node == n - 1 and self._last_step == "denoise":
             out = torch.empty_like(y)
             for lane in self._lanes:
                 out[lane.index] = lane.dynamics.denoise(y[lane.index], lane.grid[node])
             return out, node + 1
-        drift = self._drift(y, node)
-        previous = self._previous_drift if self._solver == "ab2" else None
+        drift = self._drift(y, node) if self._solver != "ab2-pc" else self._drifts[-1]
+        previous = self._previous_drift if self._solver in ("ab2", "ab2-pc") else None
         step = torch.empty_like(y)
         kick = torch.zeros_like(y)
         for lane in self._lanes:
@@ -667,9 +681,30 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                     kick[lane.index] = math.sqrt(2 * eps * h) * xi[lane.index]
         if self._solver == "heun":
             self._heun = (y, drift, kick)
-        elif self._solver == "ab2":
+        elif self._solver in ("ab2", "ab2-pc"):
             self._previous_drift = drift
+            self._corrector_start = y
         return y + step + kick, node + 1
+
+    def _correct(self, y_pred: Tensor, node: int) -> Tensor:
+        """ab2-pc at ``node``: records the drift d_k at the predicted state and, from the second node on, returns
+        the AM3-corrected state y_k (:func:`lazyinterp.samplers.adams_predictor_corrector`). The corrected state
+        moves on with d_k from the predicted one, as there. At a final denoising node the network output belongs
+        to the predicted state, so that state is kept, as in li.sample."""
+        if node == self.num_inference_steps - 1 and self._last_step == "denoise":
+            return y_pred
+        self._drifts = [*self._drifts[-2:], self._drift(y_pred, node)]
+        if node == 0:
+            return y_pred
+        start, d = self._corrector_start, self._drifts
+        out = torch.empty_like(y_pred)
+        for lane in self._lanes:
+            g, idx = lane.grid, lane.index
+            h = g[node] - g[node - 1]
+            h_prev = g[node - 1] - g[node - 2] if node > 1 else None
+            out[idx] = start[idx] + am3_increment(h, h_prev, d[-1][idx], d[-2][idx],
+                                                  d[-3][idx] if node > 1 else None)
+        return out
 
     def _corr(self, y_pred: Tensor, node: int) -> Tensor:
         y, d0, kick = self._heun

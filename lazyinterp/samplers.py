@@ -292,6 +292,19 @@ def ab2_increment(h: float, h_prev: float, d: Tensor, d_prev: Tensor) -> Tensor:
     return h * ((1 + 0.5 * rho) * d - 0.5 * rho * d_prev)
 
 
+def am3_increment(h: float, h_prev: float | None, d_next: Tensor, d: Tensor, d_prev: Tensor | None) -> Tensor:
+    r"""The variable-step Adams–Moulton 3 increment over [t_k, t_k + h] from the drifts at t_{k+1}, t_k, t_{k−1}:
+
+    h [(3 + 2ρ)/(6(1 + ρ)) d_{k+1} + (3 + ρ)/6 d_k − ρ²/(6(1 + ρ)) d_{k−1}],  ρ = h / h_prev,
+
+    the integral of the quadratic through the three drifts; the trapezoid h/2 (d_k + d_{k+1}) when there is no
+    d_{k−1} (``h_prev`` and ``d_prev`` None)."""
+    if d_prev is None:
+        return 0.5 * h * (d + d_next)
+    r = h / h_prev
+    return h * ((3 + 2 * r) / (6 * (1 + r)) * d_next + (3 + r) / 6 * d - r * r / (6 * (1 + r)) * d_prev)
+
+
 def _guard(step: int, t: float, fn, *args):
     try:
         return fn(*args)
@@ -429,14 +442,11 @@ def adams_predictor_corrector(drift: Drift, x: Tensor, grid: Tensor, *, denoise:
         final_denoise = k == last and denoise is not None
         if not final_denoise:
             drifts = [*drifts[-2:], _guard(k, t, drift, x, t)]
-            if k > 0:
-                h_prev = t - times[k - 1]
-                if k == 1:
-                    x = start + 0.5 * h_prev * (drifts[-2] + drifts[-1])
-                else:
-                    r = h_prev / (times[k - 1] - times[k - 2])
-                    x = start + h_prev * ((3 + 2 * r) / (6 * (1 + r)) * drifts[-1] + (3 + r) / 6 * drifts[-2]
-                                          - r * r / (6 * (1 + r)) * drifts[-3])
+            if k == 1:
+                x = start + am3_increment(t - times[0], None, drifts[-1], drifts[-2], None)
+            elif k > 1:
+                x = start + am3_increment(t - times[k - 1], times[k - 1] - times[k - 2], drifts[-1], drifts[-2],
+                                          drifts[-3])
         if k > 0 and callback is not None:
             callback(k - 1, t, x)
         if final_denoise:
