@@ -239,8 +239,9 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
     corrector at t = 1) when ``last_step="euler"``; with ``last_step="denoise"`` (the default for SDEs) the last
     interval is x_1 = η_X(t_{N−1}, x) and m_N is dropped. The default is :func:`lazyinterp.sample`'s: ``"ab2"``
     for an ODE on a lazy schedule, ``"ab2-pc"`` there from 12 steps
-    (:data:`lazyinterp.samplers.PC_DEFAULT_FROM_STEPS`, decided in ``set_timesteps``), ``"euler"`` otherwise; the config keeps ``solver=None`` for it, so a reloaded
-    or re-targeted config takes the default of its own schedule and diffusion (:attr:`solver` is the one in use).
+    (:data:`lazyinterp.samplers.PC_DEFAULT_FROM_STEPS`, decided in ``set_timesteps``), ``"euler"`` otherwise;
+    the config keeps ``solver=None`` for it, so a reloaded or re-targeted config takes the default of its own
+    schedule and diffusion (:attr:`solver` is the one in use).
     The arithmetic is that of :func:`lazyinterp.sample` with the same grid, so the two agree to float precision.
 
     **Noise.** SDEs draw one standard normal per step and sample from per-sample streams

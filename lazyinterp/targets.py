@@ -80,22 +80,40 @@ class GaussianMixture:
         return self.means[comp] + torch.einsum("nij,nj->ni", root[comp], z)
 
     def eta(self, x: Tensor, alpha, beta) -> tuple[Tensor, Tensor]:
-        """(η_Z, η_X) at flattened x (B, D); α, β floats or (B,) tensors."""
+        """(η_Z, η_X) at flattened x (B, D); α, β floats or (B,) tensors.
+
+        In C_k's eigenbasis V_k (C_k = V_k Λ_k V_kᵀ) S_k is diagonal, so with p_k = V_kᵀ (x − β m_k):
+        η_Z = α Σ_k π_k V_k (p_k / s_k) and η_X = Σ_k π_k m_k + β Σ_k π_k V_k (λ_k p_k / s_k), s_k = α² + β² λ_k.
+        Each sum over k and the eigenbasis is one matrix product with the stacked bases.
+        """
         x = x.to(torch.float64)
+        k, d = self.means.shape
         a = torch.as_tensor(alpha, dtype=torch.float64).reshape(-1, 1, 1)
         b = torch.as_tensor(beta, dtype=torch.float64).reshape(-1, 1, 1)
-        lam = self.eigvals[None]  # (1, K, D)
-        var = a * a + b * b * lam  # (B or 1, K, D): eigenvalues of S_k
-        diff = x[:, None, :] - b * self.means[None]  # (B, K, D)
-        proj = torch.einsum("bkd,kde->bke", diff, self.eigvecs)  # coordinates in C_k's eigenbasis
-        log_pdf = -0.5 * ((proj * proj) / var).sum(-1) - 0.5 * torch.log(var).sum(-1) \
+        var = a * a + b * b * self.eigvals[None]  # (B or 1, K, D): eigenvalues of S_k
+        bases, back, projected_means = self._stacked()
+        proj = (x @ bases).reshape(-1, k, d) - b * projected_means  # (B, K, D)
+        scaled = proj * var.reciprocal()
+        log_pdf = -0.5 * torch.einsum("bkd,bkd->bk", proj, scaled) - 0.5 * torch.log(var).sum(-1) \
             - 0.5 * self.dim * math.log(2 * math.pi)
         resp = torch.softmax(torch.log(self.weights)[None] + log_pdf, dim=1)  # (B, K)
-        solved = torch.einsum("bke,kde->bkd", proj / var, self.eigvecs)  # S_k⁻¹ (x − β m_k)
-        cov_solved = torch.einsum("bke,kde->bkd", proj * lam / var, self.eigvecs)  # C_k S_k⁻¹ (x − β m_k)
-        eta_z = (resp[..., None] * a * solved).sum(1)
-        eta_x = (resp[..., None] * (self.means[None] + b * cov_solved)).sum(1)
+        # π_k S_k⁻¹ (x − β m_k) in each eigenbasis, mapped back by V_k and by V_k Λ_k in one product.
+        weighted = (resp[..., None] * scaled).reshape(-1, k * d)
+        both = weighted @ back
+        eta_z = a.reshape(-1, 1) * both[:, :d]
+        eta_x = resp @ self.means + b.reshape(-1, 1) * both[:, d:]
         return eta_z, eta_x
+
+    def _stacked(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Built once: B = [V_1 … V_K] (D, K·D), so x @ B holds every component's eigen-coordinates; [B; BΛ]ᵀ
+        (K·D, 2D), mapping them back by V_k and by V_k Λ_k; and V_kᵀ m_k (K, D)."""
+        if getattr(self, "_stacked_cache", None) is None:
+            bases = self.eigvecs.permute(1, 0, 2).reshape(self.dim, -1).contiguous()
+            lam_bases = (self.eigvecs * self.eigvals[:, None, :]).permute(1, 0, 2).reshape(self.dim, -1)
+            back = torch.cat([bases, lam_bases], 0).T.contiguous()
+            projected = torch.einsum("kd,kde->ke", self.means, self.eigvecs)
+            self._stacked_cache = (bases, back, projected)
+        return self._stacked_cache
 
     def predict(self, x: Tensor, t: Tensor | float, schedule: Schedule | str, kind: str = "velocity") -> Tensor:
         """The exact ``kind`` prediction under ``schedule`` at (x, t); x of shape (B, ...) with prod(...) = D."""
