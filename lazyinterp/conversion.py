@@ -24,11 +24,25 @@ from .schedules import Schedule, as_time
 Tensor = torch.Tensor
 
 
+_SCALAR_TIME_CHANGES: dict = {}
+_SCALAR_CACHE_SIZE = 4096
+
+
 def time_change(source: Schedule, target: Schedule, t: Tensor | float) -> tuple[Tensor, Tensor]:
     """(τ, c) at target time ``t``: the source time with the same SNR, and the scale I'_t = c I_τ."""
     tt = as_time(t)
+    # A sampler converts at the same grid times on every call with the same pair of schedules; scalar results
+    # are remembered (the maps are deterministic, so this changes no value).
+    key = (source, target, float(tt)) if tt.ndim == 0 else None
+    if key is not None and key in _SCALAR_TIME_CHANGES:
+        tau, scale = _SCALAR_TIME_CHANGES[key]
+        return tau.clone(), scale.clone()
     tau = source.snr_inverse(target.snr(tt))
     scale = (target.alpha(tt) + target.beta(tt)) / (source.alpha(tau) + source.beta(tau))
+    if key is not None:
+        if len(_SCALAR_TIME_CHANGES) >= _SCALAR_CACHE_SIZE:
+            _SCALAR_TIME_CHANGES.clear()
+        _SCALAR_TIME_CHANGES[key] = (tau.clone(), scale.clone())
     return tau, scale
 
 

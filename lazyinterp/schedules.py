@@ -15,6 +15,7 @@ schedule comes from two callables, with derivatives by autograd unless given.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Literal
@@ -161,6 +162,10 @@ class Schedule:
         derivatives are infinite there) the time moved END_OFFSET inside, so quantities built from
         derivatives take their one-sided limits."""
         tt = as_time(t)
+        if tt.ndim == 0:
+            if math.isfinite(float(self.dalpha(tt))) and math.isfinite(float(self.dbeta(tt))):
+                return tt
+            return tt.clamp(END_OFFSET, 1 - END_OFFSET)
         finite = torch.isfinite(self.dalpha(tt)) & torch.isfinite(self.dbeta(tt))
         if bool(finite.all()):
             return tt
@@ -295,6 +300,11 @@ def _check_sigma(sigma: float) -> float:
     return float(sigma)
 
 
+@functools.lru_cache(maxsize=64)
+def _resolved_member(family: type, sigma: float) -> LazySchedule:
+    return family(sigma)
+
+
 class LazySchedule(Schedule):
     """A lazy schedule family member; ``sigma=None`` means "estimate σ from the model" at sampling time."""
 
@@ -313,8 +323,9 @@ class LazySchedule(Schedule):
         raise NotImplementedError
 
     def resolve(self, sigma: float) -> LazySchedule:
-        """This family's member with the given σ."""
-        return type(self)(sigma)
+        """This family's member with the given σ (the same object for the same σ, so that the values it
+        remembers serve every call that samples with it)."""
+        return _resolved_member(type(self), float(sigma))
 
     @property
     def resolved(self) -> bool:

@@ -6,6 +6,7 @@ import torchdiffeq
 from conftest import all_schedules, make_mixture
 
 import lazyinterp as li
+from lazyinterp.conversion import time_change
 from lazyinterp.predictors import coefficients
 
 F64 = torch.float64
@@ -175,3 +176,18 @@ def test_noise_predicting_vp_model_converts_like_velocity(mixture):
         torch.testing.assert_close(eta_x, exact_x, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(eta_z, exact_z, rtol=1e-9, atol=1e-9)
     assert coefficients(target, 0.5)[0] > 0
+
+
+def test_remembered_scalar_time_changes_are_the_computed_ones():
+    """time_change remembers scalar results per schedule pair: a repeat gives the value of the batch evaluation
+    at that time, and changing a returned tensor does not change what is remembered."""
+    source, target = li.linear(), li.lazy_vp(0.6)
+    times = torch.tensor([0.0, 0.2, 0.55, 0.9, 1.0], dtype=torch.float64)
+    tau_batch, scale_batch = time_change(source, target, times)
+    for _ in range(2):
+        for t, tau_b, scale_b in zip(times, tau_batch, scale_batch, strict=True):
+            tau, scale = time_change(source, target, float(t))
+            assert float(tau) == pytest.approx(float(tau_b), rel=1e-14, abs=1e-15)
+            assert float(scale) == pytest.approx(float(scale_b), rel=1e-14, abs=1e-15)
+            tau.fill_(-1.0)
+            scale.fill_(-1.0)

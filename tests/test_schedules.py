@@ -117,3 +117,27 @@ def test_remembered_scalar_values_equal_fresh_ones_and_are_not_shared():
         first += 1.0  # a caller changing its tensor must not change what the schedule remembers
         assert torch.equal(sched.alpha(t), fresh.alpha(torch.tensor(t, dtype=torch.float64)))
         assert torch.equal(sched.dbeta(t), fresh.dbeta(torch.tensor([t], dtype=torch.float64))[0])
+
+
+@pytest.mark.parametrize("sched", all_schedules(), ids=lambda s: s.name)
+def test_regular_time_is_the_same_for_scalars_and_batches(sched):
+    """A scalar time and the same time in a batch move inside alike: only where α̇ or β̇ is infinite (vp at 1, a
+    point mass at 0), by END_OFFSET."""
+    times = torch.tensor([0.0, 1e-12, 0.3, 0.5, 1 - 1e-12, 1.0], dtype=torch.float64)
+    batch = sched.regular_time(times)
+    for t, expected in zip(times, batch, strict=True):
+        assert float(sched.regular_time(float(t))) == float(expected), float(t)
+    moved = {float(t) for t, r in zip(times, batch, strict=True) if float(r) != float(t)}
+    infinite = {float(t) for t in times
+                if not (math.isfinite(float(sched.dalpha(t))) and math.isfinite(float(sched.dbeta(t))))}
+    assert moved == infinite
+
+
+def test_resolve_returns_one_member_per_sigma():
+    """Resolving a family at the same σ gives the same object (its remembered values serve every call); another
+    σ gives another member."""
+    family = li.lazy_vp(None)
+    first = family.resolve(0.7)
+    assert family.resolve(0.7) is first and li.point_mass(None).resolve(0.7) is not first
+    assert family.resolve(0.8) is not first
+    assert float(first.alpha(0.25)) == pytest.approx(0.7 * math.cos(math.pi / 8), rel=1e-15)
