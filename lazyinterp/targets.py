@@ -18,6 +18,7 @@ from .predictors import Model, check_kind, coefficients, from_eta
 from .schedules import Schedule, as_time, get_schedule
 
 Tensor = torch.Tensor
+_BLOCK_ELEMENTS = 1 << 18
 
 
 class GaussianMixture:
@@ -87,9 +88,20 @@ class GaussianMixture:
         Each sum over k and the eigenbasis is one matrix product with the stacked bases.
         """
         x = x.to(torch.float64)
+        a = torch.as_tensor(alpha, dtype=torch.float64).reshape(-1)
+        b = torch.as_tensor(beta, dtype=torch.float64).reshape(-1)
+        # Rows in blocks whose (rows, K, D) temporaries stay small: large ones are mapped fresh from the OS on
+        # every allocation, and their page faults cost more than the arithmetic.
+        rows = max(1, _BLOCK_ELEMENTS // self.means.numel())
+        if x.shape[0] <= rows:
+            return self._eta_block(x, a, b)
+        parts = [self._eta_block(x[i:i + rows], a if a.numel() == 1 else a[i:i + rows],
+                                 b if b.numel() == 1 else b[i:i + rows]) for i in range(0, x.shape[0], rows)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _eta_block(self, x: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
         k, d = self.means.shape
-        a = torch.as_tensor(alpha, dtype=torch.float64).reshape(-1, 1, 1)
-        b = torch.as_tensor(beta, dtype=torch.float64).reshape(-1, 1, 1)
+        a, b = a.reshape(-1, 1, 1), b.reshape(-1, 1, 1)
         var = a * a + b * b * self.eigvals[None]  # (B or 1, K, D): eigenvalues of S_k
         bases, back, projected_means = self._stacked()
         proj = (x @ bases).reshape(-1, k, d) - b * projected_means  # (B, K, D)

@@ -6,6 +6,7 @@ from conftest import make_mixture
 from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal
 
 import lazyinterp as li
+from lazyinterp import targets
 from lazyinterp.bench import gmm_64d
 
 F64 = torch.float64
@@ -65,3 +66,17 @@ def test_samples_have_the_mixture_moments():
     x = mixture.sample(200_000, torch.Generator().manual_seed(3))
     assert float((x.mean(0) - mixture.mean).abs().max()) < 0.02
     assert float((torch.cov(x.T) - mixture.cov).abs().max()) < 0.02
+
+
+def test_blocks_of_rows_give_the_whole_batch(monkeypatch):
+    """η over a batch split into blocks of rows (per-sample or shared α, β) is η over the whole batch at once."""
+    mixture = gmm_64d()
+    gen = torch.Generator().manual_seed(4)
+    x = mixture.sample(50, gen)
+    alphas, betas = torch.rand(50, generator=gen, dtype=F64), torch.rand(50, generator=gen, dtype=F64)
+    coefficient_sets = [(alphas, betas), (0.6, 0.8)]
+    whole = [mixture.eta(x, a, b) for a, b in coefficient_sets]
+    monkeypatch.setattr(targets, "_BLOCK_ELEMENTS", 7 * mixture.means.numel())  # blocks of 7 rows, the last of 1
+    for (a, b), expected in zip(coefficient_sets, whole, strict=True):
+        for got, want in zip(mixture.eta(x, a, b), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
