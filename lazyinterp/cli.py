@@ -131,6 +131,9 @@ SCHEDULE_NAMES = ["linear", "cosine", "vp", "lazy-vp", "point-mass"]
 @click.option("--last-step", default=None, type=click.Choice(["euler", "denoise"]))
 @click.option("--time-grid", default=None, type=click.Choice(["uniform", "model"]),
               help="Time grid: uniform, or the noise levels of the model's uniform grid (default for lazy schedules).")
+@click.option("--grid-shift", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Divide the SNR of every node of the model grid by this (diffusers' shift); > 1 spends more "
+              "steps at high noise.")
 @click.option("--center/--no-center", default=None,
               help="Sample X - E[X] with the model's E[X] (default: on for lazy schedules).")
 @click.option("--n", "-n", "n", default=64, type=click.IntRange(min=1), show_default=True)
@@ -148,7 +151,8 @@ SCHEDULE_NAMES = ["linear", "cosine", "vp", "lazy-vp", "point-mass"]
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
 def sample(model_name: str, schedule: str, steps: int, solver: str, diffusion: str | None, sigma: float | None,
-           last_step: str | None, time_grid: str | None, center: bool | None, n: int, batch_size: int, seed: int,
+           last_step: str | None, time_grid: str | None, grid_shift: float, center: bool | None, n: int,
+           batch_size: int, seed: int,
            out: Path, grid_png: Path | None, fid: bool, shard_size: int, max_shards: int | None, device: str,
            quiet: bool) -> None:
     """Sample a model under any schedule; writes an npz with `samples` (N, 1, 28, 28) float32.
@@ -169,7 +173,8 @@ def sample(model_name: str, schedule: str, steps: int, solver: str, diffusion: s
     if sigma is not None and schedule not in ("lazy-vp", "point-mass"):
         raise UserError("--sigma: only the lazy schedules (lazy-vp, point-mass) take sigma")
     spec = SamplerSpec(schedule=schedule, steps=steps, diffusion=parse_diffusion(diffusion, schedule),
-                       solver=solver, sigma=sigma, last_step=last_step, grid=time_grid, center=center)
+                       solver=solver, sigma=sigma, last_step=last_step, grid=time_grid, center=center,
+                       grid_shift=grid_shift)
     try:
         ctx = distributed.setup(device)
     except ValueError as exc:

@@ -33,6 +33,7 @@ class SamplerSpec:
     last_step: str | None = None
     center: bool | None = None
     grid: Any = None
+    grid_shift: float = 1.0
 
     def schedule_object(self):
         sched = get_schedule(self.schedule)
@@ -54,7 +55,7 @@ def sample_batch(model: Model, spec: SamplerSpec, indices: range, sample_shape: 
     return sample(model, noise, shape=shape, steps=spec.steps, grid=spec.grid, schedule=schedule,
                   diffusion=spec.diffusion, solver=spec.solver, generator=sample_seed(seed, 1 << 62),
                   indices=indices,
-                  last_step=spec.last_step, center=spec.center, device=device)
+                  last_step=spec.last_step, center=spec.center, grid_shift=spec.grid_shift, device=device)
 
 
 def generate(model: Model, spec: SamplerSpec, n: int, sample_shape: tuple[int, ...], *, seed: int = 0,

@@ -63,14 +63,19 @@ def uniform_grid(steps: int) -> Tensor:
     return torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
 
 
-def snr_matched_grid(steps: int, schedule: Schedule, reference: Schedule | str = "linear") -> Tensor:
+def snr_matched_grid(steps: int, schedule: Schedule, reference: Schedule | str = "linear",
+                     shift: float = 1.0) -> Tensor:
     """Nodes t_k of ``schedule`` whose SNRs are those of ``reference`` on its uniform grid: r(t_k) = r_ref(k/N).
 
     With the model's training schedule as ``reference``, the converted sampler visits exactly the noise levels
     that uniform steps of the native sampler would, so only the coordinates of the Euler step differ.
+    ``shift`` s divides every SNR, r(t_k) = r_ref(k/N)/s (a shift of −log s in log-SNR): on a linear reference
+    this is the ``shift`` of diffusers' flow-matching schedulers, σ' = sσ/(1 + (s − 1)σ) with σ = 1 − t; s > 1
+    spends more steps at high noise.
     """
     ref = get_schedule(reference, argument="reference")
-    grid = schedule.snr_inverse(ref.snr(uniform_grid(steps)))
+    shift = check_grid_shift(shift)
+    grid = schedule.snr_inverse(ref.snr(uniform_grid(steps)) / shift)
     grid[0], grid[-1] = 0.0, 1.0
     return grid
 
@@ -78,19 +83,35 @@ def snr_matched_grid(steps: int, schedule: Schedule, reference: Schedule | str =
 GRIDS = ("uniform", "model")
 
 
-def make_grid(grid: Any, steps: int | None, schedule: Schedule, model_schedule: Schedule) -> Tensor:
+def check_grid_shift(shift: Any) -> float:
+    """A positive, finite SNR divisor."""
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)):
+        raise TypeError(f"grid_shift: expected a positive number, got {type(shift).__name__}")
+    if not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"grid_shift: expected a positive, finite number, got {shift!r}")
+    return float(shift)
+
+
+def make_grid(grid: Any, steps: int | None, schedule: Schedule, model_schedule: Schedule,
+              shift: float = 1.0) -> Tensor:
     """The time grid :func:`sample` uses: an explicit grid, or a named family over ``steps`` intervals.
 
-    "uniform": t_k = k/N. "model": SNR-matched to the model's own schedule on its uniform grid.
+    "uniform": t_k = k/N. "model": SNR-matched to the model's own schedule on its uniform grid, every SNR
+    divided by ``shift`` (:func:`snr_matched_grid`).
     """
+    shift = check_grid_shift(shift)
     if grid is None or isinstance(grid, str):
         steps = DEFAULT_STEPS if steps is None else check_steps(steps)
         name = grid or "uniform"
+        if name == "model":
+            return check_grid(snr_matched_grid(steps, schedule, model_schedule, shift))
+        if shift != 1.0 and name in GRIDS:
+            raise ValueError(f'grid_shift: applies to grid="model" only, got grid={name!r}')
         if name == "uniform":
             return uniform_grid(steps)
-        if name == "model":
-            return check_grid(snr_matched_grid(steps, schedule, model_schedule))
         raise ValueError(f"grid: expected an explicit grid or one of {', '.join(GRIDS)}, got {grid!r}")
+    if shift != 1.0:
+        raise ValueError('grid_shift: applies to grid="model" only, not to an explicit grid')
     return check_grid(grid)
 
 
@@ -589,7 +610,8 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
            solver: str | None = None, generator: int | torch.Generator | None = None, grid: Any = None,
            last_step: str | None = None, center: bool | None = None, indices: Any = None,
            device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-           callback: Callback | None = None, known_start: bool | None = None, return_info: bool = False):
+           callback: Callback | None = None, known_start: bool | None = None, grid_shift: float = 1.0,
+           return_info: bool = False):
     r"""Samples at t = 1 of dX = b^ε dt + √(2ε) dW under ``schedule``, from ``model`` converted exactly.
 
     Args:
@@ -615,6 +637,8 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         center: sample X − E[X] with the model's own estimate of E[X] and add it back; default on for the lazy
             schedules, which are lazy only for centred data.
         indices: global indices of the samples, for per-sample noise when a job is split (default 0..B−1).
+        grid_shift: s > 0 divides the SNR of every node of the "model" grid (diffusers' ``shift`` on a linear
+            model); s > 1 spends more steps at high noise. Data-dependent (README, "Choosing σ…"); default 1.
         known_start: at t = 0 the state carries no information about the data, so for centred data the
             posterior means are known without the network: η_X = 0 and η_Z = x/α_0. The first evaluation is
             skipped and N steps cost one evaluation fewer (:func:`count_nfe`). Needs centring; default on
@@ -632,6 +656,10 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
     solver = _check_solver(solver)
     if grid is not None and not isinstance(grid, str):
         grid = check_grid(grid)
+    grid_shift = check_grid_shift(grid_shift)
+    if grid_shift != 1.0 and grid is not None and not (isinstance(grid, str) and grid == "model"):
+        given = repr(grid) if isinstance(grid, str) else "an explicit grid"
+        raise ValueError(f'grid_shift: applies to grid="model" only, got {given}')
     is_sde = not diffusion_spec.is_ode
     if last_step is None:
         last_step = "denoise" if is_sde else "euler"
@@ -699,7 +727,7 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         # Measured on MNIST and on Gaussians with MNIST's pixel variances: the lazy schedules gain most when they
         # visit the noise levels of the model's own uniform grid (see README, "Choosing the grid").
         grid = "model" if is_lazy else "uniform"
-    grid = make_grid(grid, steps, target, predictor.schedule)
+    grid = make_grid(grid, steps, target, predictor.schedule, grid_shift)
     if auto_multistep and len(grid) - 1 >= PC_DEFAULT_FROM_STEPS:
         solver = "ab2-pc"
     known_start = bool(known_start) and float(grid[0]) == 0.0

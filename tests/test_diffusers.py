@@ -742,3 +742,15 @@ def test_ddpm_unet_on_a_lazy_schedule_agrees_with_ddim(prediction_type):
     # li.sample starts at α'_0·noise; DDIM starts at z.
     out = li.sample(model, z / float(target.alpha(0.0)), steps=50, schedule=target, solver="heun", center=False)
     torch.testing.assert_close(out, reference, rtol=0, atol=3e-3)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_li_sample_grid_shift_is_the_schedulers_shift(shift):
+    """li.sample's grid="model" with grid_shift s is the grid LazyScheduler builds from diffusers' shifted sigmas
+    (shift=s, default sigmas) for the same number of steps."""
+    from lazyinterp.samplers import snr_matched_grid
+
+    target = li.lazy_vp(0.7)
+    scheduler = LazyScheduler(schedule=target, shift=shift)
+    scheduler.set_timesteps(6)
+    torch.testing.assert_close(scheduler.grid, snr_matched_grid(6, target, "linear", shift), rtol=0, atol=1e-6)

@@ -384,3 +384,42 @@ def test_steps_for_nfe_inverts_count_nfe():
                         assert li.count_nfe(solver, steps, last_step, known_start) == nfe
     assert li.steps_for_nfe("heun", 4, "euler") == 2 and li.steps_for_nfe("heun", 3, "euler") is None
     assert li.steps_for_nfe("ab2", 4, known_start=True) == 5
+
+
+@pytest.mark.parametrize("shift", [0.5, 1.0, 2.0, 3.0])
+@pytest.mark.parametrize("target", [li.lazy_vp(0.6), li.point_mass(0.8), li.cosine()], ids=lambda s: s.name)
+def test_grid_shift_divides_the_snr_of_every_node(target, shift):
+    """grid="model" with grid_shift s: r(t_k) = r_lin(k/N)/s at every interior node; diffusers' shifted sigmas
+    σ' = sσ/(1 + (s − 1)σ) give the same linear-schedule times, 1 − σ'."""
+    from lazyinterp.samplers import snr_matched_grid
+
+    steps = 6
+    grid = snr_matched_grid(steps, target, "linear", shift)
+    u = torch.arange(1, steps, dtype=torch.float64) / steps
+    torch.testing.assert_close(target.snr(grid[1:-1]), (u / (1 - u)) / shift, rtol=1e-10, atol=0)
+    sigma = 1 - u
+    shifted_sigma = shift * sigma / (1 + (shift - 1) * sigma)
+    torch.testing.assert_close(li.linear().snr_inverse(target.snr(grid[1:-1])), 1 - shifted_sigma, rtol=1e-10,
+                               atol=1e-12)
+    assert float(grid[0]) == 0.0 and float(grid[-1]) == 1.0
+
+
+def test_sample_uses_the_shifted_grid_and_checks_the_shift(mixture):
+    """li.sample(grid_shift=s) samples on the shifted model grid (and moves the samples); a shift that is not a
+    positive number, or one given with any grid but "model", is refused before sampling."""
+    from lazyinterp.samplers import snr_matched_grid
+
+    model = mixture.model("linear")
+    z = torch.randn(16, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x, info = li.sample(model, z, steps=4, schedule=li.lazy_vp(1.0), grid_shift=2.0, return_info=True)
+    torch.testing.assert_close(info.grid, snr_matched_grid(4, li.lazy_vp(1.0), "linear", 2.0))
+    assert float((x - li.sample(model, z, steps=4, schedule=li.lazy_vp(1.0))).abs().max()) > 1e-3
+    for bad, error in ((0.0, ValueError), (-1.0, ValueError), (math.nan, ValueError), (math.inf, ValueError),
+                       ("2", TypeError), (True, TypeError)):
+        with pytest.raises(error, match="grid_shift"):
+            li.sample(model, z, steps=4, schedule="lazy-vp", grid_shift=bad)
+    for grid in ("uniform", [0.0, 0.5, 1.0]):
+        with pytest.raises(ValueError, match="grid_shift"):
+            li.sample(model, z, schedule="lazy-vp", grid=grid, grid_shift=2.0)
+    with pytest.raises(ValueError, match="grid_shift"):
+        li.sample(model, z, steps=4, grid_shift=2.0)  # the linear schedule's default grid is uniform
