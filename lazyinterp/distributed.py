@@ -147,7 +147,8 @@ def check_manifest(out: Path, manifest: dict, ctx: Context) -> None:
     path = folder / "manifest.json"
     if ctx.is_main:
         folder.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
+        # A run that stopped before its first shard (a bad setting, an interrupt) left nothing to protect.
+        if not path.exists() or not any(folder.glob("shard-*.npz")):
             with atomic_path(path) as tmp:
                 tmp.write_text(json.dumps(manifest, sort_keys=True, indent=1))
     ctx.barrier()
