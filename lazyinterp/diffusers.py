@@ -695,16 +695,18 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         if node == self.num_inference_steps - 1 and self._last_step == "denoise":
             return y_pred
         self._drifts = [*self._drifts[-2:], self._drift(y_pred, node)]
-        if node == 0:
+        # The first step of a run (node 0, or the begin index of image-to-image) has nothing to correct; the
+        # second corrects with the trapezoid, as li.sample's does.
+        if self._corrector_start is None:
             return y_pred
         start, d = self._corrector_start, self._drifts
+        three = len(d) == 3
         out = torch.empty_like(y_pred)
         for lane in self._lanes:
             g, idx = lane.grid, lane.index
             h = g[node] - g[node - 1]
-            h_prev = g[node - 1] - g[node - 2] if node > 1 else None
-            out[idx] = start[idx] + am3_increment(h, h_prev, d[-1][idx], d[-2][idx],
-                                                  d[-3][idx] if node > 1 else None)
+            h_prev = g[node - 1] - g[node - 2] if three else None
+            out[idx] = start[idx] + am3_increment(h, h_prev, d[-1][idx], d[-2][idx], d[-3][idx] if three else None)
         return out
 
     def _corr(self, y_pred: Tensor, node: int) -> Tensor:

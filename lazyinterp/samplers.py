@@ -538,6 +538,12 @@ def stochastic_heun(drift: Drift, epsilon: Callable[[float], float], x: Tensor, 
     return x
 
 
+# The deterministic solvers by name: pure functions (drift, x, grid, *, denoise, callback) -> x at the grid's end.
+ODE_STEPPERS: dict[str, Callable[..., Tensor]] = {
+    "euler": euler, "heun": heun, "ab2": adams_bashforth2, "ab2-pc": adams_predictor_corrector,
+}
+
+
 # The user-facing entry point -----------------------------------------------------------------------------------
 
 @dataclass
@@ -744,9 +750,7 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
             x = stepper(dynamics.drift, diffusion_spec.epsilon_at, x, grid, normal_draws(streams, len(grid) - 1),
                         denoise=denoise, callback=callback)
         else:
-            stepper = {"euler": euler, "heun": heun, "ab2": adams_bashforth2,
-                       "ab2-pc": adams_predictor_corrector}[solver]
-            x = stepper(dynamics.drift, x, grid, denoise=denoise, callback=callback)
+            x = ODE_STEPPERS[solver](dynamics.drift, x, grid, denoise=denoise, callback=callback)
     if mean is not None:
         x = x + mean
     if return_info:

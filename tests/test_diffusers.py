@@ -754,3 +754,30 @@ def test_li_sample_grid_shift_is_the_schedulers_shift(shift):
     scheduler = LazyScheduler(schedule=target, shift=shift)
     scheduler.set_timesteps(6)
     torch.testing.assert_close(scheduler.grid, snr_matched_grid(6, target, "linear", shift), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("solver", ["euler", "ab2", "ab2-pc"])
+def test_image_to_image_multistep_is_the_pure_solver_on_the_remaining_grid(mixture, solver):
+    """From a begin index the run has no history: it is the pure solver of li.sample (Euler start, then AB2 or
+    AB2-AM3) on the remaining nodes, from the state the noised image maps to, with the exact mixture model."""
+    from lazyinterp.conversion import convert, time_change
+    from lazyinterp.samplers import ODE_STEPPERS, Dynamics, resolve_diffusion
+
+    target = li.lazy_vp(0.8)
+    scheduler = LazyScheduler(schedule=target, solver=solver, center=False)
+    scheduler.set_timesteps(sigmas=DYADIC_SIGMAS)
+    begin = 2
+    scheduler.set_begin_index(begin)
+    gen = torch.Generator().manual_seed(5)
+    image = mixture.sample(4, gen)
+    noise = torch.randn(4, 2, dtype=torch.float64, generator=gen)
+    sigma = DYADIC_SIGMAS[begin]
+    x = (1 - sigma) * image + sigma * noise  # the noised image at the begin node, as scale_noise makes it
+    for node, t in enumerate(scheduler.timesteps[begin:], start=begin):
+        x = scheduler.step(-mixture.predict(x, 1 - DYADIC_SIGMAS[node], "linear"), t, x).prev_sample
+    grid = scheduler.grid[begin:].to(torch.float64)
+    _, scale = time_change(li.linear(), target, float(grid[0]))
+    dynamics = Dynamics(convert(mixture.model("linear"), target), resolve_diffusion("ode", target))
+    start = float(scale) * ((1 - sigma) * image + sigma * noise)
+    expected = ODE_STEPPERS[solver](dynamics.drift, start, grid)
+    torch.testing.assert_close(x, expected, rtol=0, atol=1e-10)
