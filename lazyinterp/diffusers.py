@@ -234,7 +234,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
     replaced by x_1 = η_X(t_{N−1}, x) (``"denoise"``). ``"ab2-pc"`` (ODE only, third order, once per node) is
     :func:`lazyinterp.samplers.adams_predictor_corrector`: the latents returned are the AB2-predicted state, and
     the evaluation there first corrects the state the last interval reached with the AM3 weights, then predicts
-    the next one from the corrected state with that same drift. ``"heun"`` (order 2) interleaves like
+    the next one from the corrected state with that same drift; a step whose latents the pipeline edited
+    (inpainting) is not corrected, so the edit stands. ``"heun"`` (order 2) interleaves like
     ``FlowMatchHeunDiscreteScheduler``: timesteps m_0, m_1, m_1, …, m_{N−1}, m_{N−1}, then m_N = 0 (the
     corrector at t = 1) when ``last_step="euler"``; with ``last_step="denoise"`` (the default for SDEs) the last
     interval is x_1 = η_X(t_{N−1}, x) and m_N is dropped. The default is :func:`lazyinterp.sample`'s: ``"ab2"``
@@ -416,6 +417,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         self._previous_drift: Tensor | None = None
         self._drifts: list[Tensor] = []  # ab2-pc: d_{k−2}, d_{k−1}, d_k
         self._corrector_start: Tensor | None = None  # ab2-pc: the corrected state the last interval left from
+        self._edited = False  # the pipeline changed the latents this step returned
         self._deferred: tuple | None = None
         self._probe_mean: Tensor | None = None
         self.estimated_sigma: Tensor | None = None
@@ -697,7 +699,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         self._drifts = [*self._drifts[-2:], self._drift(y_pred, node)]
         # The first step of a run (node 0, or the begin index of image-to-image) has nothing to correct; the
         # second corrects with the trapezoid, as li.sample's does.
-        if self._corrector_start is None:
+        if self._corrector_start is None or self._edited:
             return y_pred
         start, d = self._corrector_start, self._drifts
         three = len(d) == 3
@@ -787,6 +789,9 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             data = torch.empty_like(x_in)
             for lane in self._lanes:
                 data[lane.index] = x_in[lane.index] + (1 - lane.tau[state_node]) * v[lane.index]
+            # A pipeline that edits the latents (inpainting) has the last word on the state: ab2-pc does not
+            # correct such a step, as the correction would undo the edit.
+            self._edited = not unchanged
             if role == "pred":
                 y, next_node = self._pred(y, node)
             else:
