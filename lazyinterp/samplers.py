@@ -35,7 +35,7 @@ import torch
 from .conversion import convert
 from .noise import NoiseStreams, resolve_seed
 from .predictors import CenteredModel, Model, NonFiniteError, Predictor, estimate_mean, estimate_sigma
-from .schedules import END_OFFSET, LazySchedule, Schedule, as_time, get_schedule
+from .schedules import END_OFFSET, LazySchedule, Schedule, as_time, check_positive, get_schedule
 
 Tensor = torch.Tensor
 Drift = Callable[[Tensor, float], Tensor]
@@ -83,13 +83,14 @@ def snr_matched_grid(steps: int, schedule: Schedule, reference: Schedule | str =
 GRIDS = ("uniform", "model")
 
 
-def check_grid_shift(shift: Any) -> float:
-    """A positive, finite SNR divisor."""
-    if isinstance(shift, bool) or not isinstance(shift, (int, float)):
-        raise TypeError(f"grid_shift: expected a positive number, got {type(shift).__name__}")
-    if not (math.isfinite(shift) and shift > 0):
-        raise ValueError(f"grid_shift: expected a positive, finite number, got {shift!r}")
-    return float(shift)
+def check_grid_shift(shift: Any, grid: Any = "model") -> float:
+    """A positive, finite SNR divisor, which only the "model" grid takes (any shift but 1 with another grid is
+    refused)."""
+    shift = check_positive(shift, "grid_shift")
+    if shift != 1.0 and not (isinstance(grid, str) and grid == "model"):
+        given = repr(grid) if isinstance(grid, str) else "an explicit grid"
+        raise ValueError(f'grid_shift: applies to grid="model" only, got {given}')
+    return shift
 
 
 def make_grid(grid: Any, steps: int | None, schedule: Schedule, model_schedule: Schedule,
@@ -99,19 +100,16 @@ def make_grid(grid: Any, steps: int | None, schedule: Schedule, model_schedule: 
     "uniform": t_k = k/N. "model": SNR-matched to the model's own schedule on its uniform grid, every SNR
     divided by ``shift`` (:func:`snr_matched_grid`).
     """
-    shift = check_grid_shift(shift)
     if grid is None or isinstance(grid, str):
         steps = DEFAULT_STEPS if steps is None else check_steps(steps)
         name = grid or "uniform"
+        if name not in GRIDS:
+            raise ValueError(f"grid: expected an explicit grid or one of {', '.join(GRIDS)}, got {grid!r}")
+        shift = check_grid_shift(shift, name)
         if name == "model":
             return check_grid(snr_matched_grid(steps, schedule, model_schedule, shift))
-        if shift != 1.0 and name in GRIDS:
-            raise ValueError(f'grid_shift: applies to grid="model" only, got grid={name!r}')
-        if name == "uniform":
-            return uniform_grid(steps)
-        raise ValueError(f"grid: expected an explicit grid or one of {', '.join(GRIDS)}, got {grid!r}")
-    if shift != 1.0:
-        raise ValueError('grid_shift: applies to grid="model" only, not to an explicit grid')
+        return uniform_grid(steps)
+    check_grid_shift(shift, grid)
     return check_grid(grid)
 
 
@@ -662,10 +660,8 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
     solver = _check_solver(solver)
     if grid is not None and not isinstance(grid, str):
         grid = check_grid(grid)
-    grid_shift = check_grid_shift(grid_shift)
-    if grid_shift != 1.0 and grid is not None and not (isinstance(grid, str) and grid == "model"):
-        given = repr(grid) if isinstance(grid, str) else "an explicit grid"
-        raise ValueError(f'grid_shift: applies to grid="model" only, got {given}')
+    # Refused before σ and E[X] cost network calls; a grid left to the default is checked once chosen.
+    grid_shift = check_grid_shift(grid_shift, "model" if grid is None else grid)
     is_sde = not diffusion_spec.is_ode
     if last_step is None:
         last_step = "denoise" if is_sde else "euler"

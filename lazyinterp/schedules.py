@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -292,12 +292,17 @@ def vp(beta_min: float = 0.1, beta_max: float = 20.0) -> Schedule:
                     name=f"vp({bmin:g},{bmax:g})", check=False)
 
 
+def check_positive(value: Any, name: str, expected: str = "a positive number") -> float:
+    """``value`` as a float, or TypeError / ValueError naming ``name`` unless it is a positive, finite number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: expected a positive finite number, got {value}")
+    return float(value)
+
+
 def _check_sigma(sigma: float) -> float:
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
-        raise TypeError(f"sigma: expected a positive number or None, got {type(sigma).__name__}")
-    if not (math.isfinite(sigma) and sigma > 0):
-        raise ValueError(f"sigma: expected a positive finite number, got {sigma}")
-    return float(sigma)
+    return check_positive(sigma, "sigma", "a positive number or None")
 
 
 @functools.lru_cache(maxsize=64)
