@@ -19,13 +19,12 @@ from dataclasses import dataclass
 import torch
 
 from .predictors import Predictor, _expand
-from .schedules import Schedule, as_time
+from .schedules import _SCALAR_CACHE_SIZE, Schedule, as_time
 
 Tensor = torch.Tensor
 
 
 _SCALAR_TIME_CHANGES: dict = {}
-_SCALAR_CACHE_SIZE = 4096
 
 
 def time_change(source: Schedule, target: Schedule, t: Tensor | float) -> tuple[Tensor, Tensor]:

@@ -686,6 +686,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             self._heun = (y, drift, kick)
         elif self._solver in ("ab2", "ab2-pc"):
             self._previous_drift = drift
+        if self._solver == "ab2-pc":
             self._corrector_start = y
         return y + step + kick, node + 1
 

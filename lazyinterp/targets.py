@@ -51,6 +51,12 @@ class GaussianMixture:
         self.eigvals, self.eigvecs = torch.linalg.eigh(self.covs)
         if not bool((self.eigvals > 0).all()):
             raise ValueError("covs: must be positive definite")
+        # B = [V_1 … V_K] (D, K·D), so x @ B holds every component's eigen-coordinates; [B; BΛ]ᵀ (K·D, 2D) maps
+        # them back by V_k and by V_k Λ_k; and V_kᵀ m_k (K, D).
+        self._bases = self.eigvecs.permute(1, 0, 2).reshape(d, -1).contiguous()
+        lam_bases = (self.eigvecs * self.eigvals[:, None, :]).permute(1, 0, 2).reshape(d, -1)
+        self._back = torch.cat([self._bases, lam_bases], 0).T.contiguous()
+        self._projected_means = torch.einsum("kd,kde->ke", m, self.eigvecs)
 
     @classmethod
     def gaussian(cls, mean: Tensor, cov: Tensor) -> GaussianMixture:
@@ -103,29 +109,17 @@ class GaussianMixture:
         k, d = self.means.shape
         a, b = a.reshape(-1, 1, 1), b.reshape(-1, 1, 1)
         var = a * a + b * b * self.eigvals[None]  # (B or 1, K, D): eigenvalues of S_k
-        bases, back, projected_means = self._stacked()
-        proj = (x @ bases).reshape(-1, k, d) - b * projected_means  # (B, K, D)
+        proj = (x @ self._bases).reshape(-1, k, d) - b * self._projected_means  # (B, K, D)
         scaled = proj * var.reciprocal()
         log_pdf = -0.5 * torch.einsum("bkd,bkd->bk", proj, scaled) - 0.5 * torch.log(var).sum(-1) \
             - 0.5 * self.dim * math.log(2 * math.pi)
         resp = torch.softmax(torch.log(self.weights)[None] + log_pdf, dim=1)  # (B, K)
         # π_k S_k⁻¹ (x − β m_k) in each eigenbasis, mapped back by V_k and by V_k Λ_k in one product.
         weighted = (resp[..., None] * scaled).reshape(-1, k * d)
-        both = weighted @ back
+        both = weighted @ self._back
         eta_z = a.reshape(-1, 1) * both[:, :d]
         eta_x = resp @ self.means + b.reshape(-1, 1) * both[:, d:]
         return eta_z, eta_x
-
-    def _stacked(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Built once: B = [V_1 … V_K] (D, K·D), so x @ B holds every component's eigen-coordinates; [B; BΛ]ᵀ
-        (K·D, 2D), mapping them back by V_k and by V_k Λ_k; and V_kᵀ m_k (K, D)."""
-        if getattr(self, "_stacked_cache", None) is None:
-            bases = self.eigvecs.permute(1, 0, 2).reshape(self.dim, -1).contiguous()
-            lam_bases = (self.eigvecs * self.eigvals[:, None, :]).permute(1, 0, 2).reshape(self.dim, -1)
-            back = torch.cat([bases, lam_bases], 0).T.contiguous()
-            projected = torch.einsum("kd,kde->ke", self.means, self.eigvecs)
-            self._stacked_cache = (bases, back, projected)
-        return self._stacked_cache
 
     def predict(self, x: Tensor, t: Tensor | float, schedule: Schedule | str, kind: str = "velocity") -> Tensor:
         """The exact ``kind`` prediction under ``schedule`` at (x, t); x of shape (B, ...) with prod(...) = D."""
