@@ -68,7 +68,7 @@ import click
 import torch
 from tqdm import tqdm
 
-from . import distributed
+from . import distributed, graphs
 from .conversion import convert
 from .distributed import Context
 from .fetch import atomic_path, cache_dir, ensure_writable, sha256_file
@@ -449,7 +449,7 @@ def _synchronize(device: torch.device) -> None:
 
 def measure_overhead(model: Model, sample_shape: tuple[int, ...], dtype: torch.dtype, *, seed: int = 0,
                      batch: int = OVERHEAD_BATCH, steps: int = OVERHEAD_STEPS, repeats: int = OVERHEAD_REPEATS,
-                     device: torch.device | str = "cpu") -> dict[str, float]:
+                     device: torch.device | str = "cpu", cuda_graph: bool = False) -> dict[str, float]:
     r"""T_sample / T_net − 1 for lazy VP Euler and the point-mass SDE: the time ``li.sample`` spends beyond the
     network (schedule maths, conversion, noise draws, state updates, checks) as a fraction of network time.
 
@@ -457,6 +457,9 @@ def measure_overhead(model: Model, sample_shape: tuple[int, ...], dtype: torch.d
     batch of the same shape, back to back. Each synchronises the device once, at the end, so on an accelerator
     the sampler's own work counts only where the device has to wait for it. The median over ``repeats``
     interleaved pairs, after one warm-up run (which also estimates E[X] and σ).
+
+    With ``cuda_graph`` both sides are replayed CUDA graphs (``li.sample(cuda_graph=True)``, and the network
+    calls captured back to back), so what is left is the sampler's own device work.
     """
     device = torch.device(device)
     bare = Model(model.net, model.schedule, model.predicts, t_min=model.t_min, net_dtype=model.net_dtype)
@@ -465,11 +468,22 @@ def measure_overhead(model: Model, sample_shape: tuple[int, ...], dtype: torch.d
     net_x, net_t = noise.to(net_dtype), torch.full((batch,), 0.5, device=device, dtype=net_dtype)
 
     @torch.no_grad()  # as li.sample runs the network
+    def network_calls(x: Tensor, calls: int) -> Tensor:
+        for _ in range(calls):
+            out = model.net(x, net_t)
+        return out
+
+    captured_networks: dict[int, graphs.CapturedRun] = {}
+
     def network_seconds(calls: int) -> float:
+        if cuda_graph and calls not in captured_networks:
+            captured_networks[calls] = graphs.capture(lambda x: network_calls(x, calls), (net_x,))
         _synchronize(device)
         start = time.perf_counter()
-        for _ in range(calls):
-            model.net(net_x, net_t)
+        if cuda_graph:
+            captured_networks[calls].graph.replay()
+        else:
+            network_calls(net_x, calls)
         _synchronize(device)
         return time.perf_counter() - start
 
@@ -482,13 +496,14 @@ def measure_overhead(model: Model, sample_shape: tuple[int, ...], dtype: torch.d
         def run(start_noise: Tensor | None, kwargs: dict) -> float:
             _synchronize(device)
             start = time.perf_counter()
-            sample(bare, start_noise, shape=tuple(noise.shape), device=device, generator=seed, **kwargs)
+            sample(bare, start_noise, shape=tuple(noise.shape), device=device, generator=seed,
+                   cuda_graph=cuda_graph, **kwargs)
             _synchronize(device)
             return time.perf_counter() - start
 
         bare.nfe = 0
         _, info = sample(bare, start_noise, shape=tuple(noise.shape), device=device, generator=seed,
-                         return_info=True, **kwargs)
+                         cuda_graph=cuda_graph, return_info=True, **kwargs)
         calls = bare.nfe - info.estimation_nfe
         network_seconds(calls)
         fractions = []
@@ -798,6 +813,9 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
         return _clean(out)
     if (overhead if overhead is not None else workload == "mnist") and ctx.is_main:
         out["overhead"] = measure_overhead(mdl, wl.sample_shape, wl.dtype, seed=seed, device=noise.device)
+        if noise.device.type == "cuda":
+            out["overhead_cuda_graph"] = measure_overhead(mdl, wl.sample_shape, wl.dtype, seed=seed,
+                                                          device=noise.device, cuda_graph=True)
         out["overhead_setup"] = {"batch": OVERHEAD_BATCH, "steps": OVERHEAD_STEPS, "repeats": OVERHEAD_REPEATS}
     out["seconds"] = round(time.perf_counter() - started, 2)
     out = _clean(out)
@@ -903,6 +921,9 @@ def markdown_report(results: dict) -> str:
         setup = results.get("overhead_setup", {})
         lines += ["", f"Sampler overhead (time outside the network / network time, batch {setup.get('batch')}, "
                   f"{setup.get('steps')} steps): {parts}."]
+        if results.get("overhead_cuda_graph"):
+            parts = ", ".join(f"{k} {100 * v:.2f}%" for k, v in results["overhead_cuda_graph"].items())
+            lines += ["", f"The same with both sides replayed as CUDA graphs (`cuda_graph=True`): {parts}."]
     if results.get("skipped"):
         pairs = ", ".join(f"{s['sampler']}@{s['nfe']}" if s["nfe"] is not None else f"{s['sampler']} ({s['reason']})"
                           for s in results["skipped"])
@@ -1080,5 +1101,8 @@ def bench(workload: str, nfe: str, n: int | None, seed: int, samplers: str | Non
     if results.get("overhead"):
         parts = ", ".join(f"{k} {100 * v:.2f}%" for k, v in results["overhead"].items())
         click.echo(f"overhead outside the network: {parts}", err=True)
+    if results.get("overhead_cuda_graph"):
+        parts = ", ".join(f"{k} {100 * v:.2f}%" for k, v in results["overhead_cuda_graph"].items())
+        click.echo(f"overhead outside the network, CUDA graphs: {parts}", err=True)
     if not quiet:
         click.echo(f"done in {results['seconds']:.1f} s", err=True)

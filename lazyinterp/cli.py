@@ -148,13 +148,15 @@ SCHEDULE_NAMES = ["linear", "cosine", "vp", "lazy-vp", "point-mass"]
 @click.option("--max-shards", default=None, type=click.IntRange(min=1),
               help="Stop each process after this many new shards (rerun to continue).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (one GPU per process).")
+@click.option("--cuda-graph", is_flag=True,
+              help="Replay each batch as one captured CUDA graph (--device cuda): no host work per step.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
 def sample(model_name: str, schedule: str, steps: int, solver: str, diffusion: str | None, sigma: float | None,
            last_step: str | None, time_grid: str | None, grid_shift: float, center: bool | None, n: int,
            batch_size: int, seed: int,
            out: Path, grid_png: Path | None, fid: bool, shard_size: int, max_shards: int | None, device: str,
-           quiet: bool) -> None:
+           cuda_graph: bool, quiet: bool) -> None:
     """Sample a model under any schedule; writes an npz with `samples` (N, 1, 28, 28) float32.
 
     Runs as one process or under torchrun (gloo on CPU, nccl on CUDA): the output is the same either way.
@@ -170,6 +172,8 @@ def sample(model_name: str, schedule: str, steps: int, solver: str, diffusion: s
     ensure_writable(out, "--out")
     if grid_png is not None:
         ensure_writable(grid_png, "--grid")
+    if cuda_graph and not device.startswith("cuda"):
+        raise UserError(f"--cuda-graph: needs --device cuda, got {device}")
     if sigma is not None and schedule not in ("lazy-vp", "point-mass"):
         raise UserError("--sigma: only the lazy schedules (lazy-vp, point-mass) take sigma")
     spec = SamplerSpec(schedule=schedule, steps=steps, diffusion=parse_diffusion(diffusion, schedule),
@@ -188,7 +192,7 @@ def sample(model_name: str, schedule: str, steps: int, solver: str, diffusion: s
         with tqdm(total=n, disable=quiet or not ctx.is_main, desc="sample", unit="img", dynamic_ncols=True) as bar:
             def produce(indices: range):
                 return generate(model, spec, len(indices), shape, seed=seed, batch_size=batch_size,
-                                device=ctx.device, start=indices.start, progress=False)
+                                device=ctx.device, start=indices.start, progress=False, cuda_graph=cuda_graph)
 
             # Only rank 0 shows progress, counting its own shards times the number of ranks.
             done, total = distributed.run_shards(out, n, shard_size, ctx, produce, max_shards=max_shards,

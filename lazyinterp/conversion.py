@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .predictors import Predictor, _expand
+from .predictors import Predictor, Terms, _expand, eta_terms, linear_combination
 from .schedules import _SCALAR_CACHE_SIZE, Schedule, as_time
 
 Tensor = torch.Tensor
@@ -82,6 +82,11 @@ class ConvertedModel:
         return f"ConvertedModel({self.source.name} -> {self.schedule.name})"
 
     def eta(self, x: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]:
+        eta_z, eta_x = self.eta_terms(x, t)
+        return linear_combination(eta_z), linear_combination(eta_x)
+
+    def eta_terms(self, x: Tensor, t: Tensor | float) -> tuple[Terms, Terms]:
+        """:meth:`eta` as linear combinations (:func:`~lazyinterp.predictors.to_eta_terms`)."""
         tau, scale = time_change(self.source, self.schedule, t)
         if tau.ndim == 0:
             c = float(scale)
@@ -89,7 +94,7 @@ class ConvertedModel:
         else:
             c = _expand(scale, x)
             y = torch.where(c == 0, torch.zeros_like(x), x / torch.where(c == 0, torch.ones_like(c), c))
-        return self.inner.eta(y, tau)
+        return eta_terms(self.inner, y, tau)
 
 
 def convert(predictor: Predictor, schedule: Schedule) -> Predictor:

@@ -43,8 +43,9 @@ class SamplerSpec:
 
 
 def sample_batch(model: Model, spec: SamplerSpec, indices: range, sample_shape: tuple[int, ...], seed: int,
-                 device: torch.device | str = "cpu") -> torch.Tensor:
-    """Samples for the global ``indices``: the noise of sample i comes from the stream (seed, i)."""
+                 device: torch.device | str = "cpu", cuda_graph: bool = False) -> torch.Tensor:
+    """Samples for the global ``indices``: the noise of sample i comes from the stream (seed, i). With
+    ``cuda_graph`` every batch of a shape after the first replays one CUDA graph (``li.sample``)."""
     schedule = spec.schedule_object()
     shape = (len(indices), *sample_shape)
     noise = None
@@ -55,12 +56,13 @@ def sample_batch(model: Model, spec: SamplerSpec, indices: range, sample_shape: 
     return sample(model, noise, shape=shape, steps=spec.steps, grid=spec.grid, schedule=schedule,
                   diffusion=spec.diffusion, solver=spec.solver, generator=sample_seed(seed, 1 << 62),
                   indices=indices,
-                  last_step=spec.last_step, center=spec.center, grid_shift=spec.grid_shift, device=device)
+                  last_step=spec.last_step, center=spec.center, grid_shift=spec.grid_shift, device=device,
+                  cuda_graph=cuda_graph)
 
 
 def generate(model: Model, spec: SamplerSpec, n: int, sample_shape: tuple[int, ...], *, seed: int = 0,
              batch_size: int = 256, device: torch.device | str = "cpu", start: int = 0,
-             progress: bool = True, desc: str = "sample") -> torch.Tensor:
+             progress: bool = True, desc: str = "sample", cuda_graph: bool = False) -> torch.Tensor:
     """``n`` samples with global indices start..start+n−1, in batches of ``batch_size``."""
     if n < 1:
         raise ValueError(f"n: expected at least 1 sample, got {n}")
@@ -70,7 +72,7 @@ def generate(model: Model, spec: SamplerSpec, n: int, sample_shape: tuple[int, .
     with tqdm(total=n, disable=not progress, desc=desc, unit="img", dynamic_ncols=True, leave=False) as bar:
         for lo in range(start, start + n, batch_size):
             idx = range(lo, min(lo + batch_size, start + n))
-            out.append(sample_batch(model, spec, idx, sample_shape, seed, device).cpu())
+            out.append(sample_batch(model, spec, idx, sample_shape, seed, device, cuda_graph).cpu())
             bar.update(len(idx))
     return torch.cat(out)
 

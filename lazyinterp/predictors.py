@@ -21,6 +21,7 @@ The 0/0 cases and how they are evaluated:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Literal, Protocol
 
 import torch
@@ -48,6 +49,29 @@ def check_kind(kind: str, argument: str = "predicts") -> str:
     return kind
 
 
+def linear_combination(terms: Iterable[tuple[Tensor | float, Tensor]], base: Tensor | None = None) -> Tensor:
+    r"""``base`` + Σ_i c_i v_i over ``terms`` = ((c_1, v_1), ...), as a new tensor (``base`` itself if no terms).
+
+    With Python-number coefficients each term is one fused multiply-add (one kernel on an accelerator, where a
+    sampler's per-step arithmetic is otherwise a string of tiny multiply and add kernels); tensor coefficients
+    (one per sample) broadcast as usual.
+    """
+    out = base
+    for coef, value in terms:
+        if isinstance(coef, Tensor):
+            term = coef * value
+            out = term if out is None else out + term
+        elif out is None:
+            out = value * coef
+        elif out is base or value.shape != out.shape or value.dtype != out.dtype:
+            out = torch.add(out, value, alpha=coef)
+        else:
+            out.add_(value, alpha=coef)  # ``out`` is a tensor made here, never the caller's
+    if out is None:
+        raise ValueError("terms: expected at least one (coefficient, tensor) pair or a base")
+    return out
+
+
 def _expand(coef: Tensor | float, like: Tensor) -> Tensor | float:
     """A per-sample coefficient of shape (B,) broadcast against ``like`` (B, ...); scalars pass through."""
     if isinstance(coef, Tensor) and coef.ndim == 1:
@@ -57,8 +81,13 @@ def _expand(coef: Tensor | float, like: Tensor) -> Tensor | float:
     return coef
 
 
-def to_eta(kind: str, output: Tensor, x: Tensor, alpha, beta, dalpha, dbeta) -> tuple[Tensor, Tensor]:
-    r"""(η_Z, η_X) from a ``kind`` prediction at interpolant value ``x``.
+Terms = list[tuple[Tensor | float, Tensor]]
+
+
+def to_eta_terms(kind: str, output: Tensor, x: Tensor, alpha, beta, dalpha, dbeta) -> tuple[Terms, Terms]:
+    r"""(η_Z, η_X) from a ``kind`` prediction at interpolant value ``x``, each as a linear combination of ``x``
+    and ``output`` (the (coefficient, tensor) pairs of :func:`linear_combination`), so that a sampler can fold
+    them into its own update instead of materialising both.
 
     Coefficients are floats (shared time) or tensors of shape (B,) (one time per sample).
     """
@@ -66,13 +95,40 @@ def to_eta(kind: str, output: Tensor, x: Tensor, alpha, beta, dalpha, dbeta) -> 
     a, b, da, db = (_expand(c, x) for c in (alpha, beta, dalpha, dbeta))
     if kind == "velocity":
         det = a * db - b * da
-        return (db * x - b * output) / det, (a * output - da * x) / det
+        return [(db / det, x), (-b / det, output)], [(a / det, output), (-da / det, x)]
     if kind == "data":
-        eta_x = output
-        eta_z = _safe_div(x - b * eta_x, a)
-        return eta_z, eta_x
+        return [(1.0, _safe_div(x - b * output, a))], [(1.0, output)]
     eta_z = output if kind == "noise" else -a * output
-    return eta_z, _safe_div(x - a * eta_z, b)
+    return [(1.0, eta_z)], [(1.0, _safe_div(x - a * eta_z, b))]
+
+
+def to_eta(kind: str, output: Tensor, x: Tensor, alpha, beta, dalpha, dbeta) -> tuple[Tensor, Tensor]:
+    r"""(η_Z, η_X) from a ``kind`` prediction at interpolant value ``x`` (:func:`to_eta_terms`, evaluated)."""
+    eta_z, eta_x = to_eta_terms(kind, output, x, alpha, beta, dalpha, dbeta)
+    return linear_combination(eta_z), linear_combination(eta_x)
+
+
+def eta_terms(predictor: Predictor, x: Tensor, t: Tensor | float) -> tuple[Terms, Terms]:
+    """A predictor's (η_Z, η_X) as linear combinations: its own ``eta_terms`` where it has one, else its
+    ``eta`` as single terms."""
+    own = getattr(predictor, "eta_terms", None)
+    if own is not None:
+        return own(x, t)
+    eta_z, eta_x = predictor.eta(x, t)
+    return [(1.0, eta_z)], [(1.0, eta_x)]
+
+
+def merge_terms(terms: Iterable[tuple[Tensor | float, Tensor]]) -> Terms:
+    """The same linear combination with the coefficients of each tensor (by identity) added up, so that every
+    distinct tensor costs one multiply-add."""
+    merged: dict[int, list] = {}
+    for coef, value in terms:
+        entry = merged.get(id(value))
+        if entry is None:
+            merged[id(value)] = [coef, value]
+        else:
+            entry[0] = entry[0] + coef
+    return [(coef, value) for coef, value in merged.values()]
 
 
 def _safe_div(num: Tensor, den) -> Tensor:
@@ -113,11 +169,10 @@ def coefficients(schedule: Schedule, t: Tensor | float):
 
     Where a derivative is infinite (an end of vp or of a point mass) they are the one-sided limits.
     """
+    if not isinstance(t, Tensor) or t.ndim == 0:
+        return schedule.scalar_coefficients(float(t))
     tt = schedule.regular_time(t)
-    values = (schedule.alpha(tt), schedule.beta(tt), schedule.dalpha(tt), schedule.dbeta(tt))
-    if tt.ndim == 0:
-        return tuple(float(v) for v in values)
-    return values
+    return schedule.alpha(tt), schedule.beta(tt), schedule.dalpha(tt), schedule.dbeta(tt)
 
 
 class Model:
@@ -175,14 +230,19 @@ class Model:
     def raw(self, x: Tensor, t: Tensor | float) -> Tensor:
         """The network's own output at (x, t), in x's dtype; t is clamped to [t_min, t_max]."""
         batch = x.shape[0]
-        tt = as_time(t)
-        if tt.ndim == 0:
-            tt = tt.expand(batch)
-        if tt.shape != (batch,):
-            raise ValueError(f"t: expected a scalar or shape ({batch},), got {tuple(tt.shape)}")
-        tt = tt.clamp(self.t_min, self.t_max)
         dtype = self.net_dtype or x.dtype
-        out = self._call_net(x.to(dtype), tt.to(device=x.device, dtype=dtype))
+        if not isinstance(t, Tensor) or t.ndim == 0:
+            # Filled on the device: copying a host tensor there would wait for the device's queue to empty.
+            first = min(max(float(t), self.t_min), self.t_max)
+            net_t = torch.full((batch,), first, device=x.device, dtype=dtype)
+        else:
+            tt = as_time(t)
+            if tt.shape != (batch,):
+                raise ValueError(f"t: expected a scalar or shape ({batch},), got {tuple(tt.shape)}")
+            tt = tt.clamp(self.t_min, self.t_max)
+            first = float(tt[0]) if batch else math.nan
+            net_t = tt.to(device=x.device, dtype=dtype)
+        out = self._call_net(x.to(dtype), net_t)
         self.nfe += 1
         if not isinstance(out, Tensor):
             raise TypeError(f"net: expected a tensor output, got {type(out).__name__}")
@@ -192,8 +252,7 @@ class Model:
         # On an accelerator a per-call check would stall the device queue; the samplers' state check reports a
         # non-finite output at the step and time where it entered the state, without a per-step synchronisation.
         if self.check_finite and out.device.type == "cpu" and not bool(torch.isfinite(out).all()):
-            where = float(tt[0]) if tt.numel() else math.nan
-            raise NonFiniteError(f"net returned NaN or inf at t={where:.6g}", t=where)
+            raise NonFiniteError(f"net returned NaN or inf at t={first:.6g}", t=first)
         return out
 
     def _call_net(self, x: Tensor, t: Tensor) -> Tensor:
@@ -219,9 +278,17 @@ class Model:
 
     def eta(self, x: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]:
         """(η_Z, η_X) at (x, t) under the model's own schedule."""
-        t_eval = as_time(t).clamp(self.t_min, self.t_max)
+        eta_z, eta_x = self.eta_terms(x, t)
+        return linear_combination(eta_z), linear_combination(eta_x)
+
+    def eta_terms(self, x: Tensor, t: Tensor | float) -> tuple[Terms, Terms]:
+        """(η_Z, η_X) at (x, t) as linear combinations of x and the network's output (:func:`to_eta_terms`)."""
+        if isinstance(t, Tensor) and t.ndim:
+            t_eval = as_time(t).clamp(self.t_min, self.t_max)
+        else:
+            t_eval = min(max(float(t), self.t_min), self.t_max)
         out = self.raw(x, t_eval)
-        return to_eta(self.predicts, out, x, *coefficients(self.schedule, t_eval))
+        return to_eta_terms(self.predicts, out, x, *coefficients(self.schedule, t_eval))
 
     def predict(self, x: Tensor, t: Tensor | float, kind: str = "velocity") -> Tensor:
         """The ``kind`` prediction ("velocity", "noise", "data" or "score") at (x, t)."""
@@ -238,11 +305,14 @@ class CenteredModel:
         self.mean = mean
 
     def eta(self, x: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]:
-        tt = as_time(t)
+        eta_z, eta_x = self.eta_terms(x, t)
+        return linear_combination(eta_z), linear_combination(eta_x)
+
+    def eta_terms(self, x: Tensor, t: Tensor | float) -> tuple[Terms, Terms]:
         mean = self.mean.to(device=x.device, dtype=x.dtype)
-        beta = _expand(self.schedule.beta(tt) if tt.ndim else float(self.schedule.beta(tt)), x)
-        eta_z, eta_x = self.inner.eta(x + beta * mean, tt)
-        return eta_z, eta_x - mean
+        beta = _expand(self.schedule.beta(t), x)
+        eta_z, eta_x = eta_terms(self.inner, linear_combination([(beta, mean)], base=x), t)
+        return eta_z, [*eta_x, (-1.0, mean)]
 
 
 @torch.no_grad()

@@ -32,9 +32,20 @@ from typing import Any
 
 import torch
 
+from . import graphs
 from .conversion import convert
 from .noise import NoiseStreams, resolve_seed
-from .predictors import CenteredModel, Model, NonFiniteError, Predictor, estimate_mean, estimate_sigma
+from .predictors import (
+    CenteredModel,
+    Model,
+    NonFiniteError,
+    Predictor,
+    estimate_mean,
+    estimate_sigma,
+    eta_terms,
+    linear_combination,
+    merge_terms,
+)
 from .schedules import END_OFFSET, LazySchedule, Schedule, as_time, check_positive, get_schedule
 
 Tensor = torch.Tensor
@@ -271,10 +282,8 @@ class Dynamics:
                 a_coef, b_coef = sched.drift_coefficients(t, kappa)
                 self.coefficient_cache[key] = ("x", a_coef, b_coef)
             else:
-                tr = float(sched.regular_time(t))
-                da, db = float(sched.dalpha(tr)), float(sched.dbeta(tr))
+                a, b, da, db = sched.scalar_coefficients(t)  # at regular_time(t)
                 if kappa != 0:
-                    a, b = float(sched.alpha(tr)), float(sched.beta(tr))
                     da = (1 + kappa) * da - kappa * a * db / b
                 self.coefficient_cache[key] = ("z", da, db)
         return self.coefficient_cache[key]
@@ -283,10 +292,14 @@ class Dynamics:
         """b^ε(t, x) = A x + B η_X (for t < 1/2) or C η_Z + D η_X (otherwise): both exact, each bounded
         where it is used."""
         form, first, second = self._coefficients(float(t), self.diffusion.kappa_at(float(t)))
-        eta_z, eta_x = self._start_eta(x) if self._at_known_start(t) else self.predictor.eta(x, t)
-        if form == "x":
-            return first * x + second * eta_x
-        return first * eta_z + second * eta_x
+        if self._at_known_start(t):
+            eta_z, eta_x = ([(1.0, eta)] for eta in self._start_eta(x))
+        else:
+            eta_z, eta_x = eta_terms(self.predictor, x, t)
+        # One multiply-add per distinct tensor (the state, the network's output, E[X]), rather than forming
+        # η_Z and η_X first: on an accelerator each is a kernel launch.
+        lead = [(first, x)] if form == "x" else [(first * c, v) for c, v in eta_z]
+        return linear_combination(merge_terms([*lead, *((second * c, v) for c, v in eta_x)]))
 
     def denoise(self, x: Tensor, t: float) -> Tensor:
         """η_X(t, x), the posterior mean of the data."""
@@ -305,23 +318,36 @@ class Dynamics:
 
 # Pure solvers ---------------------------------------------------------------------------------------------------
 
-def ab2_increment(h: float, h_prev: float, d: Tensor, d_prev: Tensor) -> Tensor:
-    """The variable-step Adams–Bashforth 2 increment h [(1 + ρ/2) d_k − (ρ/2) d_{k−1}], ρ = h / h_prev."""
+def ab2_weights(h: float, h_prev: float) -> tuple[float, float]:
+    """The variable-step Adams–Bashforth 2 weights (w_k, w_{k−1}) = h (1 + ρ/2, −ρ/2), ρ = h / h_prev: the step
+    is h [(1 + ρ/2) d_k − (ρ/2) d_{k−1}] = w_k d_k + w_{k−1} d_{k−1}."""
     rho = h / h_prev
-    return h * ((1 + 0.5 * rho) * d - 0.5 * rho * d_prev)
+    return h * (1 + 0.5 * rho), -0.5 * h * rho
+
+
+def am3_weights(h: float, h_prev: float | None) -> tuple[float, ...]:
+    r"""The variable-step Adams–Moulton 3 weights over [t_k, t_k + h] for the drifts at t_{k+1}, t_k, t_{k−1}:
+
+    h ((3 + 2ρ)/(6(1 + ρ)), (3 + ρ)/6, −ρ²/(6(1 + ρ))),  ρ = h / h_prev,
+
+    the integrals of the quadratic through the three drifts; the trapezoid's h (1/2, 1/2) when ``h_prev`` is None
+    (no d_{k−1})."""
+    if h_prev is None:
+        return 0.5 * h, 0.5 * h
+    r = h / h_prev
+    return h * (3 + 2 * r) / (6 * (1 + r)), h * (3 + r) / 6, -h * r * r / (6 * (1 + r))
+
+
+def ab2_increment(h: float, h_prev: float, d: Tensor, d_prev: Tensor) -> Tensor:
+    """The variable-step Adams–Bashforth 2 increment h [(1 + ρ/2) d_k − (ρ/2) d_{k−1}] (:func:`ab2_weights`)."""
+    return linear_combination(zip(ab2_weights(h, h_prev), (d, d_prev), strict=True))
 
 
 def am3_increment(h: float, h_prev: float | None, d_next: Tensor, d: Tensor, d_prev: Tensor | None) -> Tensor:
-    r"""The variable-step Adams–Moulton 3 increment over [t_k, t_k + h] from the drifts at t_{k+1}, t_k, t_{k−1}:
-
-    h [(3 + 2ρ)/(6(1 + ρ)) d_{k+1} + (3 + ρ)/6 d_k − ρ²/(6(1 + ρ)) d_{k−1}],  ρ = h / h_prev,
-
-    the integral of the quadratic through the three drifts; the trapezoid h/2 (d_k + d_{k+1}) when there is no
-    d_{k−1} (``h_prev`` and ``d_prev`` None)."""
-    if d_prev is None:
-        return 0.5 * h * (d + d_next)
-    r = h / h_prev
-    return h * ((3 + 2 * r) / (6 * (1 + r)) * d_next + (3 + r) / 6 * d - r * r / (6 * (1 + r)) * d_prev)
+    r"""The variable-step Adams–Moulton 3 increment over [t_k, t_k + h] (:func:`am3_weights`): the trapezoid
+    h/2 (d_k + d_{k+1}) when there is no d_{k−1} (``h_prev`` and ``d_prev`` None)."""
+    drifts = (d_next, d) if d_prev is None else (d_next, d, d_prev)
+    return linear_combination(zip(am3_weights(h, h_prev), drifts, strict=True))
 
 
 def _guard(step: int, t: float, fn, *args):
@@ -334,25 +360,30 @@ def _guard(step: int, t: float, fn, *args):
 class _StateCheck:
     """Raises :class:`NonFiniteError` naming the first step (and its time) whose state is NaN or inf.
 
-    On the CPU each step is checked at once. On an accelerator the per-step flags stay on the device and are read
-    once, at the end: reading one every step would stall the device's queue behind the host.
+    On the CPU each step is checked at once. On an accelerator each step keeps the state's minimum and maximum
+    (one reduction; NaN and ±inf show in them) on the device, read once at the end: reading a flag every step
+    would stall the device's queue behind the host.
     """
 
     def __init__(self, x: Tensor):
         self.deferred = x.device.type != "cpu"
-        self.flags: list[Tensor] = []
+        # A run being captured as a CUDA graph is checked once, after each replay (see ``sample``).
+        self.skipped = graphs.capturing()
+        self.extremes: list[Tensor] = []
         self.times: list[float] = []
 
     def __call__(self, x: Tensor, step: int, t: float) -> None:
+        if self.skipped:
+            return
         if self.deferred:
-            self.flags.append(torch.isfinite(x).all())
+            self.extremes.extend(torch.aminmax(x))
             self.times.append(t)
         elif not bool(torch.isfinite(x).all()):
             self._raise(step, t)
 
     def finish(self) -> None:
-        if self.flags:
-            finite = torch.stack(self.flags).cpu()
+        if self.extremes:
+            finite = torch.isfinite(torch.stack(self.extremes).view(-1, 2)).all(dim=1).cpu()
             if not bool(finite.all()):
                 step = int((~finite).nonzero()[0])
                 self._raise(step, self.times[step])
@@ -373,7 +404,7 @@ def euler(drift: Drift, x: Tensor, grid: Tensor, *, denoise: Drift | None = None
         if k == last and denoise is not None:
             x = _guard(k, t, denoise, x, t)
         else:
-            x = x + h * _guard(k, t, drift, x, t)
+            x = linear_combination([(h, _guard(k, t, drift, x, t))], base=x)
         check(x, k, t)
         if callback is not None:
             callback(k, times[k + 1], x)
@@ -394,9 +425,9 @@ def heun(drift: Drift, x: Tensor, grid: Tensor, *, denoise: Drift | None = None,
             x = _guard(k, t, denoise, x, t)
         else:
             d0 = _guard(k, t, drift, x, t)
-            x_pred = x + h * d0
+            x_pred = linear_combination([(h, d0)], base=x)
             d1 = _guard(k, t_next, drift, x_pred, t_next)
-            x = x + 0.5 * h * (d0 + d1)
+            x = linear_combination([(0.5 * h, d0), (0.5 * h, d1)], base=x)
         check(x, k, t)
         if callback is not None:
             callback(k, t_next, x)
@@ -420,7 +451,8 @@ def adams_bashforth2(drift: Drift, x: Tensor, grid: Tensor, *, denoise: Drift | 
             x = _guard(k, t, denoise, x, t)
         else:
             d = _guard(k, t, drift, x, t)
-            x = x + (h * d if previous is None else ab2_increment(h, t - times[k - 1], d, previous))
+            weights = (h,) if previous is None else ab2_weights(h, t - times[k - 1])
+            x = linear_combination(zip(weights, (d, previous), strict=False), base=x)
             previous = d
         check(x, k, t)
         if callback is not None:
@@ -461,18 +493,17 @@ def adams_predictor_corrector(drift: Drift, x: Tensor, grid: Tensor, *, denoise:
         final_denoise = k == last and denoise is not None
         if not final_denoise:
             drifts = [*drifts[-2:], _guard(k, t, drift, x, t)]
-            if k == 1:
-                x = start + am3_increment(t - times[0], None, drifts[-1], drifts[-2], None)
-            elif k > 1:
-                x = start + am3_increment(t - times[k - 1], times[k - 1] - times[k - 2], drifts[-1], drifts[-2],
-                                          drifts[-3])
+            if k > 0:
+                weights = am3_weights(t - times[k - 1], times[k - 1] - times[k - 2] if k > 1 else None)
+                x = linear_combination(zip(weights, reversed(drifts), strict=False), base=start)
         if k > 0 and callback is not None:
             callback(k - 1, t, x)
         if final_denoise:
             x = _guard(k, t, denoise, x, t)
         else:
             start = x
-            x = x + (h * drifts[-1] if k == 0 else ab2_increment(h, t - times[k - 1], drifts[-1], drifts[-2]))
+            weights = (h,) if k == 0 else ab2_weights(h, t - times[k - 1])
+            x = linear_combination(zip(weights, reversed(drifts), strict=False), base=x)
         check(x, k, t)
     if callback is not None:
         callback(last, times[-1], x)
@@ -498,9 +529,10 @@ def euler_maruyama(drift: Drift, epsilon: Callable[[float], float], x: Tensor, g
             x = _guard(k, t, denoise, x, t)
         else:
             eps = epsilon(t)
-            x = x + h * _guard(k, t, drift, x, t)
+            terms = [(h, _guard(k, t, drift, x, t))]
             if eps > 0:
-                x = x + math.sqrt(2 * eps * h) * xi
+                terms.append((math.sqrt(2 * eps * h), xi))
+            x = linear_combination(terms, base=x)
         check(x, k, t)
         if callback is not None:
             callback(k, times[k + 1], x)
@@ -524,11 +556,11 @@ def stochastic_heun(drift: Drift, epsilon: Callable[[float], float], x: Tensor, 
             x = _guard(k, t, denoise, x, t)
         else:
             eps = epsilon(t)
-            kick = math.sqrt(2 * eps * h) * xi if eps > 0 else 0.0
+            kick = [(math.sqrt(2 * eps * h), xi)] if eps > 0 else []
             d0 = _guard(k, t, drift, x, t)
-            x_pred = x + h * d0 + kick
+            x_pred = linear_combination([(h, d0), *kick], base=x)
             d1 = _guard(k, t_next, drift, x_pred, t_next)
-            x = x + 0.5 * h * (d0 + d1) + kick
+            x = linear_combination([(0.5 * h, d0), (0.5 * h, d1), *kick], base=x)
         check(x, k, t)
         if callback is not None:
             callback(k, t_next, x)
@@ -609,13 +641,35 @@ def data_sigma(model: Predictor, sample_shape: tuple[int, ...], mean: Tensor | N
     return cache[key]
 
 
+_CAPTURES_PER_MODEL = 8
+
+
+def _replay_captured(predictor: Predictor, key: tuple, run: Callable[..., Tensor], inputs: tuple[Tensor, ...],
+                     keep: object) -> Tensor:
+    """``run(*inputs)`` replayed from the capture kept on the model under ``key`` (captured on first use)."""
+    cache = _model_cache(predictor)
+    captured = cache.get(key)
+    if captured is None:
+        captured = graphs.capture(run, inputs, counter=predictor)
+        captured.keep = (run, keep)  # the captured kernels read these tensors' memory
+        held = [k for k in cache if isinstance(k, tuple) and k and k[0] == "cuda-graph"]
+        for old in held[: max(0, len(held) - _CAPTURES_PER_MODEL + 1)]:
+            del cache[old]
+        cache[key] = captured
+    out = graphs.replay(captured, inputs, counter=predictor)
+    if not bool(torch.isfinite(out).all()):
+        run(*inputs)  # eagerly, checked at every step, so the error names the step where it happened
+        raise NonFiniteError("the sample became NaN or inf")
+    return out
+
+
 def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tuple[int, ...] | None = None,
            steps: int | None = None, schedule: Schedule | str | None = None, diffusion: Any = "ode",
            solver: str | None = None, generator: int | torch.Generator | None = None, grid: Any = None,
            last_step: str | None = None, center: bool | None = None, indices: Any = None,
            device: torch.device | str | None = None, dtype: torch.dtype | None = None,
            callback: Callback | None = None, known_start: bool | None = None, grid_shift: float = 1.0,
-           return_info: bool = False):
+           cuda_graph: bool = False, return_info: bool = False):
     r"""Samples at t = 1 of dX = b^ε dt + √(2ε) dW under ``schedule``, from ``model`` converted exactly.
 
     Args:
@@ -647,6 +701,12 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
             posterior means are known without the network: η_X = 0 and η_Z = x/α_0. The first evaluation is
             skipped and N steps cost one evaluation fewer (:func:`count_nfe`). Needs centring; default on
             whenever ``center`` is.
+        cuda_graph: on a CUDA device, capture the whole run as a CUDA graph on the first call and replay it on
+            later calls with the same settings and shapes (the capture is kept on the model): the host's work
+            per step, which dominates a small network's step on a large GPU, drops out. Values agree with the
+            eager run up to kernel rounding; ``model.nfe`` counts the replayed evaluations only. The state is
+            checked for NaN and inf once, at the end (a bad run is repeated eagerly to name the step). No
+            ``callback``.
         return_info: also return a :class:`SampleInfo`.
     """
     predictor = _check_model(model)
@@ -669,6 +729,10 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         raise ValueError(f"last_step: expected one of {', '.join(LAST_STEPS)}, got {last_step!r}")
     if solver in ODE_SOLVERS and is_sde:
         raise ValueError(f"solver: {solver} is an ODE solver; use euler or heun with an SDE")
+    if not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph: expected True or False, got {type(cuda_graph).__name__}")
+    if cuda_graph and callback is not None:
+        raise ValueError("cuda_graph: a replayed run cannot call back into Python at every step; drop callback")
     if target.base == "point_mass" and not is_sde:
         raise ValueError("diffusion: a point-mass schedule starts every sample at 0, and an ODE moves them all "
                          "alike, so it cannot leave the point; use diffusion='optimal' (or kappa > 0)")
@@ -698,6 +762,8 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
     else:
         device = torch.device(device or "cpu")
         dtype = dtype or torch.float32
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph: needs a CUDA device, got {device}")
     if indices is None:
         indices = range(batch)
     elif len(indices) != batch:
@@ -740,13 +806,28 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         z = noise.to(device=device, dtype=dtype) if noise is not None else streams.draw()
         x = float(target.alpha(0.0)) * z
     denoise = dynamics.denoise if last_step == "denoise" else None
-    with torch.no_grad():
+    steps = len(grid) - 1
+
+    def integrate(x: Tensor, increments: Tensor | None = None) -> Tensor:
+        with torch.no_grad():
+            if is_sde:
+                stepper = euler_maruyama if solver == "euler" else stochastic_heun
+                draws = normal_draws(streams, steps) if increments is None else iter(increments.unbind(0)).__next__
+                return stepper(dynamics.drift, diffusion_spec.epsilon_at, x, grid, draws, denoise=denoise,
+                               callback=callback)
+            return ODE_STEPPERS[solver](dynamics.drift, x, grid, denoise=denoise, callback=callback)
+
+    if cuda_graph:
+        inputs = (x,)
         if is_sde:
-            stepper = euler_maruyama if solver == "euler" else stochastic_heun
-            x = stepper(dynamics.drift, diffusion_spec.epsilon_at, x, grid, normal_draws(streams, len(grid) - 1),
-                        denoise=denoise, callback=callback)
-        else:
-            x = ODE_STEPPERS[solver](dynamics.drift, x, grid, denoise=denoise, callback=callback)
+            draws = normal_draws(streams, steps)
+            inputs = (x, torch.stack([draws() for _ in range(steps)]))
+        key = ("cuda-graph", tuple(shape), dtype, device, target.name, sigma,
+               tuple(target.alpha(grid).tolist()), tuple(target.beta(grid).tolist()), diffusion_spec.kappa,
+               diffusion_spec.epsilon, solver, tuple(grid.tolist()), last_step, known_start, id(mean))
+        x = _replay_captured(predictor, key, integrate, inputs, keep=(mean, diffusion_spec))
+    else:
+        x = integrate(x)
     if mean is not None:
         x = x + mean
     if return_info:

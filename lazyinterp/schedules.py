@@ -171,6 +171,20 @@ class Schedule:
             return tt
         return torch.where(finite, tt, tt.clamp(END_OFFSET, 1 - END_OFFSET))
 
+    def scalar_coefficients(self, t: float) -> tuple[float, float, float, float]:
+        """(α, β, α̇, β̇) at ``regular_time(t)`` for one time, as floats (remembered per time, as a sampler asks
+        for them at the same grid times at every step)."""
+        cache = self.__dict__.setdefault("_scalar_coefficients", {})
+        key = float(t)
+        hit = cache.get(key)
+        if hit is None:
+            tt = self.regular_time(key)
+            hit = (float(self.alpha(tt)), float(self.beta(tt)), float(self.dalpha(tt)), float(self.dbeta(tt)))
+            if len(cache) >= _SCALAR_CACHE_SIZE:
+                cache.clear()
+            cache[key] = hit
+        return hit
+
     def snr(self, t: Tensor | float) -> Tensor:
         """r_t = β_t / α_t: 0 at t = 0 (also for a point mass, as a limit) and +inf at t = 1."""
         tt = as_time(t)

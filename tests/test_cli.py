@@ -65,6 +65,8 @@ def test_cli_errors_are_one_line_and_leave_no_file(checkpoint, tmp_path):
     assert_one_line_error(run("sample", "--model", checkpoint, "--diffusion", "loud", "--out", out), "--diffusion")
     assert_one_line_error(run("sample", "--model", checkpoint, "--schedule", "linear", "--sigma", "0.5",
                               "--out", out), "--sigma")
+    assert_one_line_error(run("sample", "--model", checkpoint, "--cuda-graph", "--out", out), "--cuda-graph",
+                          "--device cuda")
     truncated = tmp_path / "trunc.safetensors"
     truncated.write_bytes(checkpoint.read_bytes()[:1000])
     assert_one_line_error(run("sample", "--model", truncated, "--out", out), "checkpoint")

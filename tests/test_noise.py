@@ -32,3 +32,17 @@ def test_block_count_is_validated(count):
 def test_seeds_differ_across_indices_and_base_seeds():
     seeds = {sample_seed(s, i) for s in range(4) for i in range(256)}
     assert len(seeds) == 4 * 256 and all(0 <= x < 2**63 for x in seeds)
+
+
+def test_parallel_draws_equal_serial_draws():
+    serial = NoiseStreams(5, range(7), (3, 4), workers=1)
+    parallel = NoiseStreams(5, range(7), (3, 4), workers=3)
+    assert torch.equal(serial.draw(), parallel.draw())
+    assert torch.equal(serial.draw_block(5), parallel.draw_block(5))
+    assert NoiseStreams(5, range(7), (3,)).workers == 1  # the CPU's cores run the network
+
+
+@pytest.mark.parametrize("workers", [0, -2, 1.5, True])
+def test_workers_are_validated(workers):
+    with pytest.raises(ValueError, match="workers"):
+        NoiseStreams(0, range(2), (3,), workers=workers)

@@ -149,3 +149,41 @@ def test_mixture_fixture_is_anisotropic_with_nonzero_mean():
     g = make_mixture()
     eig = torch.linalg.eigvalsh(g.cov)
     assert float(eig.max() / eig.min()) > 1.5 and float(g.mean.norm()) > 0.3
+
+
+def test_linear_combination_is_the_plain_sum_and_leaves_its_inputs_alone():
+    from lazyinterp.predictors import linear_combination
+
+    g = torch.Generator().manual_seed(0)
+    x, u, v = (torch.randn(4, 3, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    x0 = x.clone()
+    out = linear_combination([(0.3, u), (-1.7, v)], base=x)
+    torch.testing.assert_close(out, x + 0.3 * u - 1.7 * v, rtol=1e-15, atol=1e-15)
+    assert torch.equal(x, x0) and out.data_ptr() != x.data_ptr()
+    torch.testing.assert_close(linear_combination([(2.0, u), (0.5, v)]), 2 * u + 0.5 * v, rtol=1e-15, atol=1e-15)
+    per_sample = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64).view(-1, 1, 1)
+    torch.testing.assert_close(linear_combination([(per_sample, u), (0.5, v)], base=x),
+                               x + per_sample * u + 0.5 * v, rtol=1e-15, atol=1e-15)
+    # A smaller operand broadcasts, and a wider dtype promotes, as in the plain expression.
+    mean = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(linear_combination([(1.0, u), (0.25, mean)]), u + 0.25 * mean)
+    assert linear_combination([(1.0, mean), (1.0, u)]).shape == u.shape
+    assert linear_combination([(1.0, u.float()), (1.0, v)]).dtype == torch.float64
+    with pytest.raises(ValueError, match="terms"):
+        linear_combination([])
+
+
+def test_the_network_sees_a_clamped_time_of_its_own_dtype_for_a_scalar_time():
+    seen = []
+
+    def net(x, t):
+        seen.append(t)
+        return x
+
+    model = li.Model(net, "linear", t_min=0.1)
+    x = torch.randn(3, 2, dtype=torch.float64)
+    model.raw(x, 0.0)
+    model.raw(x, torch.tensor(0.5))
+    model.raw(x, torch.tensor([0.05, 0.5, 0.9], dtype=torch.float64))
+    assert [t.tolist() for t in seen] == [[0.1] * 3, [0.5] * 3, [0.1, 0.5, 0.9]]
+    assert all(t.dtype == torch.float64 and t.shape == (3,) for t in seen)

@@ -423,3 +423,25 @@ def test_sample_uses_the_shifted_grid_and_checks_the_shift(mixture):
             li.sample(model, z, schedule="lazy-vp", grid=grid, grid_shift=2.0)
     with pytest.raises(ValueError, match="grid_shift"):
         li.sample(model, z, steps=4, grid_shift=2.0)  # the linear schedule's default grid is uniform
+
+
+def test_multistep_weights_integrate_polynomials_exactly():
+    """AB2's weights integrate a linear f over [t, t + h] from f(t) and f(t − h_prev); AM3's a quadratic from
+    f(t + h), f(t) and f(t − h_prev); the trapezoid a linear f from its two ends."""
+    from lazyinterp.samplers import ab2_weights, am3_weights
+
+    def f(t):
+        return 0.7 - 1.3 * t + 2.1 * t * t
+
+    def integral(a, b):
+        return (0.7 * b - 0.65 * b * b + 0.7 * b**3) - (0.7 * a - 0.65 * a * a + 0.7 * a**3)
+
+    for t, h, h_prev in [(0.3, 0.1, 0.2), (0.5, 0.25, 0.05), (0.1, 0.4, 0.1)]:
+        w0, w1 = ab2_weights(h, h_prev)
+        slope = -1.3
+        assert w0 * (slope * t) + w1 * (slope * (t - h_prev)) == pytest.approx(slope * (h * t + h * h / 2), abs=1e-14)
+        a, b, c = am3_weights(h, h_prev)
+        assert a * f(t + h) + b * f(t) + c * f(t - h_prev) == pytest.approx(integral(t, t + h), abs=1e-14)
+        p, q = am3_weights(h, None)
+        assert p * (slope * (t + h)) + q * (slope * t) == pytest.approx(slope * (h * t + h * h / 2), abs=1e-14)
+        assert w0 + w1 == pytest.approx(h) and a + b + c == pytest.approx(h)  # constants integrate exactly

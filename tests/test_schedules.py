@@ -141,3 +141,15 @@ def test_resolve_returns_one_member_per_sigma():
     assert family.resolve(0.7) is first and li.point_mass(None).resolve(0.7) is not first
     assert family.resolve(0.8) is not first
     assert float(first.alpha(0.25)) == pytest.approx(0.7 * math.cos(math.pi / 8), rel=1e-15)
+
+
+@pytest.mark.parametrize("sched", all_schedules(), ids=lambda s: s.name)
+def test_scalar_coefficients_are_the_batch_values_at_the_regular_time(sched):
+    times = torch.tensor([0.0, 0.2, 0.5, 0.9, 1.0], dtype=F64)
+    regular = sched.regular_time(times)
+    batch = torch.stack([sched.alpha(regular), sched.beta(regular), sched.dalpha(regular), sched.dbeta(regular)])
+    for i, t in enumerate(times.tolist()):
+        values = sched.scalar_coefficients(t)
+        assert all(isinstance(v, float) for v in values)
+        assert values == tuple(batch[:, i].tolist())
+        assert sched.scalar_coefficients(t) is values  # remembered

@@ -1,0 +1,96 @@
+r"""CUDA-graph replay of a whole sampling run.
+
+A small network on a large GPU spends most of a step waiting for the host to launch its kernels, and every
+operation a sampler adds per step (schedule arithmetic, the state update, the finite check) is one more launch.
+Capturing the run once as a CUDA graph and replaying it launches the network and the sampler's arithmetic as
+one unit: the host's per-step work drops out, and what remains of the sampler's cost is its own kernels.
+
+A captured run is a function of its static inputs (the starting state and, for an SDE, the pre-drawn normal
+increments): :func:`replay` copies new values into them and replays, so each sample's result is the same as
+in eager mode up to the floating-point rounding of the kernels the capture picked. Everything else (the grid,
+σ, E[X], the network's weights, by address) is baked in; :func:`lazyinterp.sample` keys its captures on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+
+Tensor = torch.Tensor
+
+_CAPTURING: ContextVar[bool] = ContextVar("lazyinterp_capturing", default=False)
+
+
+def capturing() -> bool:
+    """Whether :func:`capture` is recording right now (code that would read device values back, and so
+    synchronise, must not run then)."""
+    return _CAPTURING.get()
+
+
+@dataclass
+class CapturedRun:
+    """A captured run: replay ``graph`` after writing into ``inputs``; ``output`` then holds the result."""
+
+    graph: torch.cuda.CUDAGraph
+    inputs: tuple[Tensor, ...]
+    output: Tensor
+    calls: int = 0
+    keep: object = None  # whatever the captured kernels read besides ``inputs``, held alive with the graph
+
+
+def _count(counter: object) -> int:
+    return int(getattr(counter, "nfe", 0))
+
+
+def capture(run: Callable[..., Tensor], inputs: Sequence[Tensor], counter: object = None) -> CapturedRun:
+    """Captures ``run(*inputs)`` as a CUDA graph over static copies of ``inputs``, after one eager warm-up run
+    on a side stream (kernels choose their algorithms and allocate workspaces outside the capture).
+
+    ``counter`` (an :class:`~lazyinterp.Model`) has its ``nfe`` left as if the run had been evaluated once:
+    the warm-up and the capture are not counted. Raises ValueError if ``run`` cannot be captured (it
+    synchronises with the host, or moves host data to the device).
+    """
+    if not inputs or any(not isinstance(x, Tensor) or x.device.type != "cuda" for x in inputs):
+        raise ValueError("inputs: expected CUDA tensors")
+    device = inputs[0].device
+    static = tuple(x.detach().clone() for x in inputs)
+    before = _count(counter)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), torch.no_grad():
+        run(*(x.clone() for x in static))
+    torch.cuda.current_stream(device).wait_stream(side)
+    warm = _count(counter)
+    graph = torch.cuda.CUDAGraph()
+    token = _CAPTURING.set(True)
+    try:
+        with torch.cuda.graph(graph), torch.no_grad():
+            output = run(*static)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"cuda_graph: the run could not be captured as a CUDA graph ({first}); a network that "
+                         f"synchronises with the host (.item(), .cpu(), printing tensors) cannot be") from None
+    finally:
+        _CAPTURING.reset(token)
+    captured = CapturedRun(graph, static, output, calls=_count(counter) - warm)
+    if counter is not None and hasattr(counter, "nfe"):
+        counter.nfe = before
+    return captured
+
+
+def replay(captured: CapturedRun, inputs: Sequence[Tensor], counter: object = None) -> Tensor:
+    """The run on new ``inputs`` (same shapes and dtypes as captured), as a new tensor; adds the run's network
+    calls to ``counter.nfe``."""
+    if len(inputs) != len(captured.inputs):
+        raise ValueError(f"inputs: expected {len(captured.inputs)} tensors, got {len(inputs)}")
+    for static, value in zip(captured.inputs, inputs, strict=True):
+        if value.shape != static.shape:
+            raise ValueError(f"inputs: expected shape {tuple(static.shape)}, got {tuple(value.shape)}")
+        static.copy_(value)
+    captured.graph.replay()
+    if counter is not None and hasattr(counter, "nfe"):
+        counter.nfe += captured.calls
+    return captured.output.clone()
