@@ -822,10 +822,13 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         if is_sde:
             draws = normal_draws(streams, steps)
             inputs = (x, torch.stack([draws() for _ in range(steps)]))
-        key = ("cuda-graph", tuple(shape), dtype, device, target.name, sigma,
+        # The capture reads every tensor by address: the network's weights follow in-place updates, and a
+        # network swapped for another is a new key.
+        net = getattr(predictor, "net", None)
+        key = ("cuda-graph", id(net), tuple(shape), dtype, device, target.name, sigma,
                tuple(target.alpha(grid).tolist()), tuple(target.beta(grid).tolist()), diffusion_spec.kappa,
                diffusion_spec.epsilon, solver, tuple(grid.tolist()), last_step, known_start, id(mean))
-        x = _replay_captured(predictor, key, integrate, inputs, keep=(mean, diffusion_spec))
+        x = _replay_captured(predictor, key, integrate, inputs, keep=(net, mean, diffusion_spec))
     else:
         x = integrate(x)
     if mean is not None:

@@ -75,6 +75,23 @@ def test_replay_matches_the_eager_run_and_counts_evaluations(kwargs):
 
 
 @needs_cuda
+def test_replays_follow_in_place_weight_updates_and_recapture_a_swapped_network():
+    model = _model()
+    noise = torch.randn(4, 1, 12, 12, device="cuda")
+    first = li.sample(model, noise, steps=3, schedule="lazy-vp", cuda_graph=True)
+    with torch.no_grad():
+        for p in model.net.parameters():
+            p.mul_(0.5)
+    eager = li.sample(model, noise, steps=3, schedule="lazy-vp")
+    torch.testing.assert_close(li.sample(model, noise, steps=3, schedule="lazy-vp", cuda_graph=True), eager)
+    assert not torch.allclose(eager, first)
+    torch.manual_seed(1)
+    model.net = _ConvNet().cuda()
+    eager = li.sample(model, noise, steps=3, schedule="lazy-vp")
+    torch.testing.assert_close(li.sample(model, noise, steps=3, schedule="lazy-vp", cuda_graph=True), eager)
+
+
+@needs_cuda
 def test_replay_reports_a_non_finite_state_at_its_step():
     class Blows(torch.nn.Module):  # finite while |x| < 10, inf beyond
         def forward(self, x, t):
