@@ -157,7 +157,11 @@ def from_eta(kind: str, eta_z: Tensor, eta_x: Tensor, alpha, beta, dalpha, dbeta
 
 
 class Predictor(Protocol):
-    """Anything with a schedule and the posterior means η(t, x) = (η_Z, η_X) under it."""
+    """Anything with a schedule and the posterior means η(t, x) = (η_Z, η_X) under it.
+
+    A predictor may also have ``eta_terms(x, t)``, the same pair as linear combinations (:func:`to_eta_terms`),
+    which lets a sampler fold them into its update (:func:`eta_terms` falls back on ``eta``).
+    """
 
     schedule: Schedule
 
