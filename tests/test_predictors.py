@@ -187,3 +187,29 @@ def test_the_network_sees_a_clamped_time_of_its_own_dtype_for_a_scalar_time():
     model.raw(x, torch.tensor([0.05, 0.5, 0.9], dtype=torch.float64))
     assert [t.tolist() for t in seen] == [[0.1] * 3, [0.5] * 3, [0.1, 0.5, 0.9]]
     assert all(t.dtype == torch.float64 and t.shape == (3,) for t in seen)
+
+
+def test_merge_terms_adds_the_coefficients_of_one_tensor():
+    from lazyinterp.predictors import linear_combination, merge_terms
+
+    u, v = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    same_values = u.clone()  # equal values, another tensor: kept apart
+    terms = [(0.5, u), (2.0, v), (-0.25, u), (1.0, same_values)]
+    merged = merge_terms(terms)
+    assert [(c, id(t)) for c, t in merged] == [(0.25, id(u)), (2.0, id(v)), (1.0, id(same_values))]
+    torch.testing.assert_close(linear_combination(merged), linear_combination(terms), rtol=1e-15, atol=1e-15)
+
+
+@pytest.mark.parametrize("kind", ["velocity", "noise", "data", "score"])
+def test_eta_terms_evaluate_to_eta(kind, mixture):
+    from lazyinterp.predictors import eta_terms, linear_combination
+
+    """The linear combinations evaluate to the mixture's exact posterior means (Tweedie, closed form)."""
+    x = torch.randn(6, 2, dtype=torch.float64)
+    for schedule, t in ((li.vp(), 0.4), (li.lazy_vp(0.8), 0.7)):
+        model = mixture.model(li.vp(), predicts=kind)
+        predictor = model if schedule.name == "vp" else li.convert(model, schedule)
+        eta_z, eta_x = eta_terms(predictor, x, t)
+        exact = mixture.eta(x, schedule.alpha(t), schedule.beta(t))
+        torch.testing.assert_close(linear_combination(eta_z), exact[0], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(linear_combination(eta_x), exact[1], rtol=1e-10, atol=1e-10)
