@@ -900,6 +900,11 @@ def _table(results: dict, key: str) -> list[str]:
     return lines
 
 
+def _percentages(fractions: dict[str, float]) -> str:
+    """"name 1.23%, ..." for a {name: fraction} mapping."""
+    return ", ".join(f"{k} {100 * v:.2f}%" for k, v in fractions.items())
+
+
 def markdown_report(results: dict) -> str:
     """The value table (rows samplers, columns NFE, best per column in bold) and the path-error table."""
     ref = results["reference"]
@@ -917,13 +922,12 @@ def markdown_report(results: dict) -> str:
                   "from the same noise; ODE samplers only.", ""]
         lines += _table(results, "path_error")
     if results.get("overhead"):
-        parts = ", ".join(f"{k} {100 * v:.2f}%" for k, v in results["overhead"].items())
         setup = results.get("overhead_setup", {})
         lines += ["", f"Sampler overhead (time outside the network / network time, batch {setup.get('batch')}, "
-                  f"{setup.get('steps')} steps): {parts}."]
+                  f"{setup.get('steps')} steps): {_percentages(results['overhead'])}."]
         if results.get("overhead_cuda_graph"):
-            parts = ", ".join(f"{k} {100 * v:.2f}%" for k, v in results["overhead_cuda_graph"].items())
-            lines += ["", f"The same with both sides replayed as CUDA graphs (`cuda_graph=True`): {parts}."]
+            lines += ["", "The same with both sides replayed as CUDA graphs (`cuda_graph=True`): "
+                      f"{_percentages(results['overhead_cuda_graph'])}."]
     if results.get("skipped"):
         pairs = ", ".join(f"{s['sampler']}@{s['nfe']}" if s["nfe"] is not None else f"{s['sampler']} ({s['reason']})"
                           for s in results["skipped"])
@@ -1099,10 +1103,9 @@ def bench(workload: str, nfe: str, n: int | None, seed: int, samplers: str | Non
                    "run the same command again to resume")
         return
     if results.get("overhead"):
-        parts = ", ".join(f"{k} {100 * v:.2f}%" for k, v in results["overhead"].items())
-        click.echo(f"overhead outside the network: {parts}", err=True)
+        click.echo(f"overhead outside the network: {_percentages(results['overhead'])}", err=True)
     if results.get("overhead_cuda_graph"):
-        parts = ", ".join(f"{k} {100 * v:.2f}%" for k, v in results["overhead_cuda_graph"].items())
-        click.echo(f"overhead outside the network, CUDA graphs: {parts}", err=True)
+        click.echo(f"overhead outside the network, CUDA graphs: {_percentages(results['overhead_cuda_graph'])}",
+                   err=True)
     if not quiet:
         click.echo(f"done in {results['seconds']:.1f} s", err=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .predictors import Predictor, Terms, _expand, eta_terms, linear_combination
-from .schedules import _SCALAR_CACHE_SIZE, Schedule, as_time
+from .schedules import Schedule, as_time, remembered
 
 Tensor = torch.Tensor
 
@@ -30,19 +30,17 @@ _SCALAR_TIME_CHANGES: dict = {}
 def time_change(source: Schedule, target: Schedule, t: Tensor | float) -> tuple[Tensor, Tensor]:
     """(τ, c) at target time ``t``: the source time with the same SNR, and the scale I'_t = c I_τ."""
     tt = as_time(t)
+
+    def compute() -> tuple[Tensor, Tensor]:
+        tau = source.snr_inverse(target.snr(tt))
+        return tau, (target.alpha(tt) + target.beta(tt)) / (source.alpha(tau) + source.beta(tau))
+
+    if tt.ndim:
+        return compute()
     # A sampler converts at the same grid times on every call with the same pair of schedules; scalar results
-    # are remembered (the maps are deterministic, so this changes no value).
-    key = (source, target, float(tt)) if tt.ndim == 0 else None
-    if key is not None and key in _SCALAR_TIME_CHANGES:
-        tau, scale = _SCALAR_TIME_CHANGES[key]
-        return tau.clone(), scale.clone()
-    tau = source.snr_inverse(target.snr(tt))
-    scale = (target.alpha(tt) + target.beta(tt)) / (source.alpha(tau) + source.beta(tau))
-    if key is not None:
-        if len(_SCALAR_TIME_CHANGES) >= _SCALAR_CACHE_SIZE:
-            _SCALAR_TIME_CHANGES.clear()
-        _SCALAR_TIME_CHANGES[key] = (tau.clone(), scale.clone())
-    return tau, scale
+    # are remembered (the maps are deterministic, so this changes no value), and each caller gets its own copy.
+    tau, scale = remembered(_SCALAR_TIME_CHANGES, (source, target, float(tt)), compute)
+    return tau.clone(), scale.clone()
 
 
 def time_change_derivatives(source: Schedule, target: Schedule, t: Tensor | float) -> tuple[Tensor, Tensor]:

@@ -37,6 +37,7 @@ from .noise import NoiseStreams, resolve_seed
 from .predictors import CenteredModel, Model, coefficients, estimate_sigma, to_eta
 from .samplers import (
     LAST_STEPS,
+    ODE_SOLVERS,
     PC_DEFAULT_FROM_STEPS,
     Dynamics,
     _check_solver,
@@ -308,7 +309,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         if self._solver not in _SOLVERS:
             raise ValueError(f"solver: LazyScheduler implements {', '.join(_SOLVERS)} (or None for the default), "
                              f"got {solver!r}")
-        if self._solver in ("ab2", "ab2-pc") and self._is_sde:
+        if self._solver in ODE_SOLVERS and self._is_sde:
             raise ValueError(f"solver: {self._solver} is an ODE solver; use euler or heun with an SDE")
         if last_step is not None and last_step not in LAST_STEPS:
             raise ValueError(f"last_step: expected one of {', '.join(LAST_STEPS)} or None, got {last_step!r}")
@@ -667,7 +668,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                 out[lane.index] = lane.dynamics.denoise(y[lane.index], lane.grid[node])
             return out, node + 1
         drift = self._drift(y, node) if self._solver != "ab2-pc" else self._drifts[-1]
-        previous = self._previous_drift if self._solver in ("ab2", "ab2-pc") else None
+        previous = self._previous_drift if self._solver in ODE_SOLVERS else None
         step = torch.empty_like(y)
         kick = torch.zeros_like(y)
         for lane in self._lanes:
@@ -684,7 +685,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                     kick[lane.index] = math.sqrt(2 * eps * h) * xi[lane.index]
         if self._solver == "heun":
             self._heun = (y, drift, kick)
-        elif self._solver in ("ab2", "ab2-pc"):
+        elif self._solver in ODE_SOLVERS:
             self._previous_drift = drift
         if self._solver == "ab2-pc":
             self._corrector_start = y

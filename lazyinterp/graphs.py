@@ -38,16 +38,18 @@ class CapturedRun:
     inputs: tuple[Tensor, ...]
     output: Tensor
     calls: int = 0
-    keep: object = None  # whatever the captured kernels read besides ``inputs``, held alive with the graph
+    keep: object = None  # ``run`` and whatever else the captured kernels read, held alive with the graph
 
 
 def _count(counter: object) -> int:
     return int(getattr(counter, "nfe", 0))
 
 
-def capture(run: Callable[..., Tensor], inputs: Sequence[Tensor], counter: object = None) -> CapturedRun:
+def capture(run: Callable[..., Tensor], inputs: Sequence[Tensor], counter: object = None,
+            keep: object = None) -> CapturedRun:
     """Captures ``run(*inputs)`` as a CUDA graph over static copies of ``inputs``, after one eager warm-up run
-    on a side stream (kernels choose their algorithms and allocate workspaces outside the capture).
+    on a side stream (kernels choose their algorithms and allocate workspaces outside the capture). The graph
+    reads tensors by address, so the captured run holds ``run`` (and what its closure holds) and ``keep`` alive.
 
     ``counter`` (an :class:`~lazyinterp.Model`) has its ``nfe`` left as if the run had been evaluated once:
     the warm-up and the capture are not counted. Raises ValueError if ``run`` cannot be captured (it
@@ -75,7 +77,7 @@ def capture(run: Callable[..., Tensor], inputs: Sequence[Tensor], counter: objec
                          f"synchronises with the host (.item(), .cpu(), printing tensors) cannot be") from None
     finally:
         _CAPTURING.reset(token)
-    captured = CapturedRun(graph, static, output, calls=_count(counter) - warm)
+    captured = CapturedRun(graph, static, output, calls=_count(counter) - warm, keep=(run, keep))
     if counter is not None and hasattr(counter, "nfe"):
         counter.nfe = before
     return captured

@@ -646,12 +646,12 @@ _CAPTURES_PER_MODEL = 8
 
 def _replay_captured(predictor: Predictor, key: tuple, run: Callable[..., Tensor], inputs: tuple[Tensor, ...],
                      keep: object) -> Tensor:
-    """``run(*inputs)`` replayed from the capture kept on the model under ``key`` (captured on first use)."""
+    """``run(*inputs)`` replayed from the capture kept on the model under ``key`` (captured on first use, holding
+    ``keep`` alive)."""
     cache = _model_cache(predictor)
     captured = cache.get(key)
     if captured is None:
-        captured = graphs.capture(run, inputs, counter=predictor)
-        captured.keep = (run, keep)  # the captured kernels read these tensors' memory
+        captured = graphs.capture(run, inputs, counter=predictor, keep=keep)
         held = [k for k in cache if isinstance(k, tuple) and k and k[0] == "cuda-graph"]
         for old in held[: max(0, len(held) - _CAPTURES_PER_MODEL + 1)]:
             del cache[old]
@@ -823,12 +823,12 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
             draws = normal_draws(streams, steps)
             inputs = (x, torch.stack([draws() for _ in range(steps)]))
         # The capture reads every tensor by address: the network's weights follow in-place updates, and a
-        # network swapped for another is a new key.
+        # network swapped for another is a new key (the old one is kept alive, so its id is not reused).
         net = getattr(predictor, "net", None)
         key = ("cuda-graph", id(net), tuple(shape), dtype, device, target.name, sigma,
                tuple(target.alpha(grid).tolist()), tuple(target.beta(grid).tolist()), diffusion_spec.kappa,
                diffusion_spec.epsilon, solver, tuple(grid.tolist()), last_step, known_start, id(mean))
-        x = _replay_captured(predictor, key, integrate, inputs, keep=(net, mean, diffusion_spec))
+        x = _replay_captured(predictor, key, integrate, inputs, keep=net)
     else:
         x = integrate(x)
     if mean is not None:

@@ -33,6 +33,18 @@ END_OFFSET = 1e-9
 _SCALAR_CACHE_SIZE = 4096
 
 
+def remembered(cache: dict, key: Any, compute: Callable[[], Any]) -> Any:
+    """``cache[key]``, computed by ``compute()`` on first use; the cache starts over once it holds
+    ``_SCALAR_CACHE_SIZE`` entries (scalar values asked for at the same grid times at every step)."""
+    hit = cache.get(key)
+    if hit is None:
+        hit = compute()
+        if len(cache) >= _SCALAR_CACHE_SIZE:
+            cache.clear()
+        cache[key] = hit
+    return hit
+
+
 def as_time(t: Tensor | float) -> Tensor:
     """``t`` as a float64 tensor on the CPU (schedule maths never runs on the accelerator)."""
     if isinstance(t, Tensor):
@@ -102,22 +114,18 @@ class Schedule:
 
     def _eval(self, fn: ScheduleFn, t: Tensor | float) -> Tensor:
         # A sampler asks for α, β and their derivatives at the same few grid times many times a step; scalar
-        # values are remembered per schedule (the functions are deterministic, so this changes no result).
-        scalar = not isinstance(t, Tensor) or t.ndim == 0
-        if scalar:
+        # values are remembered per schedule (the functions are deterministic, so this changes no result), and
+        # each caller gets its own copy.
+        if not isinstance(t, Tensor) or t.ndim == 0:
             cache = self.__dict__.setdefault("_scalar_values", {})
-            key = (fn, float(t))
-            hit = cache.get(key)
-            if hit is not None:
-                return hit.clone()
+            return remembered(cache, (fn, float(t)), lambda: self._compute(fn, t)).clone()
+        return self._compute(fn, t)
+
+    @staticmethod
+    def _compute(fn: ScheduleFn, t: Tensor | float) -> Tensor:
         # Solvers may step a rounding error past an end; the schedule is only defined on [0, 1].
         tt = as_time(t).clamp(0.0, 1.0)
-        value = torch.as_tensor(fn(tt), dtype=_F64).expand_as(tt).clone()
-        if scalar:
-            if len(cache) >= _SCALAR_CACHE_SIZE:
-                cache.clear()
-            cache[key] = value.clone()
-        return value
+        return torch.as_tensor(fn(tt), dtype=_F64).expand_as(tt).clone()
 
     def _validate(self) -> None:
         grid = torch.linspace(0.0, 1.0, 2001, dtype=_F64)
@@ -174,16 +182,11 @@ class Schedule:
     def scalar_coefficients(self, t: float) -> tuple[float, float, float, float]:
         """(α, β, α̇, β̇) at ``regular_time(t)`` for one time, as floats (remembered per time, as a sampler asks
         for them at the same grid times at every step)."""
-        cache = self.__dict__.setdefault("_scalar_coefficients", {})
-        key = float(t)
-        hit = cache.get(key)
-        if hit is None:
-            tt = self.regular_time(key)
-            hit = (float(self.alpha(tt)), float(self.beta(tt)), float(self.dalpha(tt)), float(self.dbeta(tt)))
-            if len(cache) >= _SCALAR_CACHE_SIZE:
-                cache.clear()
-            cache[key] = hit
-        return hit
+        def compute() -> tuple[float, float, float, float]:
+            tt = self.regular_time(float(t))
+            return float(self.alpha(tt)), float(self.beta(tt)), float(self.dalpha(tt)), float(self.dbeta(tt))
+
+        return remembered(self.__dict__.setdefault("_scalar_coefficients", {}), float(t), compute)
 
     def snr(self, t: Tensor | float) -> Tensor:
         """r_t = β_t / α_t: 0 at t = 0 (also for a point mass, as a limit) and +inf at t = 1."""
