@@ -14,6 +14,7 @@ from .conversion import (
     time_change,
     time_change_derivatives,
 )
+from .covariance import Covariance
 from .predictors import (
     KINDS,
     CenteredModel,
@@ -59,6 +60,7 @@ __all__ = [
     "CenteredModel",
     "ConvertedModel",
     "ConvertedPath",
+    "Covariance",
     "GaussianMixture",
     "KINDS",
     "LazySchedule",

@@ -289,6 +289,12 @@ SAMPLERS: tuple[SamplerDef, ...] = (
                {"schedule": "lazy-vp", "solver": "ab2", "grid": "model"}),
     SamplerDef("lazy-vp-ab2-pc", "lazy VP AB2-AM3 PC, SNR-matched grid", "ours", "li",
                {"schedule": "lazy-vp", "solver": "ab2-pc", "grid": "model"}),
+    SamplerDef("lazy-vp-cov-euler", "lazy VP Euler, covariance-matched, SNR-matched grid", "ours", "li",
+               {"schedule": "lazy-vp", "grid": "model", "covariance": "model"}),
+    SamplerDef("lazy-vp-cov-ab2", "lazy VP AB2, covariance-matched, SNR-matched grid", "ours", "li",
+               {"schedule": "lazy-vp", "solver": "ab2", "grid": "model", "covariance": "model"}),
+    SamplerDef("lazy-vp-cov-ab2-pc", "lazy VP AB2-AM3 PC, covariance-matched, SNR-matched grid", "ours", "li",
+               {"schedule": "lazy-vp", "solver": "ab2-pc", "grid": "model", "covariance": "model"}),
     SamplerDef("point-mass-sde", "point-mass SDE (EM), uniform grid", "ours", "li",
                {"schedule": "point-mass", "diffusion": "optimal", "last_step": "denoise", "grid": "uniform"},
                stochastic=True),
@@ -379,7 +385,7 @@ def _li_kwargs(spec: SamplerDef, plan: dict) -> dict:
     opts = spec.options
     return {"schedule": opts["schedule"], "diffusion": opts.get("diffusion", "ode"),
             "solver": opts.get("solver", "euler"), "grid": opts.get("grid"), "steps": plan["steps"],
-            "last_step": plan["last_step"]}
+            "last_step": plan["last_step"], "covariance": opts.get("covariance")}
 
 
 def run_batch(spec: SamplerDef, plan: dict, model: Model, noise: Tensor, indices: range, seed: int,

@@ -136,6 +136,9 @@ SCHEDULE_NAMES = ["linear", "cosine", "vp", "lazy-vp", "point-mass"]
               "steps at high noise.")
 @click.option("--center/--no-center", default=None,
               help="Sample X - E[X] with the model's E[X] (default: on for lazy schedules).")
+@click.option("--covariance", is_flag=True,
+              help="lazy-vp ODE: one lazy schedule per principal direction of the covariance, estimated from the "
+              "model's own samples (exact for any Gaussian data).")
 @click.option("--n", "-n", "n", default=64, type=click.IntRange(min=1), show_default=True)
 @click.option("--batch-size", default=250, type=click.IntRange(min=1), show_default=True)
 @click.option("--seed", default=0, type=int, show_default=True)
@@ -153,8 +156,8 @@ SCHEDULE_NAMES = ["linear", "cosine", "vp", "lazy-vp", "point-mass"]
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
 def sample(model_name: str, schedule: str, steps: int, solver: str, diffusion: str | None, sigma: float | None,
-           last_step: str | None, time_grid: str | None, grid_shift: float, center: bool | None, n: int,
-           batch_size: int, seed: int,
+           last_step: str | None, time_grid: str | None, grid_shift: float, center: bool | None,
+           covariance: bool, n: int, batch_size: int, seed: int,
            out: Path, grid_png: Path | None, fid: bool, shard_size: int, max_shards: int | None, device: str,
            cuda_graph: bool, quiet: bool) -> None:
     """Sample a model under any schedule; writes an npz with `samples` (N, 1, 28, 28) float32.
@@ -176,9 +179,11 @@ def sample(model_name: str, schedule: str, steps: int, solver: str, diffusion: s
         raise UserError(f"--cuda-graph: needs --device cuda, got {device}")
     if sigma is not None and schedule not in ("lazy-vp", "point-mass"):
         raise UserError("--sigma: only the lazy schedules (lazy-vp, point-mass) take sigma")
+    if covariance and (schedule != "lazy-vp" or parse_diffusion(diffusion, schedule) not in ("ode", 0.0)):
+        raise UserError("--covariance: applies to the probability-flow ODE of --schedule lazy-vp only")
     spec = SamplerSpec(schedule=schedule, steps=steps, diffusion=parse_diffusion(diffusion, schedule),
                        solver=solver, sigma=sigma, last_step=last_step, grid=time_grid, center=center,
-                       grid_shift=grid_shift)
+                       grid_shift=grid_shift, covariance="model" if covariance else None)
     try:
         ctx = distributed.setup(device)
     except ValueError as exc:

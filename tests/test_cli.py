@@ -55,6 +55,20 @@ def test_same_seed_same_samples_any_batch_size(checkpoint, tmp_path, schedule):
     assert np.array_equal(a, b)
 
 
+def test_covariance_samples_do_not_depend_on_the_batch_size(checkpoint, tmp_path):
+    """--covariance: the covariance comes from the model's own samples with fixed streams, so two runs in different
+    batch sizes agree, and differ from the scalar lazy schedule's samples."""
+    samples = []
+    for batch, extra in ((7, ["--covariance"]), (3, ["--covariance"]), (7, [])):
+        path = tmp_path / f"cov-{batch}-{len(extra)}.npz"
+        result = run("sample", "--model", checkpoint, "--schedule", "lazy-vp", "--steps", 2, "--n", 7,
+                     "--batch-size", batch, "--seed", 4, "--out", path, "--quiet", *extra)
+        assert result.exit_code == 0, result.output
+        samples.append(np.load(path)["samples"])
+    assert np.array_equal(samples[0], samples[1])
+    assert not np.allclose(samples[0], samples[2])
+
+
 def test_cli_errors_are_one_line_and_leave_no_file(checkpoint, tmp_path):
     out = tmp_path / "x.npz"
     assert_one_line_error(run("sample", "--model", "nosuchmodel", "--out", out), "unknown model")
@@ -67,6 +81,8 @@ def test_cli_errors_are_one_line_and_leave_no_file(checkpoint, tmp_path):
                               "--out", out), "--sigma")
     assert_one_line_error(run("sample", "--model", checkpoint, "--cuda-graph", "--out", out), "--cuda-graph",
                           "--device cuda")
+    assert_one_line_error(run("sample", "--model", checkpoint, "--schedule", "linear", "--covariance", "--out", out),
+                          "--covariance", "lazy-vp")
     truncated = tmp_path / "trunc.safetensors"
     truncated.write_bytes(checkpoint.read_bytes()[:1000])
     assert_one_line_error(run("sample", "--model", truncated, "--out", out), "checkpoint")

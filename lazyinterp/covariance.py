@@ -1,0 +1,245 @@
+r"""Lazy coordinates matched to a covariance: one lazy VP schedule per principal direction (theory §5, "Limits").
+
+A scalar lazy schedule is lazy only for isotropic data. With Cov X = Σ = Σ_k λ_k u_k u_kᵀ, give every principal
+direction its own lazy VP schedule, all at the common SNR r_t of a scalar lazy VP schedule:
+
+    α_k = √λ_k / √(1 + r² λ_k),   β_k = r √λ_k / √(1 + r² λ_k),   so α_k² + λ_k β_k² = λ_k.
+
+The state is Y_t = A_t Z + B_t X with A = α(Σ) and B = β(Σ) (commuting functions of Σ). Because every direction has
+the same SNR, Y_t = C_t I_τ(t) with the symmetric matrix C = B/β_τ: the model is still evaluated at one time,
+η(t, y) = η(τ, C⁻¹ y), and the probability-flow drift is Ȧ η_Z + Ḃ η_X. For X ~ N(μ, Σ) (centred with μ) the
+drift is identically zero, so Euler is exact in any number of steps; Σ = σ²I is the scalar lazy VP schedule.
+Sampling starts at Σ^{1/2} Z and ends at X (A_1 = 0, B_1 = I).
+
+Σ is held as a spectrum: r eigenpairs and one eigenvalue for the orthogonal complement (low rank plus isotropic),
+so a matrix function is applied in O(D r) per sample.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .predictors import Predictor, eta_terms, linear_combination
+from .schedules import Schedule
+
+Tensor = torch.Tensor
+
+# Eigenvalues are floored at this fraction of the mean eigenvalue: a direction with (almost) no variance would make
+# C⁻¹ blow up at t = 0, and the floor changes FID-MNIST by under 1% between 1e-3 and 1e-1 (README).
+EIGENVALUE_FLOOR = 1e-2
+# Up to this dimension an estimate from samples is full rank; above, low rank plus isotropic.
+FULL_RANK_MAX_DIM = 4096
+DEFAULT_RANK = 256
+
+
+@dataclass(frozen=True)
+class Covariance:
+    r"""Σ = U diag(λ) Uᵀ + λ_⊥ (I − U Uᵀ) over samples of shape ``shape`` (flattened to D entries).
+
+    Attributes:
+        basis: U, orthonormal columns, (D, r), float64.
+        eigenvalues: λ, (r,), float64, positive.
+        rest: λ_⊥ on the orthogonal complement (unused when r = D).
+        shape: the shape of one sample.
+    """
+
+    basis: Tensor
+    eigenvalues: Tensor
+    rest: float
+    shape: tuple[int, ...]
+
+    def __post_init__(self):
+        if not isinstance(self.basis, Tensor) or self.basis.ndim != 2:
+            raise TypeError("basis: expected a (D, r) tensor")
+        dim, rank = self.basis.shape
+        if dim != math.prod(self.shape) or rank > dim or rank < 1:
+            raise ValueError(f"basis: expected shape (D, r) with D = {math.prod(self.shape)} and 1 <= r <= D, "
+                             f"got {tuple(self.basis.shape)}")
+        if self.eigenvalues.shape != (rank,):
+            raise ValueError(f"eigenvalues: expected shape ({rank},), got {tuple(self.eigenvalues.shape)}")
+        if not (bool(torch.isfinite(self.eigenvalues).all()) and bool((self.eigenvalues > 0).all())):
+            raise ValueError("eigenvalues: expected finite positive values (floor them first)")
+        if not (math.isfinite(self.rest) and (self.rest > 0 or rank == dim)):
+            raise ValueError(f"rest: expected a finite positive eigenvalue, got {self.rest}")
+
+    @property
+    def dim(self) -> int:
+        return self.basis.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.basis.shape[1]
+
+    @property
+    def mean_eigenvalue(self) -> float:
+        """tr Σ / D."""
+        return (float(self.eigenvalues.sum()) + self.rest * (self.dim - self.rank)) / self.dim
+
+    @classmethod
+    def from_matrix(cls, matrix: Tensor, shape: tuple[int, ...] | None = None, *,
+                    floor: float = EIGENVALUE_FLOOR) -> Covariance:
+        """A full-rank spectrum of a symmetric (D, D) matrix, eigenvalues floored at ``floor`` × their mean."""
+        if not isinstance(matrix, Tensor) or matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise TypeError("covariance: expected a square (D, D) tensor")
+        m = matrix.detach().to(device="cpu", dtype=torch.float64)
+        if not bool(torch.isfinite(m).all()):
+            raise ValueError("covariance: expected finite entries")
+        shape = (m.shape[0],) if shape is None else tuple(shape)
+        eigenvalues, basis = torch.linalg.eigh(0.5 * (m + m.T))
+        return cls._floored(basis, eigenvalues, 0.0, shape, floor)
+
+    @classmethod
+    def from_samples(cls, samples: Tensor, rank: int | None = None, *, floor: float = EIGENVALUE_FLOOR
+                     ) -> Covariance:
+        """The sample covariance of ``samples`` (N, *shape); with ``rank`` (at most N − 1) its top eigenpairs, from
+        an SVD of the centred samples without forming the (D, D) matrix, and the mean of the other eigenvalues
+        (from the total variance) as λ_⊥."""
+        if not isinstance(samples, Tensor) or samples.ndim < 2 or samples.shape[0] < 2:
+            raise TypeError("samples: expected a tensor (N, ...) with N >= 2")
+        flat = samples.detach().to(device="cpu", dtype=torch.float64).reshape(samples.shape[0], -1)
+        if not bool(torch.isfinite(flat).all()):
+            raise ValueError("samples: expected finite values")
+        shape = tuple(samples.shape[1:])
+        if rank is None:
+            return cls.from_matrix(torch.cov(flat.T).reshape(flat.shape[1], flat.shape[1]), shape, floor=floor)
+        rank = _check_rank(rank, min(flat.shape[1], flat.shape[0] - 1))
+        centred = (flat - flat.mean(dim=0)) / math.sqrt(flat.shape[0] - 1)
+        _, singular, rows = torch.linalg.svd(centred, full_matrices=False)
+        top = singular[:rank] ** 2
+        dim = flat.shape[1]
+        rest = (float((centred ** 2).sum()) - float(top.sum())) / (dim - rank) if rank < dim else 0.0
+        return cls._floored(rows[:rank].T, top, rest, shape, floor)
+
+    def truncated(self, rank: int, *, floor: float = EIGENVALUE_FLOOR) -> Covariance:
+        """The top ``rank`` eigenpairs, the others replaced by their mean (the trace is kept)."""
+        rank = _check_rank(rank, self.dim)
+        order = torch.argsort(self.eigenvalues, descending=True)
+        top = order[:rank]
+        others = self.eigenvalues[order[rank:]]
+        rest = (float(others.sum()) + self.rest * (self.dim - self.rank)) / (self.dim - rank) if rank < self.dim \
+            else 0.0
+        return Covariance._floored(self.basis[:, top], self.eigenvalues[top], rest, self.shape, floor)
+
+    @staticmethod
+    def _floored(basis: Tensor, eigenvalues: Tensor, rest: float, shape: tuple[int, ...], floor: float
+                 ) -> Covariance:
+        dim, rank = basis.shape
+        mean = (float(eigenvalues.clamp_min(0).sum()) + max(rest, 0.0) * (dim - rank)) / dim
+        if not mean > 0:
+            raise ValueError("covariance: expected a positive trace")
+        least = floor * mean if floor > 0 else torch.finfo(torch.float64).tiny
+        return Covariance(basis.contiguous(), eigenvalues.clamp_min(least), max(rest, least) if rank < dim else 0.0,
+                          shape)
+
+    def apply(self, pairs: list[tuple[tuple[Tensor, float], Tensor]]) -> Tensor:
+        r"""Σ_i f_i(Σ) x_i for batches x_i of shape (B, *shape), each f_i given by its values (f_i(λ), f_i(λ_⊥)):
+
+        f(Σ) x = f(λ_⊥) x + U ((f(λ) − f(λ_⊥)) ⊙ Uᵀ x), with one product by U for the whole sum.
+        """
+        first = pairs[0][1]
+        basis = self.basis.to(device=first.device, dtype=first.dtype)
+        full = self.rank == self.dim  # no complement: its values are ignored
+        rotated = None
+        plain = []
+        for (values, rest), x in pairs:
+            rest = 0.0 if full else rest
+            flat = x.reshape(x.shape[0], -1)
+            weights = (values - rest).to(device=x.device, dtype=x.dtype)
+            part = _rows_times(flat, basis) * weights
+            rotated = part if rotated is None else rotated + part
+            plain.append((rest, flat))
+        return (linear_combination(plain) + _rows_times(rotated, basis.T)).reshape(first.shape)
+
+
+# Matrix products run on blocks of exactly this many rows (zero-padded): a kernel's summation order can depend on
+# the number of rows, and a sample must not depend on the batch it is drawn in.
+ROW_BLOCK = 64
+
+
+def _rows_times(rows: Tensor, matrix: Tensor) -> Tensor:
+    """rows @ matrix, computed on fixed-size blocks of rows so that each row's result is batch-independent."""
+    if rows.shape[0] == ROW_BLOCK:
+        return rows @ matrix
+    out = []
+    for lo in range(0, rows.shape[0], ROW_BLOCK):
+        block = rows[lo: lo + ROW_BLOCK]
+        short = ROW_BLOCK - block.shape[0]
+        if short:
+            block = torch.cat([block, block.new_zeros((short, block.shape[1]))])
+        out.append((block @ matrix)[: ROW_BLOCK - short])
+    return torch.cat(out)
+
+
+def _check_rank(rank: Any, dim: int) -> int:
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= dim:
+        raise ValueError(f"rank: expected an integer from 1 to {dim}, got {rank!r}")
+    return rank
+
+
+class CovarianceLazyDynamics:
+    r"""The probability-flow drift in lazy coordinates matched to ``covariance`` (see the module docstring).
+
+    ``predictor`` is the (centred) model converted to the scalar lazy VP schedule whose SNR r_t all directions
+    share: its state is Ỹ = α_t Z + β_t X, and Ỹ = (α/A) Y direction by direction.
+    """
+
+    def __init__(self, predictor: Predictor, covariance: Covariance, known_start: bool = False):
+        self.predictor = predictor
+        self.covariance = covariance
+        self.known_start = known_start
+        # A full-rank spectrum has no complement; any positive stand-in keeps its (ignored) values finite.
+        rest = covariance.rest if covariance.rank < covariance.dim else covariance.mean_eigenvalue
+        self._lam = torch.cat([covariance.eigenvalues, torch.tensor([rest], dtype=torch.float64)])
+        self._cache: dict[float, tuple] = {}
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.predictor.schedule
+
+    def _split(self, values: Tensor) -> tuple[Tensor, float]:
+        return values[:-1], float(values[-1])
+
+    def _coefficients(self, t: float) -> tuple:
+        """(A, Ȧ, Ḃ, α/A) at t, each as (per-eigenvalue values, complement value)."""
+        if t not in self._cache:
+            alpha, beta, dalpha, dbeta = self.schedule.scalar_coefficients(t)
+            # With q = α² + β²λ: A = α√λ/√q, Ȧ = λ^{3/2} β (α̇β − αβ̇)/q^{3/2}, Ḃ = √λ α (αβ̇ − α̇β)/q^{3/2};
+            # written without r = β/α, so they hold at both ends (α = 0 at t = 1, β = 0 at t = 0).
+            lam = self._lam
+            root = torch.sqrt(lam)
+            q = alpha * alpha + beta * beta * lam
+            wronskian = alpha * dbeta - dalpha * beta
+            a_k = alpha * root / torch.sqrt(q)
+            da_k = -lam * root * beta * wronskian / q ** 1.5
+            db_k = root * alpha * wronskian / q ** 1.5
+            self._cache[t] = tuple(self._split(v) for v in (a_k, da_k, db_k, torch.sqrt(q) / root))
+        return self._cache[t]
+
+    def start(self, noise: Tensor) -> Tensor:
+        """Y_0 = A_0 Z = Σ^{1/2} Z."""
+        return self.covariance.apply([(self._split(torch.sqrt(self._lam)), noise)])
+
+    def _eta(self, y: Tensor, t: float) -> tuple[Tensor, Tensor]:
+        _, _, _, to_scalar = self._coefficients(t)
+        eta_z, eta_x = eta_terms(self.predictor, self.covariance.apply([(to_scalar, y)]), t)
+        return linear_combination(eta_z), linear_combination(eta_x)
+
+    def drift(self, y: Tensor, t: float) -> Tensor:
+        """Ȧ η_Z + Ḃ η_X at (y, t); at a known start (t = 0, centred) η_X = 0 and η_Z = A⁻¹ y."""
+        t = float(t)
+        a_k, da_k, db_k, _ = self._coefficients(t)
+        if self.known_start and t == 0.0:
+            ratio = (da_k[0] / a_k[0], da_k[1] / a_k[1])
+            return self.covariance.apply([(ratio, y)])
+        eta_z, eta_x = self._eta(y, t)
+        return self.covariance.apply([(da_k, eta_z), (db_k, eta_x)])
+
+    def denoise(self, y: Tensor, t: float) -> Tensor:
+        """η_X(t, y): the posterior mean of the (centred) data, which is also the state at t = 1."""
+        if self.known_start and float(t) == 0.0:
+            return torch.zeros_like(y)
+        return self._eta(y, float(t))[1]
