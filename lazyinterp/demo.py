@@ -1,8 +1,8 @@
 """The main job: few-step MNIST generation with the bundled model, native versus lazy schedules.
 
-Linear Euler, lazy VP Euler, lazy VP with two-step Adams–Bashforth (the default lazy ODE solver) and the point-mass
-optimal SDE at NFE 2, 4 and 8 from the same noise, scored by FID-MNIST next to a 100-NFE reference (linear Heun,
-50 steps).
+Linear Euler, lazy VP Euler (scalar σ, and matched to the model's own covariance), lazy VP with two-step
+Adams–Bashforth (the default lazy ODE solver) and the point-mass optimal SDE at NFE 2, 4 and 8 from the same noise,
+scored by FID-MNIST next to a 100-NFE reference (linear Heun, 50 steps).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from .samplers import default_known_start, steps_for_nfe
 DEMO_SAMPLERS: dict[str, dict] = {
     "linear Euler": dict(schedule="linear", solver="euler"),
     "lazy VP Euler": dict(schedule="lazy-vp", solver="euler"),
+    "lazy VP Euler, covariance": dict(schedule="lazy-vp", solver="euler", covariance="model"),
     "lazy VP AB2": dict(schedule="lazy-vp", solver="ab2"),
     "point-mass SDE": dict(schedule="point-mass", diffusion="optimal"),
 }
