@@ -88,7 +88,8 @@ def test_coefficients_are_lazy_and_their_derivatives_exact():
         torch.testing.assert_close(da_k, torch.stack(grads[:3]), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(db_k, torch.stack(grads[3:]), rtol=1e-12, atol=1e-12)
         # The scalar schedule's state at the same SNR: Ỹ = (α/A) Y, so α_t / A_k is the map.
-        torch.testing.assert_close(to_scalar * a_k, torch.full_like(lam, float(alpha)), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(to_scalar * a_k, torch.full_like(lam, float(alpha.detach())), rtol=1e-12,
+                                   atol=1e-14)
 
 
 def test_apply_is_the_matrix_function():
