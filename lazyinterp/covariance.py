@@ -18,7 +18,7 @@ so a matrix function is applied in O(D r) per sample.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -51,6 +51,8 @@ class Covariance:
     eigenvalues: Tensor
     rest: float
     shape: tuple[int, ...]
+    # U on each (device, dtype) it has been used on: a sampling step must not copy it from the host again.
+    _placed: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
         if not isinstance(self.basis, Tensor) or self.basis.ndim != 2:
@@ -141,7 +143,7 @@ class Covariance:
         f(Σ) x = f(λ_⊥) x + U ((f(λ) − f(λ_⊥)) ⊙ Uᵀ x), with one product by U for the whole sum.
         """
         first = pairs[0][1]
-        basis = self.basis.to(device=first.device, dtype=first.dtype)
+        basis = self.basis_on(first.device, first.dtype)
         full = self.rank == self.dim  # no complement: its values are ignored
         rotated = None
         plain = []
@@ -153,6 +155,13 @@ class Covariance:
             rotated = part if rotated is None else rotated + part
             plain.append((rest, flat))
         return (linear_combination(plain) + _rows_times(rotated, basis.T)).reshape(first.shape)
+
+    def basis_on(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """U on ``device`` in ``dtype`` (kept after the first call)."""
+        key = (torch.device(device), dtype)
+        if key not in self._placed:
+            self._placed[key] = self.basis.to(device=device, dtype=dtype)
+        return self._placed[key]
 
 
 # Matrix products run on blocks of exactly this many rows (zero-padded): a kernel's summation order can depend on
@@ -194,7 +203,7 @@ class CovarianceLazyDynamics:
         # A full-rank spectrum has no complement; any positive stand-in keeps its (ignored) values finite.
         rest = covariance.rest if covariance.rank < covariance.dim else covariance.mean_eigenvalue
         self._lam = torch.cat([covariance.eigenvalues, torch.tensor([rest], dtype=torch.float64)])
-        self._cache: dict[float, tuple] = {}
+        self._cache: dict = {}
 
     @property
     def schedule(self) -> Schedule:
@@ -203,8 +212,15 @@ class CovarianceLazyDynamics:
     def _split(self, values: Tensor) -> tuple[Tensor, float]:
         return values[:-1], float(values[-1])
 
-    def _coefficients(self, t: float) -> tuple:
-        """(A, Ȧ, Ḃ, α/A) at t, each as (per-eigenvalue values, complement value)."""
+    def _coefficients(self, t: float, like: Tensor | None = None) -> tuple:
+        """(A, Ȧ, Ḃ, α/A) at t, each as (per-eigenvalue values, complement value); the values on ``like``'s
+        device and in its dtype when given (kept, so that a step copies nothing from the host)."""
+        if like is not None:
+            key = (t, like.device, like.dtype)
+            if key not in self._cache:
+                self._cache[key] = tuple((v.to(device=like.device, dtype=like.dtype), r)
+                                         for v, r in self._coefficients(t))
+            return self._cache[key]
         if t not in self._cache:
             alpha, beta, dalpha, dbeta = self.schedule.scalar_coefficients(t)
             # With q = α² + β²λ: A = α√λ/√q, Ȧ = λ^{3/2} β (α̇β − αβ̇)/q^{3/2}, Ḃ = √λ α (αβ̇ − α̇β)/q^{3/2};
@@ -224,14 +240,14 @@ class CovarianceLazyDynamics:
         return self.covariance.apply([(self._split(torch.sqrt(self._lam)), noise)])
 
     def _eta(self, y: Tensor, t: float) -> tuple[Tensor, Tensor]:
-        _, _, _, to_scalar = self._coefficients(t)
+        _, _, _, to_scalar = self._coefficients(t, y)
         eta_z, eta_x = eta_terms(self.predictor, self.covariance.apply([(to_scalar, y)]), t)
         return linear_combination(eta_z), linear_combination(eta_x)
 
     def drift(self, y: Tensor, t: float) -> Tensor:
         """Ȧ η_Z + Ḃ η_X at (y, t); at a known start (t = 0, centred) η_X = 0 and η_Z = A⁻¹ y."""
         t = float(t)
-        a_k, da_k, db_k, _ = self._coefficients(t)
+        a_k, da_k, db_k, _ = self._coefficients(t, y)
         if self.known_start and t == 0.0:
             ratio = (da_k[0] / a_k[0], da_k[1] / a_k[1])
             return self.covariance.apply([(ratio, y)])

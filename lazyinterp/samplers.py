@@ -657,7 +657,7 @@ def data_covariance(model: Predictor, sample_shape: tuple[int, ...], device, dty
     further from the data's and lost FID; the samples' covariance matches the data's trace to 0.1%.
     """
     cache = _model_cache(model)
-    key = ("covariance", sample_shape)
+    key = ("covariance", sample_shape, torch.device(device).type)
     if key not in cache:
         dim = math.prod(sample_shape)
         full = dim <= FULL_RANK_MAX_DIM
@@ -751,10 +751,10 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
             skipped and N steps cost one evaluation fewer (:func:`count_nfe`). Needs centring; default on
             whenever ``center`` is.
         covariance: lazy VP coordinates matched to a covariance instead of a scalar σ (ODE on ``"lazy-vp"``
-            only; :mod:`lazyinterp.covariance`): "model" (estimated from the model alone, cached on it), a
-            :class:`~lazyinterp.covariance.Covariance` or a (D, D) matrix. Exact in one Euler step for any
-            Gaussian data, not only isotropic ones. The scalar lazy VP schedule's σ then only sets its time
-            variable; left to the model it is √(tr Σ/D). Default None (scalar σ).
+            only, not with ``cuda_graph``; :mod:`lazyinterp.covariance`): "model" (estimated from the model's own
+            samples, cached on it), a :class:`~lazyinterp.covariance.Covariance` or a (D, D) matrix. Exact in one
+            Euler step for any Gaussian data, not only isotropic ones. The scalar lazy VP schedule's σ then only
+            sets its time variable; left to the model it is √(tr Σ/D). Default None (scalar σ).
         cuda_graph: on a CUDA device, capture the whole run as a CUDA graph on the first call and replay it on
             later calls with the same settings and shapes (the capture is kept on the model): the host's work
             per step, which dominates a small network's step on a large GPU, drops out. Values agree with the
@@ -789,6 +789,8 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         raise ValueError("cuda_graph: a replayed run cannot call back into Python at every step; drop callback")
     if covariance is not None and not (getattr(target, "family", None) == "lazy_vp" and not is_sde):
         raise ValueError("covariance: applies to the probability-flow ODE of schedule='lazy-vp' only")
+    if covariance is not None and cuda_graph:
+        raise ValueError("cuda_graph: not supported with covariance; run it eagerly (cuda_graph=False)")
     if target.base == "point_mass" and not is_sde:
         raise ValueError("diffusion: a point-mass schedule starts every sample at 0, and an ODE moves them all "
                          "alike, so it cannot leave the point; use diffusion='optimal' (or kappa > 0)")

@@ -177,6 +177,8 @@ def test_covariance_errors():
         li.sample(model, z, schedule="lazy-vp", diffusion="optimal", covariance="model")
     with pytest.raises(ValueError, match="covariance: applies"):
         li.sample(model, z, schedule="linear", covariance="model")
+    with pytest.raises(ValueError, match="cuda_graph: not supported with covariance"):
+        li.sample(model, z, schedule="lazy-vp", covariance="model", cuda_graph=True)
     with pytest.raises(ValueError, match=r"covariance: expected a \(2, 2\) matrix"):
         li.sample(model, z, schedule="lazy-vp", covariance=torch.eye(3, dtype=F64))
     with pytest.raises(ValueError, match="covariance: built for 3 entries"):
