@@ -197,3 +197,17 @@ def test_covariance_errors():
         Covariance.from_samples(torch.randn(3, 4), rank=3)
     with pytest.raises(ValueError, match="rank: expected"):
         Covariance.from_matrix(torch.eye(2)).truncated(0)
+
+
+@pytest.mark.parametrize("steps,expected", [(3, "euler"), (6, "euler"), (7, "ab2"), (11, "ab2"), (12, "ab2-pc")])
+def test_default_solver_with_covariance(mixture, steps, expected):
+    """With covariance the default lazy ODE solver is Euler below 7 steps (AB2 overshoots there on MNIST), then AB2,
+    and AB2-AM3 from 12 steps, as without."""
+    model = mixture.model("linear")
+    z = torch.randn(16, 2, dtype=F64, generator=torch.Generator().manual_seed(8))
+    default = li.sample(model, z, schedule="lazy-vp", steps=steps, covariance=mixture.cov)
+    chosen = li.sample(model, z, schedule="lazy-vp", steps=steps, covariance=mixture.cov, solver=expected)
+    torch.testing.assert_close(default, chosen, rtol=0, atol=0)
+    for other in {"euler", "ab2", "ab2-pc"} - {expected}:
+        different = li.sample(model, z, schedule="lazy-vp", steps=steps, covariance=mixture.cov, solver=other)
+        assert not torch.allclose(default, different)
