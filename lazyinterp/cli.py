@@ -179,9 +179,10 @@ def sample(model_name: str, schedule: str, steps: int, solver: str, diffusion: s
         raise UserError(f"--cuda-graph: needs --device cuda, got {device}")
     if sigma is not None and schedule not in ("lazy-vp", "point-mass"):
         raise UserError("--sigma: only the lazy schedules (lazy-vp, point-mass) take sigma")
-    if covariance and (schedule != "lazy-vp" or parse_diffusion(diffusion, schedule) not in ("ode", 0.0)):
+    diffusion_spec = parse_diffusion(diffusion, schedule)
+    if covariance and (schedule != "lazy-vp" or diffusion_spec not in ("ode", 0.0)):
         raise UserError("--covariance: applies to the probability-flow ODE of --schedule lazy-vp only")
-    spec = SamplerSpec(schedule=schedule, steps=steps, diffusion=parse_diffusion(diffusion, schedule),
+    spec = SamplerSpec(schedule=schedule, steps=steps, diffusion=diffusion_spec,
                        solver=solver, sigma=sigma, last_step=last_step, grid=time_grid, center=center,
                        grid_shift=grid_shift, covariance="model" if covariance else None)
     try:

@@ -203,7 +203,8 @@ class CovarianceLazyDynamics:
         # A full-rank spectrum has no complement; any positive stand-in keeps its (ignored) values finite.
         rest = covariance.rest if covariance.rank < covariance.dim else covariance.mean_eigenvalue
         self._lam = torch.cat([covariance.eigenvalues, torch.tensor([rest], dtype=torch.float64)])
-        self._cache: dict = {}
+        self._values: dict[float, tuple] = {}  # by time, float64 on the host
+        self._placed: dict[tuple, tuple] = {}  # by (time, device, dtype)
 
     @property
     def schedule(self) -> Schedule:
@@ -217,11 +218,11 @@ class CovarianceLazyDynamics:
         device and in its dtype when given (kept, so that a step copies nothing from the host)."""
         if like is not None:
             key = (t, like.device, like.dtype)
-            if key not in self._cache:
-                self._cache[key] = tuple((v.to(device=like.device, dtype=like.dtype), r)
-                                         for v, r in self._coefficients(t))
-            return self._cache[key]
-        if t not in self._cache:
+            if key not in self._placed:
+                self._placed[key] = tuple((v.to(device=like.device, dtype=like.dtype), r)
+                                          for v, r in self._coefficients(t))
+            return self._placed[key]
+        if t not in self._values:
             alpha, beta, dalpha, dbeta = self.schedule.scalar_coefficients(t)
             # With q = α² + β²λ: A = α√λ/√q, Ȧ = λ^{3/2} β (α̇β − αβ̇)/q^{3/2}, Ḃ = √λ α (αβ̇ − α̇β)/q^{3/2};
             # written without r = β/α, so they hold at both ends (α = 0 at t = 1, β = 0 at t = 0).
@@ -232,8 +233,8 @@ class CovarianceLazyDynamics:
             a_k = alpha * root / torch.sqrt(q)
             da_k = -lam * root * beta * wronskian / q ** 1.5
             db_k = root * alpha * wronskian / q ** 1.5
-            self._cache[t] = tuple(self._split(v) for v in (a_k, da_k, db_k, torch.sqrt(q) / root))
-        return self._cache[t]
+            self._values[t] = tuple(self._split(v) for v in (a_k, da_k, db_k, torch.sqrt(q) / root))
+        return self._values[t]
 
     def start(self, noise: Tensor) -> Tensor:
         """Y_0 = A_0 Z = Σ^{1/2} Z."""

@@ -305,6 +305,10 @@ class Dynamics:
         lead = [(first, x)] if form == "x" else [(first * c, v) for c, v in eta_z]
         return linear_combination(merge_terms([*lead, *((second * c, v) for c, v in eta_x)]))
 
+    def start(self, noise: Tensor) -> Tensor:
+        """The state at t = 0 from the standard normal ``noise``: α_0 Z (0 on a point mass)."""
+        return float(self.schedule.alpha(0.0)) * noise
+
     def denoise(self, x: Tensor, t: float) -> Tensor:
         """η_X(t, x), the posterior mean of the data."""
         return self._start_eta(x)[1] if self._at_known_start(t) else self.predictor.eta(x, t)[1]
@@ -877,7 +881,7 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         x = torch.zeros(shape, device=device, dtype=dtype)
     else:
         z = noise.to(device=device, dtype=dtype) if noise is not None else streams.draw()
-        x = dynamics.start(z) if covariance is not None else float(target.alpha(0.0)) * z
+        x = dynamics.start(z)
     denoise = dynamics.denoise if last_step == "denoise" else None
     steps = len(grid) - 1
 
@@ -900,7 +904,7 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         net = getattr(predictor, "net", None)
         key = ("cuda-graph", id(net), tuple(shape), dtype, device, target.name, sigma,
                tuple(target.alpha(grid).tolist()), tuple(target.beta(grid).tolist()), diffusion_spec.kappa,
-               diffusion_spec.epsilon, solver, tuple(grid.tolist()), last_step, known_start, id(mean), id(covariance))
+               diffusion_spec.epsilon, solver, tuple(grid.tolist()), last_step, known_start, id(mean))
         x = _replay_captured(predictor, key, integrate, inputs, keep=net)
     else:
         x = integrate(x)

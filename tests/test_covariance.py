@@ -67,13 +67,11 @@ def test_covariance_matched_path_is_the_models_path(mixture):
 
 def test_coefficients_are_lazy_and_their_derivatives_exact():
     """A_k² + λ_k B_k² = λ_k at a common SNR, and (Ȧ, Ḃ) equal autograd derivatives of A(t), B(t)."""
-    _, _, cov = anisotropic_gaussian(3)
+    target, mean, cov = anisotropic_gaussian(3)
     covariance = Covariance.from_matrix(cov)
     sigma = math.sqrt(covariance.mean_eigenvalue)
     schedule = li.lazy_vp(sigma)
-    dynamics = CovarianceLazyDynamics(CenteredModel(make_mixture().model("linear"), torch.zeros(2, dtype=F64)),
-                                      covariance)
-    dynamics.predictor = type("P", (), {"schedule": schedule})()
+    dynamics = CovarianceLazyDynamics(li.convert(CenteredModel(target.model("linear"), mean), schedule), covariance)
     lam = covariance.eigenvalues
     for t in (0.0, 0.13, 0.5, 0.91, 1.0):
         (a_k, _), (da_k, _), (db_k, _), (to_scalar, _) = dynamics._coefficients(t)
