@@ -43,7 +43,31 @@ def friendly_errors(func):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrorGroup(click.Group):
+    """A command group whose usage errors (a bad option value, an unknown option or command) print one line,
+    ``error: <what was wrong>``, instead of click's usage block, and exit with status 2."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):  # noqa: D102
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as exc:
+            # A bare ``lazyinterp`` (or a group without its command) shows the help, which is not an error line.
+            shows_help = isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ()))
+            if isinstance(exc, click.UsageError) and not shows_help:
+                click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+            else:
+                exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+        # Without standalone mode click returns --help's exit code, or the command's return value (None).
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+@click.group(cls=OneLineErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Few-step sampling for pretrained flow and diffusion models."""
 

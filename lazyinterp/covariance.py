@@ -33,6 +33,8 @@ Tensor = torch.Tensor
 EIGENVALUE_FLOOR = 1e-2
 # Up to this dimension an estimate from samples is full rank; above, low rank plus isotropic.
 FULL_RANK_MAX_DIM = 4096
+# Relative asymmetry above which a matrix is refused as a covariance (sample covariances are symmetric to rounding).
+SYMMETRY_TOLERANCE = 1e-6
 DEFAULT_RANK = 256
 
 
@@ -90,6 +92,9 @@ class Covariance:
         m = matrix.detach().to(device="cpu", dtype=torch.float64)
         if not bool(torch.isfinite(m).all()):
             raise ValueError("covariance: expected finite entries")
+        # A covariance is symmetric; a clearly asymmetric matrix is a different object passed by mistake.
+        if float((m - m.T).abs().max()) > SYMMETRY_TOLERANCE * max(float(m.abs().max()), 1e-300):
+            raise ValueError("covariance: expected a symmetric matrix")
         shape = (m.shape[0],) if shape is None else tuple(shape)
         eigenvalues, basis = torch.linalg.eigh(0.5 * (m + m.T))
         return cls._floored(basis, eigenvalues, 0.0, shape, floor)

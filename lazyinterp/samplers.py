@@ -807,6 +807,8 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
     if noise is not None:
         if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
             raise TypeError("noise: expected a floating-point tensor")
+        if not bool(torch.isfinite(noise).all()):
+            raise ValueError("noise: expected finite values")
         if target.base == "point_mass":
             raise ValueError("noise: a point-mass schedule starts every sample at 0; pass shape= (and generator=) "
                              "instead of noise")

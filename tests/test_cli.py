@@ -129,6 +129,17 @@ def test_console_script_error_has_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_usage_errors_are_one_line():
+    for args, fragment in [(("sample", "--steps", "-1"), "--steps"), (("sample", "--nope"), "--nope"),
+                           (("nocommand",), "nocommand"), (("fetch",), "Missing argument"),
+                           (("sample", "--schedule", "banana"), "--schedule")]:
+        result = run(*args)
+        assert_one_line_error(result, fragment)
+        assert result.exit_code == 2
+    assert run().output.startswith("Usage:")
+    assert run("--help").exit_code == 0
+
+
 def test_train_cli_validates_channels(tmp_path):
     assert_one_line_error(run("train", "--out", tmp_path / "r", "--channels", "8,x"), "--channels")
     assert_one_line_error(run("train", "--out", tmp_path / "r", "--channels", "12"), "--channels")

@@ -189,6 +189,8 @@ def test_covariance_errors():
         Covariance.from_matrix(torch.tensor([[1.0, math.nan], [math.nan, 1.0]]))
     with pytest.raises(ValueError, match="covariance: expected a positive trace"):
         Covariance.from_matrix(torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="covariance: expected a symmetric matrix"):
+        li.sample(model, z, schedule="lazy-vp", covariance=torch.tensor([[1.0, 0.5], [0.0, 1.0]], dtype=F64))
     with pytest.raises(ValueError, match="samples: expected finite values"):
         Covariance.from_samples(torch.tensor([[0.0, math.inf], [1.0, 2.0]]))
     with pytest.raises(ValueError, match="rank: expected an integer from 1 to 2"):

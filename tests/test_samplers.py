@@ -202,6 +202,7 @@ def test_bad_inputs_name_the_argument():
         (dict(noise=z, last_step="magic"), ValueError, "last_step"),
         (dict(noise=z, schedule="point-mass", diffusion="optimal"), ValueError, "noise"),
         (dict(noise=torch.zeros(4, 2, dtype=torch.long)), TypeError, "noise"),
+        (dict(noise=torch.tensor([[0.0, math.nan]] * 4)), ValueError, "noise: expected finite values"),
     ]
     for kwargs, error, message in cases:
         with pytest.raises(error, match=message):
