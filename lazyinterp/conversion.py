@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .predictors import Predictor, Terms, _expand, eta_terms, linear_combination
-from .schedules import Schedule, as_time, remembered
+from .predictors import Predictor, Terms, _expand, check_predictor, eta_terms, linear_combination
+from .schedules import Schedule, as_time, get_schedule, remembered
 
 Tensor = torch.Tensor
 
@@ -27,8 +27,13 @@ Tensor = torch.Tensor
 _SCALAR_TIME_CHANGES: dict = {}
 
 
-def time_change(source: Schedule, target: Schedule, t: Tensor | float) -> tuple[Tensor, Tensor]:
+def _schedules(source: Schedule | str, target: Schedule | str) -> tuple[Schedule, Schedule]:
+    return get_schedule(source, argument="source"), get_schedule(target, argument="target")
+
+
+def time_change(source: Schedule | str, target: Schedule | str, t: Tensor | float) -> tuple[Tensor, Tensor]:
     """(τ, c) at target time ``t``: the source time with the same SNR, and the scale I'_t = c I_τ."""
+    source, target = _schedules(source, target)
     tt = as_time(t)
 
     def compute() -> tuple[Tensor, Tensor]:
@@ -43,12 +48,13 @@ def time_change(source: Schedule, target: Schedule, t: Tensor | float) -> tuple[
     return tau.clone(), scale.clone()
 
 
-def time_change_derivatives(source: Schedule, target: Schedule, t: Tensor | float) -> tuple[Tensor, Tensor]:
+def time_change_derivatives(source: Schedule | str, target: Schedule | str, t: Tensor | float) -> tuple[Tensor, Tensor]:
     r"""(τ̇, ċ) at interior target times, exact to float precision.
 
     τ̇ = λ̇'_t / λ̇_τ (log-SNR derivatives), and with S = α + β, c = S'_t/S_τ gives
     ċ = Ṡ'_t/S_τ − S'_t Ṡ_τ τ̇ / S_τ².
     """
+    source, target = _schedules(source, target)
     tt = as_time(t)
     tau, _ = time_change(source, target, tt)
     dtau = target.dlog_snr(tt) / source.dlog_snr(tau)
@@ -60,8 +66,9 @@ def time_change_derivatives(source: Schedule, target: Schedule, t: Tensor | floa
     return dtau, dscale
 
 
-def converted_diffusion(source: Schedule, target: Schedule, epsilon_source, t: Tensor | float) -> Tensor:
+def converted_diffusion(source: Schedule | str, target: Schedule | str, epsilon_source, t: Tensor | float) -> Tensor:
     """ε'_t = c_t² τ̇_t ε(τ(t)): the target diffusion that keeps the same sample path."""
+    source, target = _schedules(source, target)
     tt = as_time(t)
     tau, scale = time_change(source, target, tt)
     dtau, _ = time_change_derivatives(source, target, tt)
@@ -95,8 +102,10 @@ class ConvertedModel:
         return eta_terms(self.inner, y, tau)
 
 
-def convert(predictor: Predictor, schedule: Schedule) -> Predictor:
+def convert(predictor: Predictor, schedule: Schedule | str) -> Predictor:
     """``predictor`` under ``schedule`` (itself when the schedules are the same object)."""
+    predictor = check_predictor(predictor, "predictor")
+    schedule = get_schedule(schedule)
     if predictor.schedule is schedule:
         return predictor
     return ConvertedModel(predictor, schedule)
@@ -111,7 +120,7 @@ class ConvertedPath:
     increments: Tensor | None
 
 
-def convert_path(path: Tensor, grid: Tensor, source: Schedule, target: Schedule,
+def convert_path(path: Tensor, grid: Tensor, source: Schedule | str, target: Schedule | str,
                  increments: Tensor | None = None) -> ConvertedPath:
     r"""Map a stored source path (ODE or SDE) to the target schedule.
 
@@ -127,6 +136,7 @@ def convert_path(path: Tensor, grid: Tensor, source: Schedule, target: Schedule,
     """
     if not isinstance(path, Tensor) or not isinstance(grid, Tensor):
         raise TypeError("path, grid: expected tensors")
+    source, target = _schedules(source, target)
     if grid.ndim != 1 or path.shape[0] != grid.shape[0]:
         raise ValueError(f"path: expected leading dimension {grid.shape[0]} (len(grid)), got {tuple(path.shape)}")
     s = as_time(grid)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -166,6 +166,14 @@ class Predictor(Protocol):
     schedule: Schedule
 
     def eta(self, x: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]: ...
+
+
+def check_predictor(model: Any, argument: str = "model") -> Predictor:
+    """``model`` itself if it has ``.eta`` and ``.schedule`` (an :class:`Model` or any predictor); else TypeError."""
+    if not (hasattr(model, "eta") and hasattr(model, "schedule")):
+        raise TypeError(f"{argument}: expected an li.Model (or a predictor with .eta and .schedule), "
+                        f"got {type(model).__name__}")
+    return model
 
 
 def coefficients(schedule: Schedule, t: Tensor | float):

@@ -41,6 +41,7 @@ from .predictors import (
     Model,
     NonFiniteError,
     Predictor,
+    check_predictor,
     estimate_mean,
     estimate_sigma,
     eta_terms,
@@ -611,11 +612,37 @@ def normal_draws(streams: NoiseStreams, count: int, block: int = 32) -> Callable
     return lambda: next(iterator)
 
 
-def _check_model(model: Any) -> Predictor:
-    if not (hasattr(model, "eta") and hasattr(model, "schedule")):
-        raise TypeError(f"model: expected an li.Model (or a predictor with .eta and .schedule), "
-                        f"got {type(model).__name__}")
-    return model
+def _check_device(device: Any) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device: expected a torch device or its name ('cpu', 'cuda', 'cuda:1'), got {device!r}"
+                         ) from None
+
+
+def _check_dtype(dtype: Any) -> torch.dtype:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
+    return dtype
+
+
+def _check_indices(indices: Any, batch: int) -> range | list[int]:
+    """The global sample indices of a batch: 0..B−1 by default, else B non-negative integers."""
+    if indices is None:
+        return range(batch)
+    if isinstance(indices, range):
+        values = indices
+    else:
+        try:
+            values = [int(i) for i in (indices.tolist() if isinstance(indices, Tensor) else indices)]
+        except (TypeError, ValueError):
+            raise TypeError(f"indices: expected a sequence of non-negative integers, got {type(indices).__name__}"
+                            ) from None
+    if len(values) != batch:
+        raise ValueError(f"indices: expected {batch} indices, got {len(values)}")
+    if len(values) and min(values) < 0:
+        raise ValueError(f"indices: expected non-negative integers, got {min(values)}")
+    return values
 
 
 def _model_cache(model: Any) -> dict:
@@ -771,7 +798,7 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
             ``callback``.
         return_info: also return a :class:`SampleInfo`.
     """
-    predictor = _check_model(model)
+    predictor = check_predictor(model)
     target = predictor.schedule if schedule is None else get_schedule(schedule)
     diffusion_spec = resolve_diffusion(diffusion, target)
     # Measured (README, "Benchmarks"): in lazy coordinates two-step Adams–Bashforth beats Euler at equal NFE, and
@@ -793,6 +820,8 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         raise ValueError(f"solver: {solver} is an ODE solver; use euler or heun with an SDE")
     if not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph: expected True or False, got {type(cuda_graph).__name__}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback: expected a callable callback(k, t, x) or None, got {type(callback).__name__}")
     if cuda_graph and callback is not None:
         raise ValueError("cuda_graph: a replayed run cannot call back into Python at every step; drop callback")
     if covariance is not None and not (getattr(target, "family", None) == "lazy_vp" and not is_sde):
@@ -824,18 +853,11 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
     if len(shape) < 2 or min(shape) < 1:
         raise ValueError(f"shape: expected (batch, ...) with positive sizes, got {shape}")
     batch, sample_shape = shape[0], shape[1:]
-    if noise is not None:
-        device = noise.device if device is None else torch.device(device)
-        dtype = noise.dtype if dtype is None else dtype
-    else:
-        device = torch.device(device or "cpu")
-        dtype = dtype or torch.float32
+    device = _check_device(device if device is not None else (noise.device if noise is not None else "cpu"))
+    dtype = _check_dtype(dtype if dtype is not None else (noise.dtype if noise is not None else torch.float32))
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph: needs a CUDA device, got {device}")
-    if indices is None:
-        indices = range(batch)
-    elif len(indices) != batch:
-        raise ValueError(f"indices: expected {batch} indices, got {len(indices)}")
+    indices = _check_indices(indices, batch)
 
     if covariance is not None:
         covariance = resolve_covariance(covariance, sample_shape)

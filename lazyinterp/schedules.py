@@ -49,7 +49,10 @@ def as_time(t: Tensor | float) -> Tensor:
     """``t`` as a float64 tensor on the CPU (schedule maths never runs on the accelerator)."""
     if isinstance(t, Tensor):
         return t.detach().to(device="cpu", dtype=_F64)
-    return torch.as_tensor(t, dtype=_F64)
+    try:
+        return torch.as_tensor(t, dtype=_F64)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"t: expected a time (a float or a tensor of floats), got {type(t).__name__}") from None
 
 
 def _autograd_derivative(fn: ScheduleFn) -> ScheduleFn:
@@ -116,7 +119,9 @@ class Schedule:
         # A sampler asks for α, β and their derivatives at the same few grid times many times a step; scalar
         # values are remembered per schedule (the functions are deterministic, so this changes no result), and
         # each caller gets its own copy.
-        if not isinstance(t, Tensor) or t.ndim == 0:
+        if not isinstance(t, Tensor):
+            t = as_time(t)
+        if t.ndim == 0:
             cache = self.__dict__.setdefault("_scalar_values", {})
             return remembered(cache, (fn, float(t)), lambda: self._compute(fn, t)).clone()
         return self._compute(fn, t)
@@ -367,6 +372,18 @@ class LazySchedule(Schedule):
     def beta(self, t):  # noqa: D102
         self._require()
         return super().beta(t)
+
+    def dalpha(self, t):  # noqa: D102
+        self._require()
+        return super().dalpha(t)
+
+    def dbeta(self, t):  # noqa: D102
+        self._require()
+        return super().dbeta(t)
+
+    def snr_inverse(self, r):  # noqa: D102
+        self._require()
+        return super().snr_inverse(r)
 
 
 class LazyVP(LazySchedule):

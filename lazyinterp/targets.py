@@ -43,6 +43,9 @@ class GaussianMixture:
             c = torch.diag_embed(c)
         if c.shape != (k, d, d):
             raise ValueError(f"covs: expected (K,), (K, D) or (K, D, D), got {tuple(c.shape)}")
+        for name, value in (("weights", w), ("means", m), ("covs", c)):
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{name}: expected finite values")
         if not bool((w > 0).all()):
             raise ValueError("weights: must be positive")
         self.weights = w / w.sum()

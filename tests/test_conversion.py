@@ -178,6 +178,23 @@ def test_noise_predicting_vp_model_converts_like_velocity(mixture):
     assert coefficients(target, 0.5)[0] > 0
 
 
+def test_schedules_by_name_and_bad_arguments():
+    tau, scale = time_change("linear", "cosine", 0.3)
+    expected = time_change(li.linear(), li.cosine(), 0.3)
+    assert torch.equal(tau, expected[0]) and torch.equal(scale, expected[1])
+    model = make_mixture().model("linear")
+    x = torch.randn(3, 2, dtype=F64)
+    assert torch.equal(li.convert(model, "cosine").eta(x, 0.4)[1], li.convert(model, li.cosine()).eta(x, 0.4)[1])
+    with pytest.raises(ValueError, match="schedule: unknown schedule"):
+        li.convert(model, "banana")
+    with pytest.raises(TypeError, match="predictor: expected an li.Model"):
+        li.convert(3, "linear")
+    with pytest.raises(ValueError, match="target: unknown schedule"):
+        time_change("linear", "banana", 0.5)
+    with pytest.raises(TypeError, match="source: expected a Schedule"):
+        li.converted_diffusion(1.0, "cosine", lambda t: t, 0.5)
+
+
 def test_remembered_scalar_time_changes_are_the_computed_ones():
     """time_change remembers scalar results per schedule pair: a repeat gives the value of the batch evaluation
     at that time, and changing a returned tensor does not change what is remembered."""

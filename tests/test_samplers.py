@@ -203,6 +203,13 @@ def test_bad_inputs_name_the_argument():
         (dict(noise=z, schedule="point-mass", diffusion="optimal"), ValueError, "noise"),
         (dict(noise=torch.zeros(4, 2, dtype=torch.long)), TypeError, "noise"),
         (dict(noise=torch.tensor([[0.0, math.nan]] * 4)), ValueError, "noise: expected finite values"),
+        (dict(noise=z, device="banana"), ValueError, "device: expected a torch device"),
+        (dict(noise=z, dtype="float"), TypeError, "dtype: expected a floating-point"),
+        (dict(noise=z, dtype=torch.int32), TypeError, "dtype: expected a floating-point"),
+        (dict(shape=(2, 2), indices=[0]), ValueError, "indices: expected 2 indices"),
+        (dict(shape=(2, 2), indices=[-1, 0]), ValueError, "indices: expected non-negative"),
+        (dict(shape=(2, 2), indices=["a", "b"]), TypeError, "indices: expected a sequence"),
+        (dict(noise=z, callback=3), TypeError, "callback: expected a callable"),
     ]
     for kwargs, error, message in cases:
         with pytest.raises(error, match=message):

@@ -103,8 +103,12 @@ def test_schedule_names_and_errors():
         li.lazy_vp(-1.0)
     with pytest.raises(TypeError, match="sigma"):
         li.point_mass("1")
-    with pytest.raises(ValueError, match="sigma is None"):
-        li.lazy_vp().alpha(0.5)
+    for unresolved in (lambda: li.lazy_vp().alpha(0.5), lambda: li.lazy_vp().dbeta(0.5),
+                       lambda: li.snr_matched_grid(4, li.lazy_vp()), lambda: li.point_mass().snr_inverse(1.0)):
+        with pytest.raises(ValueError, match="sigma is None"):
+            unresolved()
+    with pytest.raises(TypeError, match="t: expected a time"):
+        li.linear().alpha("half")
     with pytest.raises(ValueError, match="beta_min"):
         li.vp(5.0, 1.0)
 

@@ -80,3 +80,15 @@ def test_blocks_of_rows_give_the_whole_batch(monkeypatch):
     for (a, b), expected in zip(coefficient_sets, whole, strict=True):
         for got, want in zip(mixture.eta(x, a, b), expected, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+
+
+def test_bad_parameters_name_the_argument():
+    eye = torch.eye(2, dtype=F64)[None]
+    cases = [((torch.tensor([1.0]), torch.tensor([[0.0, float("nan")]]), eye), ValueError, "means: expected finite"),
+             ((torch.tensor([float("inf")]), torch.zeros(1, 2), eye), ValueError, "weights: expected finite"),
+             ((torch.tensor([-1.0]), torch.zeros(1, 2), eye), ValueError, "weights: must be positive"),
+             ((torch.tensor([1.0]), torch.zeros(1, 2), -eye), ValueError, "covs: must be positive definite"),
+             ((torch.tensor([1.0]), torch.zeros(1, 3), eye), ValueError, "covs: expected")]
+    for args, error, message in cases:
+        with pytest.raises(error, match=message):
+            li.GaussianMixture(*args)
