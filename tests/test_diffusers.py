@@ -626,6 +626,27 @@ def test_flux_adapter_packs_unpacked_latents(flux, embeds):
         li_model("flux", flux, embeds, packed=False).raw(pack(z), t)
 
 
+def test_covariance_matched_li_sample_on_a_transformer(sd3, embeds):
+    """li.sample's covariance-matched lazy VP on an adapted transformer: Σ = σ²I is the scalar lazy VP(σ), and a
+    low-rank Σ of latent samples gives finite latents of the input's shape and dtype, independent of the batch."""
+    model = li_model("sd3", sd3, embeds, slice(0, 1))
+    z = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    isotropic = li.Covariance.from_matrix(0.7**2 * torch.eye(256), (4, 8, 8))
+    with torch.no_grad():
+        matched = li.sample(model, z, schedule=li.lazy_vp(0.7), covariance=isotropic, solver="euler", steps=3)
+        scalar = li.sample(model, z, schedule=li.lazy_vp(0.7), solver="euler", steps=3)
+        torch.testing.assert_close(matched, scalar, rtol=1e-5, atol=1e-5)
+        latents = li.sample(model, torch.randn(24, 4, 8, 8, generator=torch.Generator().manual_seed(6)), steps=4,
+                            schedule=li.lazy_vp(1.0))
+        covariance = li.Covariance.from_samples(latents, rank=8)
+        x = li.sample(model, z, schedule="lazy-vp", covariance=covariance, steps=3)
+        halves = torch.cat([li.sample(model, part, schedule="lazy-vp", covariance=covariance, steps=3)
+                            for part in z.split(2)])
+    assert x.shape == z.shape and x.dtype == z.dtype and bool(torch.isfinite(x).all())
+    assert not torch.allclose(x, scalar, atol=1e-3)
+    torch.testing.assert_close(x, halves, rtol=1e-5, atol=1e-5)
+
+
 class SpyUNet(torch.nn.Module):
     """Records the timesteps and labels it is called with; predicts (α_n x) for the ᾱ it is given."""
 
