@@ -245,9 +245,18 @@ class CovarianceLazyDynamics:
         """Y_0 = A_0 Z = Σ^{1/2} Z."""
         return self.covariance.apply([(self._split(torch.sqrt(self._lam)), noise)])
 
+    def to_scalar_state(self, y: Tensor, t: float) -> Tensor:
+        """Ỹ = (α/A) Y: the state of the scalar lazy VP schedule (the predictor's) at the same t."""
+        _, _, _, to_scalar = self._coefficients(float(t), y)
+        return self.covariance.apply([(to_scalar, y)])
+
+    def from_scalar_state(self, scalar_state: Tensor, t: float) -> Tensor:
+        """Y = (A/α) Ỹ, the inverse of :meth:`to_scalar_state` (α/A = √(α² + β²λ)/√λ > 0 at every t)."""
+        _, _, _, (values, rest) = self._coefficients(float(t), scalar_state)
+        return self.covariance.apply([((values.reciprocal(), 1.0 / rest), scalar_state)])
+
     def _eta(self, y: Tensor, t: float) -> tuple[Tensor, Tensor]:
-        _, _, _, to_scalar = self._coefficients(t, y)
-        eta_z, eta_x = eta_terms(self.predictor, self.covariance.apply([(to_scalar, y)]), t)
+        eta_z, eta_x = eta_terms(self.predictor, self.to_scalar_state(y, t), t)
         return linear_combination(eta_z), linear_combination(eta_x)
 
     def drift(self, y: Tensor, t: float) -> Tensor:

@@ -33,9 +33,11 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
 from .conversion import convert, time_change
+from .covariance import Covariance, CovarianceLazyDynamics
 from .noise import NoiseStreams, resolve_seed
 from .predictors import CenteredModel, Model, coefficients, estimate_sigma, to_eta
 from .samplers import (
+    COVARIANCE_AB2_FROM_STEPS,
     LAST_STEPS,
     ODE_SOLVERS,
     PC_DEFAULT_FROM_STEPS,
@@ -45,6 +47,7 @@ from .samplers import (
     am3_increment,
     check_grid,
     normal_draws,
+    resolve_covariance,
     resolve_diffusion,
 )
 from .schedules import SCHEDULES, LazySchedule, Schedule, as_time, get_schedule, linear
@@ -164,7 +167,7 @@ class _Lane:
     scale: list[float]
     alpha0: float
     recorded: _Recorded
-    dynamics: Dynamics
+    dynamics: Dynamics | CovarianceLazyDynamics
 
 
 def _generator_seed(generator: Any) -> int:
@@ -246,6 +249,14 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
     schedule and diffusion (:attr:`solver` is the one in use).
     The arithmetic is that of :func:`lazyinterp.sample` with the same grid, so the two agree to float precision.
 
+    **Covariance** (``covariance``, ODE on ``"lazy-vp"`` only). Lazy VP coordinates matched to a covariance Σ of
+    the latents instead of a scalar σ, as ``li.sample(covariance=...)`` (:mod:`lazyinterp.covariance`): exact in
+    one Euler step for any Gaussian latents. Pass a :class:`~lazyinterp.Covariance` (for large latents a low-rank
+    one, e.g. ``li.Covariance.from_samples(latents, rank=256)`` of encoded images) or a (D, D) matrix over the
+    latents as the pipeline holds them (packed for FLUX). The state is y = (A/α) c (x − τ μ) and starts at
+    Σ^{1/2} Z; σ, left to the scheduler, is √(tr Σ/D) and only sets the time variable. The default solver follows
+    li.sample: Euler below 7 steps, then AB2, then AB2-AM3 from 12. The covariance is not saved to the config.
+
     **Noise.** SDEs draw one standard normal per step and sample from per-sample streams
     (:class:`lazyinterp.noise.NoiseStreams`). With ``step(..., generator=g)`` the base seed is one draw from ``g``,
     as ``li.sample(generator=g)``. SD3 and FLUX pipelines do not pass their generator to ``step``; then sample i's
@@ -268,10 +279,12 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             ``FlowMatchEulerDiscreteScheduler``; they shape the sigmas before the SNR matching.
         invert_sigmas: must be False (Mochi's inverted convention is not supported).
         use_flow_sigmas: read by FLUX pipelines; when True they pass only ``num_inference_steps``.
+        covariance: a :class:`~lazyinterp.Covariance` or (D, D) tensor for covariance-matched lazy VP (above).
 
     Raises:
         ValueError: an unknown schedule, diffusion, solver or last step, a sigma for a non-lazy schedule, a
-            point-mass schedule with an ODE, or ``"ab2"`` / ``"ab2-pc"`` with an SDE.
+            point-mass schedule with an ODE, ``"ab2"`` / ``"ab2-pc"`` with an SDE, or a covariance other than
+            on the lazy VP ODE.
     """
 
     _compatibles: list[str] = []
@@ -285,7 +298,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                  max_image_seq_len: int = 4096, time_shift_type: str = "exponential",
                  shift_terminal: float | None = None, use_karras_sigmas: bool = False,
                  use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False, invert_sigmas: bool = False,
-                 use_flow_sigmas: bool = False):
+                 use_flow_sigmas: bool = False, covariance: Any = None):
         if invert_sigmas:
             raise ValueError("invert_sigmas: inverted sigmas are not supported; flow models here go from noise "
                              "(sigma 1) to data (sigma 0)")
@@ -293,9 +306,13 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                 or num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps: expected a positive integer, got {num_train_timesteps!r}")
         target, config_name, config_sigma = self._target_schedule(schedule, sigma)
+        probe_diffusion = resolve_diffusion(diffusion, target)
+        self._covariance = self._check_covariance(covariance, target, probe_diffusion.is_ode)
+        if self._covariance is not None and not target.resolved:
+            # As in li.sample: with a covariance, σ only sets the time variable, √(tr Σ/D) unless given.
+            target = target.resolve(math.sqrt(self._covariance.mean_eigenvalue))
         self._target = target
         self._diffusion_arg = diffusion
-        probe_diffusion = resolve_diffusion(diffusion, target)
         if target.base == "point_mass" and probe_diffusion.is_ode:
             raise ValueError("diffusion: a point-mass schedule starts every sample at 0, and an ODE moves them all "
                              "alike, so it cannot leave the point; use diffusion='optimal' (or kappa > 0)")
@@ -324,8 +341,10 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         # stays None, so that a reloaded or re-targeted config (from_config(config, diffusion="optimal")) picks
         # the default of its own schedule and diffusion rather than inheriting ab2.
         defaults = [k for k in self.config.get("_use_default_values", []) if k not in ("schedule", "sigma")]
+        # A covariance is data, not configuration: it is not saved (pass it again to from_config).
         self.register_to_config(schedule=config_name, sigma=config_sigma, diffusion=config_diffusion,
-                                solver=None if solver is None else self._solver, _use_default_values=defaults)
+                                solver=None if solver is None else self._solver, covariance=None,
+                                _use_default_values=defaults)
         self._shift = shift
         self.init_noise_sigma = 1.0
         train = torch.linspace(1.0, 1.0 / num_train_timesteps, num_train_timesteps, dtype=torch.float32)
@@ -337,6 +356,22 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index: int | None = None
         self._plan: list[tuple[str, int]] | None = None
         self._reset_run()
+
+    @staticmethod
+    def _check_covariance(covariance: Any, target: Schedule, is_ode: bool) -> Covariance | None:
+        """``covariance`` as a :class:`~lazyinterp.Covariance` (a (D, D) matrix is decomposed once), or None."""
+        if covariance is None:
+            return None
+        if not (getattr(target, "family", None) == "lazy_vp" and is_ode):
+            raise ValueError("covariance: applies to the probability-flow ODE of schedule='lazy-vp' only")
+        if isinstance(covariance, str):
+            raise ValueError("covariance: a scheduler cannot draw the model's own samples; pass a li.Covariance "
+                             "(e.g. li.Covariance.from_samples(latents, rank=256)) or a (D, D) matrix")
+        if isinstance(covariance, Tensor):
+            return Covariance.from_matrix(covariance)
+        if not isinstance(covariance, Covariance):
+            raise TypeError(f"covariance: expected a li.Covariance or a (D, D) tensor, got {type(covariance).__name__}")
+        return covariance
 
     @staticmethod
     def _target_schedule(schedule: Any, sigma: float | None) -> tuple[Schedule, str, float | None]:
@@ -479,7 +514,9 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         self._model_sigmas = model_sigmas
         self.num_inference_steps = n
         if self._multistep_default:
-            self._solver = "ab2-pc" if n >= PC_DEFAULT_FROM_STEPS else "ab2"
+            # li.sample's rule, including Euler below COVARIANCE_AB2_FROM_STEPS steps with a covariance.
+            few = self._covariance is not None and n < COVARIANCE_AB2_FROM_STEPS
+            self._solver = "ab2-pc" if n >= PC_DEFAULT_FROM_STEPS else ("euler" if few else "ab2")
 
         # Model sigmas at the nodes: 1 − τ(t_k). SNR-matched nodes give 1 − σ_k back, except where a target's SNR
         # range is narrower than the linear one (vp at t = 0), which time_change clamps.
@@ -545,9 +582,11 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         return sig * noise + (1.0 - sig) * sample
 
     # Stepping --------------------------------------------------------------------------------------------------
-    def _build_lanes(self, batch: int, sigmas: list[float] | None) -> None:
+    def _build_lanes(self, shape: tuple[int, ...], sigmas: list[float] | None) -> None:
+        batch = shape[0]
         targets = [(slice(0, batch), self._target)] if sigmas is None else \
             [(slice(i, i + 1), self._target.resolve(s)) for i, s in enumerate(sigmas)]
+        covariance = None if self._covariance is None else resolve_covariance(self._covariance, tuple(shape[1:]))
         lanes = []
         for index, target in targets:
             grid = sigmas_to_grid(self._model_sigmas, target)
@@ -556,30 +595,39 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             recorded = _Recorded(source_schedule)
             mean = None if self._mean is None else self._mean[index]
             source = recorded if mean is None else CenteredModel(recorded, mean)
-            dynamics = Dynamics(convert(source, target), resolve_diffusion(self._diffusion_arg, target))
+            if covariance is not None:
+                dynamics = CovarianceLazyDynamics(convert(source, target), covariance)
+            else:
+                dynamics = Dynamics(convert(source, target), resolve_diffusion(self._diffusion_arg, target))
             lanes.append(_Lane(index=index, schedule=target, grid=grid.tolist(), tau=tau.tolist(),
                                scale=scale.tolist(), alpha0=float(target.alpha(0.0)), recorded=recorded,
                                dynamics=dynamics))
         self._lanes = lanes
 
     def _to_state(self, x: Tensor, node: int) -> Tensor:
-        """Pipeline latents at ``node`` → target state y = c (x − τ μ); y_0 = α'_0 Z at a t = 0 start."""
+        """Pipeline latents at ``node`` → target state y = c (x − τ μ); y_0 = α'_0 Z at a t = 0 start. With a
+        covariance the target state is (A/α) c (x − τ μ), and Σ^{1/2} Z at the start."""
         y = torch.empty_like(x)
         for lane in self._lanes:
             xs = x[lane.index]
+            matched = isinstance(lane.dynamics, CovarianceLazyDynamics)
             if node == 0 and lane.grid[0] == 0.0:
-                y[lane.index] = lane.alpha0 * xs
+                y[lane.index] = lane.dynamics.start(xs) if matched else lane.alpha0 * xs
                 continue
             if self._mean is not None:
                 xs = xs - lane.tau[node] * self._mean[lane.index]
-            y[lane.index] = lane.scale[node] * xs
+            xs = lane.scale[node] * xs
+            y[lane.index] = lane.dynamics.from_scalar_state(xs, lane.grid[node]) if matched else xs
         return y
 
     def _to_latents(self, y: Tensor, node: int) -> Tensor:
-        """Target state at ``node`` → pipeline latents x = y/c + τ μ."""
+        """Target state at ``node`` → pipeline latents x = y/c + τ μ (y first mapped by α/A with a covariance)."""
         x = torch.empty_like(y)
         for lane in self._lanes:
-            xs = y[lane.index] / lane.scale[node]
+            ys = y[lane.index]
+            if isinstance(lane.dynamics, CovarianceLazyDynamics):
+                ys = lane.dynamics.to_scalar_state(ys, lane.grid[node])
+            xs = ys / lane.scale[node]
             if self._mean is not None:
                 xs = xs + lane.tau[node] * self._mean[lane.index]
             x[lane.index] = xs
@@ -777,11 +825,11 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                     tau = self._probe_tau
                     probe = (1 - tau) * x_in + tau * self._probe_mean
                     return self._finish(probe, None, model_output.dtype, return_dict, y=None)
-                self._build_lanes(x_in.shape[0], None)
+                self._build_lanes(tuple(x_in.shape), None)
             if role == "probe":
                 sigmas = self._estimate_sigma(x_in, v)
                 self.estimated_sigma = torch.tensor(sigmas, dtype=_F64)
-                self._build_lanes(x_in.shape[0], sigmas)
+                self._build_lanes(tuple(x_in.shape), sigmas)
                 x_in, v = self._deferred
                 self._deferred = None
                 role, unchanged = "pred", False

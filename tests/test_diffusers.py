@@ -626,6 +626,55 @@ def test_flux_adapter_packs_unpacked_latents(flux, embeds):
         li_model("flux", flux, embeds, packed=False).raw(pack(z), t)
 
 
+def random_covariance(dim: int, seed: int) -> torch.Tensor:
+    """A random anisotropic SPD matrix: eigenvalues from 0.05 to 3 in a random basis."""
+    g = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
+    return basis @ torch.diag(0.05 + 2.95 * torch.rand(dim, generator=g, dtype=torch.float64)) @ basis.T
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+@pytest.mark.parametrize("solver,steps", [(None, 1), (None, 4), (None, 8), ("ab2-pc", 5), ("heun", 3)])
+@pytest.mark.parametrize("low_rank", [False, True], ids=["full", "low-rank"])
+def test_pipeline_latents_with_covariance_equal_li_sample(kind, solver, steps, low_rank, sd3, flux, embeds):
+    """With ``covariance``, pipeline latents are li.sample's covariance-matched lazy VP on the same transformer,
+    noise, grid and mean, for a full matrix and for a low-rank li.Covariance, with the default solver rule (Euler
+    below 7 steps, AB2 from 7) and explicit ones."""
+    transformer = sd3 if kind == "sd3" else flux
+    z = noise(kind)
+    dim = layout(kind, z)[0].numel()
+    matrix = random_covariance(dim, 11)
+    covariance = li.Covariance.from_matrix(matrix).truncated(dim // 4) if low_rank else matrix
+    scheduler = lazy(kind, schedule="lazy-vp", solver=solver, covariance=covariance)
+    out = run(kind, pipeline(kind, transformer, scheduler), embeds, z, steps)
+    expected_solver = solver or ("euler" if steps < 7 else "ab2")
+    assert scheduler.solver == expected_solver
+    z = layout(kind, z)
+    for i in range(BATCH):
+        model = li_model(kind, transformer, embeds, slice(i, i + 1))
+        zi = z[i : i + 1]
+        mean = model.eta(zi, 0.0)[1]
+        ref = li.sample(li.CenteredModel(model, mean), zi, grid=scheduler.grid, schedule=scheduler._target,
+                        solver=expected_solver, center=False, covariance=covariance)
+        torch.testing.assert_close(out[i : i + 1], ref + mean, rtol=1e-5, atol=2e-5)
+
+
+def test_scheduler_covariance_errors_and_config():
+    cov = li.Covariance.from_matrix(random_covariance(8, 1))
+    scheduler = LazyScheduler(schedule="lazy-vp", covariance=cov)
+    assert scheduler._target.sigma == pytest.approx(math.sqrt(cov.mean_eigenvalue))
+    assert scheduler.config.covariance is None and "Covariance" not in scheduler.to_json_string()
+    for kwargs, error, message in [
+        (dict(schedule="cosine", covariance=cov), ValueError, "covariance: applies"),
+        (dict(schedule="lazy-vp", diffusion="optimal", covariance=cov), ValueError, "covariance: applies"),
+        (dict(schedule="lazy-vp", covariance="model"), ValueError, "cannot draw the model's own samples"),
+        (dict(schedule="lazy-vp", covariance=[[1.0]]), TypeError, "covariance: expected"),
+        (dict(schedule="lazy-vp", covariance=torch.tensor([[1.0, 2.0], [0.0, 1.0]])), ValueError, "symmetric"),
+    ]:
+        with pytest.raises(error, match=message):
+            LazyScheduler(**kwargs)
+
+
 def test_covariance_matched_li_sample_on_a_transformer(sd3, embeds):
     """li.sample's covariance-matched lazy VP on an adapted transformer: Σ = σ²I is the scalar lazy VP(σ), and a
     low-rank Σ of latent samples gives finite latents of the input's shape and dtype, independent of the batch."""
