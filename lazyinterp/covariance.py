@@ -17,7 +17,9 @@ so a matrix function is applied in O(D r) per sample.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +38,9 @@ FULL_RANK_MAX_DIM = 4096
 # Relative asymmetry above which a matrix is refused as a covariance (sample covariances are symmetric to rounding).
 SYMMETRY_TOLERANCE = 1e-6
 DEFAULT_RANK = 256
+# Spectra of recently decomposed matrices, by content (Covariance is immutable, so sharing one is safe).
+_DECOMPOSED: OrderedDict[tuple, Covariance] = OrderedDict()
+_DECOMPOSED_KEPT = 4
 
 
 @dataclass(frozen=True)
@@ -96,8 +101,18 @@ class Covariance:
         if float((m - m.T).abs().max()) > SYMMETRY_TOLERANCE * max(float(m.abs().max()), 1e-300):
             raise ValueError("covariance: expected a symmetric matrix")
         shape = (m.shape[0],) if shape is None else tuple(shape)
-        eigenvalues, basis = torch.linalg.eigh(0.5 * (m + m.T))
-        return cls._floored(basis, eigenvalues, 0.0, shape, floor)
+        # The same matrix passed to every batch of a job is decomposed once: eigh is O(D³), the digest O(D²).
+        key = (cls, hashlib.blake2b(m.contiguous().numpy().tobytes(), digest_size=16).digest(), m.shape[0], shape,
+               float(floor))
+        hit = _DECOMPOSED.get(key)
+        if hit is None:
+            eigenvalues, basis = torch.linalg.eigh(0.5 * (m + m.T))
+            hit = cls._floored(basis, eigenvalues, 0.0, shape, floor)
+            _DECOMPOSED[key] = hit
+            if len(_DECOMPOSED) > _DECOMPOSED_KEPT:
+                _DECOMPOSED.popitem(last=False)
+        _DECOMPOSED.move_to_end(key)
+        return hit
 
     @classmethod
     def from_samples(cls, samples: Tensor, rank: int | None = None, *, floor: float = EIGENVALUE_FLOOR

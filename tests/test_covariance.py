@@ -1,10 +1,12 @@
 import math
+from collections import OrderedDict
 
 import pytest
 import torch
 from conftest import make_mixture
 
 import lazyinterp as li
+from lazyinterp import covariance as covariance_module
 from lazyinterp.covariance import Covariance, CovarianceLazyDynamics
 from lazyinterp.predictors import CenteredModel
 
@@ -130,6 +132,28 @@ def test_from_samples_full_and_low_rank():
     overlap = (low.basis.T @ vectors[:, -2:]).abs()
     torch.testing.assert_close(overlap.max(dim=1).values, torch.ones(2, dtype=F64), rtol=1e-8, atol=1e-8)
     assert low.rest == pytest.approx(float(values[:4].mean()), rel=1e-10)
+
+
+def test_a_matrix_is_decomposed_once(monkeypatch):
+    """li.sample with the same (D, D) matrix on every batch decomposes it once; other content or floor is new."""
+    target, _, matrix = anisotropic_gaussian(5, 21)
+    model = target.model("linear")
+    z = torch.randn(6, 5, dtype=F64)
+    calls = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda m: calls.append(1) or eigh(m))
+    monkeypatch.setattr(covariance_module, "_DECOMPOSED", OrderedDict())
+    first = li.sample(model, z[:3], schedule="lazy-vp", covariance=matrix.clone())
+    second = li.sample(model, z[3:], schedule="lazy-vp", covariance=matrix.clone())
+    assert len(calls) == 1
+    torch.testing.assert_close(torch.cat([first, second]), li.sample(model, z, schedule="lazy-vp",
+                                                                      covariance=matrix))
+    changed = matrix.clone()
+    changed[0, 0] += 0.5
+    assert Covariance.from_matrix(changed) is not Covariance.from_matrix(matrix)
+    assert Covariance.from_matrix(matrix, floor=0.1) is not Covariance.from_matrix(matrix)
+    assert Covariance.from_matrix(matrix) is Covariance.from_matrix(matrix.clone())
+    assert len(calls) == 3
 
 
 def test_eigenvalues_are_floored():
