@@ -340,9 +340,14 @@ class LazySchedule(Schedule):
     def __init__(self, sigma: float | None):
         self.sigma = None if sigma is None else _check_sigma(sigma)
         if self.sigma is None:
-            # Unresolved: usable only through `resolve`.
+            # Unresolved: usable only through `resolve`; every α, β, derivative or SNR inverse asked of it says so.
             self.name = f"{self.family}(sigma=None)"
             self.base = "point_mass" if self.family == "point_mass" else "gaussian"
+
+            def unresolved(_: Tensor) -> Tensor:
+                raise self._unresolved_error()
+
+            self._alpha = self._beta = self._dalpha = self._dbeta = self._snr_inverse = unresolved
             return
         super().__init__(*self._functions(self.sigma), name=f"{self.family}({self.sigma:g})", check=False)
 
@@ -358,32 +363,14 @@ class LazySchedule(Schedule):
     def resolved(self) -> bool:
         return self.sigma is not None
 
+    def _unresolved_error(self) -> ValueError:
+        return ValueError(f"{self.name}: sigma is None, so it is estimated from a model; pass this schedule to "
+                          "li.sample, or call li.estimate_sigma / schedule.resolve(sigma) first")
+
     def _require(self) -> None:
         if self.sigma is None:
-            raise ValueError(
-                f"{self.name}: sigma is None, so it is estimated from a model; pass this schedule to "
-                "li.sample, or call li.estimate_sigma / schedule.resolve(sigma) first"
-            )
+            raise self._unresolved_error()
 
-    def alpha(self, t):  # noqa: D102
-        self._require()
-        return super().alpha(t)
-
-    def beta(self, t):  # noqa: D102
-        self._require()
-        return super().beta(t)
-
-    def dalpha(self, t):  # noqa: D102
-        self._require()
-        return super().dalpha(t)
-
-    def dbeta(self, t):  # noqa: D102
-        self._require()
-        return super().dbeta(t)
-
-    def snr_inverse(self, r):  # noqa: D102
-        self._require()
-        return super().snr_inverse(r)
 
 
 class LazyVP(LazySchedule):
