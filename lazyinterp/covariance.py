@@ -33,7 +33,7 @@ Tensor = torch.Tensor
 # Eigenvalues are floored at this fraction of the mean eigenvalue: a direction with (almost) no variance would make
 # C⁻¹ blow up at t = 0, and the floor changes FID-MNIST by under 1% between 1e-3 and 1e-1 (README).
 EIGENVALUE_FLOOR = 1e-2
-# Up to this dimension an estimate from samples is full rank; above, low rank plus isotropic.
+# Up to this dimension an estimate from samples is full rank; above, isotropic plus spikes (spiked_from_samples).
 FULL_RANK_MAX_DIM = 4096
 # Relative asymmetry above which a matrix is refused as a covariance (sample covariances are symmetric to rounding).
 SYMMETRY_TOLERANCE = 1e-6
@@ -135,6 +135,54 @@ class Covariance:
         dim = flat.shape[1]
         rest = (float((centred ** 2).sum()) - float(top.sum())) / (dim - rank) if rank < dim else 0.0
         return cls._floored(rows[:rank].T, top, rest, shape, floor)
+
+    @classmethod
+    def spiked_from_samples(cls, samples: Tensor, max_rank: int = DEFAULT_RANK, *,
+                            floor: float = EIGENVALUE_FLOOR) -> Covariance:
+        r"""Σ = σ² I + (spikes) estimated from N samples in D dimensions, for when N is not much larger than D.
+
+        There the top sample eigenvalues are mostly noise: for isotropic data of variance σ² they spread up to the
+        Marchenko–Pastur edge σ²(1 + √γ)², γ = D/(N − 1), so the top eigenpairs of a sample covariance invent
+        large variances in random directions. Here only sample eigenvalues ℓ above that edge are kept (at most
+        ``max_rank``). Each is de-biased to the spike λ with ℓ = λ + γσ²λ/(λ − σ²) and then shrunk for its
+        eigenvector's misalignment, to σ²(1 + (x − 1)c²) with x = λ/σ² and
+        c² = (1 − γ/(x − 1)²)/(1 + γ/(x − 1)) (the Frobenius-optimal shrinker of the spiked model). σ² itself is
+        the variance the spikes leave, (tr S − Σλ)/(D − k), solved for together with the spikes.
+        """
+        if not isinstance(samples, Tensor) or samples.ndim < 2 or samples.shape[0] < 2:
+            raise TypeError("samples: expected a tensor (N, ...) with N >= 2")
+        flat = samples.detach().to(device="cpu", dtype=torch.float64).reshape(samples.shape[0], -1)
+        if not bool(torch.isfinite(flat).all()):
+            raise ValueError("samples: expected finite values")
+        count, dim = flat.shape
+        max_rank = _check_rank(max_rank, min(dim, count - 1))
+        centred = (flat - flat.mean(dim=0)) / math.sqrt(count - 1)
+        _, singular, rows = torch.linalg.svd(centred, full_matrices=False)
+        sample_values = singular ** 2
+        total = float(sample_values.sum())
+        if not total > 0:
+            raise ValueError("covariance: expected a positive trace")
+        gamma = dim / (count - 1)
+        noise = total / dim
+        spikes = sample_values[:0]
+        for _ in range(100):
+            above = sample_values[:max_rank] > noise * (1 + math.sqrt(gamma)) ** 2
+            y = sample_values[:max_rank][above] / noise
+            b = 1 + y - gamma
+            spikes = noise * 0.5 * (b + torch.sqrt((b * b - 4 * y).clamp_min(0)))
+            kept = int(above.sum())
+            updated = (total - float(spikes.sum())) / (dim - kept) if kept < dim else noise
+            if abs(updated - noise) <= 1e-12 * noise:
+                break
+            noise = max(updated, 1e-300)
+        x = spikes / noise
+        cos2 = ((1 - gamma / (x - 1) ** 2) / (1 + gamma / (x - 1))).clamp(0.0, 1.0)
+        shrunk = noise * (1 + (x - 1) * cos2)
+        kept = shrunk.numel()
+        if kept == 0:  # isotropic: one direction carrying σ² keeps the spectrum's form
+            return cls._floored(rows[:1].T, torch.tensor([noise], dtype=torch.float64), noise, tuple(samples.shape[1:]),
+                                floor)
+        return cls._floored(rows[:kept].T, shrunk, noise if kept < dim else 0.0, tuple(samples.shape[1:]), floor)
 
     def truncated(self, rank: int, *, floor: float = EIGENVALUE_FLOOR) -> Covariance:
         """The top ``rank`` eigenpairs, the others replaced by their mean (the trace is kept)."""

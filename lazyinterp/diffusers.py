@@ -252,7 +252,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
     **Covariance** (``covariance``, ODE on ``"lazy-vp"`` only). Lazy VP coordinates matched to a covariance Σ of
     the latents instead of a scalar σ, as ``li.sample(covariance=...)`` (:mod:`lazyinterp.covariance`): exact in
     one Euler step for any Gaussian latents. Pass a :class:`~lazyinterp.Covariance` (for large latents a low-rank
-    one, e.g. ``li.Covariance.from_samples(latents, rank=256)`` of encoded images) or a (D, D) matrix over the
+    one, e.g. ``li.Covariance.spiked_from_samples(latents)`` of encoded images) or a (D, D) matrix over the
     latents as the pipeline holds them (packed for FLUX). The state is y = (A/α) c (x − τ μ) and starts at
     Σ^{1/2} Z; σ, left to the scheduler, is √(tr Σ/D) and only sets the time variable. The default solver follows
     li.sample: Euler below 7 steps, then AB2, then AB2-AM3 from 12. The covariance is not saved to the config.
@@ -366,7 +366,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("covariance: applies to the probability-flow ODE of schedule='lazy-vp' only")
         if isinstance(covariance, str):
             raise ValueError("covariance: a scheduler cannot draw the model's own samples; pass a li.Covariance "
-                             "(e.g. li.Covariance.from_samples(latents, rank=256)) or a (D, D) matrix")
+                             "(e.g. li.Covariance.spiked_from_samples(latents)) or a (D, D) matrix")
         if isinstance(covariance, Tensor):
             return Covariance.from_matrix(covariance)
         if not isinstance(covariance, Covariance):

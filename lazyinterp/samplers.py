@@ -685,7 +685,8 @@ COVARIANCE_MIN_SAMPLES = 2048
 def data_covariance(model: Predictor, sample_shape: tuple[int, ...], device, dtype, batch_size: int = 256
                     ) -> Covariance:
     """Cov X of the model's own samples (cached on it per shape): full rank up to D = FULL_RANK_MAX_DIM, from
-    max(2D, 2048) samples; above, the top DEFAULT_RANK eigenpairs of 2 × DEFAULT_RANK samples and the mean of the rest.
+    max(2D, 2048) samples; above, from 2 × DEFAULT_RANK samples, isotropic noise plus at most DEFAULT_RANK spikes
+    (:meth:`Covariance.spiked_from_samples`: with N ≪ D the plain top eigenpairs are mostly sampling noise).
 
     Measured on MNIST (README): a covariance from the model's posterior mean at a low SNR, like σ's estimate, was
     further from the data's and lost FID; the samples' covariance matches the data's trace to 0.1%.
@@ -701,7 +702,9 @@ def data_covariance(model: Predictor, sample_shape: tuple[int, ...], device, dty
             hi = min(count, lo + batch_size)
             parts.append(sample(model, shape=(hi - lo, *sample_shape), generator=13579, indices=range(lo, hi),
                                 schedule="lazy-vp", steps=COVARIANCE_SAMPLE_STEPS, device=device, dtype=dtype))
-        cache[key] = Covariance.from_samples(torch.cat(parts), None if full else DEFAULT_RANK)
+        samples = torch.cat(parts)
+        cache[key] = Covariance.from_samples(samples) if full else \
+            Covariance.spiked_from_samples(samples, DEFAULT_RANK)
     return cache[key]
 
 
