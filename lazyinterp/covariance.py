@@ -120,11 +120,7 @@ class Covariance:
         """The sample covariance of ``samples`` (N, *shape); with ``rank`` (at most N − 1) its top eigenpairs, from
         an SVD of the centred samples without forming the (D, D) matrix, and the mean of the other eigenvalues
         (from the total variance) as λ_⊥."""
-        if not isinstance(samples, Tensor) or samples.ndim < 2 or samples.shape[0] < 2:
-            raise TypeError("samples: expected a tensor (N, ...) with N >= 2")
-        flat = samples.detach().to(device="cpu", dtype=torch.float64).reshape(samples.shape[0], -1)
-        if not bool(torch.isfinite(flat).all()):
-            raise ValueError("samples: expected finite values")
+        flat = _flat_samples(samples)
         shape = tuple(samples.shape[1:])
         if rank is None:
             return cls.from_matrix(torch.cov(flat.T).reshape(flat.shape[1], flat.shape[1]), shape, floor=floor)
@@ -149,11 +145,7 @@ class Covariance:
         c² = (1 − γ/(x − 1)²)/(1 + γ/(x − 1)) (the Frobenius-optimal shrinker of the spiked model). σ² itself is
         the variance the spikes leave, (tr S − Σλ)/(D − k), solved for together with the spikes.
         """
-        if not isinstance(samples, Tensor) or samples.ndim < 2 or samples.shape[0] < 2:
-            raise TypeError("samples: expected a tensor (N, ...) with N >= 2")
-        flat = samples.detach().to(device="cpu", dtype=torch.float64).reshape(samples.shape[0], -1)
-        if not bool(torch.isfinite(flat).all()):
-            raise ValueError("samples: expected finite values")
+        flat = _flat_samples(samples)
         count, dim = flat.shape
         max_rank = _check_rank(max_rank, min(dim, count - 1))
         centred = (flat - flat.mean(dim=0)) / math.sqrt(count - 1)
@@ -249,6 +241,16 @@ def _rows_times(rows: Tensor, matrix: Tensor) -> Tensor:
             block = torch.cat([block, block.new_zeros((short, block.shape[1]))])
         out.append((block @ matrix)[: ROW_BLOCK - short])
     return torch.cat(out)
+
+
+def _flat_samples(samples: Any) -> Tensor:
+    """``samples`` (N, ...) as a float64 (N, D) host tensor, checked: N >= 2 and finite."""
+    if not isinstance(samples, Tensor) or samples.ndim < 2 or samples.shape[0] < 2:
+        raise TypeError("samples: expected a tensor (N, ...) with N >= 2")
+    flat = samples.detach().to(device="cpu", dtype=torch.float64).reshape(samples.shape[0], -1)
+    if not bool(torch.isfinite(flat).all()):
+        raise ValueError("samples: expected finite values")
+    return flat
 
 
 def _check_rank(rank: Any, dim: int) -> int:
