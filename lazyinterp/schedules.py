@@ -119,9 +119,9 @@ class Schedule:
         # A sampler asks for α, β and their derivatives at the same few grid times many times a step; scalar
         # values are remembered per schedule (the functions are deterministic, so this changes no result), and
         # each caller gets its own copy.
-        if not isinstance(t, Tensor):
-            t = as_time(t)
-        if t.ndim == 0:
+        if not isinstance(t, (Tensor, float, int)):
+            t = as_time(t)  # anything else that is a time (a numpy scalar), or a TypeError naming t
+        if not isinstance(t, Tensor) or t.ndim == 0:
             cache = self.__dict__.setdefault("_scalar_values", {})
             return remembered(cache, (fn, float(t)), lambda: self._compute(fn, t)).clone()
         return self._compute(fn, t)
