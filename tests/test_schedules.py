@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import all_schedules
@@ -109,6 +110,8 @@ def test_schedule_names_and_errors():
             unresolved()
     with pytest.raises(TypeError, match="t: expected a time"):
         li.linear().alpha("half")
+    assert torch.equal(li.cosine().alpha(np.float32(0.25)), li.cosine().alpha(0.25))
+    assert torch.equal(li.cosine().beta(1), li.cosine().beta(torch.tensor(1.0)))
     with pytest.raises(ValueError, match="beta_min"):
         li.vp(5.0, 1.0)
 
