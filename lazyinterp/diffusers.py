@@ -35,7 +35,7 @@ from diffusers.utils import BaseOutput
 from .conversion import convert, time_change
 from .covariance import Covariance, CovarianceLazyDynamics
 from .noise import NoiseStreams, resolve_seed
-from .predictors import CenteredModel, Model, coefficients, estimate_sigma, to_eta
+from .predictors import CenteredModel, Model, NonFiniteError, coefficients, estimate_sigma, to_eta
 from .samplers import (
     COVARIANCE_AB2_FROM_STEPS,
     LAST_STEPS,
@@ -456,6 +456,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         self._edited = False  # the pipeline changed the latents this step returned
         self._deferred: tuple | None = None
         self._probe_mean: Tensor | None = None
+        # Per evaluation, (its index in timesteps, whether the transformer returned NaN or inf, on its device).
+        self._nonfinite: list[tuple[int, Tensor]] = []
         self.estimated_sigma: Tensor | None = None
         self.noise_seeds: list[int] | None = None
 
@@ -811,6 +813,10 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         if abs(got - expected) > 1e-3 * max(1.0, abs(expected)):
             raise ValueError(f"timestep: expected {expected:.6g} (timesteps[{i}]), got {got:.6g}")
         role, node = self._plan[i]
+        # Checked without waiting for the device: the flags are read once, at the last entry, as li.sample does.
+        self._nonfinite.append((i, ~torch.isfinite(model_output.detach()).all()))
+        if i == len(self._plan) - 1:
+            self._raise_if_nonfinite()
         cdtype = torch.promote_types(sample.dtype, torch.float32)
         x_in = sample.detach().to(cdtype)
         v = -model_output.detach().to(cdtype)
@@ -848,6 +854,13 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                 y, next_node = self._corr(y, node), node + 1
             x_next = self._to_latents(y, next_node)
         return self._finish(x_next, data, model_output.dtype, return_dict, y=y)
+
+    def _raise_if_nonfinite(self) -> None:
+        flags = torch.stack([flag for _, flag in self._nonfinite]).cpu()
+        if bool(flags.any()):
+            first = self._nonfinite[int(flags.nonzero()[0, 0])][0]
+            raise NonFiniteError(f"model_output: the transformer returned NaN or inf at timesteps[{first}] = "
+                                 f"{float(self.timesteps[first]):.6g} (step index {first})", step=first)
 
     def _finish(self, x_next: Tensor, data: Tensor | None, dtype: torch.dtype, return_dict: bool,
                 y: Tensor | None) -> LazySchedulerOutput | tuple:

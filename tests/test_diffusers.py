@@ -659,6 +659,24 @@ def test_pipeline_latents_with_covariance_equal_li_sample(kind, solver, steps, l
         torch.testing.assert_close(out[i : i + 1], ref + mean, rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("bad", [0, 2, 4])
+def test_nan_from_the_transformer_is_an_error_naming_its_timestep(bad):
+    """A NaN or inf model output anywhere in a run ends it with NonFiniteError at the last step (the flags stay on
+    the device until then), naming the first bad evaluation, instead of returning NaN latents."""
+    scheduler = LazyScheduler(schedule="lazy-vp", sigma=1.0, solver="heun")
+    scheduler.set_timesteps(3)
+    x = torch.randn(2, 4)
+    with pytest.raises(li.NonFiniteError, match=rf"timesteps\[{bad}\]") as caught:
+        for k, t in enumerate(scheduler.timesteps):
+            output = torch.full_like(x, math.inf if k == bad else 0.1)
+            x = scheduler.step(output, t, x).prev_sample
+    assert caught.value.step == bad
+    scheduler.set_timesteps(3)  # a new run starts clean
+    for t in scheduler.timesteps:
+        x = scheduler.step(torch.zeros(2, 4), t, torch.zeros(2, 4)).prev_sample
+    assert bool(torch.isfinite(x).all())
+
+
 def test_scheduler_covariance_errors_and_config():
     cov = li.Covariance.from_matrix(random_covariance(8, 1))
     scheduler = LazyScheduler(schedule="lazy-vp", covariance=cov)
