@@ -327,9 +327,17 @@ class Dynamics:
 
 # Pure solvers ---------------------------------------------------------------------------------------------------
 
+# A step more than this many times longer than the one before it takes the one-step rule (Euler, or the trapezoid
+# in the corrector): after so short a step the two drifts differ by little more than rounding, and the multistep
+# weights, which grow like ρ = h/h_prev, would multiply that rounding into the state.
+MAX_STEP_RATIO = 1e6
+
+
 def ab2_weights(h: float, h_prev: float) -> tuple[float, float]:
     """The variable-step Adams–Bashforth 2 weights (w_k, w_{k−1}) = h (1 + ρ/2, −ρ/2), ρ = h / h_prev: the step
-    is h [(1 + ρ/2) d_k − (ρ/2) d_{k−1}] = w_k d_k + w_{k−1} d_{k−1}."""
+    is h [(1 + ρ/2) d_k − (ρ/2) d_{k−1}] = w_k d_k + w_{k−1} d_{k−1}; Euler's (h, 0) when ρ > MAX_STEP_RATIO."""
+    if h > MAX_STEP_RATIO * h_prev:
+        return h, 0.0
     rho = h / h_prev
     return h * (1 + 0.5 * rho), -0.5 * h * rho
 
@@ -340,9 +348,11 @@ def am3_weights(h: float, h_prev: float | None) -> tuple[float, ...]:
     h ((3 + 2ρ)/(6(1 + ρ)), (3 + ρ)/6, −ρ²/(6(1 + ρ))),  ρ = h / h_prev,
 
     the integrals of the quadratic through the three drifts; the trapezoid's h (1/2, 1/2) when ``h_prev`` is None
-    (no d_{k−1})."""
+    (no d_{k−1}), and h (1/2, 1/2, 0) when ρ > MAX_STEP_RATIO."""
     if h_prev is None:
         return 0.5 * h, 0.5 * h
+    if h > MAX_STEP_RATIO * h_prev:
+        return 0.5 * h, 0.5 * h, 0.0
     r = h / h_prev
     return h * (3 + 2 * r) / (6 * (1 + r)), h * (3 + r) / 6, -h * r * r / (6 * (1 + r))
 

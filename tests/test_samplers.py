@@ -231,6 +231,24 @@ def test_gaussian_schedules_start_at_alpha0_z():
         assert float(sched.alpha(0.0)) > 0
 
 
+def test_multistep_weights_fall_back_to_one_step_rules_after_a_tiny_step():
+    """After a step more than MAX_STEP_RATIO times shorter, AB2 is Euler and AM3 the trapezoid: the drifts' difference
+    is rounding there. Regression: on the grid (0, a, next float after a, 1) covariance-matched AB2 on N(0, 1) was
+    off by 2.0 (rounding of order 1e-16 times ρ ≈ 5e18), and is exact now."""
+    assert li.samplers.ab2_weights(1.0, 1e-7) == (1.0, 0.0)
+    assert li.samplers.am3_weights(1.0, 1e-7) == (0.5, 0.5, 0.0)
+    h, h_prev = 0.3, 0.1
+    assert li.samplers.ab2_weights(h, h_prev) == pytest.approx((h * 2.5, -h * 1.5))
+    target = li.GaussianMixture.gaussian(torch.zeros(1, dtype=F64), torch.eye(1, dtype=F64))
+    z = torch.randn(6, 1, dtype=F64, generator=torch.Generator().manual_seed(0))
+    a = 0.001
+    grid = torch.tensor([0.0, a, math.nextafter(a, 1.0), 1.0], dtype=F64)
+    for solver in ("ab2", "ab2-pc"):
+        out = li.sample(target.model("linear"), z, schedule="lazy-vp", grid=grid, solver=solver,
+                        covariance=torch.eye(1, dtype=F64))
+        torch.testing.assert_close(out, z, rtol=1e-12, atol=1e-12)
+
+
 def test_adams_bashforth2_is_second_order_and_lazy_exact():
     mixture = make_mixture()
     model = mixture.model("linear")
