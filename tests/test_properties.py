@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 import lazyinterp as li
 
 F64 = torch.float64
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Derandomised: the same examples on every run, so a CI run cannot fail on a draw that no earlier run saw.
+SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
