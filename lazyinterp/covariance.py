@@ -125,11 +125,10 @@ class Covariance:
         if rank is None:
             return cls.from_matrix(torch.cov(flat.T).reshape(flat.shape[1], flat.shape[1]), shape, floor=floor)
         rank = _check_rank(rank, min(flat.shape[1], flat.shape[0] - 1))
-        centred = (flat - flat.mean(dim=0)) / math.sqrt(flat.shape[0] - 1)
-        _, singular, rows = torch.linalg.svd(centred, full_matrices=False)
-        top = singular[:rank] ** 2
+        sample_values, rows = _sample_spectrum(flat)
+        top = sample_values[:rank]
         dim = flat.shape[1]
-        rest = (float((centred ** 2).sum()) - float(top.sum())) / (dim - rank) if rank < dim else 0.0
+        rest = (float(sample_values.sum()) - float(top.sum())) / (dim - rank) if rank < dim else 0.0
         return cls._floored(rows[:rank].T, top, rest, shape, floor)
 
     @classmethod
@@ -146,11 +145,10 @@ class Covariance:
         the variance the spikes leave, (tr S − Σλ)/(D − k), solved for together with the spikes.
         """
         flat = _flat_samples(samples)
+        shape = tuple(samples.shape[1:])
         count, dim = flat.shape
         max_rank = _check_rank(max_rank, min(dim, count - 1))
-        centred = (flat - flat.mean(dim=0)) / math.sqrt(count - 1)
-        _, singular, rows = torch.linalg.svd(centred, full_matrices=False)
-        sample_values = singular ** 2
+        sample_values, rows = _sample_spectrum(flat)
         total = float(sample_values.sum())
         if not total > 0:
             raise ValueError("covariance: expected a positive trace")
@@ -172,9 +170,8 @@ class Covariance:
         shrunk = noise * (1 + (x - 1) * cos2)
         kept = shrunk.numel()
         if kept == 0:  # isotropic: one direction carrying σ² keeps the spectrum's form
-            return cls._floored(rows[:1].T, torch.tensor([noise], dtype=torch.float64), noise, tuple(samples.shape[1:]),
-                                floor)
-        return cls._floored(rows[:kept].T, shrunk, noise if kept < dim else 0.0, tuple(samples.shape[1:]), floor)
+            return cls._floored(rows[:1].T, torch.tensor([noise], dtype=torch.float64), noise, shape, floor)
+        return cls._floored(rows[:kept].T, shrunk, noise if kept < dim else 0.0, shape, floor)
 
     def truncated(self, rank: int, *, floor: float = EIGENVALUE_FLOOR) -> Covariance:
         """The top ``rank`` eigenpairs, the others replaced by their mean (the trace is kept)."""
@@ -251,6 +248,14 @@ def _flat_samples(samples: Any) -> Tensor:
     if not bool(torch.isfinite(flat).all()):
         raise ValueError("samples: expected finite values")
     return flat
+
+
+def _sample_spectrum(flat: Tensor) -> tuple[Tensor, Tensor]:
+    """The nonzero-rank eigenvalues of the sample covariance of ``flat`` (N, D), decreasing, and their eigenvectors
+    as rows, from an SVD of the centred samples (the (D, D) matrix is never formed)."""
+    centred = (flat - flat.mean(dim=0)) / math.sqrt(flat.shape[0] - 1)
+    _, singular, rows = torch.linalg.svd(centred, full_matrices=False)
+    return singular ** 2, rows
 
 
 def _check_rank(rank: Any, dim: int) -> int:

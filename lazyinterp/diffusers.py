@@ -45,6 +45,7 @@ from .samplers import (
     _check_solver,
     ab2_increment,
     am3_increment,
+    check_covariance_applies,
     check_grid,
     normal_draws,
     resolve_covariance,
@@ -362,8 +363,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         """``covariance`` as a :class:`~lazyinterp.Covariance` (a (D, D) matrix is decomposed once), or None."""
         if covariance is None:
             return None
-        if not (getattr(target, "family", None) == "lazy_vp" and is_ode):
-            raise ValueError("covariance: applies to the probability-flow ODE of schedule='lazy-vp' only")
+        check_covariance_applies(target, is_ode)
         if isinstance(covariance, str):
             raise ValueError("covariance: a scheduler cannot draw the model's own samples; pass a li.Covariance "
                              "(e.g. li.Covariance.spiked_from_samples(latents)) or a (D, D) matrix")

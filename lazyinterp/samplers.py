@@ -718,6 +718,12 @@ def data_covariance(model: Predictor, sample_shape: tuple[int, ...], device, dty
     return cache[key]
 
 
+def check_covariance_applies(schedule: Schedule, is_ode: bool) -> None:
+    """Covariance-matched coordinates exist for the lazy VP probability-flow ODE only; anything else is refused."""
+    if not (getattr(schedule, "family", None) == "lazy_vp" and is_ode):
+        raise ValueError("covariance: applies to the probability-flow ODE of schedule='lazy-vp' only")
+
+
 def resolve_covariance(covariance: Any, sample_shape: tuple[int, ...]) -> Covariance | str:
     """``covariance`` checked against the sample shape: "model", a :class:`Covariance` or a (D, D) tensor."""
     dim = math.prod(sample_shape)
@@ -837,8 +843,8 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         raise TypeError(f"callback: expected a callable callback(k, t, x) or None, got {type(callback).__name__}")
     if cuda_graph and callback is not None:
         raise ValueError("cuda_graph: a replayed run cannot call back into Python at every step; drop callback")
-    if covariance is not None and not (getattr(target, "family", None) == "lazy_vp" and not is_sde):
-        raise ValueError("covariance: applies to the probability-flow ODE of schedule='lazy-vp' only")
+    if covariance is not None:
+        check_covariance_applies(target, not is_sde)
     if covariance is not None and cuda_graph:
         raise ValueError("cuda_graph: not supported with covariance; run it eagerly (cuda_graph=False)")
     if target.base == "point_mass" and not is_sde:

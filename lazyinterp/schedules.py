@@ -372,7 +372,6 @@ class LazySchedule(Schedule):
             raise self._unresolved_error()
 
 
-
 class LazyVP(LazySchedule):
     r"""Lazy variance-preserving schedule: α = σ cos(πt/2), β = sin(πt/2), so α² + σ²β² = σ² is constant.
 
