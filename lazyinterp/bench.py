@@ -301,11 +301,19 @@ SAMPLERS: tuple[SamplerDef, ...] = (
                {"schedule": "lazy-vp", "solver": "ab2", "grid": "model", "covariance": "model",
                 "last_step": "denoise"}),
     SamplerDef("point-mass-sde", "point-mass SDE (EM), uniform grid", "ours", "li",
-               {"schedule": "point-mass", "diffusion": "optimal", "last_step": "denoise", "grid": "uniform"},
-               stochastic=True),
+               {"schedule": "point-mass", "diffusion": "optimal", "solver": "euler", "last_step": "denoise",
+                "grid": "uniform"}, stochastic=True),
     SamplerDef("point-mass-sde-model-grid", "point-mass SDE (EM), SNR-matched grid", "ours", "li",
-               {"schedule": "point-mass", "diffusion": "optimal", "last_step": "denoise", "grid": "model"},
+               {"schedule": "point-mass", "diffusion": "optimal", "solver": "euler", "last_step": "denoise",
+                "grid": "model"}, stochastic=True),
+    # The exponential step depends on the SNR grid alone: on this grid it is DDPM's ancestral step on the linear
+    # schedule's uniform grid (tests/test_samplers.py).
+    SamplerDef("point-mass-sde-exp", "point-mass SDE (exponential step), SNR-matched grid", "ours", "li",
+               {"schedule": "point-mass", "diffusion": "optimal", "solver": "exponential", "grid": "model"},
                stochastic=True),
+    SamplerDef("point-mass-sde-heun", "point-mass SDE (stochastic Heun), SNR-matched grid", "ours", "li",
+               {"schedule": "point-mass", "diffusion": "optimal", "solver": "heun", "last_step": "denoise",
+                "grid": "model"}, stochastic=True),
 )
 SAMPLER_NAMES = tuple(s.name for s in SAMPLERS)
 REFERENCE = SamplerDef("reference", "linear Heun", "reference", "li", {"schedule": "linear", "solver": "heun"})

@@ -35,7 +35,7 @@ from diffusers.utils import BaseOutput
 from .conversion import convert, time_change
 from .covariance import Covariance, CovarianceLazyDynamics
 from .noise import NoiseStreams, resolve_seed
-from .predictors import CenteredModel, Model, NonFiniteError, coefficients, estimate_sigma, to_eta
+from .predictors import CenteredModel, Model, NonFiniteError, coefficients, estimate_sigma, linear_combination, to_eta
 from .samplers import (
     COVARIANCE_AB2_FROM_STEPS,
     LAST_STEPS,
@@ -47,6 +47,7 @@ from .samplers import (
     am3_increment,
     check_covariance_applies,
     check_grid,
+    exponential_coefficients,
     normal_draws,
     resolve_covariance,
     resolve_diffusion,
@@ -62,7 +63,7 @@ __all__ = [
 ]
 
 # The solvers ``step`` implements (li.sample's names; its aliases such as "em" resolve to them).
-_SOLVERS = ("euler", "heun", "ab2", "ab2-pc")
+_SOLVERS = ("euler", "heun", "ab2", "ab2-pc", "exponential")
 
 # The σ probe sits at li.estimate_sigma's default SNR r_p (β/α of the linear schedule), so both estimate alike.
 _PROBE_SNR = float(inspect.signature(estimate_sigma).parameters["snr"].default)
@@ -243,9 +244,12 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
     (inpainting) is not corrected, so the edit stands. ``"heun"`` (order 2) interleaves like
     ``FlowMatchHeunDiscreteScheduler``: timesteps m_0, m_1, m_1, …, m_{N−1}, m_{N−1}, then m_N = 0 (the
     corrector at t = 1) when ``last_step="euler"``; with ``last_step="denoise"`` (the default for SDEs) the last
-    interval is x_1 = η_X(t_{N−1}, x) and m_N is dropped. The default is :func:`lazyinterp.sample`'s: ``"ab2"``
+    interval is x_1 = η_X(t_{N−1}, x) and m_N is dropped. ``"exponential"`` (once per node; ODE or an SDE with
+    ε = κ ε*) is :func:`lazyinterp.samplers.exponential`: the exact step with η_X held over the interval, DDIM's
+    step for the ODE and DDPM's ancestral step for ε*. The default is :func:`lazyinterp.sample`'s: ``"ab2"``
     for an ODE on a lazy schedule, ``"ab2-pc"`` there from 12 steps
-    (:data:`lazyinterp.samplers.PC_DEFAULT_FROM_STEPS`, decided in ``set_timesteps``), ``"euler"`` otherwise;
+    (:data:`lazyinterp.samplers.PC_DEFAULT_FROM_STEPS`, decided in ``set_timesteps``), ``"exponential"`` for an
+    SDE with ε = κ ε*, ``"euler"`` otherwise;
     the config keeps ``solver=None`` for it, so a reloaded or re-targeted config takes the default of its own
     schedule and diffusion (:attr:`solver` is the one in use).
     The arithmetic is that of :func:`lazyinterp.sample` with the same grid, so the two agree to float precision.
@@ -271,8 +275,9 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             (custom schedule objects work but are saved to the config by name only).
         sigma: σ of a lazy schedule; ``None`` estimates it per sample (above).
         diffusion: ``"ode"``, ``"optimal"`` (ε*), a number κ (ε = κε*) or a callable ε(t) (not saved).
-        solver: ``"euler"``, ``"heun"``, ``"ab2"`` or ``"ab2-pc"`` (the last two ODE only); ``None`` for ``"ab2"``
-            on a lazy-schedule ODE (``"ab2-pc"`` from 12 steps) and ``"euler"`` otherwise.
+        solver: ``"euler"``, ``"heun"``, ``"ab2"``, ``"ab2-pc"`` (these two ODE only) or ``"exponential"``;
+            ``None`` for ``"ab2"`` on a lazy-schedule ODE (``"ab2-pc"`` from 12 steps), ``"exponential"`` for an
+            SDE with ε = κ ε* and ``"euler"`` otherwise.
         last_step: ``"euler"`` or ``"denoise"``; default ``"euler"`` for ODEs and ``"denoise"`` for SDEs.
         center: centre on the model's own E[X] estimate; default on for lazy schedules.
         shift, use_dynamic_shifting, base_shift, max_shift, base_image_seq_len, max_image_seq_len, time_shift_type,
@@ -321,14 +326,22 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         # The default is li.sample's: in lazy coordinates AB2 beats Euler at equal NFE (README, "Benchmarks").
         # From PC_DEFAULT_FROM_STEPS steps on, set_timesteps moves that default to its third-order form, ab2-pc.
         self._multistep_default = solver is None and isinstance(target, LazySchedule) and not self._is_sde
-        default_solver = "ab2" if self._multistep_default else "euler"
+        # For an SDE with ε = κ ε*, li.sample's default is the exponential step.
+        default_solver = "ab2" if self._multistep_default else (
+            "exponential" if self._is_sde and probe_diffusion.epsilon is None else "euler")
         self._solver = _check_solver(default_solver if solver is None else solver)
         # li.sample may know more solvers than the stepping below implements; those must not run as Euler.
         if self._solver not in _SOLVERS:
             raise ValueError(f"solver: LazyScheduler implements {', '.join(_SOLVERS)} (or None for the default), "
                              f"got {solver!r}")
         if self._solver in ODE_SOLVERS and self._is_sde:
-            raise ValueError(f"solver: {self._solver} is an ODE solver; use euler or heun with an SDE")
+            raise ValueError(f"solver: {self._solver} is an ODE solver; use euler, heun or exponential with an SDE")
+        if self._solver == "exponential" and probe_diffusion.epsilon is not None:
+            raise ValueError("solver: the exponential step needs diffusion 'ode', 'optimal' or a number kappa "
+                             "(eps = kappa eps*), not a callable eps(t); use euler or heun")
+        if self._solver == "exponential" and self._covariance is not None:
+            raise ValueError("covariance: the exponential step is the same in every lazy coordinates (DDIM's "
+                             "step); drop covariance or use another solver")
         if last_step is not None and last_step not in LAST_STEPS:
             raise ValueError(f"last_step: expected one of {', '.join(LAST_STEPS)} or None, got {last_step!r}")
         self._last_step = last_step or ("denoise" if self._is_sde else "euler")
@@ -712,6 +725,19 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         xi = self._draw() if self._is_sde else None
         if self._solver == "ab2-pc":
             y = self._correct(y, node)
+        if self._solver == "exponential":
+            out = torch.empty_like(y)
+            for lane in self._lanes:
+                t, idx = lane.grid[node], lane.index
+                keep, lift, spread = exponential_coefficients(lane.schedule, t, lane.grid[node + 1],
+                                                              lane.dynamics.diffusion.kappa)
+                terms = [(lift, lane.dynamics.denoise(y[idx], t))]
+                if keep != 0.0:
+                    terms.append((keep, y[idx]))
+                if spread > 0.0:
+                    terms.append((spread, xi[idx]))
+                out[idx] = linear_combination(terms)
+            return out, node + 1
         if node == n - 1 and self._last_step == "denoise":
             out = torch.empty_like(y)
             for lane in self._lanes:

@@ -10,6 +10,7 @@ Network evaluations (NFE) for N grid intervals:
 solver                        last_step="euler"           last_step="denoise"
 ============================  ==========================  =================================
 euler (ODE), euler (SDE: EM)  N                           N
+exponential (ODE and SDE)     N                           N
 ab2 (ODE, Adams–Bashforth 2)  N                           N
 ab2-pc (ODE, AB2 + AM3 PEC)   N                           N
 heun (ODE and SDE)            2N                          2N − 1
@@ -18,6 +19,9 @@ heun (ODE and SDE)            2N                          2N − 1
 ``last_step="denoise"`` replaces the final interval by the posterior mean x_1 = η_X(t_{N−1}, x_{N−1})
 (Tweedie's estimate): on the linear schedule this *is* the Euler step; on a point-mass SDE it drops the
 final injected noise of variance 2 ε h, which cannot be removed by later steps.
+
+The exponential step solves the SDE exactly over a step with η_X held at its value at the step's start; it
+ends at x_1 = η_X, so its last step is the denoising step whichever ``last_step`` is asked for.
 
 With ``known_start`` (centred data, the default of the lazy schedules) every count is one lower: at t = 0 the
 state says nothing about the data, so η_X = E[X − μ] = 0 and η_Z = x/α_0 there without the network.
@@ -54,9 +58,9 @@ Tensor = torch.Tensor
 Drift = Callable[[Tensor, float], Tensor]
 Callback = Callable[[int, float, Tensor], None]
 
-SOLVERS = ("euler", "heun", "ab2", "ab2-pc")
+SOLVERS = ("euler", "heun", "ab2", "ab2-pc", "exponential")
 SOLVER_ALIASES = {"euler": "euler", "heun": "heun", "ab2": "ab2", "ab2-pc": "ab2-pc", "euler_maruyama": "euler",
-                  "euler-maruyama": "euler", "em": "euler"}
+                  "euler-maruyama": "euler", "em": "euler", "exponential": "exponential"}
 # Multistep solvers: one evaluation a step, probability-flow ODE only (they reuse drifts of earlier nodes).
 ODE_SOLVERS = ("ab2", "ab2-pc")
 LAST_STEPS = ("euler", "denoise")
@@ -160,7 +164,7 @@ def count_nfe(solver: str, steps: int, last_step: str = "euler", known_start: bo
     ``known_start``, where the drift at t = 0 needs no network (see :func:`sample`)."""
     solver = _check_solver(solver)
     steps = check_steps(steps)
-    if solver == "euler" or solver in ODE_SOLVERS:
+    if solver in ("euler", "exponential") or solver in ODE_SOLVERS:
         nfe = steps
     else:
         nfe = 2 * steps - (1 if last_step == "denoise" else 0)
@@ -587,6 +591,64 @@ def stochastic_heun(drift: Drift, epsilon: Callable[[float], float], x: Tensor, 
     return x
 
 
+def exponential_coefficients(schedule: Schedule, t: float, s: float, kappa: float) -> tuple[float, float, float]:
+    r"""(keep, lift, spread) of the exact step from t to s > t of dX = b^ε dt + √(2ε) dW, ε = κ ε*, with
+    η_X held at x̂ = η_X(t, x_t): x_s = keep · x_t + lift · x̂ + spread · ξ, ξ ~ N(0, I).
+
+    With η_X frozen the SDE is linear in x, and U = x − β x̂ obeys dU = (α̇/α − κ λ̇) U dt + √(2ε) dW
+    (λ = log r), so with ρ = r_t / r_s
+
+        keep = (α_s/α_t) ρ^κ,   lift = β_s − keep β_t,   spread = α_s √(1 − ρ^{2κ}).
+
+    κ = 0 is DDIM's step and κ = 1 DDPM's ancestral step; both depend on the schedule only through the SNRs
+    and the scale α, so every schedule with the same SNR grid gives the same samples up to the scale.
+    At a start with r_t = 0 (t = 0) and κ > 0 nothing of x_t is kept.
+    """
+    a_t, b_t = float(schedule.alpha(t)), float(schedule.beta(t))
+    a_s, b_s = float(schedule.alpha(s)), float(schedule.beta(s))
+    if a_s == 0.0:  # the data end: x_s = x̂
+        return 0.0, b_s, 0.0
+    if b_t == 0.0:  # SNR 0: x_t says nothing about the data
+        if kappa == 0.0:
+            if a_t == 0.0:
+                raise ValueError("diffusion: an ODE cannot leave a point mass; use kappa > 0")
+            return a_s / a_t, b_s, 0.0
+        return 0.0, b_s, a_s
+    # ρ^κ through logarithms: r_t and r_s can be far apart near the ends.
+    log_rho = (math.log(b_t) - math.log(a_t)) - (math.log(b_s) - math.log(a_s))
+    decay = math.exp(kappa * log_rho)
+    keep = a_s / a_t * decay
+    spread = a_s * math.sqrt(-math.expm1(2 * kappa * log_rho)) if kappa > 0 else 0.0
+    return keep, b_s - keep * b_t, spread
+
+
+def exponential(denoise: Drift, schedule: Schedule, kappa: float, x: Tensor, grid: Tensor,
+                normal: Callable[[], Tensor] | None = None, *, callback: Callback | None = None) -> Tensor:
+    r"""The exponential step, one evaluation a step: x_{k+1} = keep x_k + lift η_X(t_k, x_k) + spread ξ_k
+    (:func:`exponential_coefficients`), exact when η_X does not change over a step (e.g. data at one point).
+
+    ``normal()`` gives ξ_k and is called at every step when κ > 0 (as in :func:`euler_maruyama`); the ODE
+    (κ = 0) needs none. The last step lands on η_X(t_{N−1}, x_{N−1}), the denoising step.
+    """
+    times = [float(t) for t in grid]
+    check = _StateCheck(x)
+    for k in range(len(times) - 1):
+        t, t_next = times[k], times[k + 1]
+        keep, lift, spread = exponential_coefficients(schedule, t, t_next, kappa)
+        xi = normal() if kappa > 0 else None
+        terms = [(lift, _guard(k, t, denoise, x, t))]
+        if keep != 0.0:
+            terms.append((keep, x))
+        if spread > 0.0:
+            terms.append((spread, xi))
+        x = linear_combination(terms)
+        check(x, k, t)
+        if callback is not None:
+            callback(k, t_next, x)
+    check.finish()
+    return x
+
+
 # The deterministic solvers by name: pure functions (drift, x, grid, *, denoise, callback) -> x at the grid's end.
 ODE_STEPPERS: dict[str, Callable[..., Tensor]] = {
     "euler": euler, "heun": heun, "ab2": adams_bashforth2, "ab2-pc": adams_predictor_corrector,
@@ -824,7 +886,10 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
     # its third-order predictor-corrector form overtakes it once steps are short; chosen below, with the grid.
     auto_multistep = solver is None and isinstance(target, LazySchedule) and diffusion_spec.is_ode
     if solver is None:
-        solver = "ab2" if auto_multistep else "euler"
+        # Measured (README, "Choosing"): for SDEs with ε = κ ε* the exponential step beats Euler–Maruyama on MNIST
+        # (FID 467 / 171 / 64 vs 633 / 330 / 148 at 2 / 4 / 8 NFE on the point mass) and on gmm-2d.
+        solver = "ab2" if auto_multistep else (
+            "exponential" if not diffusion_spec.is_ode and diffusion_spec.epsilon is None else "euler")
     solver = _check_solver(solver)
     if grid is not None and not isinstance(grid, str):
         grid = check_grid(grid)
@@ -836,7 +901,10 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
     if last_step not in LAST_STEPS:
         raise ValueError(f"last_step: expected one of {', '.join(LAST_STEPS)}, got {last_step!r}")
     if solver in ODE_SOLVERS and is_sde:
-        raise ValueError(f"solver: {solver} is an ODE solver; use euler or heun with an SDE")
+        raise ValueError(f"solver: {solver} is an ODE solver; use euler, heun or exponential with an SDE")
+    if solver == "exponential" and diffusion_spec.epsilon is not None:
+        raise ValueError("solver: the exponential step needs diffusion 'ode', 'optimal' or a number kappa "
+                         "(eps = kappa eps*), not a callable eps(t); use euler or heun")
     if not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph: expected True or False, got {type(cuda_graph).__name__}")
     if callback is not None and not callable(callback):
@@ -845,6 +913,9 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         raise ValueError("cuda_graph: a replayed run cannot call back into Python at every step; drop callback")
     if covariance is not None:
         check_covariance_applies(target, not is_sde)
+        if solver == "exponential":
+            raise ValueError("covariance: the exponential step is the same in every lazy coordinates (DDIM's "
+                             "step); drop covariance or use another solver")
     if covariance is not None and cuda_graph:
         raise ValueError("cuda_graph: not supported with covariance; run it eagerly (cuda_graph=False)")
     if target.base == "point_mass" and not is_sde:
@@ -930,6 +1001,13 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
 
     def integrate(x: Tensor, increments: Tensor | None = None) -> Tensor:
         with torch.no_grad():
+            if solver == "exponential":
+                draws = None
+                if is_sde:
+                    draws = normal_draws(streams, steps) if increments is None else \
+                        iter(increments.unbind(0)).__next__
+                return exponential(dynamics.denoise, target, diffusion_spec.kappa, x, grid, draws,
+                                   callback=callback)
             if is_sde:
                 stepper = euler_maruyama if solver == "euler" else stochastic_heun
                 draws = normal_draws(streams, steps) if increments is None else iter(increments.unbind(0)).__next__

@@ -45,7 +45,7 @@ def test_point_mass_euler_maruyama_is_exact_on_gaussians(steps, sigma):
     grid = torch.tensor(sorted({0.0, 1.0, *torch.rand(steps - 1, generator=torch.Generator().manual_seed(2)).tolist()}),
                         dtype=F64)
     out = li.sample(model, shape=(2000, 3), grid=grid, schedule=li.point_mass(sigma), diffusion="optimal",
-                    generator=7, last_step="euler", dtype=F64, center=False)
+                    solver="euler", generator=7, last_step="euler", dtype=F64, center=False)
     # The SDE takes its increments in one block per sample (see li.NoiseStreams.draw_block).
     draws = NoiseStreams(7, range(2000), (3,), dtype=F64).draw_block(len(grid) - 1)
     expected = sum(sigma * math.sqrt(float(h)) * draws[k] for k, h in enumerate(torch.diff(grid)))
@@ -55,8 +55,8 @@ def test_point_mass_euler_maruyama_is_exact_on_gaussians(steps, sigma):
 
 def test_point_mass_denoise_last_step_returns_the_posterior_mean():
     model = gaussian(1.0).model("linear")
-    kwargs = dict(shape=(64, 3), steps=4, grid="uniform", schedule=li.point_mass(1.0), diffusion="optimal", generator=3,
-                  dtype=F64, center=False)
+    kwargs = dict(shape=(64, 3), steps=4, grid="uniform", schedule=li.point_mass(1.0), diffusion="optimal",
+                  solver="euler", generator=3, dtype=F64, center=False)
     euler = li.sample(model, last_step="euler", **kwargs)
     denoised = li.sample(model, last_step="denoise", **kwargs)
     draws = NoiseStreams(3, range(64), (3,), dtype=F64).draw_block(4)
@@ -138,7 +138,7 @@ def test_sde_keeps_the_marginals_of_a_mixture():
 def test_callable_diffusion_and_kappa_agree():
     model = make_mixture().model("linear")
     sched = li.point_mass(1.0)
-    a = li.sample(model, shape=(5, 2), steps=4, schedule=sched, diffusion=0.5, generator=3, dtype=F64)
+    a = li.sample(model, shape=(5, 2), steps=4, schedule=sched, diffusion=0.5, solver="euler", generator=3, dtype=F64)
     b = li.sample(model, shape=(5, 2), steps=4, schedule=sched, diffusion=lambda t: 0.5 * sched.optimal_diffusion(t),
                   generator=3, dtype=F64)
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
@@ -471,3 +471,114 @@ def test_multistep_weights_integrate_polynomials_exactly():
         p, q = am3_weights(h, None)
         assert p * (slope * (t + h)) + q * (slope * t) == pytest.approx(slope * (h * t + h * h / 2), abs=1e-14)
         assert w0 + w1 == pytest.approx(h) and a + b + c == pytest.approx(h)  # constants integrate exactly
+
+
+# The exponential step -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kappa", [0.0, 0.5, 1.0, 2.0])
+@pytest.mark.parametrize("schedule", all_schedules(), ids=lambda s: s.name)
+def test_exponential_step_solves_the_sde_with_eta_x_frozen(schedule, kappa):
+    """With η_X held at x̂ the SDE of theory §2, b^ε = (α̇/α − ε/α²) x + (β̇ − α̇β/α + εβ/α²) x̂ with ε = κ α² λ̇,
+    is linear: its mean m and variance V solve ṁ = p m + q x̂ and V̇ = 2 p V + 2ε. Integrated numerically, they
+    match the closed form x_s = keep x_t + lift x̂ + spread ξ."""
+    from scipy.integrate import solve_ivp
+
+    from lazyinterp.samplers import exponential_coefficients
+
+    def rates(u):
+        a, b = float(schedule.alpha(u)), float(schedule.beta(u))
+        da, db = float(schedule.dalpha(u)), float(schedule.dbeta(u))
+        eps = kappa * a * a * (db / b - da / a)
+        return da / a - eps / (a * a), db - da * b / a + eps * b / (a * a), eps
+
+    def moments(u, state):
+        p, q, eps = rates(u)
+        m, v = state
+        return [p * m + q * x_hat, 2 * p * v + 2 * eps]
+
+    x_t, x_hat = 0.7, -1.3
+    for t, s in [(0.05, 0.3), (0.3, 0.31), (0.4, 0.9), (0.8, 0.97)]:
+        sol = solve_ivp(moments, (t, s), [x_t, 0.0], method="DOP853", rtol=1e-12, atol=1e-14)
+        mean, var = sol.y[:, -1]
+        keep, lift, spread = exponential_coefficients(schedule, t, s, kappa)
+        assert keep * x_t + lift * x_hat == pytest.approx(mean, rel=1e-8, abs=1e-10)
+        assert spread**2 == pytest.approx(var, rel=1e-8, abs=1e-12)
+        if kappa == 0:
+            assert spread == 0.0
+
+
+@pytest.mark.parametrize("schedule", all_schedules(), ids=lambda s: s.name)
+def test_exponential_step_limits_at_the_ends(schedule):
+    """At SNR 0 with κ > 0 nothing of x_t is kept and x_s ~ β_s x̂ + α_s ξ (the limit of t → 0); a step to t = 1
+    lands on x̂."""
+    from lazyinterp.samplers import exponential_coefficients
+
+    s = 0.4
+    assert exponential_coefficients(schedule, 0.6, 1.0, 1.0) == (0.0, pytest.approx(1.0), 0.0)
+    if float(schedule.beta(0.0)) != 0.0:
+        return  # (vp starts at a small SNR, not at 0)
+    keep, lift, spread = exponential_coefficients(schedule, 0.0, s, 1.0)
+    assert keep == 0.0
+    assert (lift, spread) == pytest.approx((float(schedule.beta(s)), float(schedule.alpha(s))))
+    t = 1e-10
+    near_keep, near_lift, near_spread = exponential_coefficients(schedule, t, s, 1.0)
+    # What is kept of a state of the size it has at t (α_t, or 0 on a point mass) vanishes.
+    assert near_keep * float(schedule.alpha(t)) == pytest.approx(0.0, abs=1e-4)
+    assert (near_lift, near_spread) == pytest.approx((lift, spread), abs=1e-4)
+
+
+def test_exponential_ode_step_is_ddim_that_is_linear_euler():
+    """κ = 0: the step depends on the SNRs alone, so on lazy VP and the SNR-matched grid it gives the same samples as
+    Euler on the linear schedule's uniform grid (DDIM), from the same noise."""
+    model = make_mixture().model("linear")
+    z = torch.randn(64, 2, dtype=F64, generator=torch.Generator().manual_seed(4))
+    for steps in (1, 3, 6):
+        ddim = li.sample(model, z, steps=steps, schedule="linear", solver="euler")
+        for schedule in (li.lazy_vp(0.6), li.cosine()):
+            out = li.sample(model, z, steps=steps, schedule=schedule, grid="model", solver="exponential", center=False)
+            torch.testing.assert_close(out, ddim, rtol=1e-10, atol=1e-10)
+
+
+def test_exponential_sde_step_does_not_depend_on_the_coordinates():
+    """κ = 1 from a point mass on its SNR-matched grid and from the linear schedule's Gaussian base on its uniform
+    grid: the same draws give the same samples (DDPM's ancestral step on one SNR grid)."""
+    model = make_mixture().model("linear")
+    for steps in (2, 5):
+        kwargs = dict(shape=(32, 2), steps=steps, diffusion="optimal", solver="exponential", generator=5, dtype=F64,
+                      center=False)
+        from_point = li.sample(model, schedule=li.point_mass(0.8), grid="model", **kwargs)
+        noise = torch.randn(32, 2, dtype=F64)  # discarded by the first step (SNR 0, κ > 0)
+        from_noise = li.sample(model, noise, schedule="linear", grid="uniform", **kwargs)
+        torch.testing.assert_close(from_point, from_noise, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_exponential_sde_is_not_exact_on_gaussians(steps):
+    """Unlike Euler–Maruyama (§6.3) the frozen-η_X step loses variance on N(0, σ²): there η_X = x on the point mass
+    with β = t, so each step adds σ²(1 − t_{k+1})(t_{k+1} − t_k)/(1 − t_k) and the last lands on x_{N−1}."""
+    sigma = 0.8
+    model = gaussian(sigma).model("linear")
+    grid = li.uniform_grid(steps)
+    out = li.sample(model, shape=(16, 3), grid=grid, schedule=li.point_mass(sigma), diffusion="optimal",
+                    solver="exponential", generator=9, dtype=F64, center=False)
+    draws = NoiseStreams(9, range(16), (3,), dtype=F64).draw_block(steps)
+    t = grid.tolist()
+    expected = sum(sigma * math.sqrt((1 - t[k + 1]) * (t[k + 1] - t[k]) / (1 - t[k])) * draws[k]
+                   for k in range(steps - 1)) if steps > 1 else torch.zeros(16, 3, dtype=F64)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_exponential_solver_counts_and_refusals():
+    model = make_mixture().model("linear")
+    assert li.count_nfe("exponential", 5) == 5 and li.count_nfe("exponential", 5, "denoise", True) == 4
+    _, info = li.sample(model, shape=(4, 2), steps=5, schedule="point-mass", diffusion="optimal", generator=0,
+                        return_info=True)
+    assert info.nfe == 4  # centred: the first step needs no network
+    kwargs = dict(shape=(4, 2), steps=5, schedule="point-mass", diffusion="optimal", generator=0, dtype=F64)
+    default = li.sample(model, **kwargs)
+    torch.testing.assert_close(default, li.sample(model, solver="exponential", **kwargs), rtol=0, atol=0)
+    assert not torch.allclose(default, li.sample(model, solver="euler", **kwargs))
+    with pytest.raises(ValueError, match="solver: the exponential step needs"):
+        li.sample(model, shape=(4, 2), schedule="point-mass", diffusion=lambda t: 0.3, solver="exponential")
+    with pytest.raises(ValueError, match="covariance: the exponential step"):
+        li.sample(model, torch.randn(4, 2), schedule="lazy-vp", solver="exponential", covariance=torch.eye(2))
