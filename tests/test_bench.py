@@ -279,9 +279,9 @@ def test_overhead_measurement_tells_a_cheap_network_from_a_costly_one():
                 time.sleep(self.seconds)
             return -x
 
-    def overhead(seconds):
+    def overhead(seconds, direct=False):
         model = li.Model(Net(seconds), "linear", "velocity")
-        return measure_overhead(model, (4,), torch.float64, batch=8, steps=6, repeats=3)
+        return measure_overhead(model, (4,), torch.float64, batch=8, steps=6, repeats=3, direct=direct)
 
     costly, cheap = overhead(0.02), overhead(0.0)
     assert set(costly) == {"lazy-vp-euler", "point-mass-sde"}
@@ -290,3 +290,9 @@ def test_overhead_measurement_tells_a_cheap_network_from_a_costly_one():
         # network that costs next to nothing.
         assert -0.2 < costly[name] < 0.3, costly
         assert cheap[name] > 1.0, cheap
+    # Measured directly (the network replaced by its stored output) the sampler's time is positive and small
+    # against the 20 ms network, ten times larger against a 2 ms one, and no sleep of the network is in it.
+    direct_costly, direct_cheaper = overhead(0.02, direct=True), overhead(0.002, direct=True)
+    for name in direct_costly:
+        assert 0 < direct_costly[name] < 0.1, direct_costly
+        assert direct_cheaper[name] > 3 * direct_costly[name], (direct_cheaper, direct_costly)
