@@ -146,7 +146,8 @@ SCHEDULE_NAMES = ["linear", "cosine", "vp", "lazy-vp", "point-mass"]
               help="A bundled model name or a .safetensors checkpoint path.")
 @click.option("--schedule", default="lazy-vp", type=click.Choice(SCHEDULE_NAMES), show_default=True)
 @click.option("--steps", default=4, type=click.IntRange(min=1), show_default=True)
-@click.option("--solver", default=None, type=click.Choice(["euler", "heun", "ab2", "ab2-pc", "exponential"]),
+@click.option("--solver", default=None,
+              type=click.Choice(["euler", "heun", "ab2", "ab2-pc", "exponential", "exponential-2m"]),
               help="Default for an ODE on a lazy schedule: ab2, or ab2-pc from 12 steps on; for an SDE: "
               "exponential; else euler.")
 @click.option("--diffusion", default=None, help="ode, optimal, or kappa (eps = kappa * eps*). "

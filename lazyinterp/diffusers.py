@@ -35,9 +35,18 @@ from diffusers.utils import BaseOutput
 from .conversion import convert, time_change
 from .covariance import Covariance, CovarianceLazyDynamics
 from .noise import NoiseStreams, resolve_seed
-from .predictors import CenteredModel, Model, NonFiniteError, coefficients, estimate_sigma, linear_combination, to_eta
+from .predictors import (
+    CenteredModel,
+    Model,
+    NonFiniteError,
+    coefficients,
+    estimate_sigma,
+    linear_combination,
+    to_eta,
+)
 from .samplers import (
     COVARIANCE_AB2_FROM_STEPS,
+    EXPONENTIAL_SOLVERS,
     LAST_STEPS,
     ODE_SOLVERS,
     PC_DEFAULT_FROM_STEPS,
@@ -47,7 +56,8 @@ from .samplers import (
     am3_increment,
     check_covariance_applies,
     check_grid,
-    exponential_coefficients,
+    exponential_terms,
+    log_snr,
     normal_draws,
     resolve_covariance,
     resolve_diffusion,
@@ -63,7 +73,7 @@ __all__ = [
 ]
 
 # The solvers ``step`` implements (li.sample's names; its aliases such as "em" resolve to them).
-_SOLVERS = ("euler", "heun", "ab2", "ab2-pc", "exponential")
+_SOLVERS = ("euler", "heun", "ab2", "ab2-pc", "exponential", "exponential-2m")
 
 # The σ probe sits at li.estimate_sigma's default SNR r_p (β/α of the linear schedule), so both estimate alike.
 _PROBE_SNR = float(inspect.signature(estimate_sigma).parameters["snr"].default)
@@ -246,7 +256,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
     corrector at t = 1) when ``last_step="euler"``; with ``last_step="denoise"`` (the default for SDEs) the last
     interval is x_1 = η_X(t_{N−1}, x) and m_N is dropped. ``"exponential"`` (once per node; ODE or an SDE with
     ε = κ ε*) is :func:`lazyinterp.samplers.exponential`: the exact step with η_X held over the interval, DDIM's
-    step for the ODE and DDPM's ancestral step for ε*. The default is :func:`lazyinterp.sample`'s: ``"ab2"``
+    step for the ODE and DDPM's ancestral step for ε*; ``"exponential-2m"`` extrapolates η_X linearly in
+    log-SNR from the node before (second order, once per node). The default is :func:`lazyinterp.sample`'s: ``"ab2"``
     for an ODE on a lazy schedule, ``"ab2-pc"`` there from 12 steps
     (:data:`lazyinterp.samplers.PC_DEFAULT_FROM_STEPS`, decided in ``set_timesteps``), ``"exponential"`` for an
     SDE with ε = κ ε*, ``"euler"`` otherwise;
@@ -275,7 +286,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             (custom schedule objects work but are saved to the config by name only).
         sigma: σ of a lazy schedule; ``None`` estimates it per sample (above).
         diffusion: ``"ode"``, ``"optimal"`` (ε*), a number κ (ε = κε*) or a callable ε(t) (not saved).
-        solver: ``"euler"``, ``"heun"``, ``"ab2"``, ``"ab2-pc"`` (these two ODE only) or ``"exponential"``;
+        solver: ``"euler"``, ``"heun"``, ``"ab2"``, ``"ab2-pc"`` (these two ODE only), ``"exponential"`` or
+            ``"exponential-2m"``;
             ``None`` for ``"ab2"`` on a lazy-schedule ODE (``"ab2-pc"`` from 12 steps), ``"exponential"`` for an
             SDE with ε = κ ε* and ``"euler"`` otherwise.
         last_step: ``"euler"`` or ``"denoise"``; default ``"euler"`` for ODEs and ``"denoise"`` for SDEs.
@@ -336,10 +348,10 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                              f"got {solver!r}")
         if self._solver in ODE_SOLVERS and self._is_sde:
             raise ValueError(f"solver: {self._solver} is an ODE solver; use euler, heun or exponential with an SDE")
-        if self._solver == "exponential" and probe_diffusion.epsilon is not None:
+        if self._solver in EXPONENTIAL_SOLVERS and probe_diffusion.epsilon is not None:
             raise ValueError("solver: the exponential step needs diffusion 'ode', 'optimal' or a number kappa "
                              "(eps = kappa eps*), not a callable eps(t); use euler or heun")
-        if self._solver == "exponential" and self._covariance is not None:
+        if self._solver in EXPONENTIAL_SOLVERS and self._covariance is not None:
             raise ValueError("covariance: the exponential step is the same in every lazy coordinates (DDIM's "
                              "step); drop covariance or use another solver")
         if last_step is not None and last_step not in LAST_STEPS:
@@ -464,6 +476,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         self._returned: Tensor | None = None
         self._heun: tuple | None = None
         self._previous_drift: Tensor | None = None
+        self._previous_x_hat: tuple[int, Tensor] | None = None  # exponential-2m: (node, η_X there)
         self._drifts: list[Tensor] = []  # ab2-pc: d_{k−2}, d_{k−1}, d_k
         self._corrector_start: Tensor | None = None  # ab2-pc: the corrected state the last interval left from
         self._edited = False  # the pipeline changed the latents this step returned
@@ -725,18 +738,20 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         xi = self._draw() if self._is_sde else None
         if self._solver == "ab2-pc":
             y = self._correct(y, node)
-        if self._solver == "exponential":
-            out = torch.empty_like(y)
+        if self._solver in EXPONENTIAL_SOLVERS:
+            out, x_hat = torch.empty_like(y), torch.empty_like(y)
+            # exponential-2m extrapolates from the η_X of the node before, kept from the previous step.
+            multistep = self._solver == "exponential-2m" and self._previous_x_hat is not None \
+                and self._previous_x_hat[0] == node - 1
             for lane in self._lanes:
                 t, idx = lane.grid[node], lane.index
-                keep, lift, spread = exponential_coefficients(lane.schedule, t, lane.grid[node + 1],
-                                                              lane.dynamics.diffusion.kappa)
-                terms = [(lift, lane.dynamics.denoise(y[idx], t))]
-                if keep != 0.0:
-                    terms.append((keep, y[idx]))
-                if spread > 0.0:
-                    terms.append((spread, xi[idx]))
-                out[idx] = linear_combination(terms)
+                x_hat[idx] = lane.dynamics.denoise(y[idx], t)
+                previous = (log_snr(lane.schedule, lane.grid[node - 1]), self._previous_x_hat[1][idx]) \
+                    if multistep else None
+                out[idx] = linear_combination(exponential_terms(
+                    lane.schedule, t, lane.grid[node + 1], lane.dynamics.diffusion.kappa, y[idx], x_hat[idx],
+                    None if xi is None else xi[idx], previous))
+            self._previous_x_hat = (node, x_hat)
             return out, node + 1
         if node == n - 1 and self._last_step == "denoise":
             out = torch.empty_like(y)

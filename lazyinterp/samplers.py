@@ -11,6 +11,7 @@ solver                        last_step="euler"           last_step="denoise"
 ============================  ==========================  =================================
 euler (ODE), euler (SDE: EM)  N                           N
 exponential (ODE and SDE)     N                           N
+exponential-2m (ODE and SDE)  N                           N
 ab2 (ODE, Adams–Bashforth 2)  N                           N
 ab2-pc (ODE, AB2 + AM3 PEC)   N                           N
 heun (ODE and SDE)            2N                          2N − 1
@@ -20,8 +21,9 @@ heun (ODE and SDE)            2N                          2N − 1
 (Tweedie's estimate): on the linear schedule this *is* the Euler step; on a point-mass SDE it drops the
 final injected noise of variance 2 ε h, which cannot be removed by later steps.
 
-The exponential step solves the SDE exactly over a step with η_X held at its value at the step's start; it
-ends at x_1 = η_X, so its last step is the denoising step whichever ``last_step`` is asked for.
+The exponential step solves the SDE exactly over a step with η_X held at its value at the step's start
+(``exponential-2m``: extrapolated linearly in log-SNR from the last two nodes); it ends at x_1 = η_X, so its
+last step is the denoising step whichever ``last_step`` is asked for.
 
 With ``known_start`` (centred data, the default of the lazy schedules) every count is one lower: at t = 0 the
 state says nothing about the data, so η_X = E[X − μ] = 0 and η_Z = x/α_0 there without the network.
@@ -58,9 +60,12 @@ Tensor = torch.Tensor
 Drift = Callable[[Tensor, float], Tensor]
 Callback = Callable[[int, float, Tensor], None]
 
-SOLVERS = ("euler", "heun", "ab2", "ab2-pc", "exponential")
+SOLVERS = ("euler", "heun", "ab2", "ab2-pc", "exponential", "exponential-2m")
 SOLVER_ALIASES = {"euler": "euler", "heun": "heun", "ab2": "ab2", "ab2-pc": "ab2-pc", "euler_maruyama": "euler",
-                  "euler-maruyama": "euler", "em": "euler", "exponential": "exponential"}
+                  "euler-maruyama": "euler", "em": "euler", "exponential": "exponential",
+                  "exponential-2m": "exponential-2m"}
+# Exact steps of the SDE with η_X held (or extrapolated in log-SNR) over a step; ε = κ ε* only.
+EXPONENTIAL_SOLVERS = ("exponential", "exponential-2m")
 # Multistep solvers: one evaluation a step, probability-flow ODE only (they reuse drifts of earlier nodes).
 ODE_SOLVERS = ("ab2", "ab2-pc")
 LAST_STEPS = ("euler", "denoise")
@@ -164,7 +169,7 @@ def count_nfe(solver: str, steps: int, last_step: str = "euler", known_start: bo
     ``known_start``, where the drift at t = 0 needs no network (see :func:`sample`)."""
     solver = _check_solver(solver)
     steps = check_steps(steps)
-    if solver in ("euler", "exponential") or solver in ODE_SOLVERS:
+    if solver == "euler" or solver in ODE_SOLVERS or solver in EXPONENTIAL_SOLVERS:
         nfe = steps
     else:
         nfe = 2 * steps - (1 if last_step == "denoise" else 0)
@@ -622,26 +627,72 @@ def exponential_coefficients(schedule: Schedule, t: float, s: float, kappa: floa
     return keep, b_s - keep * b_t, spread
 
 
+def log_snr(schedule: Schedule, t: float) -> float:
+    """λ_t = log r_t, −inf where r_t = 0 and +inf where r_t = ∞."""
+    a, b = float(schedule.alpha(t)), float(schedule.beta(t))
+    if b == 0.0:
+        return -math.inf
+    return math.inf if a == 0.0 else math.log(b) - math.log(a)
+
+
+def exponential_slope_weight(schedule: Schedule, t: float, s: float, kappa: float) -> float:
+    r"""w with x_s gaining w · D when η_X(u) = x̂ + (λ_u − λ_t) D over the step (λ = log r) rather than x̂:
+
+        w = β_s [h − (1 − e^{−(1+κ) h}) / (1 + κ)],   h = λ_s − λ_t,
+
+    the exact integral of the linear SDE's η_X term, α_s (1 + κ) ∫ e^{λ − κ(λ_s − λ)} η_X(λ) dλ. 0 where λ_t is
+    −inf or λ_s is +inf (a step from SNR 0 or onto the data, which takes the frozen η_X).
+    """
+    lam_t, lam_s = log_snr(schedule, t), log_snr(schedule, s)
+    if not (math.isfinite(lam_t) and math.isfinite(lam_s)):
+        return 0.0
+    h, m = lam_s - lam_t, 1.0 + kappa
+    return float(schedule.beta(s)) * (h + math.expm1(-m * h) / m)
+
+
+def exponential_terms(schedule: Schedule, t: float, s: float, kappa: float, x: Tensor, x_hat: Tensor,
+                      xi: Tensor | None, previous: tuple[float, Tensor] | None = None) -> list:
+    """The step from t to s as (coefficient, tensor) pairs: keep x + lift x̂ + spread ξ, and + w D with
+    D = (x̂ − x̂_prev) / (λ_t − λ_prev) when ``previous`` = (λ_prev, x̂_prev) is given and usable."""
+    keep, lift, spread = exponential_coefficients(schedule, t, s, kappa)
+    terms = [(lift, x_hat)]
+    if keep != 0.0:
+        terms.append((keep, x))
+    if spread > 0.0:
+        terms.append((spread, xi))
+    if previous is not None:
+        lam_prev, x_hat_prev = previous
+        gap = log_snr(schedule, t) - lam_prev
+        weight = exponential_slope_weight(schedule, t, s, kappa)
+        if weight != 0.0 and math.isfinite(gap) and gap > 0.0:
+            terms += [(weight / gap, x_hat), (-weight / gap, x_hat_prev)]
+    return merge_terms(terms)
+
+
 def exponential(denoise: Drift, schedule: Schedule, kappa: float, x: Tensor, grid: Tensor,
-                normal: Callable[[], Tensor] | None = None, *, callback: Callback | None = None) -> Tensor:
+                normal: Callable[[], Tensor] | None = None, *, multistep: bool = False,
+                callback: Callback | None = None) -> Tensor:
     r"""The exponential step, one evaluation a step: x_{k+1} = keep x_k + lift η_X(t_k, x_k) + spread ξ_k
     (:func:`exponential_coefficients`), exact when η_X does not change over a step (e.g. data at one point).
+
+    With ``multistep`` (second order, still one evaluation a step) η_X is extrapolated linearly in λ = log r
+    through its values at the last two nodes, D = (x̂_k − x̂_{k−1}) / (λ_k − λ_{k−1}), and that line is
+    integrated exactly: + w D (:func:`exponential_slope_weight`), as in DPM-Solver++(2M) with exact weights.
+    The first step, a step from SNR 0 and the step onto the data take the frozen η_X.
 
     ``normal()`` gives ξ_k and is called at every step when κ > 0 (as in :func:`euler_maruyama`); the ODE
     (κ = 0) needs none. The last step lands on η_X(t_{N−1}, x_{N−1}), the denoising step.
     """
     times = [float(t) for t in grid]
     check = _StateCheck(x)
+    previous: tuple[float, Tensor] | None = None
     for k in range(len(times) - 1):
         t, t_next = times[k], times[k + 1]
-        keep, lift, spread = exponential_coefficients(schedule, t, t_next, kappa)
         xi = normal() if kappa > 0 else None
-        terms = [(lift, _guard(k, t, denoise, x, t))]
-        if keep != 0.0:
-            terms.append((keep, x))
-        if spread > 0.0:
-            terms.append((spread, xi))
-        x = linear_combination(terms)
+        x_hat = _guard(k, t, denoise, x, t)
+        x = linear_combination(exponential_terms(schedule, t, t_next, kappa, x, x_hat, xi, previous))
+        if multistep:
+            previous = (log_snr(schedule, t), x_hat)
         check(x, k, t)
         if callback is not None:
             callback(k, t_next, x)
@@ -845,11 +896,12 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         schedule: the sampling schedule (object or name); default the model's own. Conversion is exact.
         diffusion: "ode" (ε = 0), "optimal" (ε*), a float κ (ε = κ ε*) or a callable ε(t).
         solver: "euler" (Euler, or Euler–Maruyama for an SDE), "heun" (also for SDEs), "ab2" (ODE only:
-            two-step Adams–Bashforth, one evaluation a step) or "ab2-pc" (ODE only: AB2 predicted, AM3
-            corrected, still one evaluation a step, third order; see :func:`adams_predictor_corrector`);
-            default for an ODE on a lazy schedule "ab2" ("euler" below 7 steps with ``covariance``,
-            :data:`COVARIANCE_AB2_FROM_STEPS`), or "ab2-pc" from 12 steps on (:data:`PC_DEFAULT_FROM_STEPS`);
-            "euler" otherwise.
+            two-step Adams–Bashforth, one evaluation a step), "ab2-pc" (ODE only: AB2 predicted, AM3
+            corrected, still one evaluation a step, third order; see :func:`adams_predictor_corrector`),
+            "exponential" or "exponential-2m" (ODE or ε = κ ε*: the exact step with η_X held over a step, or
+            extrapolated in log-SNR; see :func:`exponential`); default for an ODE on a lazy schedule "ab2"
+            ("euler" below 7 steps with ``covariance``, :data:`COVARIANCE_AB2_FROM_STEPS`), or "ab2-pc" from 12
+            steps on (:data:`PC_DEFAULT_FROM_STEPS`); "exponential" for an SDE with ε = κ ε*; "euler" otherwise.
         generator: an int seed, a torch.Generator or None (torch's global RNG); each sample gets its own
             stream, so results do not depend on the batch size.
         grid: an explicit increasing time grid from 0 to 1, or "uniform" or "model" (the SNRs of the model's own
@@ -902,7 +954,7 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         raise ValueError(f"last_step: expected one of {', '.join(LAST_STEPS)}, got {last_step!r}")
     if solver in ODE_SOLVERS and is_sde:
         raise ValueError(f"solver: {solver} is an ODE solver; use euler, heun or exponential with an SDE")
-    if solver == "exponential" and diffusion_spec.epsilon is not None:
+    if solver in EXPONENTIAL_SOLVERS and diffusion_spec.epsilon is not None:
         raise ValueError("solver: the exponential step needs diffusion 'ode', 'optimal' or a number kappa "
                          "(eps = kappa eps*), not a callable eps(t); use euler or heun")
     if not isinstance(cuda_graph, bool):
@@ -913,7 +965,7 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         raise ValueError("cuda_graph: a replayed run cannot call back into Python at every step; drop callback")
     if covariance is not None:
         check_covariance_applies(target, not is_sde)
-        if solver == "exponential":
+        if solver in EXPONENTIAL_SOLVERS:
             raise ValueError("covariance: the exponential step is the same in every lazy coordinates (DDIM's "
                              "step); drop covariance or use another solver")
     if covariance is not None and cuda_graph:
@@ -1001,13 +1053,13 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
 
     def integrate(x: Tensor, increments: Tensor | None = None) -> Tensor:
         with torch.no_grad():
-            if solver == "exponential":
+            if solver in EXPONENTIAL_SOLVERS:
                 draws = None
                 if is_sde:
                     draws = normal_draws(streams, steps) if increments is None else \
                         iter(increments.unbind(0)).__next__
                 return exponential(dynamics.denoise, target, diffusion_spec.kappa, x, grid, draws,
-                                   callback=callback)
+                                   multistep=solver == "exponential-2m", callback=callback)
             if is_sde:
                 stepper = euler_maruyama if solver == "euler" else stochastic_heun
                 draws = normal_draws(streams, steps) if increments is None else iter(increments.unbind(0)).__next__

@@ -160,6 +160,8 @@ CONFIGS = {
     "point-mass sde default (exponential)": dict(schedule="point-mass", sigma=0.7, diffusion="optimal"),
     "point-mass sde euler": dict(schedule="point-mass", sigma=0.7, diffusion="optimal", solver="euler"),
     "cosine sde exponential": dict(schedule="cosine", diffusion=0.5, solver="exponential"),
+    "point-mass sde exponential-2m": dict(schedule="point-mass", sigma=0.7, diffusion="optimal",
+                                          solver="exponential-2m"),
     "lazy-vp exponential": dict(schedule="lazy-vp", sigma=0.9, solver="exponential"),
 }
 
