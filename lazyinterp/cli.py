@@ -149,7 +149,7 @@ SCHEDULE_NAMES = ["linear", "cosine", "vp", "lazy-vp", "point-mass"]
 @click.option("--solver", default=None,
               type=click.Choice(["euler", "heun", "ab2", "ab2-pc", "exponential", "exponential-2m"]),
               help="Default for an ODE on a lazy schedule: ab2, or ab2-pc from 12 steps on; for an SDE: "
-              "exponential; else euler.")
+              "exponential-2m; else euler.")
 @click.option("--diffusion", default=None, help="ode, optimal, or kappa (eps = kappa * eps*). "
               "Default: optimal for point-mass, else ode.")
 @click.option("--sigma", default=None, type=click.FloatRange(min=0, min_open=True),

@@ -259,8 +259,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
     step for the ODE and DDPM's ancestral step for ε*; ``"exponential-2m"`` extrapolates η_X linearly in
     log-SNR from the node before (second order, once per node). The default is :func:`lazyinterp.sample`'s: ``"ab2"``
     for an ODE on a lazy schedule, ``"ab2-pc"`` there from 12 steps
-    (:data:`lazyinterp.samplers.PC_DEFAULT_FROM_STEPS`, decided in ``set_timesteps``), ``"exponential"`` for an
-    SDE with ε = κ ε*, ``"euler"`` otherwise;
+    (:data:`lazyinterp.samplers.PC_DEFAULT_FROM_STEPS`, decided in ``set_timesteps``), ``"exponential-2m"`` for
+    an SDE with ε = κ ε*, ``"euler"`` otherwise;
     the config keeps ``solver=None`` for it, so a reloaded or re-targeted config takes the default of its own
     schedule and diffusion (:attr:`solver` is the one in use).
     The arithmetic is that of :func:`lazyinterp.sample` with the same grid, so the two agree to float precision.
@@ -288,8 +288,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         diffusion: ``"ode"``, ``"optimal"`` (ε*), a number κ (ε = κε*) or a callable ε(t) (not saved).
         solver: ``"euler"``, ``"heun"``, ``"ab2"``, ``"ab2-pc"`` (these two ODE only), ``"exponential"`` or
             ``"exponential-2m"``;
-            ``None`` for ``"ab2"`` on a lazy-schedule ODE (``"ab2-pc"`` from 12 steps), ``"exponential"`` for an
-            SDE with ε = κ ε* and ``"euler"`` otherwise.
+            ``None`` for ``"ab2"`` on a lazy-schedule ODE (``"ab2-pc"`` from 12 steps), ``"exponential-2m"`` for
+            an SDE with ε = κ ε* and ``"euler"`` otherwise.
         last_step: ``"euler"`` or ``"denoise"``; default ``"euler"`` for ODEs and ``"denoise"`` for SDEs.
         center: centre on the model's own E[X] estimate; default on for lazy schedules.
         shift, use_dynamic_shifting, base_shift, max_shift, base_image_seq_len, max_image_seq_len, time_shift_type,
@@ -338,9 +338,9 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         # The default is li.sample's: in lazy coordinates AB2 beats Euler at equal NFE (README, "Benchmarks").
         # From PC_DEFAULT_FROM_STEPS steps on, set_timesteps moves that default to its third-order form, ab2-pc.
         self._multistep_default = solver is None and isinstance(target, LazySchedule) and not self._is_sde
-        # For an SDE with ε = κ ε*, li.sample's default is the exponential step.
+        # For an SDE with ε = κ ε*, li.sample's default is the second-order exponential step.
         default_solver = "ab2" if self._multistep_default else (
-            "exponential" if self._is_sde and probe_diffusion.epsilon is None else "euler")
+            "exponential-2m" if self._is_sde and probe_diffusion.epsilon is None else "euler")
         self._solver = _check_solver(default_solver if solver is None else solver)
         # li.sample may know more solvers than the stepping below implements; those must not run as Euler.
         if self._solver not in _SOLVERS:

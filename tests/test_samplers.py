@@ -249,6 +249,19 @@ def test_multistep_weights_fall_back_to_one_step_rules_after_a_tiny_step():
         torch.testing.assert_close(out, z, rtol=1e-12, atol=1e-12)
 
 
+def test_exponential_2m_falls_back_to_the_frozen_step_after_a_tiny_step():
+    """A node one float after the one before gives a log-SNR slope of rounding over rounding: 2M then takes the
+    frozen η_X, and the run equals the exponential step on the grid without that node."""
+    model = make_mixture().model("linear")
+    z = torch.randn(16, 2, dtype=F64, generator=torch.Generator().manual_seed(3))
+    a = 0.3
+    kwargs = dict(schedule=li.cosine(), dtype=F64, center=False)
+    with_twin = li.sample(model, z, grid=torch.tensor([0.0, a, math.nextafter(a, 1.0), 0.6, 1.0], dtype=F64),
+                          solver="exponential-2m", **kwargs)
+    without = li.sample(model, z, grid=torch.tensor([0.0, a, 0.6, 1.0], dtype=F64), solver="exponential", **kwargs)
+    torch.testing.assert_close(with_twin, without, rtol=1e-9, atol=1e-9)
+
+
 def test_adams_bashforth2_is_second_order_and_lazy_exact():
     mixture = make_mixture()
     model = mixture.model("linear")
@@ -624,8 +637,9 @@ def test_exponential_solver_counts_and_refusals():
     assert info.nfe == 4  # centred: the first step needs no network
     kwargs = dict(shape=(4, 2), steps=5, schedule="point-mass", diffusion="optimal", generator=0, dtype=F64)
     default = li.sample(model, **kwargs)
-    torch.testing.assert_close(default, li.sample(model, solver="exponential", **kwargs), rtol=0, atol=0)
-    assert not torch.allclose(default, li.sample(model, solver="euler", **kwargs))
+    torch.testing.assert_close(default, li.sample(model, solver="exponential-2m", **kwargs), rtol=0, atol=0)
+    for other in ("euler", "exponential"):
+        assert not torch.allclose(default, li.sample(model, solver=other, **kwargs))
     with pytest.raises(ValueError, match="solver: the exponential step needs"):
         li.sample(model, shape=(4, 2), schedule="point-mass", diffusion=lambda t: 0.3, solver="exponential")
     with pytest.raises(ValueError, match="covariance: the exponential step"):
