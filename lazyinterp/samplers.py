@@ -54,7 +54,7 @@ from .predictors import (
     linear_combination,
     merge_terms,
 )
-from .schedules import END_OFFSET, LazySchedule, Schedule, as_time, check_positive, get_schedule
+from .schedules import END_OFFSET, LazySchedule, Schedule, as_time, check_positive, get_schedule, remembered
 
 Tensor = torch.Tensor
 Drift = Callable[[Tensor, float], Tensor]
@@ -650,11 +650,22 @@ def exponential_slope_weight(schedule: Schedule, t: float, s: float, kappa: floa
     return float(schedule.beta(s)) * (h + math.expm1(-m * h) / m)
 
 
+_EXPONENTIAL_STEPS: dict = {}
+
+
+def _exponential_step(schedule: Schedule, t: float, s: float, kappa: float) -> tuple[float, ...]:
+    """(keep, lift, spread, w, λ_t, λ_s) of the step from t to s, remembered: a sampler takes the same steps on
+    every call with the same grid, and these are host-side scalars computed from the schedule."""
+    return remembered(_EXPONENTIAL_STEPS, (schedule, t, s, kappa), lambda: (
+        *exponential_coefficients(schedule, t, s, kappa), exponential_slope_weight(schedule, t, s, kappa),
+        log_snr(schedule, t), log_snr(schedule, s)))
+
+
 def exponential_terms(schedule: Schedule, t: float, s: float, kappa: float, x: Tensor, x_hat: Tensor,
                       xi: Tensor | None, previous: tuple[float, Tensor] | None = None) -> list:
     """The step from t to s as (coefficient, tensor) pairs: keep x + lift x̂ + spread ξ, and + w D with
     D = (x̂ − x̂_prev) / (λ_t − λ_prev) when ``previous`` = (λ_prev, x̂_prev) is given and usable."""
-    keep, lift, spread = exponential_coefficients(schedule, t, s, kappa)
+    keep, lift, spread, weight, lam_t, lam_s = _exponential_step(schedule, t, s, kappa)
     terms = [(lift, x_hat)]
     if keep != 0.0:
         terms.append((keep, x))
@@ -662,12 +673,9 @@ def exponential_terms(schedule: Schedule, t: float, s: float, kappa: float, x: T
         terms.append((spread, xi))
     if previous is not None:
         lam_prev, x_hat_prev = previous
-        lam_t = log_snr(schedule, t)
         gap = lam_t - lam_prev
-        weight = exponential_slope_weight(schedule, t, s, kappa)
         # As in AB2: after a step MAX_STEP_RATIO times shorter the two x̂ differ by rounding, which D would amplify.
-        if weight != 0.0 and math.isfinite(gap) and gap > 0.0 \
-                and log_snr(schedule, s) - lam_t <= MAX_STEP_RATIO * gap:
+        if weight != 0.0 and math.isfinite(gap) and gap > 0.0 and lam_s - lam_t <= MAX_STEP_RATIO * gap:
             terms += [(weight / gap, x_hat), (-weight / gap, x_hat_prev)]
     return merge_terms(terms)
 
@@ -695,7 +703,7 @@ def exponential(denoise: Drift, schedule: Schedule, kappa: float, x: Tensor, gri
         x_hat = _guard(k, t, denoise, x, t)
         x = linear_combination(exponential_terms(schedule, t, t_next, kappa, x, x_hat, xi, previous))
         if multistep:
-            previous = (log_snr(schedule, t), x_hat)
+            previous = (_exponential_step(schedule, t, t_next, kappa)[4], x_hat)
         check(x, k, t)
         if callback is not None:
             callback(k, t_next, x)

@@ -453,6 +453,13 @@ SCHEDULES: dict[str, Callable[[], Schedule]] = {
 }
 
 
+@functools.cache
+def _named_schedule(key: str) -> Schedule:
+    """One object per name: a model trained under "linear" and a sampler asked for "linear" then share it, so
+    the conversion between them is the identity and the values a schedule remembers serve every call."""
+    return SCHEDULES[key]()
+
+
 def get_schedule(schedule: Schedule | str, *, argument: str = "schedule") -> Schedule:
     """A schedule object from itself or from one of the names in :data:`SCHEDULES` (``_`` and ``-`` alike)."""
     if isinstance(schedule, Schedule):
@@ -460,6 +467,6 @@ def get_schedule(schedule: Schedule | str, *, argument: str = "schedule") -> Sch
     if isinstance(schedule, str):
         key = schedule.strip().lower().replace("_", "-")
         if key in SCHEDULES:
-            return SCHEDULES[key]()
+            return _named_schedule(key)
         raise ValueError(f"{argument}: unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
     raise TypeError(f"{argument}: expected a Schedule or a schedule name, got {type(schedule).__name__}")

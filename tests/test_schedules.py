@@ -160,3 +160,12 @@ def test_scalar_coefficients_are_the_batch_values_at_the_regular_time(sched):
         assert all(isinstance(v, float) for v in values)
         assert values == tuple(batch[:, i].tolist())
         assert sched.scalar_coefficients(t) is values  # remembered
+
+
+def test_a_name_gives_one_schedule_object():
+    """A model trained under "linear" and a sampler asked for "linear" share the object, so the conversion between
+    them is the identity and remembered values serve every call."""
+    for name in li.SCHEDULES:
+        assert li.get_schedule(name) is li.get_schedule(name.replace("-", "_").upper())
+    model = li.Model(lambda x, t: x, "linear")
+    assert li.convert(model, "linear") is model
