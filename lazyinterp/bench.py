@@ -90,7 +90,7 @@ FAMILIES = ("peer", "baseline", "ours")
 SLICED_DIRECTIONS = 128
 # The target sample behind the sliced distance has at least this many points (a multiple of n).
 TARGET_POINTS = 40_000
-OVERHEAD_SAMPLERS = ("lazy-vp-euler", "point-mass-sde")
+OVERHEAD_SAMPLERS = ("lazy-vp-euler", "point-mass-sde", "point-mass-sde-exp2m")
 OVERHEAD_BATCH, OVERHEAD_STEPS, OVERHEAD_REPEATS = 256, 8, 5
 
 
@@ -473,8 +473,9 @@ def measure_overhead(model: Model, sample_shape: tuple[int, ...], dtype: torch.d
                      batch: int = OVERHEAD_BATCH, steps: int = OVERHEAD_STEPS, repeats: int = OVERHEAD_REPEATS,
                      device: torch.device | str = "cpu", cuda_graph: bool = False,
                      direct: bool = False) -> dict[str, float]:
-    r"""T_sample / T_net − 1 for lazy VP Euler and the point-mass SDE: the time ``li.sample`` spends beyond the
-    network (schedule maths, conversion, noise draws, state updates, checks) as a fraction of network time.
+    r"""T_sample / T_net − 1 for lazy VP Euler and the point-mass SDE (Euler–Maruyama and the 2M step): the time
+    ``li.sample`` spends beyond the network (schedule maths, conversion, noise draws, state updates, checks) as a
+    fraction of network time.
 
     T_sample is the wall time of ``li.sample`` for one batch; T_net that of the same number of network calls on a
     batch of the same shape, back to back. Each synchronises the device once, at the end, so on an accelerator

@@ -352,7 +352,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("solver: the exponential step needs diffusion 'ode', 'optimal' or a number kappa "
                              "(eps = kappa eps*), not a callable eps(t); use euler or heun")
         if self._solver in EXPONENTIAL_SOLVERS and self._covariance is not None:
-            raise ValueError("covariance: the exponential step is the same in every lazy coordinates (DDIM's "
+            raise ValueError("covariance: the exponential step is the same in any lazy coordinates (DDIM's "
                              "step); drop covariance or use another solver")
         if last_step is not None and last_step not in LAST_STEPS:
             raise ValueError(f"last_step: expected one of {', '.join(LAST_STEPS)} or None, got {last_step!r}")

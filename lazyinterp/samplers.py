@@ -978,7 +978,7 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
     if covariance is not None:
         check_covariance_applies(target, not is_sde)
         if solver in EXPONENTIAL_SOLVERS:
-            raise ValueError("covariance: the exponential step is the same in every lazy coordinates (DDIM's "
+            raise ValueError("covariance: the exponential step is the same in any lazy coordinates (DDIM's "
                              "step); drop covariance or use another solver")
     if covariance is not None and cuda_graph:
         raise ValueError("cuda_graph: not supported with covariance; run it eagerly (cuda_graph=False)")
