@@ -243,8 +243,9 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
     normalised to unit variance) to skip the probe. The probe needs a run that starts at σ = 1.
 
     **Solvers.** ``solver="euler"`` (Euler, or Euler–Maruyama for an SDE) evaluates once per node. ``"ab2"``
-    (two-step Adams–Bashforth, ODE only) also evaluates once per node and keeps the previous drift between
-    ``step`` calls (``set_timesteps`` clears it): with the drift b_k = b(t_k, y_k) in the target coordinates and
+    (two-step Adams–Bashforth; for an SDE with Euler–Maruyama's noise) also evaluates once per node and keeps
+    the previous drift between ``step`` calls (``set_timesteps`` clears it): with the drift b_k = b(t_k, y_k) in
+    the target coordinates and
     h_k = t_{k+1} − t_k, the first step is Euler and then y_{k+1} = y_k + h_k [(1 + ρ/2) b_k − (ρ/2) b_{k−1}],
     ρ = h_k/h_{k−1}; the last interval takes that step too (``last_step="euler"``, the ODE default) or is
     replaced by x_1 = η_X(t_{N−1}, x) (``"denoise"``). ``"ab2-pc"`` (ODE only, third order, once per node) is
@@ -286,7 +287,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             (custom schedule objects work but are saved to the config by name only).
         sigma: σ of a lazy schedule; ``None`` estimates it per sample (above).
         diffusion: ``"ode"``, ``"optimal"`` (ε*), a number κ (ε = κε*) or a callable ε(t) (not saved).
-        solver: ``"euler"``, ``"heun"``, ``"ab2"``, ``"ab2-pc"`` (these two ODE only), ``"exponential"`` or
+        solver: ``"euler"``, ``"heun"``, ``"ab2"``, ``"ab2-pc"`` (ODE only), ``"exponential"`` or
             ``"exponential-2m"``;
             ``None`` for ``"ab2"`` on a lazy-schedule ODE (``"ab2-pc"`` from 12 steps), ``"exponential-2m"`` for
             an SDE with ε = κ ε* and ``"euler"`` otherwise.
@@ -301,7 +302,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
 
     Raises:
         ValueError: an unknown schedule, diffusion, solver or last step, a sigma for a non-lazy schedule, a
-            point-mass schedule with an ODE, ``"ab2"`` / ``"ab2-pc"`` with an SDE, or a covariance other than
+            point-mass schedule with an ODE, ``"ab2-pc"`` with an SDE, or a covariance other than
             on the lazy VP ODE.
     """
 
@@ -346,8 +347,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         if self._solver not in _SOLVERS:
             raise ValueError(f"solver: LazyScheduler implements {', '.join(_SOLVERS)} (or None for the default), "
                              f"got {solver!r}")
-        if self._solver in ODE_SOLVERS and self._is_sde:
-            raise ValueError(f"solver: {self._solver} is an ODE solver; use euler, heun or exponential with an SDE")
+        if self._solver == "ab2-pc" and self._is_sde:
+            raise ValueError("solver: ab2-pc is an ODE solver; use euler, heun, ab2 or exponential(-2m) with an SDE")
         if self._solver in EXPONENTIAL_SOLVERS and probe_diffusion.epsilon is not None:
             raise ValueError("solver: the exponential step needs diffusion 'ode', 'optimal' or a number kappa "
                              "(eps = kappa eps*), not a callable eps(t); use euler or heun")

@@ -66,7 +66,7 @@ SOLVER_ALIASES = {"euler": "euler", "heun": "heun", "ab2": "ab2", "ab2-pc": "ab2
                   "exponential-2m": "exponential-2m"}
 # Exact steps of the SDE with η_X held (or extrapolated in log-SNR) over a step; ε = κ ε* only.
 EXPONENTIAL_SOLVERS = ("exponential", "exponential-2m")
-# Multistep solvers: one evaluation a step, probability-flow ODE only (they reuse drifts of earlier nodes).
+# Multistep solvers: one evaluation a step (they reuse drifts of earlier nodes); ab2-pc is for the ODE only.
 ODE_SOLVERS = ("ab2", "ab2-pc")
 LAST_STEPS = ("euler", "denoise")
 DEFAULT_STEPS = 8
@@ -464,10 +464,14 @@ def heun(drift: Drift, x: Tensor, grid: Tensor, *, denoise: Drift | None = None,
 
 
 def adams_bashforth2(drift: Drift, x: Tensor, grid: Tensor, *, denoise: Drift | None = None,
-                     callback: Callback | None = None) -> Tensor:
+                     callback: Callback | None = None, epsilon: Callable[[float], float] | None = None,
+                     normal: Callable[[], Tensor] | None = None) -> Tensor:
     """Two-step Adams–Bashforth on a non-uniform grid, one evaluation a step (the first step is Euler):
 
-    x_{k+1} = x_k + h_k [(1 + ρ/2) b_k − (ρ/2) b_{k−1}],  ρ = h_k / h_{k−1}.
+    x_{k+1} = x_k + h_k [(1 + ρ/2) b_k − (ρ/2) b_{k−1}] (+ √(2 ε(t_k) h_k) ξ_k for an SDE),  ρ = h_k / h_{k−1}.
+
+    With ``epsilon`` and ``normal`` it is Euler–Maruyama with the drift extrapolated as above (the noise is
+    additive, so this stays strong order 1); a standard normal draw is taken at every step, as there.
     """
     times = [float(t) for t in grid]
     check = _StateCheck(x)
@@ -475,12 +479,17 @@ def adams_bashforth2(drift: Drift, x: Tensor, grid: Tensor, *, denoise: Drift | 
     previous = None
     for k in range(len(times) - 1):
         t, h = times[k], times[k + 1] - times[k]
+        xi = normal() if normal is not None else None
         if k == last and denoise is not None:
             x = _guard(k, t, denoise, x, t)
         else:
             d = _guard(k, t, drift, x, t)
             weights = (h,) if previous is None else ab2_weights(h, t - times[k - 1])
-            x = linear_combination(zip(weights, (d, previous), strict=False), base=x)
+            terms = list(zip(weights, (d, previous), strict=False))
+            eps = epsilon(t) if epsilon is not None else 0.0
+            if eps > 0:
+                terms.append((math.sqrt(2 * eps * h), xi))
+            x = linear_combination(terms, base=x)
             previous = d
         check(x, k, t)
         if callback is not None:
@@ -906,9 +915,10 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         steps: the number of grid intervals (uniform grid); ignored when ``grid`` is given. Default 8.
         schedule: the sampling schedule (object or name); default the model's own. Conversion is exact.
         diffusion: "ode" (ε = 0), "optimal" (ε*), a float κ (ε = κ ε*) or a callable ε(t).
-        solver: "euler" (Euler, or Euler–Maruyama for an SDE), "heun" (also for SDEs), "ab2" (ODE only:
-            two-step Adams–Bashforth, one evaluation a step), "ab2-pc" (ODE only: AB2 predicted, AM3
-            corrected, still one evaluation a step, third order; see :func:`adams_predictor_corrector`),
+        solver: "euler" (Euler, or Euler–Maruyama for an SDE), "heun" (also for SDEs), "ab2" (two-step
+            Adams–Bashforth, one evaluation a step; for an SDE with Euler–Maruyama's noise), "ab2-pc" (ODE
+            only: AB2 predicted, AM3 corrected, still one evaluation a step, third order; see
+            :func:`adams_predictor_corrector`),
             "exponential" or "exponential-2m" (ODE or ε = κ ε*: the exact step with η_X held over a step, or
             extrapolated in log-SNR; see :func:`exponential`); default for an ODE on a lazy schedule "ab2"
             ("euler" below 7 steps with ``covariance``, :data:`COVARIANCE_AB2_FROM_STEPS`), or "ab2-pc" from 12
@@ -964,8 +974,8 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         last_step = "denoise" if is_sde else "euler"
     if last_step not in LAST_STEPS:
         raise ValueError(f"last_step: expected one of {', '.join(LAST_STEPS)}, got {last_step!r}")
-    if solver in ODE_SOLVERS and is_sde:
-        raise ValueError(f"solver: {solver} is an ODE solver; use euler, heun or exponential with an SDE")
+    if solver == "ab2-pc" and is_sde:
+        raise ValueError("solver: ab2-pc is an ODE solver; use euler, heun, ab2 or exponential(-2m) with an SDE")
     if solver in EXPONENTIAL_SOLVERS and diffusion_spec.epsilon is not None:
         raise ValueError("solver: the exponential step needs diffusion 'ode', 'optimal' or a number kappa "
                          "(eps = kappa eps*), not a callable eps(t); use euler or heun")
@@ -1073,8 +1083,11 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
                 return exponential(dynamics.denoise, target, diffusion_spec.kappa, x, grid, draws,
                                    multistep=solver == "exponential-2m", callback=callback)
             if is_sde:
-                stepper = euler_maruyama if solver == "euler" else stochastic_heun
                 draws = normal_draws(streams, steps) if increments is None else iter(increments.unbind(0)).__next__
+                if solver == "ab2":
+                    return adams_bashforth2(dynamics.drift, x, grid, denoise=denoise, callback=callback,
+                                            epsilon=diffusion_spec.epsilon_at, normal=draws)
+                stepper = euler_maruyama if solver == "euler" else stochastic_heun
                 return stepper(dynamics.drift, diffusion_spec.epsilon_at, x, grid, draws, denoise=denoise,
                                callback=callback)
             return ODE_STEPPERS[solver](dynamics.drift, x, grid, denoise=denoise, callback=callback)

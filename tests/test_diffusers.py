@@ -161,6 +161,7 @@ CONFIGS = {
     "point-mass sde exponential": dict(schedule="point-mass", sigma=0.7, diffusion="optimal", solver="exponential"),
     "point-mass sde euler": dict(schedule="point-mass", sigma=0.7, diffusion="optimal", solver="euler"),
     "cosine sde exponential": dict(schedule="cosine", diffusion=0.5, solver="exponential"),
+    "point-mass sde ab2": dict(schedule="point-mass", sigma=0.7, diffusion="optimal", solver="ab2"),
     "lazy-vp exponential": dict(schedule="lazy-vp", sigma=0.9, solver="exponential"),
 }
 
@@ -344,15 +345,15 @@ def test_ab2_in_a_pipeline_evaluates_the_transformer_once_per_step(kind, sd3, fl
     assert float((out - euler).abs().max()) > 1e-3
 
 
-def test_ab2_with_an_sde_raises():
-    """ab2 is an ODE solver, in the scheduler as in li.sample."""
+def test_ab2_pc_with_an_sde_raises():
+    """ab2-pc is an ODE solver, in the scheduler as in li.sample (ab2 takes an SDE, with Euler–Maruyama's noise)."""
     for schedule, diffusion in (("lazy-vp", "optimal"), ("cosine", 0.5), ("point-mass", "optimal")):
-        with pytest.raises(ValueError, match="solver"):
+        with pytest.raises(ValueError, match="solver: ab2-pc is an ODE solver"):
             LazyScheduler(schedule=schedule, sigma=1.0 if schedule != "cosine" else None, diffusion=diffusion,
-                          solver="ab2")
-    with pytest.raises(ValueError, match="solver"):
+                          solver="ab2-pc")
+    with pytest.raises(ValueError, match="solver: ab2-pc is an ODE solver"):
         li.sample(li.Model(lambda x, t: -x, "linear", "velocity"), torch.zeros(1, 2), schedule="cosine",
-                  diffusion=0.5, solver="ab2")
+                  diffusion=0.5, solver="ab2-pc")
 
 
 def test_default_solver_is_li_samples_and_stays_a_default_in_the_config(tmp_path):
