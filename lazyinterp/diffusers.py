@@ -56,6 +56,8 @@ from .samplers import (
     am3_increment,
     check_covariance_applies,
     check_grid,
+    check_solver_fits,
+    default_solver,
     exponential_terms,
     log_snr,
     normal_draws,
@@ -339,22 +341,12 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         # The default is li.sample's: in lazy coordinates AB2 beats Euler at equal NFE (README, "Benchmarks").
         # From PC_DEFAULT_FROM_STEPS steps on, set_timesteps moves that default to its third-order form, ab2-pc.
         self._multistep_default = solver is None and isinstance(target, LazySchedule) and not self._is_sde
-        # For an SDE with ε = κ ε*, li.sample's default is the second-order exponential step.
-        default_solver = "ab2" if self._multistep_default else (
-            "exponential-2m" if self._is_sde and probe_diffusion.epsilon is None else "euler")
-        self._solver = _check_solver(default_solver if solver is None else solver)
+        self._solver = _check_solver(default_solver(target, probe_diffusion) if solver is None else solver)
         # li.sample may know more solvers than the stepping below implements; those must not run as Euler.
         if self._solver not in _SOLVERS:
             raise ValueError(f"solver: LazyScheduler implements {', '.join(_SOLVERS)} (or None for the default), "
                              f"got {solver!r}")
-        if self._solver == "ab2-pc" and self._is_sde:
-            raise ValueError("solver: ab2-pc is an ODE solver; use euler, heun, ab2 or exponential(-2m) with an SDE")
-        if self._solver in EXPONENTIAL_SOLVERS and probe_diffusion.epsilon is not None:
-            raise ValueError("solver: the exponential step needs diffusion 'ode', 'optimal' or a number kappa "
-                             "(eps = kappa eps*), not a callable eps(t); use euler or heun")
-        if self._solver in EXPONENTIAL_SOLVERS and self._covariance is not None:
-            raise ValueError("covariance: the exponential step is the same in any lazy coordinates (DDIM's "
-                             "step); drop covariance or use another solver")
+        check_solver_fits(self._solver, probe_diffusion, self._covariance is not None)
         if last_step is not None and last_step not in LAST_STEPS:
             raise ValueError(f"last_step: expected one of {', '.join(LAST_STEPS)} or None, got {last_step!r}")
         self._last_step = last_step or ("denoise" if self._is_sde else "euler")

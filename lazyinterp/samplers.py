@@ -336,6 +336,12 @@ class Dynamics:
 
 # Pure solvers ---------------------------------------------------------------------------------------------------
 
+def _kick(epsilon: Callable[[float], float] | None, t: float, h: float, xi: Tensor | None) -> list:
+    """The noise of a step from t of length h, √(2 ε(t) h) ξ, as (coefficient, tensor) pairs (none where ε = 0)."""
+    eps = epsilon(t) if epsilon is not None else 0.0
+    return [(math.sqrt(2 * eps * h), xi)] if eps > 0 else []
+
+
 # A step more than this many times longer than the one before it takes the one-step rule (Euler, or the trapezoid
 # in the corrector): after so short a step the two drifts differ by little more than rounding, and the multistep
 # weights, which grow like ρ = h/h_prev, would multiply that rounding into the state.
@@ -485,10 +491,7 @@ def adams_bashforth2(drift: Drift, x: Tensor, grid: Tensor, *, denoise: Drift | 
         else:
             d = _guard(k, t, drift, x, t)
             weights = (h,) if previous is None else ab2_weights(h, t - times[k - 1])
-            terms = list(zip(weights, (d, previous), strict=False))
-            eps = epsilon(t) if epsilon is not None else 0.0
-            if eps > 0:
-                terms.append((math.sqrt(2 * eps * h), xi))
+            terms = [*zip(weights, (d, previous), strict=False), *_kick(epsilon, t, h, xi)]
             x = linear_combination(terms, base=x)
             previous = d
         check(x, k, t)
@@ -565,11 +568,8 @@ def euler_maruyama(drift: Drift, epsilon: Callable[[float], float], x: Tensor, g
         if k == last and denoise is not None:
             x = _guard(k, t, denoise, x, t)
         else:
-            eps = epsilon(t)
-            terms = [(h, _guard(k, t, drift, x, t))]
-            if eps > 0:
-                terms.append((math.sqrt(2 * eps * h), xi))
-            x = linear_combination(terms, base=x)
+            kick = _kick(epsilon, t, h, xi)
+            x = linear_combination([(h, _guard(k, t, drift, x, t)), *kick], base=x)
         check(x, k, t)
         if callback is not None:
             callback(k, times[k + 1], x)
@@ -592,8 +592,7 @@ def stochastic_heun(drift: Drift, epsilon: Callable[[float], float], x: Tensor, 
         if k == last and denoise is not None:
             x = _guard(k, t, denoise, x, t)
         else:
-            eps = epsilon(t)
-            kick = [(math.sqrt(2 * eps * h), xi)] if eps > 0 else []
+            kick = _kick(epsilon, t, h, xi)
             d0 = _guard(k, t, drift, x, t)
             x_pred = linear_combination([(h, d0), *kick], base=x)
             d1 = _guard(k, t_next, drift, x_pred, t_next)
@@ -629,7 +628,7 @@ def exponential_coefficients(schedule: Schedule, t: float, s: float, kappa: floa
             return a_s / a_t, b_s, 0.0
         return 0.0, b_s, a_s
     # ρ^κ through logarithms: r_t and r_s can be far apart near the ends.
-    log_rho = (math.log(b_t) - math.log(a_t)) - (math.log(b_s) - math.log(a_s))
+    log_rho = log_snr(schedule, t) - log_snr(schedule, s)
     decay = math.exp(kappa * log_rho)
     keep = a_s / a_t * decay
     spread = a_s * math.sqrt(-math.expm1(2 * kappa * log_rho)) if kappa > 0 else 0.0
@@ -857,6 +856,31 @@ def check_covariance_applies(schedule: Schedule, is_ode: bool) -> None:
         raise ValueError("covariance: applies to the probability-flow ODE of schedule='lazy-vp' only")
 
 
+def default_solver(schedule: Schedule, diffusion: Diffusion) -> str:
+    """The solver when none is given (before :func:`sample`'s step-count rules): "ab2" for an ODE on a lazy
+    schedule, "exponential-2m" for an SDE with ε = κ ε*, "euler" otherwise.
+
+    Measured (README, "Benchmarks"): in lazy coordinates AB2 beats Euler at equal NFE; for SDEs the exponential
+    step with η_X extrapolated in log-SNR beats Euler–Maruyama on MNIST (point mass, FID 97.2 / 32.7 / 15.6 vs
+    315 / 149 / 61.1 at 4 / 8 / 16 NFE) and on both mixtures from 4 NFE.
+    """
+    if isinstance(schedule, LazySchedule) and diffusion.is_ode:
+        return "ab2"
+    return "exponential-2m" if not diffusion.is_ode and diffusion.epsilon is None else "euler"
+
+
+def check_solver_fits(solver: str, diffusion: Diffusion, with_covariance: bool) -> None:
+    """Refuses a solver that cannot run with this diffusion (or with covariance-matched coordinates)."""
+    if solver == "ab2-pc" and not diffusion.is_ode:
+        raise ValueError("solver: ab2-pc is an ODE solver; use euler, heun, ab2 or exponential(-2m) with an SDE")
+    if solver in EXPONENTIAL_SOLVERS and diffusion.epsilon is not None:
+        raise ValueError("solver: the exponential step needs diffusion 'ode', 'optimal' or a number kappa "
+                         "(eps = kappa eps*), not a callable eps(t); use euler or heun")
+    if solver in EXPONENTIAL_SOLVERS and with_covariance:
+        raise ValueError("covariance: the exponential step is the same in any lazy coordinates (DDIM's step); "
+                         "drop covariance or use another solver")
+
+
 def resolve_covariance(covariance: Any, sample_shape: tuple[int, ...]) -> Covariance | str:
     """``covariance`` checked against the sample shape: "model", a :class:`Covariance` or a (D, D) tensor."""
     dim = math.prod(sample_shape)
@@ -958,13 +982,7 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
     # Measured (README, "Benchmarks"): in lazy coordinates two-step Adams–Bashforth beats Euler at equal NFE, and
     # its third-order predictor-corrector form overtakes it once steps are short; chosen below, with the grid.
     auto_multistep = solver is None and isinstance(target, LazySchedule) and diffusion_spec.is_ode
-    if solver is None:
-        # Measured (README, "Benchmarks"): for SDEs with ε = κ ε* the exponential step with η_X extrapolated in
-        # log-SNR beats Euler–Maruyama on MNIST (point mass, FID 97.2 / 32.7 / 15.6 vs 315 / 149 / 61.1 at 4 / 8 /
-        # 16 NFE) and on both mixtures from 4 NFE.
-        solver = "ab2" if auto_multistep else (
-            "exponential-2m" if not diffusion_spec.is_ode and diffusion_spec.epsilon is None else "euler")
-    solver = _check_solver(solver)
+    solver = _check_solver(default_solver(target, diffusion_spec) if solver is None else solver)
     if grid is not None and not isinstance(grid, str):
         grid = check_grid(grid)
     # Refused before σ and E[X] cost network calls; a grid left to the default is checked once chosen.
@@ -974,11 +992,6 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         last_step = "denoise" if is_sde else "euler"
     if last_step not in LAST_STEPS:
         raise ValueError(f"last_step: expected one of {', '.join(LAST_STEPS)}, got {last_step!r}")
-    if solver == "ab2-pc" and is_sde:
-        raise ValueError("solver: ab2-pc is an ODE solver; use euler, heun, ab2 or exponential(-2m) with an SDE")
-    if solver in EXPONENTIAL_SOLVERS and diffusion_spec.epsilon is not None:
-        raise ValueError("solver: the exponential step needs diffusion 'ode', 'optimal' or a number kappa "
-                         "(eps = kappa eps*), not a callable eps(t); use euler or heun")
     if not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph: expected True or False, got {type(cuda_graph).__name__}")
     if callback is not None and not callable(callback):
@@ -987,9 +1000,7 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         raise ValueError("cuda_graph: a replayed run cannot call back into Python at every step; drop callback")
     if covariance is not None:
         check_covariance_applies(target, not is_sde)
-        if solver in EXPONENTIAL_SOLVERS:
-            raise ValueError("covariance: the exponential step is the same in any lazy coordinates (DDIM's "
-                             "step); drop covariance or use another solver")
+    check_solver_fits(solver, diffusion_spec, covariance is not None)
     if covariance is not None and cuda_graph:
         raise ValueError("cuda_graph: not supported with covariance; run it eagerly (cuda_graph=False)")
     if target.base == "point_mass" and not is_sde:
