@@ -25,6 +25,7 @@ Tensor = torch.Tensor
 
 
 _SCALAR_TIME_CHANGES: dict = {}
+_SCALAR_TIME_CHANGE_FLOATS: dict = {}
 
 
 def _schedules(source: Schedule | str, target: Schedule | str) -> tuple[Schedule, Schedule]:
@@ -92,11 +93,13 @@ class ConvertedModel:
 
     def eta_terms(self, x: Tensor, t: Tensor | float) -> tuple[Terms, Terms]:
         """:meth:`eta` as linear combinations (:func:`~lazyinterp.predictors.to_eta_terms`)."""
-        tau, scale = time_change(self.source, self.schedule, t)
-        if tau.ndim == 0:
-            c = float(scale)
+        if isinstance(t, (float, int)) or (isinstance(t, Tensor) and t.ndim == 0):
+            # One time for the batch, as a sampler asks at every step: (τ, c) as floats, remembered per time.
+            tau, c = remembered(_SCALAR_TIME_CHANGE_FLOATS, (self.source, self.schedule, float(t)),
+                                lambda: tuple(float(v) for v in time_change(self.source, self.schedule, t)))
             y = x / c if c != 0 else torch.zeros_like(x)
         else:
+            tau, scale = time_change(self.source, self.schedule, t)
             c = _expand(scale, x)
             y = torch.where(c == 0, torch.zeros_like(x), x / torch.where(c == 0, torch.ones_like(c), c))
         return eta_terms(self.inner, y, tau)

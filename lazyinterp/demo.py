@@ -29,6 +29,7 @@ DEMO_SAMPLERS: dict[str, dict] = {
     "lazy VP AB2": dict(schedule="lazy-vp", solver="ab2"),
     "point-mass SDE, Euler–Maruyama": dict(schedule="point-mass", diffusion="optimal", solver="euler"),
     "point-mass SDE, exponential 2M step": dict(schedule="point-mass", diffusion="optimal", solver="exponential-2m"),
+    "point-mass SDE, AB2 drift (default)": dict(schedule="point-mass", diffusion="optimal", solver="ab2"),
 }
 REFERENCE = ("linear Heun", dict(schedule="linear", solver="heun"), 100)
 

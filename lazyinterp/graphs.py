@@ -39,6 +39,7 @@ class CapturedRun:
     output: Tensor
     calls: int = 0
     keep: object = None  # ``run`` and whatever else the captured kernels read, held alive with the graph
+    finite: Tensor | None = None  # whether ``output`` is all finite, computed by the graph itself
 
 
 def _count(counter: object) -> int:
@@ -71,13 +72,15 @@ def capture(run: Callable[..., Tensor], inputs: Sequence[Tensor], counter: objec
     try:
         with torch.cuda.graph(graph), torch.no_grad():
             output = run(*static)
+            # Checked inside the graph: after a replay, reading this flag is the only work left for the host.
+            finite = torch.isfinite(output).all() if isinstance(output, Tensor) else None
     except RuntimeError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(f"cuda_graph: the run could not be captured as a CUDA graph ({first}); a network that "
                          f"synchronises with the host (.item(), .cpu(), printing tensors) cannot be") from None
     finally:
         _CAPTURING.reset(token)
-    captured = CapturedRun(graph, static, output, calls=_count(counter) - warm, keep=(run, keep))
+    captured = CapturedRun(graph, static, output, calls=_count(counter) - warm, keep=(run, keep), finite=finite)
     if counter is not None and hasattr(counter, "nfe"):
         counter.nfe = before
     return captured
@@ -85,7 +88,7 @@ def capture(run: Callable[..., Tensor], inputs: Sequence[Tensor], counter: objec
 
 def replay(captured: CapturedRun, inputs: Sequence[Tensor], counter: object = None) -> Tensor:
     """The run on new ``inputs`` (same shapes and dtypes as captured), as a new tensor; adds the run's network
-    calls to ``counter.nfe``."""
+    calls to ``counter.nfe``. ``captured.finite`` then says whether the result is all finite."""
     if len(inputs) != len(captured.inputs):
         raise ValueError(f"inputs: expected {len(captured.inputs)} tensors, got {len(inputs)}")
     for static, value in zip(captured.inputs, inputs, strict=True):

@@ -17,10 +17,87 @@ import torch
 Tensor = torch.Tensor
 
 
+_MASK32 = 0xFFFFFFFF
+# The constants of numpy's SeedSequence (numpy/random/bit_generator.pyx), whose hash :func:`sample_seeds` computes
+# for a whole batch of spawn keys at once.
+_INIT_A, _MULT_A, _INIT_B, _MULT_B = 0x43B0D7E5, 0x931E8875, 0x8B51F9DD, 0x58F38DED
+_MIX_L, _MIX_R, _XSHIFT = 0xCA01F9DD, 0x4973F715, 16
+_POOL_SIZE = 4
+
+
+def _uint32_words(value: int) -> list[int]:
+    """A non-negative int as little-endian 32-bit words (at least one), as SeedSequence splits its entropy."""
+    words = [value & _MASK32]
+    value >>= 32
+    while value:
+        words.append(value & _MASK32)
+        value >>= 32
+    return words
+
+
+class _HashConstant:
+    """SeedSequence's running hash constant: it advances by the same multiplier at every use, whatever the
+    data, so one sequence of constants serves every spawn key."""
+
+    def __init__(self, start: int, multiplier: int):
+        self.value, self.multiplier = start, multiplier
+
+    def next(self) -> int:
+        used = self.value
+        self.value = (self.value * self.multiplier) & _MASK32
+        return used
+
+
+def _hashmix(value, constant: _HashConstant):
+    # value ^= h; h *= M; value *= h; value ^= value >> 16, in uint32 (on ints, or uint64 arrays of 32-bit values).
+    h = constant.next()
+    value = ((value ^ h) * constant.value) & _MASK32
+    return value ^ (value >> _XSHIFT)
+
+
+def _mix(x, y):
+    result = (_MIX_L * x - _MIX_R * y) & _MASK32
+    return result ^ (result >> _XSHIFT)
+
+
+def sample_seeds(seed: int, indices: range | list[int]) -> list[int]:
+    """:func:`sample_seed` for many indices at once: numpy's SeedSequence(seed, spawn_key=(i,)) hash, with the
+    part that depends on ``seed`` alone computed once and the rest vectorised over the indices (one
+    SeedSequence per sample costs tens of microseconds, which a stochastic sampler would pay on every call)."""
+    indices = [int(i) for i in indices]
+    if any(i < 0 for i in indices):
+        raise ValueError("indices: expected non-negative sample indices")
+    run_words = _uint32_words(int(seed) & ((1 << 128) - 1))
+    run_words += [0] * (_POOL_SIZE - len(run_words))  # padded, as SeedSequence does when there is a spawn key
+    constant = _HashConstant(_INIT_A, _MULT_A)
+    pool = [_hashmix(word, constant) for word in run_words[:_POOL_SIZE]]
+    for src in range(_POOL_SIZE):
+        for dst in range(_POOL_SIZE):
+            if src != dst:
+                pool[dst] = _mix(pool[dst], _hashmix(pool[src], constant))
+    out = [0] * len(indices)
+    by_length: dict[int, list[int]] = {}
+    for position, index in enumerate(indices):
+        by_length.setdefault(len(_uint32_words(index)), []).append(position)
+    for length, positions in by_length.items():
+        words = np.array([_uint32_words(indices[p]) for p in positions], dtype=np.uint64).reshape(-1, length)
+        mixed = [np.full(len(positions), word, dtype=np.uint64) for word in pool]
+        index_constant = _HashConstant(constant.value, _MULT_A)
+        for src in range(length):
+            for dst in range(_POOL_SIZE):
+                mixed[dst] = _mix(mixed[dst], _hashmix(words[:, src], index_constant))
+        # generate_state(1, uint64): two 32-bit words from the first two pool entries, read little-endian.
+        state_constant = _HashConstant(_INIT_B, _MULT_B)
+        low, high = (_hashmix(mixed[i], state_constant) for i in range(2))
+        values = (low | (high << np.uint64(32))) >> np.uint64(1)
+        for p, v in zip(positions, values.tolist(), strict=True):
+            out[p] = int(v)
+    return out
+
+
 def sample_seed(seed: int, index: int) -> int:
     """A 63-bit seed for sample ``index`` of a run seeded with ``seed`` (numpy's SeedSequence hashing)."""
-    state = np.random.SeedSequence(entropy=int(seed) & ((1 << 128) - 1), spawn_key=(int(index),))
-    return int(state.generate_state(1, dtype=np.uint64)[0]) >> 1
+    return sample_seeds(seed, [index])[0]
 
 
 def resolve_seed(generator: int | torch.Generator | None) -> int:
@@ -56,7 +133,7 @@ class NoiseStreams:
         self.sample_shape = tuple(sample_shape)
         self.device = device
         self.dtype = dtype
-        self._generators = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in indices]
+        self._generators = [torch.Generator().manual_seed(s) for s in sample_seeds(seed, indices)]
         if workers is None:
             on_host = device is None or torch.device(device).type == "cpu"
             workers = 1 if on_host else min(8, os.cpu_count() or 1)

@@ -118,6 +118,9 @@ def check_grid_shift(shift: Any, grid: Any = "model") -> float:
     return shift
 
 
+_NAMED_GRIDS: dict = {}
+
+
 def make_grid(grid: Any, steps: int | None, schedule: Schedule, model_schedule: Schedule,
               shift: float = 1.0) -> Tensor:
     """The time grid :func:`sample` uses: an explicit grid, or a named family over ``steps`` intervals.
@@ -131,9 +134,15 @@ def make_grid(grid: Any, steps: int | None, schedule: Schedule, model_schedule: 
         if name not in GRIDS:
             raise ValueError(f"grid: expected an explicit grid or one of {', '.join(GRIDS)}, got {grid!r}")
         shift = check_grid_shift(shift, name)
-        if name == "model":
-            return check_grid(snr_matched_grid(steps, schedule, model_schedule, shift))
-        return uniform_grid(steps)
+
+        def compute() -> Tensor:
+            if name == "model":
+                return check_grid(snr_matched_grid(steps, schedule, model_schedule, shift))
+            return uniform_grid(steps)
+
+        # A named grid is a function of its arguments: remembered (the schedules by identity, and kept alive by
+        # the key), as sampling calls it with the same arguments every time; each caller gets its own copy.
+        return remembered(_NAMED_GRIDS, (name, steps, schedule, model_schedule, shift), compute).clone()
     check_grid_shift(shift, grid)
     return check_grid(grid)
 
@@ -857,16 +866,25 @@ def check_covariance_applies(schedule: Schedule, is_ode: bool) -> None:
 
 
 def default_solver(schedule: Schedule, diffusion: Diffusion) -> str:
-    """The solver when none is given (before :func:`sample`'s step-count rules): "ab2" for an ODE on a lazy
-    schedule, "exponential-2m" for an SDE with ε = κ ε*, "euler" otherwise.
+    """The solver when none is given (before :func:`sample`'s step-count rules): "ab2" where the schedule is lazy
+    for the dynamics (an ODE on a lazy schedule, or the point mass's SDE with ε = ε*: on Gaussian data their drift
+    is 0, so extrapolating it is exact), "exponential-2m" for any other SDE with ε = κ ε*, "euler" otherwise.
 
-    Measured (README, "Benchmarks"): in lazy coordinates AB2 beats Euler at equal NFE; for SDEs the exponential
-    step with η_X extrapolated in log-SNR beats Euler–Maruyama on MNIST (point mass, FID 97.2 / 32.7 / 15.6 vs
-    315 / 149 / 61.1 at 4 / 8 / 16 NFE) and on both mixtures from 4 NFE.
+    Measured (README, "Benchmarks"): in lazy coordinates AB2 beats Euler at equal NFE. On the point mass with ε*
+    AB2 beats the 2M step on MNIST up to 6 NFE (FID 174.9 / 58.59 / 37.26 vs 448.8 / 97.17 / 51.15 at 2 / 4 / 6)
+    and on gmm-64d at every NFE but 4, and loses on MNIST from 8 NFE (34.45 vs 32.67) and on gmm-2d near its
+    noise floor; with κ ≠ 1 or on lazy VP, where the drift keeps a stiff linear part, AB2 overshoots at few steps
+    (gmm-64d, 3 NFE: 1.22 on lazy VP with κ = 1, 2.51 on the point mass with κ = 2) and the 2M step, which
+    integrates that part exactly, is the better default.
     """
-    if isinstance(schedule, LazySchedule) and diffusion.is_ode:
+    if isinstance(schedule, LazySchedule) and (diffusion.is_ode or _is_lazy_sde(schedule, diffusion)):
         return "ab2"
     return "exponential-2m" if not diffusion.is_ode and diffusion.epsilon is None else "euler"
+
+
+def _is_lazy_sde(schedule: Schedule, diffusion: Diffusion) -> bool:
+    """The lazy point mass with ε = ε*: the SDE whose drift vanishes on Gaussian data (theory §5)."""
+    return schedule.base == "point_mass" and diffusion.epsilon is None and diffusion.kappa == 1.0
 
 
 def check_solver_fits(solver: str, diffusion: Diffusion, with_covariance: bool) -> None:
@@ -903,6 +921,10 @@ def resolve_covariance(covariance: Any, sample_shape: tuple[int, ...]) -> Covari
 _CAPTURES_PER_MODEL = 8
 
 
+def _nonfinite_noise() -> ValueError:
+    return ValueError("noise: expected finite values")
+
+
 def _replay_captured(predictor: Predictor, key: tuple, run: Callable[..., Tensor], inputs: tuple[Tensor, ...],
                      keep: object) -> Tensor:
     """``run(*inputs)`` replayed from the capture kept on the model under ``key`` (captured on first use, holding
@@ -916,7 +938,7 @@ def _replay_captured(predictor: Predictor, key: tuple, run: Callable[..., Tensor
             del cache[old]
         cache[key] = captured
     out = graphs.replay(captured, inputs, counter=predictor)
-    if not bool(torch.isfinite(out).all()):
+    if not bool(captured.finite):
         run(*inputs)  # eagerly, checked at every step, so the error names the step where it happened
         raise NonFiniteError("the sample became NaN or inf")
     return out
@@ -946,7 +968,8 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
             "exponential" or "exponential-2m" (ODE or ε = κ ε*: the exact step with η_X held over a step, or
             extrapolated in log-SNR; see :func:`exponential`); default for an ODE on a lazy schedule "ab2"
             ("euler" below 7 steps with ``covariance``, :data:`COVARIANCE_AB2_FROM_STEPS`), or "ab2-pc" from 12
-            steps on (:data:`PC_DEFAULT_FROM_STEPS`); "exponential-2m" for an SDE with ε = κ ε*; "euler" otherwise.
+            steps on (:data:`PC_DEFAULT_FROM_STEPS`); "ab2" for the point mass's SDE with ε = ε*;
+            "exponential-2m" for any other SDE with ε = κ ε*; "euler" otherwise (:func:`default_solver`).
         generator: an int seed, a torch.Generator or None (torch's global RNG); each sample gets its own
             stream, so results do not depend on the batch size.
         grid: an explicit increasing time grid from 0 to 1, or "uniform" or "model" (the SNRs of the model's own
@@ -1011,8 +1034,10 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
     if noise is not None:
         if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
             raise TypeError("noise: expected a floating-point tensor")
-        if not bool(torch.isfinite(noise).all()):
-            raise ValueError("noise: expected finite values")
+        # On an accelerator reading a flag back would wait for the device's queue: a non-finite start shows as a
+        # non-finite state instead, and is reported as this error then (below).
+        if noise.device.type == "cpu" and not bool(torch.isfinite(noise).all()):
+            raise _nonfinite_noise()
         if target.base == "point_mass":
             raise ValueError("noise: a point-mass schedule starts every sample at 0; pass shape= (and generator=) "
                              "instead of noise")
@@ -1103,22 +1128,29 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
                                callback=callback)
             return ODE_STEPPERS[solver](dynamics.drift, x, grid, denoise=denoise, callback=callback)
 
-    if cuda_graph:
-        inputs = (x,)
-        if is_sde:
-            draws = normal_draws(streams, steps)
-            inputs = (x, torch.stack([draws() for _ in range(steps)]))
-        # The capture reads every tensor by address: the network's weights follow in-place updates, and a
-        # network swapped for another is a new key (the old one is kept alive, so its id is not reused).
-        net = getattr(predictor, "net", None)
-        key = ("cuda-graph", id(net), tuple(shape), dtype, device, target.name, sigma,
-               tuple(target.alpha(grid).tolist()), tuple(target.beta(grid).tolist()), diffusion_spec.kappa,
-               diffusion_spec.epsilon, solver, tuple(grid.tolist()), last_step, known_start, id(mean))
-        x = _replay_captured(predictor, key, integrate, inputs, keep=net)
-    else:
-        x = integrate(x)
-    if mean is not None:
-        x = x + mean
+    def integrate_and_add_mean(x: Tensor, increments: Tensor | None = None) -> Tensor:
+        x = integrate(x, increments)
+        return x if mean is None else x + mean
+
+    try:
+        if cuda_graph:
+            inputs = (x,)
+            if is_sde:
+                draws = normal_draws(streams, steps)
+                inputs = (x, torch.stack([draws() for _ in range(steps)]))
+            # The capture reads every tensor by address: the network's weights follow in-place updates, and a
+            # network swapped for another is a new key (the old one is kept alive, so its id is not reused; the
+            # key holds the schedule itself for the same reason).
+            net = getattr(predictor, "net", None)
+            key = ("cuda-graph", id(net), tuple(shape), dtype, device, target, diffusion_spec.kappa,
+                   diffusion_spec.epsilon, solver, tuple(grid.tolist()), last_step, known_start, id(mean))
+            x = _replay_captured(predictor, key, integrate_and_add_mean, inputs, keep=net)
+        else:
+            x = integrate_and_add_mean(x)
+    except NonFiniteError:
+        if noise is not None and not bool(torch.isfinite(noise).all()):
+            raise _nonfinite_noise() from None
+        raise
     if return_info:
         info = SampleInfo(nfe=count_nfe(solver, len(grid) - 1, last_step, known_start), grid=grid, schedule=target,
                           sigma=sigma, mean=mean, estimation_nfe=estimation_nfe)

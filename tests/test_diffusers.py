@@ -157,11 +157,13 @@ CONFIGS = {
     "lazy-vp ab2-pc": dict(schedule="lazy-vp", sigma=0.7, solver="ab2-pc"),
     "lazy-vp heun": dict(schedule="lazy-vp", sigma=1.0, solver="heun"),
     "cosine sde heun": dict(schedule="cosine", diffusion=0.5, solver="heun"),
-    "point-mass sde default (exponential-2m)": dict(schedule="point-mass", sigma=0.7, diffusion="optimal"),
+    "point-mass sde default (ab2)": dict(schedule="point-mass", sigma=0.7, diffusion="optimal"),
     "point-mass sde exponential": dict(schedule="point-mass", sigma=0.7, diffusion="optimal", solver="exponential"),
     "point-mass sde euler": dict(schedule="point-mass", sigma=0.7, diffusion="optimal", solver="euler"),
     "cosine sde exponential": dict(schedule="cosine", diffusion=0.5, solver="exponential"),
-    "point-mass sde ab2": dict(schedule="point-mass", sigma=0.7, diffusion="optimal", solver="ab2"),
+    "point-mass sde exponential-2m": dict(schedule="point-mass", sigma=0.7, diffusion="optimal",
+                                          solver="exponential-2m"),
+    "point-mass kappa 2 default (exponential-2m)": dict(schedule="point-mass", sigma=0.7, diffusion=2.0),
     "lazy-vp exponential": dict(schedule="lazy-vp", sigma=0.9, solver="exponential"),
 }
 
@@ -357,11 +359,13 @@ def test_ab2_pc_with_an_sde_raises():
 
 
 def test_default_solver_is_li_samples_and_stays_a_default_in_the_config(tmp_path):
-    """ab2 for an ODE on a lazy schedule, exponential-2m for an SDE with ε = κ ε*, else Euler, as li.sample.
+    """ab2 for an ODE on a lazy schedule and for the point mass with ε*, exponential-2m for any other SDE with
+    ε = κ ε*, else Euler, as li.sample.
     The config keeps solver=None for the default, so a reloaded or re-targeted config takes its own schedule's
     default; an explicit solver is kept."""
     defaults = {("lazy-vp", "ode"): "ab2", ("lazy-vp", "optimal"): "exponential-2m",
-                ("point-mass", "optimal"): "exponential-2m", ("cosine", "ode"): "euler", ("linear", "ode"): "euler",
+                ("point-mass", "optimal"): "ab2", ("point-mass", 1.0): "ab2", ("point-mass", 2.0): "exponential-2m",
+                ("cosine", "ode"): "euler", ("linear", "ode"): "euler",
                 ("vp", 1.0): "exponential-2m", ("vp", lambda t: 0.1): "euler"}
     for (schedule, diffusion), solver in defaults.items():
         assert LazyScheduler(schedule=schedule, diffusion=diffusion).solver == solver, (schedule, diffusion)
@@ -373,7 +377,7 @@ def test_default_solver_is_li_samples_and_stays_a_default_in_the_config(tmp_path
     config = LazyScheduler.load_config(tmp_path / "default")
     assert config["solver"] is None
     assert LazyScheduler.from_config(config).solver == "ab2"
-    assert LazyScheduler.from_config(config, schedule="point-mass", diffusion="optimal").solver == "exponential-2m"
+    assert LazyScheduler.from_config(config, schedule="point-mass", diffusion="optimal").solver == "ab2"
     # From li.sample's PC_DEFAULT_FROM_STEPS steps the default is its third-order form, as in li.sample; an explicit
     # ab2 stays ab2.
     for steps, solver in ((PC_DEFAULT_FROM_STEPS - 1, "ab2"), (PC_DEFAULT_FROM_STEPS, "ab2-pc"),

@@ -110,6 +110,10 @@ def test_capture_and_replay_of_a_function():
     captured = graphs.capture(lambda v: v * 3 + 1, (x,))
     y = torch.randn(5, device="cuda")
     torch.testing.assert_close(graphs.replay(captured, (y,)), y * 3 + 1)
+    assert bool(captured.finite)
+    y[2] = float("inf")
+    graphs.replay(captured, (y,))
+    assert not bool(captured.finite)  # the flag is recomputed by every replay
     with pytest.raises(ValueError, match="shape"):
         graphs.replay(captured, (torch.randn(6, device="cuda"),))
 
@@ -123,3 +127,15 @@ def test_a_network_that_synchronises_is_refused_clearly():
     model = li.Model(Syncs(), "linear", "velocity")
     with pytest.raises(ValueError, match="cuda_graph: the run could not be captured"):
         li.sample(model, torch.randn(4, 3).cuda(), steps=2, schedule="linear", cuda_graph=True)
+
+
+@needs_cuda
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_non_finite_noise_on_the_gpu_is_reported_as_the_noise(cuda_graph):
+    """On a GPU the noise is not read back before sampling; its NaN shows in the state and is reported as the
+    noise's error."""
+    model = _model()
+    noise = torch.randn(4, 1, 12, 12, device="cuda")
+    noise[1, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="noise: expected finite values"):
+        li.sample(model, noise, steps=3, schedule="lazy-vp", cuda_graph=cuda_graph)

@@ -1,7 +1,10 @@
+import random
+
+import numpy as np
 import pytest
 import torch
 
-from lazyinterp.noise import NoiseStreams, sample_seed
+from lazyinterp.noise import NoiseStreams, sample_seed, sample_seeds
 
 
 def test_block_draws_depend_only_on_seed_and_index():
@@ -46,3 +49,24 @@ def test_parallel_draws_equal_serial_draws():
 def test_workers_are_validated(workers):
     with pytest.raises(ValueError, match="workers"):
         NoiseStreams(0, range(2), (3,), workers=workers)
+
+
+def _numpy_sample_seed(seed: int, index: int) -> int:
+    state = np.random.SeedSequence(entropy=int(seed) & ((1 << 128) - 1), spawn_key=(int(index),))
+    return int(state.generate_state(1, dtype=np.uint64)[0]) >> 1
+
+
+def test_batched_seeds_equal_numpys_seed_sequence():
+    # Seeds and indices of one to five 32-bit words, zero and negative seeds included.
+    rng = random.Random(0)
+    seeds = [0, 1, 2**32 - 1, 2**32, 2**64 + 5, 2**127 + 3, -1, -(2**70)]
+    seeds += [rng.getrandbits(b) for b in (8, 40, 70, 128)]
+    indices = [0, 1, 255, 2**32 - 1, 2**32, 2**62, 2**64 + 1, 2**100] + [rng.getrandbits(b) for b in (8, 33, 64)]
+    for seed in seeds:
+        assert sample_seeds(seed, indices) == [_numpy_sample_seed(seed, i) for i in indices]
+        assert sample_seed(seed, indices[3]) == _numpy_sample_seed(seed, indices[3])
+
+
+def test_batched_seeds_refuse_negative_indices():
+    with pytest.raises(ValueError, match="indices"):
+        sample_seeds(0, [3, -1])

@@ -6,6 +6,7 @@ from conftest import all_schedules, gaussian_schedules, make_mixture
 
 import lazyinterp as li
 from lazyinterp.noise import NoiseStreams
+from lazyinterp.samplers import default_solver, resolve_diffusion
 
 F64 = torch.float64
 
@@ -314,6 +315,21 @@ def test_lazy_default_solver_is_ab2():
     torch.testing.assert_close(default, li.sample(model, z, steps=4, schedule=li.lazy_vp(0.8), solver="ab2"),
                                rtol=0, atol=0)
     assert not torch.equal(default, li.sample(model, z, steps=4, schedule=li.lazy_vp(0.8), solver="euler"))
+
+
+def test_lazy_point_mass_sde_default_solver_is_ab2():
+    """ε = ε* on the point mass is lazy (zero drift on Gaussian data), so its default is AB2, as for lazy ODEs;
+    with any other κ, or on a Gaussian-base schedule, the SDE default is the 2M step."""
+    model = make_mixture().model("linear")
+    kwargs = dict(shape=(5, 2), steps=4, schedule="point-mass", generator=3, dtype=F64)
+    for diffusion in ("optimal", 1.0):
+        default = li.sample(model, diffusion=diffusion, **kwargs)
+        torch.testing.assert_close(default, li.sample(model, diffusion=diffusion, solver="ab2", **kwargs),
+                                   rtol=0, atol=0)
+        assert not torch.allclose(default, li.sample(model, diffusion=diffusion, solver="exponential-2m", **kwargs))
+    cases = ((li.lazy_vp(0.8), 1.0), (li.get_schedule("cosine"), "optimal"), (li.get_schedule("point-mass"), 0.5))
+    for schedule, diffusion in cases:
+        assert default_solver(schedule, resolve_diffusion(diffusion, schedule)) == "exponential-2m", schedule
 
 
 def test_predictor_corrector_is_third_order_and_lazy_exact():
@@ -650,10 +666,11 @@ def test_exponential_solver_counts_and_refusals():
     _, info = li.sample(model, shape=(4, 2), steps=5, schedule="point-mass", diffusion="optimal", generator=0,
                         return_info=True)
     assert info.nfe == 4  # centred: the first step needs no network
-    kwargs = dict(shape=(4, 2), steps=5, schedule="point-mass", diffusion="optimal", generator=0, dtype=F64)
+    # The default for an SDE that is not lazy (κ ≠ 1 on the point mass) is the 2M step.
+    kwargs = dict(shape=(4, 2), steps=5, schedule="point-mass", diffusion=2.0, generator=0, dtype=F64)
     default = li.sample(model, **kwargs)
     torch.testing.assert_close(default, li.sample(model, solver="exponential-2m", **kwargs), rtol=0, atol=0)
-    for other in ("euler", "exponential"):
+    for other in ("euler", "exponential", "ab2"):
         assert not torch.allclose(default, li.sample(model, solver=other, **kwargs))
     with pytest.raises(ValueError, match="solver: the exponential step needs"):
         li.sample(model, shape=(4, 2), schedule="point-mass", diffusion=lambda t: 0.3, solver="exponential")
