@@ -262,8 +262,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
     step for the ODE and DDPM's ancestral step for ε*; ``"exponential-2m"`` extrapolates η_X linearly in
     log-SNR from the node before (second order, once per node). The default is :func:`lazyinterp.sample`'s: ``"ab2"``
     for an ODE on a lazy schedule, ``"ab2-pc"`` there from 12 steps
-    (:data:`lazyinterp.samplers.PC_DEFAULT_FROM_STEPS`, decided in ``set_timesteps``), ``"exponential-2m"`` for
-    an SDE with ε = κ ε*, ``"euler"`` otherwise;
+    (:data:`lazyinterp.samplers.PC_DEFAULT_FROM_STEPS`, decided in ``set_timesteps``), ``"ab2"`` for the
+    point-mass SDE with ε*, ``"exponential-2m"`` for any other SDE with ε = κ ε*, ``"euler"`` otherwise;
     the config keeps ``solver=None`` for it, so a reloaded or re-targeted config takes the default of its own
     schedule and diffusion (:attr:`solver` is the one in use).
     The arithmetic is that of :func:`lazyinterp.sample` with the same grid, so the two agree to float precision.
@@ -291,8 +291,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         diffusion: ``"ode"``, ``"optimal"`` (ε*), a number κ (ε = κε*) or a callable ε(t) (not saved).
         solver: ``"euler"``, ``"heun"``, ``"ab2"``, ``"ab2-pc"`` (ODE only), ``"exponential"`` or
             ``"exponential-2m"``;
-            ``None`` for ``"ab2"`` on a lazy-schedule ODE (``"ab2-pc"`` from 12 steps), ``"exponential-2m"`` for
-            an SDE with ε = κ ε* and ``"euler"`` otherwise.
+            ``None`` for ``"ab2"`` on a lazy-schedule ODE (``"ab2-pc"`` from 12 steps) and on the point-mass SDE
+            with ε*, ``"exponential-2m"`` for any other SDE with ε = κ ε* and ``"euler"`` otherwise.
         last_step: ``"euler"`` or ``"denoise"``; default ``"euler"`` for ODEs and ``"denoise"`` for SDEs.
         center: centre on the model's own E[X] estimate; default on for lazy schedules.
         shift, use_dynamic_shifting, base_shift, max_shift, base_image_seq_len, max_image_seq_len, time_shift_type,

@@ -13,6 +13,7 @@ in eager mode up to the floating-point rounding of the kernels the capture picke
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -76,6 +77,7 @@ def capture(run: Callable[..., Tensor], inputs: Sequence[Tensor], counter: objec
             finite = torch.isfinite(output).all() if isinstance(output, Tensor) else None
     except RuntimeError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        _end_failed_capture(device)
         raise ValueError(f"cuda_graph: the run could not be captured as a CUDA graph ({first}); a network that "
                          f"synchronises with the host (.item(), .cpu(), printing tensors) cannot be") from None
     finally:
@@ -84,6 +86,24 @@ def capture(run: Callable[..., Tensor], inputs: Sequence[Tensor], counter: objec
     if counter is not None and hasattr(counter, "nfe"):
         counter.nfe = before
     return captured
+
+
+def _end_failed_capture(device: torch.device) -> None:
+    """Leaves CUDA as it was before a capture that failed.
+
+    A capture that breaks off leaves torch's CUDA random generator marked as capturing, so that every later
+    random draw on the device fails ("Offset increment outside graph capture"); a complete capture of nothing
+    marks it idle again.
+    """
+    torch.cuda.synchronize(device)
+    empty = torch.cuda.CUDAGraph()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that the graph is empty, which is the point
+        try:
+            with torch.cuda.graph(empty):
+                pass
+        except RuntimeError:
+            pass
 
 
 def replay(captured: CapturedRun, inputs: Sequence[Tensor], counter: object = None) -> Tensor:

@@ -127,6 +127,12 @@ def test_a_network_that_synchronises_is_refused_clearly():
     model = li.Model(Syncs(), "linear", "velocity")
     with pytest.raises(ValueError, match="cuda_graph: the run could not be captured"):
         li.sample(model, torch.randn(4, 3).cuda(), steps=2, schedule="linear", cuda_graph=True)
+    # The failed capture leaves nothing behind: random draws on the device and later captures still work.
+    assert torch.randn(3, device="cuda").isfinite().all()
+    good = _model()
+    noise = torch.randn(2, 1, 12, 12, device="cuda")
+    torch.testing.assert_close(li.sample(good, noise, steps=2, schedule="lazy-vp", cuda_graph=True),
+                               li.sample(good, noise, steps=2, schedule="lazy-vp"), rtol=1e-4, atol=1e-4)
 
 
 @needs_cuda
