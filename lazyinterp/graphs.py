@@ -95,15 +95,14 @@ def _end_failed_capture(device: torch.device) -> None:
     random draw on the device fails ("Offset increment outside graph capture"); a complete capture of nothing
     marks it idle again.
     """
-    torch.cuda.synchronize(device)
-    empty = torch.cuda.CUDAGraph()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch warns that the graph is empty, which is the point
         try:
-            with torch.cuda.graph(empty):
+            torch.cuda.synchronize(device)
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
                 pass
         except RuntimeError:
-            pass
+            pass  # best effort: the capture's own error is what the caller reports
 
 
 def replay(captured: CapturedRun, inputs: Sequence[Tensor], counter: object = None) -> Tensor:
