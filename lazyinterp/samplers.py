@@ -12,7 +12,7 @@ solver                        last_step="euler"           last_step="denoise"
 euler (ODE), euler (SDE: EM)  N                           N
 exponential (ODE and SDE)     N                           N
 exponential-2m (ODE and SDE)  N                           N
-ab2 (ODE, Adams–Bashforth 2)  N                           N
+ab2 (ODE and SDE: AB2 drift)  N                           N
 ab2-pc (ODE, AB2 + AM3 PEC)   N                           N
 heun (ODE and SDE)            2N                          2N − 1
 ============================  ==========================  =================================
