@@ -25,28 +25,36 @@ Tensor = torch.Tensor
 
 
 _SCALAR_TIME_CHANGES: dict = {}
-_SCALAR_TIME_CHANGE_FLOATS: dict = {}
 
 
 def _schedules(source: Schedule | str, target: Schedule | str) -> tuple[Schedule, Schedule]:
     return get_schedule(source, argument="source"), get_schedule(target, argument="target")
 
 
+def _time_change(source: Schedule, target: Schedule, tt: Tensor) -> tuple[Tensor, Tensor]:
+    tau = source.snr_inverse(target.snr(tt))
+    return tau, (target.alpha(tt) + target.beta(tt)) / (source.alpha(tau) + source.beta(tau))
+
+
 def time_change(source: Schedule | str, target: Schedule | str, t: Tensor | float) -> tuple[Tensor, Tensor]:
     """(τ, c) at target time ``t``: the source time with the same SNR, and the scale I'_t = c I_τ."""
     source, target = _schedules(source, target)
     tt = as_time(t)
-
-    def compute() -> tuple[Tensor, Tensor]:
-        tau = source.snr_inverse(target.snr(tt))
-        return tau, (target.alpha(tt) + target.beta(tt)) / (source.alpha(tau) + source.beta(tau))
-
     if tt.ndim:
-        return compute()
-    # A sampler converts at the same grid times on every call with the same pair of schedules; scalar results
-    # are remembered (the maps are deterministic, so this changes no value), and each caller gets its own copy.
-    tau, scale = remembered(_SCALAR_TIME_CHANGES, (source, target, float(tt)), compute)
-    return tau.clone(), scale.clone()
+        return _time_change(source, target, tt)
+    tau, scale = scalar_time_change(source, target, float(tt))
+    return torch.tensor(tau, dtype=tt.dtype), torch.tensor(scale, dtype=tt.dtype)
+
+
+def scalar_time_change(source: Schedule | str, target: Schedule | str, t: float) -> tuple[float, float]:
+    """:func:`time_change` at one time, as floats.
+
+    A sampler converts at the same grid times on every call with the same pair of schedules, so the results
+    are remembered (the maps are deterministic, so this changes no value).
+    """
+    source, target = _schedules(source, target)
+    return remembered(_SCALAR_TIME_CHANGES, (source, target, float(t)),
+                      lambda: tuple(float(v) for v in _time_change(source, target, as_time(float(t)))))
 
 
 def time_change_derivatives(source: Schedule | str, target: Schedule | str, t: Tensor | float) -> tuple[Tensor, Tensor]:
@@ -95,8 +103,7 @@ class ConvertedModel:
         """:meth:`eta` as linear combinations (:func:`~lazyinterp.predictors.to_eta_terms`)."""
         if isinstance(t, (float, int)) or (isinstance(t, Tensor) and t.ndim == 0):
             # One time for the batch, as a sampler asks at every step: (τ, c) as floats, remembered per time.
-            tau, c = remembered(_SCALAR_TIME_CHANGE_FLOATS, (self.source, self.schedule, float(t)),
-                                lambda: tuple(float(v) for v in time_change(self.source, self.schedule, t)))
+            tau, c = scalar_time_change(self.source, self.schedule, float(t))
             y = x / c if c != 0 else torch.zeros_like(x)
         else:
             tau, scale = time_change(self.source, self.schedule, t)

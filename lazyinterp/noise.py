@@ -76,11 +76,12 @@ def sample_seeds(seed: int, indices: range | list[int]) -> list[int]:
             if src != dst:
                 pool[dst] = _mix(pool[dst], _hashmix(pool[src], constant))
     out = [0] * len(indices)
+    index_words = [_uint32_words(index) for index in indices]
     by_length: dict[int, list[int]] = {}
-    for position, index in enumerate(indices):
-        by_length.setdefault(len(_uint32_words(index)), []).append(position)
+    for position, words in enumerate(index_words):
+        by_length.setdefault(len(words), []).append(position)
     for length, positions in by_length.items():
-        words = np.array([_uint32_words(indices[p]) for p in positions], dtype=np.uint64).reshape(-1, length)
+        words = np.array([index_words[p] for p in positions], dtype=np.uint64).reshape(-1, length)
         mixed = [np.full(len(positions), word, dtype=np.uint64) for word in pool]
         index_constant = _HashConstant(constant.value, _MULT_A)
         for src in range(length):

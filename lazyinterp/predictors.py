@@ -26,7 +26,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from .schedules import Schedule, as_time, get_schedule, remembered
+from .schedules import Schedule, as_time, get_schedule
 
 Tensor = torch.Tensor
 Kind = Literal["velocity", "noise", "data", "score"]
@@ -315,7 +315,6 @@ class CenteredModel:
         self.inner = predictor
         self.schedule = predictor.schedule
         self.mean = mean
-        self._betas: dict = {}
 
     def eta(self, x: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]:
         eta_z, eta_x = self.eta_terms(x, t)
@@ -323,10 +322,7 @@ class CenteredModel:
 
     def eta_terms(self, x: Tensor, t: Tensor | float) -> tuple[Terms, Terms]:
         mean = self.mean.to(device=x.device, dtype=x.dtype)
-        if isinstance(t, (float, int)):
-            beta = remembered(self._betas, float(t), lambda: float(self.schedule.beta(t)))
-        else:
-            beta = _expand(self.schedule.beta(t), x)
+        beta = _expand(self.schedule.beta(t), x)  # a float for one time (the schedule remembers it)
         eta_z, eta_x = eta_terms(self.inner, linear_combination([(beta, mean)], base=x), t)
         return eta_z, [*eta_x, (-1.0, mean)]
 
