@@ -5,6 +5,7 @@ another schedule and diffusion coefficient; the continuous-time samples are the 
 error changes. Lazy schedules make that error vanish for Gaussian data.
 """
 
+from .brownian import BrownianPaths
 from .conversion import (
     ConvertedModel,
     ConvertedPath,
@@ -57,6 +58,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "adams_bashforth2",
+    "BrownianPaths",
     "CenteredModel",
     "ConvertedModel",
     "ConvertedPath",

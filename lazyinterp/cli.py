@@ -165,6 +165,9 @@ SCHEDULE_NAMES = ["linear", "cosine", "vp", "lazy-vp", "point-mass"]
 @click.option("--covariance", is_flag=True,
               help="lazy-vp ODE: one lazy schedule per principal direction of the covariance, estimated from the "
               "model's own samples (exact for any Gaussian data).")
+@click.option("--sde-noise", default="independent", show_default=True, type=click.Choice(["independent", "brownian"]),
+              help="SDE noise: a fresh normal per step, or one Brownian path per sample that every step count "
+              "reads alike (more steps refine the same sample).")
 @click.option("--n", "-n", "n", default=64, type=click.IntRange(min=1), show_default=True)
 @click.option("--batch-size", default=250, type=click.IntRange(min=1), show_default=True)
 @click.option("--seed", default=0, type=int, show_default=True)
@@ -183,7 +186,7 @@ SCHEDULE_NAMES = ["linear", "cosine", "vp", "lazy-vp", "point-mass"]
 @friendly_errors
 def sample(model_name: str, schedule: str, steps: int, solver: str, diffusion: str | None, sigma: float | None,
            last_step: str | None, time_grid: str | None, grid_shift: float, center: bool | None,
-           covariance: bool, n: int, batch_size: int, seed: int,
+           covariance: bool, sde_noise: str, n: int, batch_size: int, seed: int,
            out: Path, grid_png: Path | None, fid: bool, shard_size: int, max_shards: int | None, device: str,
            cuda_graph: bool, quiet: bool) -> None:
     """Sample a model under any schedule; writes an npz with `samples` (N, 1, 28, 28) float32.
@@ -210,7 +213,7 @@ def sample(model_name: str, schedule: str, steps: int, solver: str, diffusion: s
         raise UserError("--covariance: applies to the probability-flow ODE of --schedule lazy-vp only")
     spec = SamplerSpec(schedule=schedule, steps=steps, diffusion=diffusion_spec,
                        solver=solver, sigma=sigma, last_step=last_step, grid=time_grid, center=center,
-                       grid_shift=grid_shift, covariance="model" if covariance else None)
+                       grid_shift=grid_shift, covariance="model" if covariance else None, sde_noise=sde_noise)
     try:
         ctx = distributed.setup(device)
     except ValueError as exc:

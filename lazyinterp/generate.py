@@ -35,6 +35,7 @@ class SamplerSpec:
     grid: Any = None
     grid_shift: float = 1.0
     covariance: Any = None
+    sde_noise: str = "independent"
 
     def schedule_object(self):
         sched = get_schedule(self.schedule)
@@ -58,7 +59,7 @@ def sample_batch(model: Model, spec: SamplerSpec, indices: range, sample_shape: 
                   diffusion=spec.diffusion, solver=spec.solver, generator=sample_seed(seed, 1 << 62),
                   indices=indices,
                   last_step=spec.last_step, center=spec.center, grid_shift=spec.grid_shift, device=device,
-                  covariance=spec.covariance, cuda_graph=cuda_graph)
+                  covariance=spec.covariance, sde_noise=spec.sde_noise, cuda_graph=cuda_graph)
 
 
 def generate(model: Model, spec: SamplerSpec, n: int, sample_shape: tuple[int, ...], *, seed: int = 0,

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from . import graphs
+from .brownian import BrownianPaths
 from .conversion import convert
 from .covariance import DEFAULT_RANK, FULL_RANK_MAX_DIM, Covariance, CovarianceLazyDynamics
 from .noise import NoiseStreams, resolve_seed
@@ -69,6 +70,7 @@ EXPONENTIAL_SOLVERS = ("exponential", "exponential-2m")
 # Multistep solvers: one evaluation a step (they reuse drifts of earlier nodes); ab2-pc is for the ODE only.
 ODE_SOLVERS = ("ab2", "ab2-pc")
 LAST_STEPS = ("euler", "denoise")
+SDE_NOISES = ("independent", "brownian")
 DEFAULT_STEPS = 8
 
 
@@ -950,7 +952,8 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
            last_step: str | None = None, center: bool | None = None, indices: Any = None,
            device: torch.device | str | None = None, dtype: torch.dtype | None = None,
            callback: Callback | None = None, known_start: bool | None = None, grid_shift: float = 1.0,
-           cuda_graph: bool = False, covariance: Any = None, return_info: bool = False):
+           cuda_graph: bool = False, covariance: Any = None, sde_noise: str = "independent",
+           return_info: bool = False):
     r"""Samples at t = 1 of dX = b^ε dt + √(2ε) dW under ``schedule``, from ``model`` converted exactly.
 
     Args:
@@ -997,9 +1000,16 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
             eager run up to kernel rounding; ``model.nfe`` counts the replayed evaluations only. The state is
             checked for NaN and inf once, at the end (a bad run is repeated eagerly to name the step). No
             ``callback``.
+        sde_noise: the SDE's noise. "independent" (default): a fresh standard normal per sample and step, from the
+            sample's own stream (:class:`~lazyinterp.noise.NoiseStreams`). "brownian": the normalised increments
+            of one Brownian path W_i(t) per sample over the grid (:class:`~lazyinterp.brownian.BrownianPaths`), the
+            same path whatever the grid, so runs with more steps refine the same sample; it costs a few times
+            more to draw (about log₂ of the leaf count per grid time). The starting noise is the same in both.
         return_info: also return a :class:`SampleInfo`.
     """
     predictor = check_predictor(model)
+    if sde_noise not in SDE_NOISES:
+        raise ValueError(f"sde_noise: expected one of {', '.join(SDE_NOISES)}, got {sde_noise!r}")
     target = predictor.schedule if schedule is None else get_schedule(schedule)
     diffusion_spec = resolve_diffusion(diffusion, target)
     # Measured (README, "Benchmarks"): in lazy coordinates two-step Adams–Bashforth beats Euler at equal NFE, and
@@ -1063,8 +1073,10 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         covariance = resolve_covariance(covariance, sample_shape)
 
     needs_streams = noise is None or is_sde
-    streams = NoiseStreams(resolve_seed(generator), indices, sample_shape, device=device, dtype=dtype) \
-        if needs_streams else None
+    base_seed = resolve_seed(generator) if needs_streams else None
+    streams = NoiseStreams(base_seed, indices, sample_shape, device=device, dtype=dtype) if needs_streams else None
+    if is_sde and sde_noise == "brownian":
+        paths = BrownianPaths(base_seed, indices, sample_shape, device=device, dtype=dtype)
 
     # Centring and σ (estimated from the model when the lazy schedule leaves it open).
     nfe_before = getattr(predictor, "nfe", 0)
@@ -1109,17 +1121,22 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
     denoise = dynamics.denoise if last_step == "denoise" else None
     steps = len(grid) - 1
 
+    def step_draws() -> Callable[[], Tensor]:
+        """ξ_k, one a step."""
+        if sde_noise == "brownian":
+            return (xi for block in paths.increment_blocks(grid) for xi in block).__next__
+        return normal_draws(streams, steps)
+
     def integrate(x: Tensor, increments: Tensor | None = None) -> Tensor:
         with torch.no_grad():
             if solver in EXPONENTIAL_SOLVERS:
                 draws = None
                 if is_sde:
-                    draws = normal_draws(streams, steps) if increments is None else \
-                        iter(increments.unbind(0)).__next__
+                    draws = step_draws() if increments is None else iter(increments.unbind(0)).__next__
                 return exponential(dynamics.denoise, target, diffusion_spec.kappa, x, grid, draws,
                                    multistep=solver == "exponential-2m", callback=callback)
             if is_sde:
-                draws = normal_draws(streams, steps) if increments is None else iter(increments.unbind(0)).__next__
+                draws = step_draws() if increments is None else iter(increments.unbind(0)).__next__
                 if solver == "ab2":
                     return adams_bashforth2(dynamics.drift, x, grid, denoise=denoise, callback=callback,
                                             epsilon=diffusion_spec.epsilon_at, normal=draws)
@@ -1136,7 +1153,7 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         if cuda_graph:
             inputs = (x,)
             if is_sde:
-                draws = normal_draws(streams, steps)
+                draws = step_draws()
                 inputs = (x, torch.stack([draws() for _ in range(steps)]))
             # The capture reads every tensor by address: the network's weights follow in-place updates, and a
             # network swapped for another is a new key (the old one is kept alive, so its id is not reused; the

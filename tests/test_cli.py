@@ -69,6 +69,18 @@ def test_covariance_samples_do_not_depend_on_the_batch_size(checkpoint, tmp_path
     assert not np.allclose(samples[0], samples[2])
 
 
+def test_brownian_sde_noise_is_batch_free_and_changes_only_the_increments(checkpoint, tmp_path):
+    samples = []
+    for batch, noise in ((7, "brownian"), (3, "brownian"), (7, "independent")):
+        path = tmp_path / f"{noise}-{batch}.npz"
+        result = run("sample", "--model", checkpoint, "--schedule", "point-mass", "--steps", 3, "--n", 7,
+                     "--batch-size", batch, "--seed", 4, "--sde-noise", noise, "--out", path, "--quiet")
+        assert result.exit_code == 0, result.output
+        samples.append(np.load(path)["samples"])
+    assert np.array_equal(samples[0], samples[1])
+    assert not np.allclose(samples[0], samples[2])
+
+
 def test_cli_errors_are_one_line_and_leave_no_file(checkpoint, tmp_path):
     out = tmp_path / "x.npz"
     assert_one_line_error(run("sample", "--model", "nosuchmodel", "--out", out), "unknown model")
@@ -161,6 +173,7 @@ def test_fetch_without_network_is_one_line(tmp_path):
     (["sample", "--n", "0"], "--n"),
     (["sample", "--solver", "rk4"], "--solver"),
     (["sample", "--sigma", "-1"], "--sigma"),
+    (["sample", "--sde-noise", "pink"], "--sde-noise"),
     (["sample", "--batch-size", "x"], "--batch-size"),
     (["demo", "--n", "1"], "--n"),
     (["train"], "--out"),

@@ -676,3 +676,48 @@ def test_exponential_solver_counts_and_refusals():
         li.sample(model, shape=(4, 2), schedule="point-mass", diffusion=lambda t: 0.3, solver="exponential")
     with pytest.raises(ValueError, match="covariance: the exponential step"):
         li.sample(model, torch.randn(4, 2), schedule="lazy-vp", solver="exponential", covariance=torch.eye(2))
+
+
+@pytest.mark.parametrize("solver", ["euler", "ab2"])
+def test_brownian_noise_makes_the_point_mass_sde_one_sample_for_any_grid(solver):
+    """On N(μ, σ²I) the point-mass SDE is X_t = tμ + σ W_t (theory §6.3): Euler–Maruyama (and AB2, whose drift μ is
+    constant) reads it exactly from the increments, so with a Brownian path every grid ends at μ + σ W(1)."""
+    sigma, mean = 0.7, torch.tensor([1.0, -2.0, 0.5], dtype=F64)
+    model = li.GaussianMixture.gaussian(mean, torch.tensor(sigma**2, dtype=F64)).model("linear")
+    w1 = li.BrownianPaths(3, range(5), (3,), dtype=F64).values([1.0])[0]
+    random_grid = torch.tensor([0.0, 0.011, 0.2, 0.37, 0.9, 1.0], dtype=F64)
+    for grid in (1, 3, 8, 50, random_grid):
+        steps = grid if isinstance(grid, int) else None
+        out = li.sample(model, shape=(5, 3), steps=steps, grid=None if steps else grid, schedule=li.point_mass(sigma),
+                        diffusion="optimal", solver=solver, last_step="euler", generator=3, dtype=F64,
+                        center=False, sde_noise="brownian")
+        torch.testing.assert_close(out, mean + sigma * w1, rtol=1e-12, atol=1e-12)
+
+
+def test_brownian_noise_converges_to_one_sample_as_steps_grow(mixture):
+    """With a Brownian path the samples of N and 2N steps approach each other (strong convergence); with a fresh
+    normal per step they stay a whole noise apart."""
+    model = mixture.model("linear")
+
+    def gaps(sde_noise: str) -> list[float]:
+        runs = [li.sample(model, shape=(1000, 2), steps=steps, schedule="point-mass", diffusion="optimal",
+                          solver="euler", generator=1, dtype=F64, sde_noise=sde_noise) for steps in (16, 32, 64, 128)]
+        return [float((a - b).norm(dim=1).mean()) for a, b in zip(runs[:-1], runs[1:], strict=True)]
+
+    brownian, independent = gaps("brownian"), gaps("independent")
+    assert all(later < 0.7 * earlier for earlier, later in zip(brownian[:-1], brownian[1:], strict=True))
+    assert brownian[-1] < 0.1 * min(independent)
+    assert min(independent) > 0.5
+
+
+def test_sde_noise_is_checked_and_leaves_the_start_and_odes_alone(mixture):
+    model = mixture.model("linear")
+    z = torch.randn(16, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(steps=4, schedule="lazy-vp", generator=2)
+    assert torch.equal(li.sample(model, z, sde_noise="brownian", **kwargs), li.sample(model, z, **kwargs))
+    with pytest.raises(ValueError, match="sde_noise: expected one of independent, brownian"):
+        li.sample(model, z, sde_noise="bridge", **kwargs)
+    # Only the increments differ: a 1-step SDE whose last step denoises uses no increment at all.
+    sde = dict(shape=(16, 2), steps=1, schedule="lazy-vp", diffusion="optimal", solver="euler", generator=2,
+               dtype=F64)
+    assert torch.equal(li.sample(model, sde_noise="brownian", **sde), li.sample(model, **sde))

@@ -1,0 +1,114 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from lazyinterp.brownian import BrownianPaths, keyed_normals, mix64, splitmix64
+
+F64 = torch.float64
+MASK = (1 << 64) - 1
+
+
+def _python_mix64(value: int) -> int:
+    z = value & MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
+    return z ^ (z >> 31)
+
+
+def test_splitmix64_gives_the_published_reference_outputs():
+    # The first outputs of SplitMix64 seeded with 0 (Vigna's splitmix64.c).
+    out = splitmix64(torch.tensor(0, dtype=torch.int64), 4)
+    assert [int(v) & MASK for v in out] == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F,
+                                            0xF88BB8A8724C81EC]
+
+
+def test_mix64_wraps_like_unsigned_64_bit_arithmetic():
+    rng = np.random.default_rng(0)
+    values = [int(v) for v in rng.integers(-(1 << 63), (1 << 63) - 1, size=200, dtype=np.int64)]
+    values += [0, -1, (1 << 63) - 1, -(1 << 63)]
+    got = mix64(torch.tensor(values, dtype=torch.int64))
+    assert [int(v) & MASK for v in got] == [_python_mix64(v) for v in values]
+    with pytest.raises(TypeError, match="x: expected an int64 tensor"):
+        mix64(torch.zeros(3))
+
+
+def test_keyed_normals_are_independent_standard_normals():
+    keys = torch.arange(2000, dtype=torch.int64) * 7919
+    draws = keyed_normals(keys, 51)  # odd: the last pair is cut
+    assert draws.shape == (2000, 51) and draws.dtype == F64
+    assert stats.kstest(draws.flatten().numpy(), "norm").pvalue > 1e-3
+    # Entries of one key, and the same entry across keys, are uncorrelated.
+    corr = torch.corrcoef(draws.T)
+    assert (corr - torch.eye(51, dtype=F64)).abs().max() < 4.5 / math.sqrt(2000)
+    assert torch.equal(keyed_normals(keys[:7], 51), draws[:7])
+
+
+def _paths(**kw):
+    return BrownianPaths(kw.pop("seed", 5), kw.pop("indices", range(400)), kw.pop("shape", (50,)), dtype=F64, **kw)
+
+
+def test_values_have_the_covariance_of_brownian_motion():
+    # Dyadic times, times inside one leaf (bridged in turn) and times in separate leaves.
+    times = [0.0, 0.1, 0.25, 0.3, 0.3 + 1e-5, 0.3 + 3e-5, 0.5, 0.77, 1.0]
+    w = _paths(depth=8).values(times).reshape(len(times), -1)  # 20000 paths
+    t = torch.tensor(times, dtype=F64)
+    expected = torch.minimum(t[:, None], t[None, :])
+    empirical = w @ w.T / w.shape[1]
+    assert (empirical - expected).abs().max() < 5 * math.sqrt(2 / w.shape[1])
+    increments = torch.diff(w, dim=0)
+    spans = torch.diff(t)
+    assert torch.allclose(increments.var(dim=1) / spans, torch.ones_like(spans), atol=0.05)
+    assert stats.kstest((increments[3] / spans[3].sqrt()).numpy(), "norm").pvalue > 1e-3  # within a leaf
+
+
+def test_a_refined_grid_reads_the_same_path():
+    paths = _paths(indices=range(6), shape=(3,))
+    coarse = torch.tensor([0.0, 0.013, 0.2, 0.5, 0.9, 1.0], dtype=F64)
+    fine = torch.sort(torch.cat([coarse, torch.rand(60, generator=torch.Generator().manual_seed(1), dtype=F64)
+                                 * 0.98 + 0.01])).values
+    at = [int((fine == t).nonzero()[0]) for t in coarse]
+    assert torch.equal(paths.values(coarse), paths.values(fine)[at])
+    # Increments over the fine grid sum to those over the coarse one.
+    xi_fine = paths.increments(fine) * torch.diff(fine).sqrt().view(-1, 1, 1)
+    xi_coarse = paths.increments(coarse) * torch.diff(coarse).sqrt().view(-1, 1, 1)
+    summed = torch.stack([xi_fine[a:b].sum(0) for a, b in zip(at[:-1], at[1:], strict=True)])
+    assert torch.allclose(summed, xi_coarse, atol=1e-12)
+
+
+def test_paths_depend_on_the_seed_and_sample_only():
+    grid = torch.linspace(0, 1, 9, dtype=F64)
+    whole = _paths(indices=range(8), shape=(2, 3)).values(grid)
+    part = _paths(indices=[6, 1], shape=(2, 3)).values(grid)
+    assert torch.equal(part, whole[:, [6, 1]])
+    assert not torch.equal(_paths(seed=6, indices=range(8), shape=(2, 3)).values(grid), whole)
+    low = BrownianPaths(5, range(8), (2, 3), dtype=torch.float32).increments(grid)
+    assert low.dtype == torch.float32
+    assert torch.equal(low, _paths(indices=range(8), shape=(2, 3)).increments(grid).float())
+
+
+def test_bad_arguments_are_refused():
+    paths = _paths(indices=range(2), shape=(3,))
+    with pytest.raises(ValueError, match=r"times: expected times in \[0, 1\]"):
+        paths.values([0.5, 1.5])
+    with pytest.raises(ValueError, match="times: expected times"):
+        paths.values([float("nan")])
+    with pytest.raises(ValueError, match="grid: expected an increasing grid"):
+        paths.increments([0.0, 0.5, 0.5, 1.0])
+    for depth in (0, 53, 2.0, True):
+        with pytest.raises(ValueError, match="depth: expected an integer from 1 to 52"):
+            BrownianPaths(0, range(2), (3,), depth=depth)
+
+
+def test_increments_in_blocks_equal_the_whole_grid():
+    # Clusters of times inside single leaves, so that blocks must not split them.
+    paths = _paths(indices=range(4), shape=(2,), depth=6)
+    base = torch.linspace(0, 1, 41, dtype=F64)[1:-1]
+    grid = torch.sort(torch.cat([torch.tensor([0.0, 1.0], dtype=F64), base, base + 1e-4, base + 2e-4])).values
+    whole = torch.diff(paths.values(grid), dim=0) / torch.diff(grid).sqrt().view(-1, 1, 1)
+    for block in (1, 2, 5, 32, 1000):
+        blocks = list(paths.increment_blocks(grid, block=block))
+        torch.testing.assert_close(torch.cat(blocks), whole, rtol=1e-13, atol=1e-13)
+        assert len(blocks) > 1 or block == 1000
