@@ -34,6 +34,11 @@ difference is discretisation error. Their metrics:
   mixture model. All ODE samplers share the probability-flow map Z ↦ X (the conversion is exact), so this
   measures discretisation error pathwise. It is left out (null) for stochastic samplers, whose samples are not
   a function of Z.
+* ``sde_path_error`` (the mixtures, by default), its analogue for the samplers of the point-mass SDE with ε*:
+  each is run a second time with ``sde_noise="brownian"`` (one Brownian path per sample, the same whatever the
+  grid, :mod:`lazyinterp.brownian`) and compared, sample by sample, with the same SDE solved by Euler–Maruyama
+  on the uniform grid of ``SDE_REFERENCE_STEPS`` steps, whose nodes are dyadic, on the same paths. It measures
+  the strong (pathwise) error of the SDE solvers; ``value`` stays the run with independent noise.
 
 **Counting NFE.** Euler, AB2, AB2-PC and Euler–Maruyama use N evaluations for N steps. Heun uses 2N, or 2N − 1 when
 its last interval is the denoising step x_1 = η_X(t_{N−1}, x). The lazy schedules centre the data, which makes the
@@ -69,13 +74,14 @@ import torch
 from tqdm import tqdm
 
 from . import distributed, graphs
+from .brownian import DEFAULT_DEPTH as BROWNIAN_DEPTH
 from .conversion import convert
 from .distributed import Context
 from .fetch import atomic_path, cache_dir, ensure_writable, sha256_file
 from .noise import NoiseStreams, sample_seed
 from .predictors import Model, NonFiniteError
-from .samplers import default_known_start, sample, steps_for_nfe
-from .schedules import linear
+from .samplers import count_nfe, default_known_start, sample, snr_matched_grid, steps_for_nfe
+from .schedules import linear, point_mass
 from .targets import GaussianMixture
 
 Tensor = torch.Tensor
@@ -323,6 +329,32 @@ SAMPLERS: tuple[SamplerDef, ...] = (
 )
 SAMPLER_NAMES = tuple(s.name for s in SAMPLERS)
 REFERENCE = SamplerDef("reference", "linear Heun", "reference", "li", {"schedule": "linear", "solver": "heun"})
+# The point-mass SDE with ε* solved by Euler–Maruyama on the SNR-matched grid of this many steps, its times rounded to
+# the Brownian paths' dyadic nodes (:func:`sde_reference_grid`).
+SDE_REFERENCE_STEPS = 512
+SDE_REFERENCE = SamplerDef("sde-reference", "point-mass SDE, Euler–Maruyama, dyadic SNR-matched grid", "reference",
+                           "li", {"schedule": "point-mass", "diffusion": "optimal", "solver": "euler",
+                                  "last_step": "denoise", "sde_noise": "brownian"}, stochastic=True)
+
+
+def sde_reference_grid(sigma: float, steps: int = SDE_REFERENCE_STEPS) -> Tensor:
+    """The SNR-matched grid of the point mass with this σ, each time rounded to the coarsest dyadic level 2^−ℓ
+    finer than a sixteenth of its distance to a neighbour (ℓ at most the Brownian paths' depth L): dyadic times read
+    the path exactly, with no bridge, and a coarse level costs fewer of its nodes (a time at level ℓ needs about
+    ℓ − log₂ N of them). Euler–Maruyama's strong error comes from the stiff drift near t = 1 and the solution's
+    dependence on the path's fine scales near t = 0, which a uniform grid resolves badly (at 512 uniform steps it
+    was still 0.09 from the 1024-step SNR-matched solution on gmm-2d)."""
+    grid = snr_matched_grid(steps, point_mass(sigma), "linear").tolist()
+    rounded = [0.0]
+    for k in range(1, len(grid) - 1):
+        gap = min(grid[k] - grid[k - 1], grid[k + 1] - grid[k])
+        level = min(BROWNIAN_DEPTH, max(1, math.ceil(math.log2(16.0 / gap))))
+        scale = float(1 << level)
+        rounded.append(round(grid[k] * scale) / scale)
+    rounded.append(1.0)
+    return torch.tensor(sorted(set(rounded)), dtype=torch.float64)
+
+
 PEER_PACKAGES = {"diffusers": "diffusers", "flow_matching": "flow_matching"}
 
 
@@ -404,7 +436,15 @@ def _li_kwargs(spec: SamplerDef, plan: dict) -> dict:
     opts = spec.options
     return {"schedule": opts["schedule"], "diffusion": opts.get("diffusion", "ode"),
             "solver": opts.get("solver", "euler"), "grid": opts.get("grid"), "steps": plan["steps"],
-            "last_step": plan["last_step"], "covariance": opts.get("covariance")}
+            "last_step": plan["last_step"], "covariance": opts.get("covariance"),
+            "sde_noise": opts.get("sde_noise", "independent")}
+
+
+def solves_reference_sde(spec: SamplerDef) -> bool:
+    """Whether ``spec`` samples the SDE of :data:`SDE_REFERENCE` (the point mass with ε*), so that its strong error
+    to it is defined."""
+    return spec.stochastic and spec.kind == "li" and spec.options.get("schedule") == "point-mass" \
+        and spec.options.get("diffusion") == "optimal"
 
 
 def run_batch(spec: SamplerDef, plan: dict, model: Model, noise: Tensor, indices: range, seed: int,
@@ -686,6 +726,7 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
               overhead: bool | None = None, log: Callable[[str], None] | None = None,
               device: torch.device | str = "cpu", ctx: Context | None = None, work_dir: Path | str | None = None,
               fresh: bool = False, max_runs: int | None = None, chunk: int | None = None,
+              sde_path_error: bool | None = None,
               finish: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run the benchmark and return its results (the dict that ``--json`` writes).
 
@@ -710,6 +751,9 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
             the next call resumes.
         chunk: the mnist network sees fixed chunks of this many samples (default 50), which makes samples
             independent of ``batch_size`` and of the number of processes; larger chunks are faster on a GPU.
+        sde_path_error: also score the point-mass SDE samplers pathwise against :data:`SDE_REFERENCE` on shared
+            Brownian paths (``sde_path_error``; default: for the mixtures, whose exact model makes the
+            reference's SDE_REFERENCE_STEPS − 1 evaluations cheap).
         finish: called with the complete results before the cached runs are removed (e.g. to write outputs).
     """
     ctx = ctx or Context(device=torch.device(device))
@@ -730,6 +774,8 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
     log = log if log is not None and ctx.is_main else (lambda line: None)
     progress = progress and ctx.is_main
     started = time.perf_counter()
+    if sde_path_error is None:
+        sde_path_error = workload != "mnist"
 
     skipped: list[dict[str, Any]] = []
     runnable = []
@@ -757,7 +803,7 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
     cache = RunCache(default_work_dir() if work_dir is None else work_dir,
                      {"workload": workload, "n": n, "seed": seed, "reference_nfe": reference_nfe,
                       "model": wl.identity, "device": ctx.device.type, "versions": versions,
-                      "code": code_identity(), "chunk": chunk})
+                      "code": code_identity(), "chunk": chunk, "sde_path_error": bool(sde_path_error)})
     if ctx.is_main:
         cache.start(fresh)
     # Rank 0 reads the cache and tells the others; only rank 0 computes path errors and needs the samples.
@@ -813,6 +859,23 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
         log(f"reference linear Heun, {reference_nfe} NFE: {wl.metric} {reference['value']:.4g}")
     bar.update(reference_nfe)
 
+    sde_reference, sde_ref_x = None, None
+    if sde_path_error and sigma["value"] is not None and any(solves_reference_sde(spec) for spec, _, _ in jobs):
+        grid = sde_reference_grid(sigma["value"])
+        sde_spec = SamplerDef(SDE_REFERENCE.name, SDE_REFERENCE.label, SDE_REFERENCE.family, SDE_REFERENCE.kind,
+                              {**SDE_REFERENCE.options, "grid": grid}, True)
+        sde_plan = {"steps": len(grid) - 1, "last_step": SDE_REFERENCE.options["last_step"]}
+        sde_nfe = count_nfe("euler", len(grid) - 1, sde_plan["last_step"], SDE_REFERENCE.known_start)
+        bar.set_description(f"SDE reference {sde_nfe} NFE")
+        sde_ref_x, seen, seconds = run_sampler(sde_spec, sde_plan, wl, noise, batch_size, seed, progress,
+                                               f"SDE reference {sde_nfe} NFE", ctx)
+        if seen != {sde_nfe}:
+            raise RuntimeError(f"SDE reference: expected {sde_nfe} NFE, the model counted {sorted(seen)}")
+        sde_reference = {"sampler": SDE_REFERENCE.label, "nfe": sde_nfe, "steps": len(grid) - 1,
+                         "sde_noise": "brownian", "seconds": round(seconds, 3), **wl.score(sde_ref_x, ctx)}
+        log(f"SDE reference ({SDE_REFERENCE.label}, {sde_nfe} NFE, Brownian noise): {wl.metric} "
+            f"{sde_reference['value']:.4g}")
+
     results = []
     new_runs = 0
     complete = True
@@ -829,7 +892,7 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
             complete = False
             break
         bar.set_description(f"{spec.name} NFE {k}")
-        entry = _run_entry(spec, k, plan, wl, noise, batch_size, seed, progress, ctx, ref_x, log)
+        entry = _run_entry(spec, k, plan, wl, noise, batch_size, seed, progress, ctx, ref_x, log, sde_ref_x)
         if entry.get("skipped"):
             skipped.append(entry["skipped"])
         else:
@@ -842,7 +905,7 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
 
     out: dict[str, Any] = {
         "workload": workload, "metric": wl.metric, "metric_label": wl.metric_label, "n": n, "seed": seed,
-        "nfe": nfes, "reference": reference, "results": results, "skipped": skipped,
+        "nfe": nfes, "reference": reference, "sde_reference": sde_reference, "results": results, "skipped": skipped,
         "estimation_nfe": estimation_nfe, "workload_info": wl.info,
         "sigma": sigma,
         "samplers": {s.name: {"label": s.label, "family": s.family, "stochastic": s.stochastic} for s in runnable},
@@ -871,8 +934,10 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
 
 
 def _run_entry(spec: SamplerDef, k: int, plan: dict, wl: Workload, noise: Tensor, batch_size: int, seed: int,
-               progress: bool, ctx: Context, ref_x: Tensor | None, log: Callable[[str], None]) -> dict[str, Any]:
-    """One (sampler, NFE) run and its scores, or ``{"skipped": ...}`` when the evaluations did not add up."""
+               progress: bool, ctx: Context, ref_x: Tensor | None, log: Callable[[str], None],
+               sde_ref_x: Tensor | None = None) -> dict[str, Any]:
+    """One (sampler, NFE) run and its scores, or ``{"skipped": ...}`` when the evaluations did not add up; with
+    ``sde_ref_x``, a sampler of the reference SDE is run again on Brownian paths for its ``sde_path_error``."""
     entry: dict[str, Any] = {"sampler": spec.name, "label": spec.label, "family": spec.family, "nfe": k,
                              "steps": plan["steps"]}
     if "last_step" in plan:
@@ -895,10 +960,28 @@ def _run_entry(spec: SamplerDef, k: int, plan: dict, wl: Workload, noise: Tensor
         entry.update({"value": None, "path_error": None, "error": "non-finite samples"})
     entry["seconds"] = round(seconds, 4)
     entry["stochastic"] = spec.stochastic
-    pe = entry.get("path_error")
+    if sde_ref_x is not None and solves_reference_sde(spec):
+        entry["sde_path_error"] = _sde_path_error(spec, k, plan, wl, noise, batch_size, seed, ctx, sde_ref_x)
+    pe, spe = entry.get("path_error"), entry.get("sde_path_error")
     log(f"{spec.name:>28} NFE {k:>3}: {wl.metric} {_fmt(entry.get('value'))}"
-        + (f", path error {_fmt(pe)}" if pe is not None else "") + f" ({seconds:.2f} s)")
+        + (f", path error {_fmt(pe)}" if pe is not None else "")
+        + (f", SDE path error {_fmt(spe)}" if spe is not None else "") + f" ({seconds:.2f} s)")
     return entry
+
+
+def _sde_path_error(spec: SamplerDef, k: int, plan: dict, wl: Workload, noise: Tensor, batch_size: int, seed: int,
+                    ctx: Context, sde_ref_x: Tensor) -> float | None:
+    """The mean distance of ``spec``'s samples on the Brownian paths to the SDE reference's (None where a run
+    fails or leaves a non-finite sample)."""
+    brownian = SamplerDef(spec.name, spec.label, spec.family, spec.kind, {**spec.options, "sde_noise": "brownian"},
+                          spec.stochastic)
+    try:
+        x, seen, _ = run_sampler(brownian, plan, wl, noise, batch_size, seed, ctx=ctx)
+    except RunFailed:
+        return None
+    if seen != {k}:
+        raise RuntimeError(f"{spec.name}: expected {k} NFE on Brownian paths, the model counted {sorted(seen)}")
+    return _path_error(x, sde_ref_x) if bool(torch.isfinite(x).all()) else None
 
 
 def _clean(obj: Any) -> Any:
@@ -923,7 +1006,7 @@ def _table(results: dict, key: str) -> list[str]:
     rows: dict[str, dict[int, float | None]] = {}
     labels: dict[str, tuple[str, str]] = {}
     for r in results["results"]:
-        if key == "path_error" and r.get("stochastic"):
+        if (key == "path_error" and r.get("stochastic")) or (key == "sde_path_error" and key not in r):
             continue
         rows.setdefault(r["sampler"], {})[r["nfe"]] = r.get(key)
         labels[r["sampler"]] = (r["label"], r["family"])
@@ -964,6 +1047,13 @@ def markdown_report(results: dict) -> str:
         lines += ["", f"Path error: mean ‖x − x_ref‖₂ per sample to the reference ({ref['nfe']}-NFE linear Heun) "
                   "from the same noise; ODE samplers only.", ""]
         lines += _table(results, "path_error")
+    sde_ref = results.get("sde_reference")
+    if sde_ref and any(r.get("sde_path_error") is not None for r in results["results"]):
+        lines += ["", f"SDE path error: mean ‖x − x_ref‖₂ per sample to the {sde_ref['sampler']} at "
+                  f"{sde_ref['nfe']} NFE ({sde_ref['steps']} steps; {results['metric_label']} "
+                  f"{_fmt(sde_ref.get('value'))}), every run on the same per-sample Brownian paths "
+                  "(`sde_noise=\"brownian\"`); samplers of that SDE only.", ""]
+        lines += _table(results, "sde_path_error")
     if results.get("overhead"):
         setup = results.get("overhead_setup", {})
         lines += ["", f"Sampler overhead (time outside the network / network time, batch {setup.get('batch')}, "
@@ -1004,13 +1094,18 @@ def plot_results(results: dict, path: Path | str) -> None:
                 xs, ys = zip(*pts, strict=True)
                 ax.plot(xs, ys, STYLES.get(rows[0]["family"], "-"), marker="o", ms=3, color=colours[i % 20],
                         label=rows[0]["label"])
+        sde = [(r["nfe"], r["sde_path_error"]) for r in rows if (r.get("sde_path_error") or 0) > 0]
+        if sde:
+            xs, ys = zip(*sde, strict=True)
+            axes[1].plot(xs, ys, "-.", marker="x", ms=4, color=colours[i % 20])
     ref = results["reference"]
     if ref.get("value"):
         axes[0].axhline(ref["value"], color="grey", lw=0.8, label=f"reference ({ref['nfe']} NFE)")
     if ref.get("noise_floor"):
         axes[0].axhline(ref["noise_floor"], color="grey", lw=0.8, ls="-.", label="noise floor")
     axes[0].set_ylabel(results["metric_label"])
-    axes[1].set_ylabel("path error to the reference (ODE samplers)")
+    axes[1].set_ylabel("path error: ODE samplers (o) to the ODE reference,\n"
+                       "SDE samplers (x) to the SDE reference on the same Brownian paths")
     for ax in axes:
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -1078,11 +1173,14 @@ class _OneLineErrors(click.Command):
               help="Stop after this many new (sampler, NFE) runs (rerun to continue).")
 @click.option("--overhead/--no-overhead", default=None,
               help="Measure the sampler overhead outside the network [default: for mnist].")
+@click.option("--sde-path-error/--no-sde-path-error", default=None,
+              help="Score the point-mass SDE samplers pathwise against a 512-step solution on the same Brownian "
+              "paths [default: for the mixtures].")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-run lines.")
 def bench(workload: str, nfe: str, n: int | None, seed: int, samplers: str | None, reference_nfe: int,
           json_path: Path | None, markdown_path: Path | None, plot_path: Path | None, model_name: str,
           batch_size: int | None, device: str, work_dir: Path | None, fresh: bool, max_runs: int | None,
-          chunk: int | None, overhead: bool | None, quiet: bool) -> None:
+          chunk: int | None, overhead: bool | None, sde_path_error: bool | None, quiet: bool) -> None:
     """Compare samplers at exactly counted NFE: peers (diffusers, flow_matching), baselines and lazy schedules.
 
     Runs as one process or under torchrun (each rank samples a share of every run); the results are the same.
@@ -1134,7 +1232,7 @@ def bench(workload: str, nfe: str, n: int | None, seed: int, samplers: str | Non
                             model=model_name, batch_size=batch_size, progress=not quiet,
                             log=None if quiet else lambda line: tqdm.write(line, file=sys.stderr), ctx=ctx,
                             work_dir=work_dir, fresh=fresh, max_runs=max_runs, overhead=overhead, chunk=chunk,
-                            finish=write_outputs)
+                            sde_path_error=sde_path_error, finish=write_outputs)
     except (ValueError, TypeError, RuntimeError, FileNotFoundError) as exc:
         raise BenchError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
     except OSError as exc:

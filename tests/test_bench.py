@@ -9,14 +9,17 @@ from click.testing import CliRunner
 import lazyinterp as li
 from lazyinterp.bench import (
     SAMPLERS,
+    SDE_REFERENCE_STEPS,
     SamplerDef,
     SlicedW2,
     bench,
     diffusers_sample,
     gmm_2d,
     linear_velocity,
+    markdown_report,
     parse_nfe,
     run_bench,
+    sde_reference_grid,
 )
 
 HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
@@ -118,6 +121,33 @@ def test_ode_samplers_converge_to_the_reference_path():
         assert r["path_error"] < 0.03, r
     few = run_bench("gmm-2d", nfe=[4], n=300, reference_nfe=400, samplers=["linear-euler"], progress=False)
     assert few["results"][0]["path_error"] > 0.05  # the metric sees discretisation error when there is some
+
+
+def test_sde_samplers_converge_to_the_sde_reference_on_shared_brownian_paths():
+    """On shared Brownian paths the point-mass SDE samplers approach the 512-step Euler–Maruyama solution of their
+    SDE as NFE grows (strong convergence); samplers of another SDE, and ODE samplers, get no SDE path error."""
+    names = ["point-mass-sde-model-grid", "point-mass-sde-ab2", "linear-em-clipped", "linear-euler"]
+    data = run_bench("gmm-2d", nfe=[4, 128], n=300, reference_nfe=20, samplers=names, progress=False)
+    assert data["sde_reference"]["nfe"] == 511 and data["sde_reference"]["steps"] == 512
+    error = {(r["sampler"], r["nfe"]): r.get("sde_path_error") for r in data["results"]}
+    for name in ("point-mass-sde-model-grid", "point-mass-sde-ab2"):
+        assert error[(name, 128)] < 0.1 * error[(name, 4)], error
+        assert error[(name, 128)] < 0.05
+    assert all(error[(name, k)] is None for name in ("linear-em-clipped", "linear-euler") for k in (4, 128))
+    assert "SDE path error" in markdown_report(data)
+    off = run_bench("gmm-2d", nfe=[4], n=300, reference_nfe=20, samplers=["point-mass-sde"], progress=False,
+                    sde_path_error=False)
+    assert off["sde_reference"] is None and "sde_path_error" not in off["results"][0]
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.5])
+def test_sde_reference_grid_is_dyadic_and_close_to_the_snr_matched_grid(sigma):
+    grid = sde_reference_grid(sigma)
+    snr = li.snr_matched_grid(SDE_REFERENCE_STEPS, li.point_mass(sigma), "linear")
+    assert grid[0] == 0 and grid[-1] == 1 and bool((torch.diff(grid) > 0).all())
+    assert torch.equal(torch.round(grid * 2.0**20) / 2.0**20, grid)  # on the Brownian paths' nodes
+    assert len(grid) == len(snr)
+    assert torch.allclose(torch.diff(grid), torch.diff(snr), rtol=0.13, atol=0)
 
 
 def test_sliced_w2_is_near_zero_for_the_target_and_large_otherwise():
