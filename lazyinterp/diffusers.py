@@ -32,6 +32,7 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchE
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
+from .brownian import BrownianPaths
 from .conversion import convert, time_change
 from .covariance import Covariance, CovarianceLazyDynamics
 from .noise import NoiseStreams, resolve_seed
@@ -50,6 +51,7 @@ from .samplers import (
     LAST_STEPS,
     ODE_SOLVERS,
     PC_DEFAULT_FROM_STEPS,
+    SDE_NOISES,
     Dynamics,
     _check_solver,
     ab2_increment,
@@ -281,7 +283,9 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
     as ``li.sample(generator=g)``. SD3 and FLUX pipelines do not pass their generator to ``step``; then sample i's
     stream is seeded by a hash of its initial latents (with i), so a pipeline call with a seeded generator is
     reproducible. :attr:`noise_seeds` records the seeds: ``li.sample(..., generator=noise_seeds[i], indices=[i])``
-    reproduces sample i.
+    reproduces sample i. With ``sde_noise="brownian"`` the steps read the increments of each sample's Brownian
+    path over its grid (:class:`lazyinterp.brownian.BrownianPaths`, keyed by the same seed and index), as
+    ``li.sample(sde_noise="brownian")`` does, so runs with more steps refine the same samples.
 
     Args:
         num_train_timesteps: the timestep scale (1000 σ).
@@ -301,6 +305,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         invert_sigmas: must be False (Mochi's inverted convention is not supported).
         use_flow_sigmas: read by FLUX pipelines; when True they pass only ``num_inference_steps``.
         covariance: a :class:`~lazyinterp.Covariance` or (D, D) tensor for covariance-matched lazy VP (above).
+        sde_noise: ``"independent"`` or ``"brownian"``, as in ``li.sample`` (Noise, above).
 
     Raises:
         ValueError: an unknown schedule, diffusion, solver or last step, a sigma for a non-lazy schedule, a
@@ -319,7 +324,10 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                  max_image_seq_len: int = 4096, time_shift_type: str = "exponential",
                  shift_terminal: float | None = None, use_karras_sigmas: bool = False,
                  use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False, invert_sigmas: bool = False,
-                 use_flow_sigmas: bool = False, covariance: Any = None):
+                 use_flow_sigmas: bool = False, covariance: Any = None, sde_noise: str = "independent"):
+        if sde_noise not in SDE_NOISES:
+            raise ValueError(f"sde_noise: expected one of {', '.join(SDE_NOISES)}, got {sde_noise!r}")
+        self._sde_noise = sde_noise
         if invert_sigmas:
             raise ValueError("invert_sigmas: inverted sigmas are not supported; flow models here go from noise "
                              "(sigma 1) to data (sigma 0)")
@@ -465,6 +473,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         self._mean: Tensor | None = None
         self._streams: list[NoiseStreams] | None = None
         self._draws: list | None = None
+        self._brownian: list | None = None
         self._y: Tensor | None = None
         self._returned: Tensor | None = None
         self._heun: tuple | None = None
@@ -692,6 +701,9 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             # The same blocks of draws as li.sample takes over the same number of steps.
             draws = [normal_draws(s, self.num_inference_steps) for s in self._streams]
             self._draws = draws
+            # Sample i's (seed, index) for its Brownian path, as its stream's.
+            self._path_keys = [(seeds[i], i) if len(seeds) == batch else (seeds[0], i) for i in range(batch)]
+            self._path_kw = {"sample_shape": shape, **kw}
 
     def _estimate_sigma(self, x_in: Tensor, v: Tensor) -> list[float]:
         r"""Per-sample σ from the probe at τ_p: k = ⟨u, η_X − μ⟩/‖u‖², σ² = k α²/(β(1 − kβ))."""
@@ -716,7 +728,18 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             sigmas.append(math.sqrt(var))
         return sigmas
 
-    def _draw(self) -> Tensor:
+    def _draw(self, node: int) -> Tensor:
+        """ξ for the step from ``node``: the next independent draw, or each sample's Brownian increment over it."""
+        if self._sde_noise == "brownian":
+            if self._brownian is None:
+                # Each sample reads its path over its lane's grid, from the node the run starts at.
+                rows = list(range(len(self._path_keys)))
+                lane_of = {i: lane for lane in self._lanes for i in rows[lane.index]}
+                self._brownian = [
+                    (xi for block in BrownianPaths(seed, [index], **self._path_kw).increment_blocks(
+                        lane_of[i].grid[node:]) for xi in block)
+                    for i, (seed, index) in enumerate(self._path_keys)]
+            return torch.cat([next(path) for path in self._brownian])
         return torch.cat([d() for d in self._draws]) if len(self._draws) > 1 else self._draws[0]()
 
     def _drift(self, y: Tensor, node: int) -> Tensor:
@@ -728,7 +751,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
     def _pred(self, y: Tensor, node: int) -> tuple[Tensor, int]:
         """The step from ``node`` (or Heun's predictor half of it): the new state and the node it is at."""
         n = self.num_inference_steps
-        xi = self._draw() if self._is_sde else None
+        xi = self._draw(node) if self._is_sde else None
         if self._solver == "ab2-pc":
             y = self._correct(y, node)
         if self._solver in EXPONENTIAL_SOLVERS:

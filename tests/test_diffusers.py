@@ -165,6 +165,10 @@ CONFIGS = {
                                           solver="exponential-2m"),
     "point-mass kappa 2 default (exponential-2m)": dict(schedule="point-mass", sigma=0.7, diffusion=2.0),
     "lazy-vp exponential": dict(schedule="lazy-vp", sigma=0.9, solver="exponential"),
+    "point-mass sde default (ab2), brownian": dict(schedule="point-mass", sigma=0.7, diffusion="optimal",
+                                                    sde_noise="brownian"),
+    "cosine sde exponential-2m, brownian": dict(schedule="cosine", diffusion=0.5, solver="exponential-2m",
+                                                sde_noise="brownian"),
 }
 
 
@@ -200,7 +204,8 @@ def test_pipeline_latents_equal_li_sample(kind, name, steps, sd3, flux, embeds):
         kwargs = dict(grid=scheduler.grid, schedule=target, diffusion=diffusion, solver=config.get("solver"),
                       center=False)
         if diffusion != "ode":
-            kwargs.update(generator=scheduler.noise_seeds[i], indices=[i])
+            kwargs.update(generator=scheduler.noise_seeds[i], indices=[i],
+                          sde_noise=config.get("sde_noise", "independent"))
         ref = li.sample(predictor, shape=tuple(zi.shape), **kwargs) if point_mass else \
             li.sample(predictor, zi, **kwargs)
         torch.testing.assert_close(out[i : i + 1], ref + mean, rtol=1e-5, atol=2e-5)
@@ -603,6 +608,9 @@ def test_errors_name_the_argument():
         LazyScheduler(schedule="lazy-vp", sigma=-1.0)
     with pytest.raises(ValueError, match="invert_sigmas"):
         LazyScheduler(invert_sigmas=True)
+    with pytest.raises(ValueError, match="sde_noise: expected one of independent, brownian"):
+        LazyScheduler(schedule="point-mass", diffusion="optimal", sde_noise="pink")
+    assert LazyScheduler.from_config(LazyScheduler(sde_noise="brownian").config).config.sde_noise == "brownian"
     sched = LazyScheduler(schedule="lazy-vp", sigma=1.0)
     with pytest.raises(ValueError, match="set_timesteps"):
         sched.step(torch.zeros(1, 2), 1000.0, torch.zeros(1, 2))
