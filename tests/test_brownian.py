@@ -112,3 +112,13 @@ def test_increments_in_blocks_equal_the_whole_grid():
         blocks = list(paths.increment_blocks(grid, block=block))
         torch.testing.assert_close(torch.cat(blocks), whole, rtol=1e-13, atol=1e-13)
         assert len(blocks) > 1 or block == 1000
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_paths_on_cuda_are_the_cpu_paths():
+    """The keys are integer arithmetic, the same on any device; only Box–Muller's log, cos and sin may round apart."""
+    grid = torch.tensor([0.0, 0.013, 0.2, 0.2 + 1e-7, 0.5, 0.9, 1.0], dtype=F64)
+    cpu = BrownianPaths(3, range(9), (4, 5), dtype=F64).increments(grid)
+    cuda = BrownianPaths(3, range(9), (4, 5), device="cuda", dtype=F64).increments(grid)
+    assert cuda.device.type == "cuda"
+    torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-12, atol=1e-12)
