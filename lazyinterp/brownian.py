@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from numbers import Integral
 
 import torch
 
@@ -87,6 +88,17 @@ def keyed_normals(keys: Tensor, count: int, dtype: torch.dtype = torch.float64) 
     return normals.flatten(-2)[..., :count].to(dtype)
 
 
+def _as_times(value, argument: str) -> Tensor:
+    """A 1-D float64 CPU tensor of times, or a clear error."""
+    try:
+        times = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{argument}: expected a 1-D sequence of times, got {type(value).__name__}") from None
+    if times.ndim != 1:
+        raise ValueError(f"{argument}: expected a 1-D sequence of times, got shape {tuple(times.shape)}")
+    return times
+
+
 def _tagged(ids: Tensor, tag: int) -> Tensor:
     return mix64(ids ^ _signed(tag))
 
@@ -107,12 +119,22 @@ class BrownianPaths:
                  dtype: torch.dtype = torch.float32, depth: int = DEFAULT_DEPTH):
         if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= 52:
             raise ValueError(f"depth: expected an integer from 1 to 52, got {depth!r}")
-        self.sample_shape = tuple(sample_shape)
+        if isinstance(seed, bool) or not isinstance(seed, Integral):
+            raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+        if not isinstance(sample_shape, (tuple, list, torch.Size)) or \
+                not all(isinstance(n, Integral) and not isinstance(n, bool) and n >= 1 for n in sample_shape):
+            raise ValueError(f"sample_shape: expected a tuple of positive ints, got {sample_shape!r}")
+        try:
+            self.device = torch.device(device) if device is not None else torch.device("cpu")
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device: expected a torch device or its name, got {device!r}") from None
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
+        self.sample_shape = tuple(int(n) for n in sample_shape)
         self.size = math.prod(self.sample_shape)
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
         self.depth = depth
-        seeds = [_signed(s) for s in sample_seeds(seed, indices)]
+        seeds = [_signed(s) for s in sample_seeds(int(seed), indices)]
         self._keys = mix64(torch.tensor(seeds, dtype=torch.int64, device=self.device))
 
     def __len__(self) -> int:
@@ -125,7 +147,7 @@ class BrownianPaths:
 
     def values(self, times: Sequence[float] | Tensor) -> Tensor:
         """W(t) for each time, shape (len(times), batch, *sample_shape), float64 on the device."""
-        times = torch.as_tensor(times, dtype=torch.float64).detach().cpu().reshape(-1)
+        times = _as_times(times, "times")
         if times.numel() and not (bool(torch.isfinite(times).all()) and float(times.min()) >= 0.0
                                   and float(times.max()) <= 1.0):
             raise ValueError("times: expected times in [0, 1]")
@@ -143,7 +165,7 @@ class BrownianPaths:
     def increment_blocks(self, grid: Sequence[float] | Tensor, block: int = 32):
         """:meth:`increments` in consecutive blocks of about ``block`` steps, equal to it value for value, so a long
         grid never holds all its increments at once (blocks are cut only between times of different leaves)."""
-        grid = torch.as_tensor(grid, dtype=torch.float64).detach().cpu().reshape(-1)
+        grid = _as_times(grid, "grid")
         if grid.numel() < 2 or not bool((torch.diff(grid) > 0).all()):
             raise ValueError("grid: expected an increasing grid of at least 2 times")
         times = grid.tolist()

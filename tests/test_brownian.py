@@ -100,6 +100,21 @@ def test_bad_arguments_are_refused():
     for depth in (0, 53, 2.0, True):
         with pytest.raises(ValueError, match="depth: expected an integer from 1 to 52"):
             BrownianPaths(0, range(2), (3,), depth=depth)
+    with pytest.raises(TypeError, match="times: expected a 1-D sequence of times"):
+        paths.values("x")
+    with pytest.raises(ValueError, match="grid: expected a 1-D sequence of times"):
+        paths.increments([[0.0, 1.0]])
+    for kwargs, error, message in [
+        (dict(seed="a"), TypeError, "seed: expected an int"),
+        (dict(seed=1.5), TypeError, "seed: expected an int"),
+        (dict(indices=[-1]), ValueError, "indices: expected non-negative"),
+        (dict(sample_shape=(0,)), ValueError, "sample_shape: expected a tuple of positive ints"),
+        (dict(sample_shape="ab"), ValueError, "sample_shape: expected a tuple of positive ints"),
+        (dict(device="nope"), ValueError, "device: expected a torch device"),
+        (dict(dtype=torch.int64), TypeError, "dtype: expected a floating-point torch.dtype"),
+    ]:
+        with pytest.raises(error, match=message):
+            BrownianPaths(**{"seed": 1, "indices": range(2), "sample_shape": (3,), **kwargs})
 
 
 def test_increments_in_blocks_equal_the_whole_grid():
