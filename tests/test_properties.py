@@ -151,3 +151,15 @@ def test_covariance_matched_lazy_vp_is_exact_on_random_gaussians_and_grids(data,
     out = li.sample(target.model("linear"), z, schedule="lazy-vp", grid=grid, solver=solver,
                     covariance=target.cov)
     torch.testing.assert_close(out, mean + z @ root, rtol=1e-9, atol=1e-9)
+
+
+@SETTINGS
+@given(data=gaussians(dim=3), grid=grids(), solver=st.sampled_from(["euler", "ab2"]), seed=st.integers(0, 2**40))
+def test_point_mass_sde_on_a_brownian_path_ends_at_its_value_at_1(data, grid, solver, seed):
+    """On N(μ, σ²I) the lazy point-mass SDE is X_t = tμ + σW_t: on a Brownian path (sde_noise="brownian") any grid,
+    σ estimated from the model and E[X] centred, ends at μ + σ W(1)."""
+    g, sigma, mean = data
+    out = li.sample(g.model("linear"), shape=(4, 3), grid=grid, schedule="point-mass", diffusion="optimal",
+                    solver=solver, last_step="euler", generator=seed, dtype=F64, sde_noise="brownian")
+    w1 = li.BrownianPaths(seed, range(4), (3,), dtype=F64).values([1.0])[0]
+    torch.testing.assert_close(out, mean + sigma * w1, rtol=1e-9, atol=1e-9 * max(1.0, sigma))
