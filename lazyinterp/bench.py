@@ -37,8 +37,9 @@ difference is discretisation error. Their metrics:
 * ``sde_path_error`` (the mixtures, by default), its analogue for the samplers of the point-mass SDE with ε*:
   each is run a second time with ``sde_noise="brownian"`` (one Brownian path per sample, the same whatever the
   grid, :mod:`lazyinterp.brownian`) and compared, sample by sample, with the same SDE solved by Euler–Maruyama
-  on the uniform grid of ``SDE_REFERENCE_STEPS`` steps, whose nodes are dyadic, on the same paths. It measures
-  the strong (pathwise) error of the SDE solvers; ``value`` stays the run with independent noise.
+  on the same paths, over the SNR-matched grid of ``SDE_REFERENCE_STEPS`` steps with its times rounded to the
+  paths' dyadic nodes (:func:`sde_reference_grid`). It measures the strong (pathwise) error of the SDE solvers;
+  ``value`` stays the run with independent noise.
 
 **Counting NFE.** Euler, AB2, AB2-PC and Euler–Maruyama use N evaluations for N steps. Heun uses 2N, or 2N − 1 when
 its last interval is the denoising step x_1 = η_X(t_{N−1}, x). The lazy schedules centre the data, which makes the
@@ -58,6 +59,7 @@ model (``CondOTScheduler``) to its ``CosineScheduler``, solved by its ``ODESolve
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -862,10 +864,9 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
     sde_reference, sde_ref_x = None, None
     if sde_path_error and sigma["value"] is not None and any(solves_reference_sde(spec) for spec, _, _ in jobs):
         grid = sde_reference_grid(sigma["value"])
-        sde_spec = SamplerDef(SDE_REFERENCE.name, SDE_REFERENCE.label, SDE_REFERENCE.family, SDE_REFERENCE.kind,
-                              {**SDE_REFERENCE.options, "grid": grid}, True)
-        sde_plan = {"steps": len(grid) - 1, "last_step": SDE_REFERENCE.options["last_step"]}
-        sde_nfe = count_nfe("euler", len(grid) - 1, sde_plan["last_step"], SDE_REFERENCE.known_start)
+        sde_spec = dataclasses.replace(SDE_REFERENCE, options={**SDE_REFERENCE.options, "grid": grid})
+        sde_plan = {"steps": len(grid) - 1, "last_step": sde_spec.options["last_step"]}
+        sde_nfe = count_nfe(sde_spec.options["solver"], len(grid) - 1, sde_plan["last_step"], sde_spec.known_start)
         bar.set_description(f"SDE reference {sde_nfe} NFE")
         sde_ref_x, seen, seconds = run_sampler(sde_spec, sde_plan, wl, noise, batch_size, seed, progress,
                                                f"SDE reference {sde_nfe} NFE", ctx)
@@ -973,8 +974,7 @@ def _sde_path_error(spec: SamplerDef, k: int, plan: dict, wl: Workload, noise: T
                     ctx: Context, sde_ref_x: Tensor) -> float | None:
     """The mean distance of ``spec``'s samples on the Brownian paths to the SDE reference's (None where a run
     fails or leaves a non-finite sample)."""
-    brownian = SamplerDef(spec.name, spec.label, spec.family, spec.kind, {**spec.options, "sde_noise": "brownian"},
-                          spec.stochastic)
+    brownian = dataclasses.replace(spec, options={**spec.options, "sde_noise": "brownian"})
     try:
         x, seen, _ = run_sampler(brownian, plan, wl, noise, batch_size, seed, ctx=ctx)
     except RunFailed:

@@ -200,8 +200,9 @@ class BrownianPaths:
         zero = torch.zeros((len(self), self.size), dtype=torch.float64, device=self.device)
         root = self._normals(torch.tensor([1], dtype=torch.int64), _NODE_TAG)[0]  # W(1), node 2^0 + 0
         out: dict[float, Tensor] = {}
-        # Each open time's bracket [a, b] at the current level, as dyadic numerators over 2^level.
-        level_values = {(0, 0): zero, (0, 1): root}
+        # Each open time's bracket [a, b] at the current level, as dyadic numerators over 2^level, and W at the
+        # numerators the brackets end on.
+        level_values = {0: zero, 1: root}
         brackets = {}
         for t in times:
             if t == 0.0:
@@ -221,25 +222,26 @@ class BrownianPaths:
             spread = math.sqrt(1.0 / (4 * (1 << (level - 1))))
             new_values = {}
             for row, j in enumerate(mids):
-                left, right = level_values[(level - 1, (j - 1) // 2)], level_values[(level - 1, (j + 1) // 2)]
-                new_values[(level, j)] = 0.5 * (left + right) + spread * noise[row]
-            next_values: dict[tuple[int, int], Tensor] = {}
+                left, right = level_values[(j - 1) // 2], level_values[(j + 1) // 2]
+                new_values[j] = 0.5 * (left + right) + spread * noise[row]
+            next_values: dict[int, Tensor] = {}
             next_brackets = {}
             for t, (a, b) in brackets.items():
                 j = a + b
-                node = new_values[(level, j)]
+                node = new_values[j]
                 if t * scale == j:
                     out[t] = node
                     continue
                 lo, hi = (2 * a, j) if t * scale < j else (j, 2 * b)
                 next_brackets[t] = (lo, hi)
                 for k in (lo, hi):
-                    next_values[(level, k)] = node if k == j else level_values[(level - 1, k // 2)]
+                    next_values[k] = node if k == j else level_values[k // 2]
             brackets, level_values = next_brackets, next_values
         self._bridge_leaves(brackets, level_values, out)
         return out
 
-    def _bridge_leaves(self, brackets: dict[float, tuple[int, int]], level_values: dict, out: dict) -> None:
+    def _bridge_leaves(self, brackets: dict[float, tuple[int, int]], level_values: dict[int, Tensor],
+                       out: dict) -> None:
         """Times inside depth-L leaves, each bridged from the nearest known time on its left to the leaf's right
         end, in increasing order within a leaf."""
         if not brackets:
@@ -251,14 +253,14 @@ class BrownianPaths:
         for queue in by_leaf.values():
             queue.sort()
         rounds = max(len(q) for q in by_leaf.values())
-        left = {leaf: (leaf[0] * width, level_values[(self.depth, leaf[0])]) for leaf in by_leaf}
+        left = {leaf: (leaf[0] * width, level_values[leaf[0]]) for leaf in by_leaf}
         for r in range(rounds):
             batch = [(leaf, q[r]) for leaf, q in by_leaf.items() if r < len(q)]
             bits = torch.tensor([t for _, t in batch], dtype=torch.float64).view(torch.int64)
             noise = self._normals(bits, _LEAF_TAG)
             for row, (leaf, t) in enumerate(batch):
                 a, w_a = left[leaf]
-                b, w_b = leaf[1] * width, level_values[(self.depth, leaf[1])]
+                b, w_b = leaf[1] * width, level_values[leaf[1]]
                 value = w_a + ((t - a) / (b - a)) * (w_b - w_a) + math.sqrt((t - a) * (b - t) / (b - a)) * noise[row]
                 out[t] = value
                 left[leaf] = (t, value)

@@ -701,8 +701,6 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             # The same blocks of draws as li.sample takes over the same number of steps.
             draws = [normal_draws(s, self.num_inference_steps) for s in self._streams]
             self._draws = draws
-            # Sample i's (seed, index) for its Brownian path, as its stream's.
-            self._path_keys = [(seeds[i], i) if len(seeds) == batch else (seeds[0], i) for i in range(batch)]
             self._path_kw = {"sample_shape": shape, **kw}
 
     def _estimate_sigma(self, x_in: Tensor, v: Tensor) -> list[float]:
@@ -732,13 +730,16 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         """ξ for the step from ``node``: the next independent draw, or each sample's Brownian increment over it."""
         if self._sde_noise == "brownian":
             if self._brownian is None:
-                # Each sample reads its path over its lane's grid, from the node the run starts at.
-                rows = list(range(len(self._path_keys)))
+                # Sample i reads the path keyed like its stream, (its seed or the batch's one, i), over its lane's
+                # grid from the node the run starts at.
+                seeds = self.noise_seeds
+                rows = list(range(sum(len(s) for s in self._streams)))
                 lane_of = {i: lane for lane in self._lanes for i in rows[lane.index]}
                 self._brownian = [
-                    (xi for block in BrownianPaths(seed, [index], **self._path_kw).increment_blocks(
-                        lane_of[i].grid[node:]) for xi in block)
-                    for i, (seed, index) in enumerate(self._path_keys)]
+                    (xi for block in BrownianPaths(seeds[i] if len(seeds) > 1 else seeds[0], [i],
+                                                   **self._path_kw).increment_blocks(lane_of[i].grid[node:])
+                     for xi in block)
+                    for i in rows]
             return torch.cat([next(path) for path in self._brownian])
         return torch.cat([d() for d in self._draws]) if len(self._draws) > 1 else self._draws[0]()
 

@@ -1128,15 +1128,14 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         return normal_draws(streams, steps)
 
     def integrate(x: Tensor, increments: Tensor | None = None) -> Tensor:
+        draws = None
+        if is_sde:
+            draws = step_draws() if increments is None else iter(increments.unbind(0)).__next__
         with torch.no_grad():
             if solver in EXPONENTIAL_SOLVERS:
-                draws = None
-                if is_sde:
-                    draws = step_draws() if increments is None else iter(increments.unbind(0)).__next__
                 return exponential(dynamics.denoise, target, diffusion_spec.kappa, x, grid, draws,
                                    multistep=solver == "exponential-2m", callback=callback)
             if is_sde:
-                draws = step_draws() if increments is None else iter(increments.unbind(0)).__next__
                 if solver == "ab2":
                     return adams_bashforth2(dynamics.drift, x, grid, denoise=denoise, callback=callback,
                                             epsilon=diffusion_spec.epsilon_at, normal=draws)
