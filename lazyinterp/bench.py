@@ -838,9 +838,22 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
         log(f"warning: {sigma['note']}")
         estimation_nfe = mdl.nfe
 
-    # Progress in network evaluations per sample, so that the long reference weighs what it costs.
-    bar = tqdm(total=reference_nfe + sum(k for _, k, _ in jobs), disable=not progress, desc="reference",
-               unit="NFE", dynamic_ncols=True, file=sys.stderr)
+    # The pathwise SDE reference, planned here so that the progress bar counts it and the Brownian reruns.
+    sde_spec = sde_plan = None
+    sde_nfe = 0
+    if sde_path_error and sigma["value"] is not None and any(solves_reference_sde(spec) for spec, _, _ in jobs):
+        grid = sde_reference_grid(sigma["value"])
+        sde_spec = dataclasses.replace(SDE_REFERENCE, options={**SDE_REFERENCE.options, "grid": grid})
+        sde_plan = {"steps": len(grid) - 1, "last_step": sde_spec.options["last_step"]}
+        sde_nfe = count_nfe(sde_spec.options["solver"], len(grid) - 1, sde_plan["last_step"], sde_spec.known_start)
+
+    def job_nfe(spec: SamplerDef, k: int) -> int:
+        """The evaluations per sample a job costs: twice k where it is rerun on Brownian paths."""
+        return 2 * k if sde_spec is not None and solves_reference_sde(spec) else k
+
+    # Progress in network evaluations per sample, so that the long references weigh what they cost.
+    bar = tqdm(total=reference_nfe + sde_nfe + sum(job_nfe(spec, k) for spec, k, _ in jobs), disable=not progress,
+               desc="reference", unit="NFE", dynamic_ncols=True, file=sys.stderr)
     ref_plan = REFERENCE.plan(reference_nfe)
     if cached_ref is not None:
         reference, ref_x = cached_ref, cached_ref_x
@@ -862,20 +875,17 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
     bar.update(reference_nfe)
 
     sde_reference, sde_ref_x = None, None
-    if sde_path_error and sigma["value"] is not None and any(solves_reference_sde(spec) for spec, _, _ in jobs):
-        grid = sde_reference_grid(sigma["value"])
-        sde_spec = dataclasses.replace(SDE_REFERENCE, options={**SDE_REFERENCE.options, "grid": grid})
-        sde_plan = {"steps": len(grid) - 1, "last_step": sde_spec.options["last_step"]}
-        sde_nfe = count_nfe(sde_spec.options["solver"], len(grid) - 1, sde_plan["last_step"], sde_spec.known_start)
+    if sde_spec is not None:
         bar.set_description(f"SDE reference {sde_nfe} NFE")
         sde_ref_x, seen, seconds = run_sampler(sde_spec, sde_plan, wl, noise, batch_size, seed, progress,
                                                f"SDE reference {sde_nfe} NFE", ctx)
         if seen != {sde_nfe}:
             raise RuntimeError(f"SDE reference: expected {sde_nfe} NFE, the model counted {sorted(seen)}")
-        sde_reference = {"sampler": SDE_REFERENCE.label, "nfe": sde_nfe, "steps": len(grid) - 1,
+        sde_reference = {"sampler": SDE_REFERENCE.label, "nfe": sde_nfe, "steps": sde_plan["steps"],
                          "sde_noise": "brownian", "seconds": round(seconds, 3), **wl.score(sde_ref_x, ctx)}
         log(f"SDE reference ({SDE_REFERENCE.label}, {sde_nfe} NFE, Brownian noise): {wl.metric} "
             f"{sde_reference['value']:.4g}")
+        bar.update(sde_nfe)
 
     results = []
     new_runs = 0
@@ -887,7 +897,7 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
                 skipped.append(entry["skipped"])
             else:
                 results.append(entry)
-            bar.update(k)
+            bar.update(job_nfe(spec, k))
             continue
         if max_runs is not None and new_runs >= max_runs:
             complete = False
@@ -901,7 +911,7 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
         if ctx.is_main:
             cache.save_run(entry)
         new_runs += 1
-        bar.update(k)
+        bar.update(job_nfe(spec, k))
     bar.close()
 
     out: dict[str, Any] = {
