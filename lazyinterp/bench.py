@@ -99,6 +99,9 @@ SLICED_DIRECTIONS = 128
 # The target sample behind the sliced distance has at least this many points (a multiple of n).
 TARGET_POINTS = 40_000
 OVERHEAD_SAMPLERS = ("lazy-vp-euler", "point-mass-sde", "point-mass-sde-exp2m")
+# The SDEs' overhead is measured with each of these noises: the host's per-sample generators (the default) and
+# draws computed on the device (reported as "<sampler>-keyed").
+OVERHEAD_SDE_NOISES = ("independent", "keyed")
 OVERHEAD_BATCH, OVERHEAD_STEPS, OVERHEAD_REPEATS = 256, 8, 5
 
 
@@ -518,9 +521,9 @@ def measure_overhead(model: Model, sample_shape: tuple[int, ...], dtype: torch.d
                      batch: int = OVERHEAD_BATCH, steps: int = OVERHEAD_STEPS, repeats: int = OVERHEAD_REPEATS,
                      device: torch.device | str = "cpu", cuda_graph: bool = False,
                      direct: bool = False) -> dict[str, float]:
-    r"""T_sample / T_net − 1 for lazy VP Euler and the point-mass SDE (Euler–Maruyama and the 2M step): the time
-    ``li.sample`` spends beyond the network (schedule maths, conversion, noise draws, state updates, checks) as a
-    fraction of network time.
+    r"""T_sample / T_net − 1 for lazy VP Euler and the point-mass SDE (Euler–Maruyama and the 2M step, each with
+    the host's and with keyed noise, :data:`OVERHEAD_SDE_NOISES`): the time ``li.sample`` spends beyond the network
+    (schedule maths, conversion, noise draws, state updates, checks) as a fraction of network time.
 
     T_sample is the wall time of ``li.sample`` for one batch; T_net that of the same number of network calls on a
     batch of the same shape, back to back. Each synchronises the device once, at the end, so on an accelerator
@@ -569,10 +572,15 @@ def measure_overhead(model: Model, sample_shape: tuple[int, ...], dtype: torch.d
         _synchronize(device)
         return time.perf_counter() - start
 
-    result = {}
+    runs = []
     for name in OVERHEAD_SAMPLERS:
         spec = next(s for s in SAMPLERS if s.name == name)
         kwargs = _li_kwargs(spec, spec.plan(steps))
+        for sde_noise in OVERHEAD_SDE_NOISES if spec.stochastic else ("independent",):
+            label = name if sde_noise == "independent" else f"{name}-{sde_noise}"
+            runs.append((label, spec, {**kwargs, "sde_noise": sde_noise}))
+    result = {}
+    for name, spec, kwargs in runs:
         start_noise = None if spec.options["schedule"] == "point-mass" else noise
 
         def run(start_noise: Tensor | None, kwargs: dict) -> float:

@@ -22,19 +22,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from numbers import Integral
 
 import torch
 
-from .noise import sample_seeds
+from .noise import check_keyed_args, keyed_normals, mix64, sample_keys, signed64
 
 Tensor = torch.Tensor
 
-# SplitMix64's constants (Vigna's reference splitmix64.c), as the int64 values of their 64-bit patterns.
-_MASK64 = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15
-_MIX1 = 0xBF58476D1CE4E5B9
-_MIX2 = 0x94D049BB133111EB
 # Separate key spaces for the kinds of draw: dyadic nodes (numbered 2^ℓ + j) and leaf bridges (keyed by a time's
 # float64 bits).
 _NODE_TAG = 0x5A1C3E0F2B4D6987
@@ -44,48 +38,6 @@ _LEAF_TAG = 0x2F6B8D4C1A3E5079
 # of 256 to 4096 steps converged to a sample 0.034 away from that of grids on the dyadic nodes (gmm-2d, per-sample
 # mean distance), at depth 20 to within 0.003 of it.
 DEFAULT_DEPTH = 20
-
-
-def _signed(value: int) -> int:
-    """The int64 whose bits are the 64-bit pattern ``value``."""
-    value &= _MASK64
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def _shift_right(x: Tensor, bits: int) -> Tensor:
-    """Logical right shift of 64-bit patterns held in int64 (torch's >> is arithmetic)."""
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
-
-
-def mix64(x: Tensor) -> Tensor:
-    """SplitMix64's output function on 64-bit patterns held in int64 (products wrap modulo 2^64):
-
-    z ← (z ⊕ (z ≫ 30)) · 0xBF58476D1CE4E5B9;  z ← (z ⊕ (z ≫ 27)) · 0x94D049BB133111EB;  z ⊕ (z ≫ 31).
-    """
-    if x.dtype != torch.int64:
-        raise TypeError(f"x: expected an int64 tensor, got {x.dtype}")
-    x = (x ^ _shift_right(x, 30)) * _signed(_MIX1)
-    x = (x ^ _shift_right(x, 27)) * _signed(_MIX2)
-    return x ^ _shift_right(x, 31)
-
-
-def splitmix64(seed: Tensor, count: int) -> Tensor:
-    """The first ``count`` outputs of SplitMix64 from each seed: mix64(seed + k γ), k = 1..count, γ the golden
-    ratio constant; shape (*seed.shape, count)."""
-    steps = torch.arange(1, count + 1, device=seed.device, dtype=torch.int64) * _signed(_GOLDEN)
-    return mix64(seed.unsqueeze(-1) + steps)
-
-
-def keyed_normals(keys: Tensor, count: int, dtype: torch.dtype = torch.float64) -> Tensor:
-    """``count`` standard normals for each int64 key, shape (*keys.shape, count): pairs of 53-bit uniforms from
-    :func:`splitmix64` through Box–Muller, √(−2 log u₁) (cos 2πu₂, sin 2πu₂) with u₁ ∈ (0, 1]."""
-    pairs = (count + 1) // 2
-    bits = splitmix64(keys, 2 * pairs)
-    uniform = _shift_right(bits, 11).to(torch.float64) * 2.0 ** -53
-    u1, u2 = 1.0 - uniform[..., 0::2], uniform[..., 1::2]
-    radius, angle = torch.sqrt(-2.0 * torch.log(u1)), (2 * math.pi) * u2
-    normals = torch.stack((radius * torch.cos(angle), radius * torch.sin(angle)), dim=-1)
-    return normals.flatten(-2)[..., :count].to(dtype)
 
 
 def _as_times(value, argument: str) -> Tensor:
@@ -100,7 +52,7 @@ def _as_times(value, argument: str) -> Tensor:
 
 
 def _tagged(ids: Tensor, tag: int) -> Tensor:
-    return mix64(ids ^ _signed(tag))
+    return mix64(ids ^ signed64(tag))
 
 
 class BrownianPaths:
@@ -119,23 +71,10 @@ class BrownianPaths:
                  dtype: torch.dtype = torch.float32, depth: int = DEFAULT_DEPTH):
         if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= 52:
             raise ValueError(f"depth: expected an integer from 1 to 52, got {depth!r}")
-        if isinstance(seed, bool) or not isinstance(seed, Integral):
-            raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
-        if not isinstance(sample_shape, (tuple, list, torch.Size)) or \
-                not all(isinstance(n, Integral) and not isinstance(n, bool) and n >= 1 for n in sample_shape):
-            raise ValueError(f"sample_shape: expected a tuple of positive ints, got {sample_shape!r}")
-        try:
-            self.device = torch.device(device) if device is not None else torch.device("cpu")
-        except (RuntimeError, TypeError):
-            raise ValueError(f"device: expected a torch device or its name, got {device!r}") from None
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
-        self.sample_shape = tuple(int(n) for n in sample_shape)
+        self.sample_shape, self.device, self.dtype = check_keyed_args(seed, sample_shape, device, dtype)
         self.size = math.prod(self.sample_shape)
-        self.dtype = dtype
         self.depth = depth
-        seeds = [_signed(s) for s in sample_seeds(int(seed), indices)]
-        self._keys = mix64(torch.tensor(seeds, dtype=torch.int64, device=self.device))
+        self._keys = sample_keys(int(seed), indices, self.device)
 
     def __len__(self) -> int:
         return int(self._keys.shape[0])

@@ -165,9 +165,11 @@ SCHEDULE_NAMES = ["linear", "cosine", "vp", "lazy-vp", "point-mass"]
 @click.option("--covariance", is_flag=True,
               help="lazy-vp ODE: one lazy schedule per principal direction of the covariance, estimated from the "
               "model's own samples (exact for any Gaussian data).")
-@click.option("--sde-noise", default="independent", show_default=True, type=click.Choice(["independent", "brownian"]),
-              help="SDE noise: a fresh normal per step, or one Brownian path per sample that every step count "
-              "reads alike (more steps refine the same sample).")
+@click.option("--sde-noise", default="independent", show_default=True,
+              type=click.Choice(["independent", "keyed", "brownian"]),
+              help="SDE noise: a fresh normal per step from host generators, the same law computed on the device "
+              "(keyed; faster on a GPU), or one Brownian path per sample that every step count reads alike (more "
+              "steps refine the same sample).")
 @click.option("--n", "-n", "n", default=64, type=click.IntRange(min=1), show_default=True)
 @click.option("--batch-size", default=250, type=click.IntRange(min=1), show_default=True)
 @click.option("--seed", default=0, type=int, show_default=True)

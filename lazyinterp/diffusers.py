@@ -35,7 +35,7 @@ from diffusers.utils import BaseOutput
 from .brownian import BrownianPaths
 from .conversion import convert, time_change
 from .covariance import Covariance, CovarianceLazyDynamics
-from .noise import NoiseStreams, resolve_seed
+from .noise import KeyedStreams, NoiseStreams, resolve_seed
 from .predictors import (
     CenteredModel,
     Model,
@@ -285,7 +285,9 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
     reproducible. :attr:`noise_seeds` records the seeds: ``li.sample(..., generator=noise_seeds[i], indices=[i])``
     reproduces sample i. With ``sde_noise="brownian"`` the steps read the increments of each sample's Brownian
     path over its grid (:class:`lazyinterp.brownian.BrownianPaths`, keyed by the same seed and index), as
-    ``li.sample(sde_noise="brownian")`` does, so runs with more steps refine the same samples.
+    ``li.sample(sde_noise="brownian")`` does, so runs with more steps refine the same samples. With
+    ``sde_noise="keyed"`` the draws are computed on the latents' device from the same seeds
+    (:class:`lazyinterp.noise.KeyedStreams`), as ``li.sample(sde_noise="keyed")`` does.
 
     Args:
         num_train_timesteps: the timestep scale (1000 σ).
@@ -305,7 +307,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         invert_sigmas: must be False (Mochi's inverted convention is not supported).
         use_flow_sigmas: read by FLUX pipelines; when True they pass only ``num_inference_steps``.
         covariance: a :class:`~lazyinterp.Covariance` or (D, D) tensor for covariance-matched lazy VP (above).
-        sde_noise: ``"independent"`` or ``"brownian"``, as in ``li.sample`` (Noise, above).
+        sde_noise: ``"independent"``, ``"keyed"`` or ``"brownian"``, as in ``li.sample`` (Noise, above).
 
     Raises:
         ValueError: an unknown schedule, diffusion, solver or last step, a sigma for a non-lazy schedule, a
@@ -686,17 +688,18 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         if self._is_sde:
             batch, shape = x_in.shape[0], tuple(x_in.shape[1:])
             kw = {"device": x_in.device, "dtype": x_in.dtype}
+            streams = KeyedStreams if self._sde_noise == "keyed" else NoiseStreams
             if generator is None:
                 seeds = [_latents_seed(x_in[i]) for i in range(batch)]
-                self._streams = [NoiseStreams(s, [i], shape, **kw) for i, s in enumerate(seeds)]
+                self._streams = [streams(s, [i], shape, **kw) for i, s in enumerate(seeds)]
             elif isinstance(generator, (list, tuple)):
                 if len(generator) != batch:
                     raise ValueError(f"generator: expected {batch} generators, got {len(generator)}")
                 seeds = [_generator_seed(g) for g in generator]
-                self._streams = [NoiseStreams(s, [i], shape, **kw) for i, s in enumerate(seeds)]
+                self._streams = [streams(s, [i], shape, **kw) for i, s in enumerate(seeds)]
             else:
                 seeds = [_generator_seed(generator)]
-                self._streams = [NoiseStreams(seeds[0], range(batch), shape, **kw)]
+                self._streams = [streams(seeds[0], range(batch), shape, **kw)]
             self.noise_seeds = seeds
             # The same blocks of draws as li.sample takes over the same number of steps.
             draws = [normal_draws(s, self.num_inference_steps) for s in self._streams]

@@ -1,15 +1,21 @@
-"""Per-sample noise streams: sample i draws from its own generator seeded by (seed, i).
+"""Per-sample noise: sample i's draws depend only on (seed, i), never on the batch it is in.
 
-Each sample's initial noise and Brownian increments depend only on (seed, i), never on the batch it is in,
-so results are identical for any batch size, any sharding over processes, and on CPU or CUDA (noise is
-drawn on the CPU and moved).
+So results are identical for any batch size, any sharding over processes, and on CPU or CUDA. Two sources:
+
+* :class:`NoiseStreams`: sample i draws from its own torch generator seeded by (seed, i), on the host, and the
+  draws are moved to the device.
+* :class:`KeyedStreams`: the k-th draw of sample i is computed, not drawn: SplitMix64 hashes (Steele, Lea & Flood
+  2014) of (seed, i, k) and a counter, through Box–Muller, in int64 tensor arithmetic on the samples' own device.
+  No host work, so on an accelerator it costs a few elementwise kernels instead of the host's generators.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
+from numbers import Integral
 
 import numpy as np
 import torch
@@ -112,6 +118,79 @@ def resolve_seed(generator: int | torch.Generator | None) -> int:
     return int(generator)
 
 
+# SplitMix64's constants (Vigna's reference splitmix64.c), as the int64 values of their 64-bit patterns.
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+
+
+def signed64(value: int) -> int:
+    """The int64 whose bits are the 64-bit pattern ``value``."""
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shift_right(x: Tensor, bits: int) -> Tensor:
+    """Logical right shift of 64-bit patterns held in int64 (torch's >> is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def mix64(x: Tensor) -> Tensor:
+    """SplitMix64's output function on 64-bit patterns held in int64 (products wrap modulo 2^64):
+
+    z ← (z ⊕ (z ≫ 30)) · 0xBF58476D1CE4E5B9;  z ← (z ⊕ (z ≫ 27)) · 0x94D049BB133111EB;  z ⊕ (z ≫ 31).
+    """
+    if x.dtype != torch.int64:
+        raise TypeError(f"x: expected an int64 tensor, got {x.dtype}")
+    x = (x ^ _shift_right(x, 30)) * signed64(_MIX1)
+    x = (x ^ _shift_right(x, 27)) * signed64(_MIX2)
+    return x ^ _shift_right(x, 31)
+
+
+def splitmix64(seed: Tensor, count: int) -> Tensor:
+    """The first ``count`` outputs of SplitMix64 from each seed: mix64(seed + k γ), k = 1..count, γ the golden
+    ratio constant; shape (*seed.shape, count)."""
+    steps = torch.arange(1, count + 1, device=seed.device, dtype=torch.int64) * signed64(_GOLDEN)
+    return mix64(seed.unsqueeze(-1) + steps)
+
+
+def keyed_normals(keys: Tensor, count: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``count`` standard normals for each int64 key, shape (*keys.shape, count): pairs of 53-bit uniforms from
+    :func:`splitmix64` through Box–Muller, √(−2 log u₁) (cos 2πu₂, sin 2πu₂) with u₁ ∈ (0, 1]."""
+    pairs = (count + 1) // 2
+    bits = splitmix64(keys, 2 * pairs)
+    uniform = _shift_right(bits, 11).to(torch.float64) * 2.0 ** -53
+    u1, u2 = 1.0 - uniform[..., 0::2], uniform[..., 1::2]
+    radius, angle = torch.sqrt(-2.0 * torch.log(u1)), (2 * math.pi) * u2
+    normals = torch.stack((radius * torch.cos(angle), radius * torch.sin(angle)), dim=-1)
+    return normals.flatten(-2)[..., :count].to(dtype)
+
+
+
+def sample_keys(seed: int, indices: range | list[int], device=None) -> Tensor:
+    """One int64 key per sample, mix64 of its :func:`sample_seeds` seed, on ``device``: the root of every keyed
+    draw of sample i (its :class:`KeyedStreams` steps and its Brownian path's nodes)."""
+    seeds = [signed64(s) for s in sample_seeds(int(seed), indices)]
+    return mix64(torch.tensor(seeds, dtype=torch.int64, device=device))
+
+
+def check_keyed_args(seed, sample_shape, device, dtype) -> tuple[tuple[int, ...], torch.device, torch.dtype]:
+    """The checked (sample_shape, device, dtype) of a source of keyed draws, or an error naming the argument."""
+    if isinstance(seed, bool) or not isinstance(seed, Integral):
+        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    if not isinstance(sample_shape, (tuple, list, torch.Size)) or \
+            not all(isinstance(n, Integral) and not isinstance(n, bool) and n >= 1 for n in sample_shape):
+        raise ValueError(f"sample_shape: expected a tuple of positive ints, got {sample_shape!r}")
+    try:
+        device = torch.device(device) if device is not None else torch.device("cpu")
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected a torch device or its name, got {device!r}") from None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
+    return tuple(int(n) for n in sample_shape), device, dtype
+
+
 @cache
 def _thread_pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lazyinterp-noise")
@@ -180,3 +259,49 @@ class NoiseStreams:
             fill(range(batch))
         # From pinned memory the copy to the device is queued behind its work instead of waiting for it.
         return out.to(device=self.device, dtype=self.dtype, non_blocking=out.is_pinned())
+
+
+# The key space of KeyedStreams' draws, apart from the Brownian paths' nodes and leaves (lazyinterp.brownian).
+_STEP_TAG = 0x3C5A7E9B1D2F4068
+# Elements hashed at once: a block of draws is computed in parts of at most this many, whatever its size, so a
+# large latent's int64 intermediates stay a few tens of megabytes.
+_KEYED_CHUNK = 1 << 22
+
+
+class KeyedStreams:
+    """Standard normal draws, one independent stream per sample, computed on the samples' device.
+
+    The k-th draw of sample i is :func:`keyed_normals` of mix64(mix64(k ⊕ tag) ⊕ key_i), key_i from
+    :func:`sample_keys`: a function of (seed, i, k) alone, like :class:`NoiseStreams` (same law, other values),
+    with the same :meth:`draw` and :meth:`draw_block`. Computed in float64 and cast, so float32 and float64 runs
+    share their noise, and CPU and CUDA agree up to the rounding of log, cos and sin.
+    """
+
+    def __init__(self, seed: int, indices: range | list[int], sample_shape: tuple[int, ...], *,
+                 device=None, dtype: torch.dtype = torch.float32):
+        self.sample_shape, self.device, self.dtype = check_keyed_args(seed, sample_shape, device, dtype)
+        self.size = math.prod(self.sample_shape)
+        self._keys = sample_keys(seed, indices, self.device)
+        self._drawn = 0
+
+    def __len__(self) -> int:
+        return int(self._keys.shape[0])
+
+    def draw(self) -> Tensor:
+        """The next standard normal tensor of shape (batch, *sample_shape)."""
+        return self.draw_block(1)[0]
+
+    def draw_block(self, count: int) -> Tensor:
+        """The next ``count`` draws at once, shape (count, batch, *sample_shape), equal to ``count`` calls of
+        :meth:`draw`."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"count: expected an integer >= 0, got {count!r}")
+        steps = torch.arange(self._drawn, self._drawn + count, dtype=torch.int64, device=self.device)
+        step_keys = mix64(steps ^ signed64(_STEP_TAG))
+        stream_keys = mix64(step_keys.unsqueeze(1) ^ self._keys.unsqueeze(0)).flatten()
+        out = torch.empty((stream_keys.numel(), self.size), dtype=self.dtype, device=self.device)
+        per_part = max(1, _KEYED_CHUNK // self.size)
+        for lo in range(0, stream_keys.numel(), per_part):
+            out[lo:lo + per_part] = keyed_normals(stream_keys[lo:lo + per_part], self.size, self.dtype)
+        self._drawn += count
+        return out.view(count, len(self), *self.sample_shape)

@@ -42,7 +42,7 @@ from . import graphs
 from .brownian import BrownianPaths
 from .conversion import convert
 from .covariance import DEFAULT_RANK, FULL_RANK_MAX_DIM, Covariance, CovarianceLazyDynamics
-from .noise import NoiseStreams, resolve_seed
+from .noise import KeyedStreams, NoiseStreams, resolve_seed
 from .predictors import (
     CenteredModel,
     Model,
@@ -70,7 +70,7 @@ EXPONENTIAL_SOLVERS = ("exponential", "exponential-2m")
 # Multistep solvers: one evaluation a step (they reuse drifts of earlier nodes); ab2-pc is for the ODE only.
 ODE_SOLVERS = ("ab2", "ab2-pc")
 LAST_STEPS = ("euler", "denoise")
-SDE_NOISES = ("independent", "brownian")
+SDE_NOISES = ("independent", "keyed", "brownian")
 DEFAULT_STEPS = 8
 
 
@@ -750,7 +750,7 @@ class SampleInfo:
     estimation_nfe: int = 0
 
 
-def normal_draws(streams: NoiseStreams, count: int, block: int = 32) -> Callable[[], Tensor]:
+def normal_draws(streams: NoiseStreams | KeyedStreams, count: int, block: int = 32) -> Callable[[], Tensor]:
     """``count`` draws from ``streams``, taken a block at a time: one generator call per sample and block rather
     than per sample and step (the per-step cost would otherwise grow with the batch)."""
 
@@ -1001,10 +1001,14 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
             checked for NaN and inf once, at the end (a bad run is repeated eagerly to name the step). No
             ``callback``.
         sde_noise: the SDE's noise. "independent" (default): a fresh standard normal per sample and step, from the
-            sample's own stream (:class:`~lazyinterp.noise.NoiseStreams`). "brownian": the normalised increments
-            of one Brownian path W_i(t) per sample over the grid (:class:`~lazyinterp.brownian.BrownianPaths`), the
-            same path whatever the grid, so runs with more steps refine the same sample; it costs a few times
-            more to draw (about log₂ of the leaf count per grid time). The starting noise is the same in both.
+            sample's own generator on the host (:class:`~lazyinterp.noise.NoiseStreams`). "keyed": the same law,
+            but each draw computed on the samples' device from a hash of (seed, sample, step)
+            (:class:`~lazyinterp.noise.KeyedStreams`), so an accelerator never waits for the host's generators;
+            on a CPU it costs about as much as "independent". "brownian": the normalised increments of one
+            Brownian path W_i(t) per sample over the grid (:class:`~lazyinterp.brownian.BrownianPaths`), the same
+            path whatever the grid, so runs with more steps refine the same sample; it costs a few times more to
+            draw (about log₂ of the leaf count per grid time). All three depend on neither the batch nor the
+            device, and the starting noise is the same in all three.
         return_info: also return a :class:`SampleInfo`.
     """
     predictor = check_predictor(model)
@@ -1072,11 +1076,17 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
     if covariance is not None:
         covariance = resolve_covariance(covariance, sample_shape)
 
-    needs_streams = noise is None or is_sde
-    base_seed = resolve_seed(generator) if needs_streams else None
-    streams = NoiseStreams(base_seed, indices, sample_shape, device=device, dtype=dtype) if needs_streams else None
+    draws_start = noise is None and target.base != "point_mass"
+    base_seed = resolve_seed(generator) if draws_start or is_sde else None
+    stream_args = (base_seed, indices, sample_shape)
+    streams = NoiseStreams(*stream_args, device=device, dtype=dtype) if draws_start else None
     if is_sde and sde_noise == "brownian":
-        paths = BrownianPaths(base_seed, indices, sample_shape, device=device, dtype=dtype)
+        paths = BrownianPaths(*stream_args, device=device, dtype=dtype)
+    elif is_sde and sde_noise == "keyed":
+        step_streams = KeyedStreams(*stream_args, device=device, dtype=dtype)
+    elif is_sde:
+        # Independent steps continue the stream whose first draw started the state.
+        step_streams = streams or NoiseStreams(*stream_args, device=device, dtype=dtype)
 
     # Centring and σ (estimated from the model when the lazy schedule leaves it open).
     nfe_before = getattr(predictor, "nfe", 0)
@@ -1125,7 +1135,7 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         """ξ_k, one a step."""
         if sde_noise == "brownian":
             return (xi for block in paths.increment_blocks(grid) for xi in block).__next__
-        return normal_draws(streams, steps)
+        return normal_draws(step_streams, steps)
 
     def integrate(x: Tensor, increments: Tensor | None = None) -> Tensor:
         draws = None

@@ -315,7 +315,8 @@ def test_overhead_measurement_tells_a_cheap_network_from_a_costly_one():
         return measure_overhead(model, (4,), torch.float64, batch=6, steps=6, repeats=3, direct=direct)
 
     costly, cheap = overhead(0.02), overhead(0.0)
-    assert set(costly) == {"lazy-vp-euler", "point-mass-sde", "point-mass-sde-exp2m"}
+    assert set(costly) == {"lazy-vp-euler", "point-mass-sde", "point-mass-sde-exp2m", "point-mass-sde-keyed",
+                           "point-mass-sde-exp2m-keyed"}
     for name in costly:
         # li.sample's own work per step (well under a millisecond) against 20 ms networks, and against a
         # network that costs next to nothing.

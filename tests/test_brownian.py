@@ -1,51 +1,12 @@
 import math
 
-import numpy as np
 import pytest
 import torch
 from scipy import stats
 
-from lazyinterp.brownian import BrownianPaths, keyed_normals, mix64, splitmix64
+from lazyinterp.brownian import BrownianPaths
 
 F64 = torch.float64
-MASK = (1 << 64) - 1
-
-
-def _python_mix64(value: int) -> int:
-    z = value & MASK
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
-    return z ^ (z >> 31)
-
-
-def test_splitmix64_gives_the_published_reference_outputs():
-    # The first outputs of SplitMix64 seeded with 0 (Vigna's splitmix64.c).
-    out = splitmix64(torch.tensor(0, dtype=torch.int64), 4)
-    assert [int(v) & MASK for v in out] == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F,
-                                            0xF88BB8A8724C81EC]
-
-
-def test_mix64_wraps_like_unsigned_64_bit_arithmetic():
-    rng = np.random.default_rng(0)
-    values = [int(v) for v in rng.integers(-(1 << 63), (1 << 63) - 1, size=200, dtype=np.int64)]
-    values += [0, -1, (1 << 63) - 1, -(1 << 63)]
-    got = mix64(torch.tensor(values, dtype=torch.int64))
-    assert [int(v) & MASK for v in got] == [_python_mix64(v) for v in values]
-    with pytest.raises(TypeError, match="x: expected an int64 tensor"):
-        mix64(torch.zeros(3))
-
-
-def test_keyed_normals_are_independent_standard_normals():
-    keys = torch.arange(2000, dtype=torch.int64) * 7919
-    draws = keyed_normals(keys, 51)  # odd: the last pair is cut
-    assert draws.shape == (2000, 51) and draws.dtype == F64
-    assert stats.kstest(draws.flatten().numpy(), "norm").pvalue > 1e-3
-    # Entries of one key, and the same entry across keys, are uncorrelated.
-    corr = torch.corrcoef(draws.T)
-    assert (corr - torch.eye(51, dtype=F64)).abs().max() < 4.5 / math.sqrt(2000)
-    assert torch.equal(keyed_normals(keys[:7], 51), draws[:7])
-
-
 def _paths(**kw):
     return BrownianPaths(kw.pop("seed", 5), kw.pop("indices", range(400)), kw.pop("shape", (50,)), dtype=F64, **kw)
 

@@ -69,9 +69,10 @@ def test_covariance_samples_do_not_depend_on_the_batch_size(checkpoint, tmp_path
     assert not np.allclose(samples[0], samples[2])
 
 
-def test_brownian_sde_noise_is_batch_free_and_changes_only_the_increments(checkpoint, tmp_path):
+@pytest.mark.parametrize("sde_noise", ["keyed", "brownian"])
+def test_sde_noise_is_batch_free_and_changes_only_the_increments(checkpoint, tmp_path, sde_noise):
     samples = []
-    for batch, noise in ((7, "brownian"), (3, "brownian"), (7, "independent")):
+    for batch, noise in ((7, sde_noise), (3, sde_noise), (7, "independent")):
         path = tmp_path / f"{noise}-{batch}.npz"
         result = run("sample", "--model", checkpoint, "--schedule", "point-mass", "--steps", 3, "--n", 7,
                      "--batch-size", batch, "--seed", 4, "--sde-noise", noise, "--out", path, "--quiet")
@@ -79,6 +80,13 @@ def test_brownian_sde_noise_is_batch_free_and_changes_only_the_increments(checkp
         samples.append(np.load(path)["samples"])
     assert np.array_equal(samples[0], samples[1])
     assert not np.allclose(samples[0], samples[2])
+
+
+def test_sde_noise_choices_are_the_library_ones():
+    from lazyinterp.samplers import SDE_NOISES
+
+    option = next(p for p in main.commands["sample"].params if p.name == "sde_noise")
+    assert tuple(option.type.choices) == SDE_NOISES
 
 
 def test_cli_errors_are_one_line_and_leave_no_file(checkpoint, tmp_path):

@@ -169,6 +169,10 @@ CONFIGS = {
                                                     sde_noise="brownian"),
     "cosine sde exponential-2m, brownian": dict(schedule="cosine", diffusion=0.5, solver="exponential-2m",
                                                 sde_noise="brownian"),
+    "point-mass sde default (ab2), keyed": dict(schedule="point-mass", sigma=0.7, diffusion="optimal",
+                                                sde_noise="keyed"),
+    "cosine sde exponential-2m, keyed": dict(schedule="cosine", diffusion=0.5, solver="exponential-2m",
+                                             sde_noise="keyed"),
 }
 
 
@@ -608,9 +612,10 @@ def test_errors_name_the_argument():
         LazyScheduler(schedule="lazy-vp", sigma=-1.0)
     with pytest.raises(ValueError, match="invert_sigmas"):
         LazyScheduler(invert_sigmas=True)
-    with pytest.raises(ValueError, match="sde_noise: expected one of independent, brownian"):
+    with pytest.raises(ValueError, match="sde_noise: expected one of independent, keyed, brownian"):
         LazyScheduler(schedule="point-mass", diffusion="optimal", sde_noise="pink")
-    assert LazyScheduler.from_config(LazyScheduler(sde_noise="brownian").config).config.sde_noise == "brownian"
+    for sde_noise in ("keyed", "brownian"):
+        assert LazyScheduler.from_config(LazyScheduler(sde_noise=sde_noise).config).config.sde_noise == sde_noise
     sched = LazyScheduler(schedule="lazy-vp", sigma=1.0)
     with pytest.raises(ValueError, match="set_timesteps"):
         sched.step(torch.zeros(1, 2), 1000.0, torch.zeros(1, 2))

@@ -1,10 +1,22 @@
+import math
 import random
 
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 
-from lazyinterp.noise import NoiseStreams, sample_seed, sample_seeds
+from lazyinterp.noise import (
+    KeyedStreams,
+    NoiseStreams,
+    keyed_normals,
+    mix64,
+    sample_seed,
+    sample_seeds,
+    splitmix64,
+)
+
+F64 = torch.float64
 
 
 def test_block_draws_depend_only_on_seed_and_index():
@@ -70,3 +82,95 @@ def test_batched_seeds_equal_numpys_seed_sequence():
 def test_batched_seeds_refuse_negative_indices():
     with pytest.raises(ValueError, match="indices"):
         sample_seeds(0, [3, -1])
+
+
+MASK = (1 << 64) - 1
+
+
+def _python_mix64(value: int) -> int:
+    z = value & MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
+    return z ^ (z >> 31)
+
+
+def test_splitmix64_gives_the_published_reference_outputs():
+    # The first outputs of SplitMix64 seeded with 0 (Vigna's splitmix64.c).
+    out = splitmix64(torch.tensor(0, dtype=torch.int64), 4)
+    assert [int(v) & MASK for v in out] == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F,
+                                            0xF88BB8A8724C81EC]
+
+
+def test_mix64_wraps_like_unsigned_64_bit_arithmetic():
+    rng = np.random.default_rng(0)
+    values = [int(v) for v in rng.integers(-(1 << 63), (1 << 63) - 1, size=200, dtype=np.int64)]
+    values += [0, -1, (1 << 63) - 1, -(1 << 63)]
+    got = mix64(torch.tensor(values, dtype=torch.int64))
+    assert [int(v) & MASK for v in got] == [_python_mix64(v) for v in values]
+    with pytest.raises(TypeError, match="x: expected an int64 tensor"):
+        mix64(torch.zeros(3))
+
+
+def test_keyed_normals_are_independent_standard_normals():
+    keys = torch.arange(2000, dtype=torch.int64) * 7919
+    draws = keyed_normals(keys, 51)  # odd: the last pair is cut
+    assert draws.shape == (2000, 51) and draws.dtype == F64
+    assert stats.kstest(draws.flatten().numpy(), "norm").pvalue > 1e-3
+    # Entries of one key, and the same entry across keys, are uncorrelated.
+    corr = torch.corrcoef(draws.T)
+    assert (corr - torch.eye(51, dtype=F64)).abs().max() < 4.5 / math.sqrt(2000)
+    assert torch.equal(keyed_normals(keys[:7], 51), draws[:7])
+
+
+def test_keyed_draws_depend_only_on_seed_index_and_step():
+    whole = KeyedStreams(3, range(6), (2, 5)).draw_block(4)
+    assert whole.shape == (4, 6, 2, 5) and whole.dtype == torch.float32
+    part = KeyedStreams(3, [4, 1], (2, 5))
+    one_by_one = torch.stack([part.draw() for _ in range(4)])
+    assert torch.equal(one_by_one, whole[:, [4, 1]])
+    split = KeyedStreams(3, range(6), (2, 5))
+    assert torch.equal(torch.cat([split.draw_block(1), split.draw_block(0), split.draw_block(3)]), whole)
+    assert not torch.equal(KeyedStreams(4, range(6), (2, 5)).draw_block(4), whole)
+    wide = KeyedStreams(3, range(6), (2, 5), dtype=F64).draw_block(4)
+    assert torch.equal(wide.float(), whole)
+
+
+def test_keyed_draws_are_independent_standard_normals():
+    draws = KeyedStreams(0, range(300), (7,), dtype=F64).draw_block(10)
+    assert stats.kstest(draws.flatten().numpy(), "norm").pvalue > 1e-3
+    # Uncorrelated across steps, and between neighbouring samples.
+    over_steps = torch.corrcoef(draws[:, :, 0])
+    assert (over_steps - torch.eye(10, dtype=F64)).abs().max() < 4.5 / math.sqrt(300)
+    pairs = torch.stack([draws[:, :-1].flatten(), draws[:, 1:].flatten()])
+    assert abs(float(torch.corrcoef(pairs)[0, 1])) < 4.5 / math.sqrt(pairs.shape[1])
+
+
+def test_keyed_draws_of_a_large_batch_are_computed_in_parts_with_the_same_values(monkeypatch):
+    import lazyinterp.noise as noise
+
+    whole = KeyedStreams(9, range(5), (3, 4), dtype=F64).draw_block(6)
+    monkeypatch.setattr(noise, "_KEYED_CHUNK", 25)  # two samples' worth per part, across step boundaries
+    assert torch.equal(KeyedStreams(9, range(5), (3, 4), dtype=F64).draw_block(6), whole)
+
+
+def test_keyed_streams_refuse_bad_arguments():
+    with pytest.raises(ValueError, match="count: expected an integer >= 0"):
+        KeyedStreams(0, range(2), (3,)).draw_block(-1)
+    for kwargs, error, message in [
+        (dict(seed=1.5), TypeError, "seed: expected an int"),
+        (dict(indices=[-1]), ValueError, "indices: expected non-negative"),
+        (dict(sample_shape=(2, 0)), ValueError, "sample_shape: expected a tuple of positive ints"),
+        (dict(device="nope"), ValueError, "device: expected a torch device"),
+        (dict(dtype=torch.int32), TypeError, "dtype: expected a floating-point torch.dtype"),
+    ]:
+        with pytest.raises(error, match=message):
+            KeyedStreams(**{"seed": 1, "indices": range(2), "sample_shape": (3,), **kwargs})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_keyed_draws_on_cuda_are_the_cpu_draws():
+    """Integer hashing is exact on any device; only Box–Muller's log, cos and sin may round apart."""
+    cpu = KeyedStreams(2, range(64), (1, 28, 28), dtype=F64).draw_block(8)
+    cuda = KeyedStreams(2, range(64), (1, 28, 28), dtype=F64, device="cuda").draw_block(8)
+    assert cuda.device.type == "cuda"
+    torch.testing.assert_close(cuda.cpu(), cpu, rtol=0, atol=1e-12)

@@ -5,7 +5,7 @@ import torch
 from conftest import all_schedules, gaussian_schedules, make_mixture
 
 import lazyinterp as li
-from lazyinterp.noise import NoiseStreams
+from lazyinterp.noise import KeyedStreams, NoiseStreams
 from lazyinterp.samplers import default_solver, resolve_diffusion
 
 F64 = torch.float64
@@ -40,15 +40,16 @@ def test_lazy_vp_is_exact_on_gaussians(steps, sigma, mean, solver):
 
 @pytest.mark.parametrize("steps", [1, 3, 8])
 @pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0])
-def test_point_mass_euler_maruyama_is_exact_on_gaussians(steps, sigma):
+@pytest.mark.parametrize(("sde_noise", "streams"), [("independent", NoiseStreams), ("keyed", KeyedStreams)])
+def test_point_mass_euler_maruyama_is_exact_on_gaussians(steps, sigma, sde_noise, streams):
     """Theory §6.3: with β = t the sampler is σ W_t from 0, so X_1 = σ Σ_k √h_k ξ_k exactly, pathwise."""
     model = gaussian(sigma).model("linear")
     grid = torch.tensor(sorted({0.0, 1.0, *torch.rand(steps - 1, generator=torch.Generator().manual_seed(2)).tolist()}),
                         dtype=F64)
     out = li.sample(model, shape=(2000, 3), grid=grid, schedule=li.point_mass(sigma), diffusion="optimal",
-                    solver="euler", generator=7, last_step="euler", dtype=F64, center=False)
-    # The SDE takes its increments in one block per sample (see li.NoiseStreams.draw_block).
-    draws = NoiseStreams(7, range(2000), (3,), dtype=F64).draw_block(len(grid) - 1)
+                    solver="euler", generator=7, last_step="euler", dtype=F64, center=False, sde_noise=sde_noise)
+    # The SDE takes its increments in one block per sample (see NoiseStreams.draw_block), in step order.
+    draws = streams(7, range(2000), (3,), dtype=F64).draw_block(len(grid) - 1)
     expected = sum(sigma * math.sqrt(float(h)) * draws[k] for k, h in enumerate(torch.diff(grid)))
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     assert out.std().item() == pytest.approx(sigma, rel=0.05)
@@ -714,10 +715,12 @@ def test_sde_noise_is_checked_and_leaves_the_start_and_odes_alone(mixture):
     model = mixture.model("linear")
     z = torch.randn(16, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
     kwargs = dict(steps=4, schedule="lazy-vp", generator=2)
-    assert torch.equal(li.sample(model, z, sde_noise="brownian", **kwargs), li.sample(model, z, **kwargs))
-    with pytest.raises(ValueError, match="sde_noise: expected one of independent, brownian"):
+    for sde_noise in ("keyed", "brownian"):
+        assert torch.equal(li.sample(model, z, sde_noise=sde_noise, **kwargs), li.sample(model, z, **kwargs))
+    with pytest.raises(ValueError, match="sde_noise: expected one of independent, keyed, brownian"):
         li.sample(model, z, sde_noise="bridge", **kwargs)
     # Only the increments differ: a 1-step SDE whose last step denoises uses no increment at all.
     sde = dict(shape=(16, 2), steps=1, schedule="lazy-vp", diffusion="optimal", solver="euler", generator=2,
                dtype=F64)
-    assert torch.equal(li.sample(model, sde_noise="brownian", **sde), li.sample(model, **sde))
+    for sde_noise in ("keyed", "brownian"):
+        assert torch.equal(li.sample(model, sde_noise=sde_noise, **sde), li.sample(model, **sde))
