@@ -473,7 +473,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         self._step_index: int | None = None
         self._lanes: list[_Lane] | None = None
         self._mean: Tensor | None = None
-        self._streams: list[NoiseStreams] | None = None
+        self._streams: list[NoiseStreams | KeyedStreams] | None = None
         self._draws: list | None = None
         self._brownian: list | None = None
         self._y: Tensor | None = None
