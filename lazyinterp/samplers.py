@@ -218,6 +218,8 @@ class Diffusion:
     schedule: Schedule
     kappa: float | None = None
     epsilon: Callable[[float], float] | None = None
+    # ε*(t) by t: a sampler asks for it several times a step, and each evaluation is a few tensor operations.
+    optimum_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def is_ode(self) -> bool:
@@ -234,10 +236,11 @@ class Diffusion:
         return eps
 
     def _optimum(self, t: float) -> float:
-        if not self.schedule_has_finite_optimum(t):
-            return math.inf
-        # A point mass's ε* at t = 0 is a 0/0: its right limit.
-        return float(self.schedule.optimal_diffusion(max(t, END_OFFSET)))
+        if t not in self.optimum_cache:
+            # A point mass's ε* at t = 0 is a 0/0: its right limit.
+            self.optimum_cache[t] = float(self.schedule.optimal_diffusion(max(t, END_OFFSET))) \
+                if self.schedule_has_finite_optimum(t) else math.inf
+        return self.optimum_cache[t]
 
     def kappa_at(self, t: float) -> float:
         if self.epsilon is None and self.kappa == 0:
@@ -638,8 +641,9 @@ def exponential_coefficients(schedule: Schedule, t: float, s: float, kappa: floa
                 raise ValueError("diffusion: an ODE cannot leave a point mass; use kappa > 0")
             return a_s / a_t, b_s, 0.0
         return 0.0, b_s, a_s
-    # ρ^κ through logarithms: r_t and r_s can be far apart near the ends.
-    log_rho = log_snr(schedule, t) - log_snr(schedule, s)
+    # ρ^κ through logarithms: r_t and r_s can be far apart near the ends. ρ ≤ 1 on an increasing grid, but for times
+    # a few ulps apart the rounded logarithms can put it just above 1, where the spread would be √(negative).
+    log_rho = min(log_snr(schedule, t) - log_snr(schedule, s), 0.0)
     decay = math.exp(kappa * log_rho)
     keep = a_s / a_t * decay
     spread = a_s * math.sqrt(-math.expm1(2 * kappa * log_rho)) if kappa > 0 else 0.0

@@ -552,6 +552,21 @@ def test_exponential_step_solves_the_sde_with_eta_x_frozen(schedule, kappa):
             assert spread == 0.0
 
 
+def test_exponential_step_over_a_single_ulp_is_finite():
+    """Times one float apart can round to a log-SNR that falls over the step; the step is then the identity in law
+    (keep 1, spread 0), not a square root of a negative number."""
+    from lazyinterp.samplers import exponential_coefficients
+
+    schedule = li.Schedule(lambda t: t**0.5 * (1 - t), lambda t: t, name="point-mass-like")
+    t, s = 0.001, math.nextafter(0.001, 1.0)
+    keep, lift, spread = exponential_coefficients(schedule, t, s, 1.0)
+    assert keep == pytest.approx(1.0, abs=1e-12) and abs(lift) < 1e-12 and 0.0 <= spread < 1e-6
+    model = gaussian(1.0).model("linear")
+    out = li.sample(model, shape=(6, 3), grid=torch.tensor([0.0, t, s, 1.0], dtype=F64), schedule=schedule,
+                    diffusion="optimal", solver="exponential", generator=1, dtype=F64)
+    assert torch.isfinite(out).all()
+
+
 @pytest.mark.parametrize("kappa", [0.0, 1.0, 2.0])
 @pytest.mark.parametrize("schedule", all_schedules(), ids=lambda s: s.name)
 def test_exponential_slope_weight_integrates_eta_x_linear_in_log_snr(schedule, kappa):
