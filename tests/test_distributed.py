@@ -33,13 +33,14 @@ def torchrun(nproc, args, timeout=300):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-@pytest.mark.parametrize("schedule", ["lazy-vp", "point-mass"])
-def test_two_gloo_processes_match_one_process_bit_for_bit(checkpoint, tmp_path, schedule):
+@pytest.mark.parametrize(("schedule", "extra"), [("lazy-vp", ()), ("point-mass", ()),
+                                                 ("point-mass", ("--sde-noise", "keyed"))])
+def test_two_gloo_processes_match_one_process_bit_for_bit(checkpoint, tmp_path, schedule, extra):
     one = tmp_path / "one.npz"
-    result = CliRunner().invoke(main, sample_args(checkpoint, one, schedule, 3))
+    result = CliRunner().invoke(main, sample_args(checkpoint, one, schedule, 3, *extra))
     assert result.exit_code == 0, result.output
     two = tmp_path / "two.npz"
-    proc = torchrun(2, sample_args(checkpoint, two, schedule, 2))
+    proc = torchrun(2, sample_args(checkpoint, two, schedule, 2, *extra))
     assert proc.returncode == 0, proc.stderr[-2000:]
     a, b = np.load(one)["samples"], np.load(two)["samples"]
     assert a.shape == (11, 1, 28, 28)
