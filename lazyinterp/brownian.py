@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .noise import check_keyed_args, keyed_normals, mix64, sample_keys, signed64
+from .noise import check_keyed_args, keyed_normals, mix64, queued_copy, sample_keys, signed64
 
 Tensor = torch.Tensor
 
@@ -81,7 +81,7 @@ class BrownianPaths:
 
     def _normals(self, ids: Tensor, tag: int) -> Tensor:
         """Normals of shape (len(ids), batch, size) keyed by (sample, id) in the key space ``tag``."""
-        streams = mix64(_tagged(ids.to(self.device), tag).unsqueeze(1) ^ self._keys.unsqueeze(0))
+        streams = mix64(queued_copy(_tagged(ids, tag), self.device).unsqueeze(1) ^ self._keys.unsqueeze(0))
         return keyed_normals(streams, self.size)
 
     def values(self, times: Sequence[float] | Tensor) -> Tensor:
@@ -125,7 +125,7 @@ class BrownianPaths:
             if previous is not None:
                 path = torch.cat([previous.unsqueeze(0), path])
             steps = torch.tensor(times[start:stop + 1], dtype=torch.float64).diff()
-            scale = steps.rsqrt().to(self.device).view(-1, *([1] * (path.ndim - 1)))
+            scale = queued_copy(steps.rsqrt(), self.device).view(-1, *([1] * (path.ndim - 1)))
             yield (torch.diff(path, dim=0) * scale).to(self.dtype)
             start, previous = stop, path[-1]
 
