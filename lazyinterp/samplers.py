@@ -1008,7 +1008,7 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
             sample's own generator on the host (:class:`~lazyinterp.noise.NoiseStreams`). "keyed": the same law,
             but each draw computed on the samples' device from a hash of (seed, sample, step)
             (:class:`~lazyinterp.noise.KeyedStreams`), so an accelerator never waits for the host's generators;
-            on a CPU it costs about as much as "independent". "brownian": the normalised increments of one
+            on a CPU its cost is of the same order as "independent"'s. "brownian": the normalised increments of one
             Brownian path W_i(t) per sample over the grid (:class:`~lazyinterp.brownian.BrownianPaths`), the same
             path whatever the grid, so runs with more steps refine the same sample; it costs a few times more to
             draw (about log₂ of the leaf count per grid time). All three depend on neither the batch nor the
@@ -1090,7 +1090,7 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         step_streams = KeyedStreams(*stream_args, device=device, dtype=dtype)
     elif is_sde:
         # Independent steps continue the stream whose first draw started the state.
-        step_streams = streams or NoiseStreams(*stream_args, device=device, dtype=dtype)
+        step_streams = streams if streams is not None else NoiseStreams(*stream_args, device=device, dtype=dtype)
 
     # Centring and σ (estimated from the model when the lazy schedule leaves it open).
     nfe_before = getattr(predictor, "nfe", 0)
