@@ -218,8 +218,6 @@ class Diffusion:
     schedule: Schedule
     kappa: float | None = None
     epsilon: Callable[[float], float] | None = None
-    # ε*(t) by t: a sampler asks for it several times a step, and each evaluation is a few tensor operations.
-    optimum_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def is_ode(self) -> bool:
@@ -236,11 +234,10 @@ class Diffusion:
         return eps
 
     def _optimum(self, t: float) -> float:
-        if t not in self.optimum_cache:
-            # A point mass's ε* at t = 0 is a 0/0: its right limit.
-            self.optimum_cache[t] = float(self.schedule.optimal_diffusion(max(t, END_OFFSET))) \
-                if self.schedule_has_finite_optimum(t) else math.inf
-        return self.optimum_cache[t]
+        if not self.schedule_has_finite_optimum(t):
+            return math.inf
+        # A point mass's ε* at t = 0 is a 0/0: its right limit.
+        return self.schedule.scalar_optimal_diffusion(max(t, END_OFFSET))
 
     def kappa_at(self, t: float) -> float:
         if self.epsilon is None and self.kappa == 0:

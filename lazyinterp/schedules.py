@@ -221,6 +221,11 @@ class Schedule:
         a, b = self.alpha(tt), self.beta(tt)
         return a * a * self.dbeta(tt) / b - a * self.dalpha(tt)
 
+    def scalar_optimal_diffusion(self, t: float) -> float:
+        """ε*_t for one time, as a float (remembered per time, as a sampler asks for it at every step)."""
+        return remembered(self.__dict__.setdefault("_scalar_optimal_diffusion", {}), float(t),
+                          lambda: float(self.optimal_diffusion(float(t))))
+
     def drift_coefficients(self, t: float, kappa: float) -> tuple[float, float]:
         r"""(A, B) with b^ε(t, x) = A x + B η_X(t, x) for ε = κ ε*.
 
