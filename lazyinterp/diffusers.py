@@ -473,7 +473,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         self._step_index: int | None = None
         self._lanes: list[_Lane] | None = None
         self._mean: Tensor | None = None
-        self._streams: list[NoiseStreams | KeyedStreams] | None = None
+        self._sample_keys: list[tuple[int, int]] | None = None
         self._draws: list | None = None
         self._brownian: list | None = None
         self._y: Tensor | None = None
@@ -688,23 +688,24 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         if self._is_sde:
             batch, shape = x_in.shape[0], tuple(x_in.shape[1:])
             kw = {"device": x_in.device, "dtype": x_in.dtype}
-            streams = KeyedStreams if self._sde_noise == "keyed" else NoiseStreams
             if generator is None:
                 seeds = [_latents_seed(x_in[i]) for i in range(batch)]
-                self._streams = [streams(s, [i], shape, **kw) for i, s in enumerate(seeds)]
             elif isinstance(generator, (list, tuple)):
                 if len(generator) != batch:
                     raise ValueError(f"generator: expected {batch} generators, got {len(generator)}")
                 seeds = [_generator_seed(g) for g in generator]
-                self._streams = [streams(s, [i], shape, **kw) for i, s in enumerate(seeds)]
             else:
                 seeds = [_generator_seed(generator)]
-                self._streams = [streams(seeds[0], range(batch), shape, **kw)]
             self.noise_seeds = seeds
-            # The same blocks of draws as li.sample takes over the same number of steps.
-            draws = [normal_draws(s, self.num_inference_steps) for s in self._streams]
-            self._draws = draws
+            # Sample i is keyed by (its own seed, i), or by (the batch's seed, i) when one seed serves the batch.
+            self._sample_keys = [(seeds[i] if len(seeds) > 1 else seeds[0], i) for i in range(batch)]
             self._path_kw = {"sample_shape": shape, **kw}
+            if self._sde_noise != "brownian":  # Brownian paths are read over the lanes' grids, at the first step
+                streams = KeyedStreams if self._sde_noise == "keyed" else NoiseStreams
+                by_seed = [(s, [i]) for i, s in enumerate(seeds)] if len(seeds) > 1 else [(seeds[0], range(batch))]
+                # The same blocks of draws as li.sample takes over the same number of steps.
+                self._draws = [normal_draws(streams(s, indices, shape, **kw), self.num_inference_steps)
+                               for s, indices in by_seed]
 
     def _estimate_sigma(self, x_in: Tensor, v: Tensor) -> list[float]:
         r"""Per-sample σ from the probe at τ_p: k = ⟨u, η_X − μ⟩/‖u‖², σ² = k α²/(β(1 − kβ))."""
@@ -733,16 +734,13 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         """ξ for the step from ``node``: the next independent draw, or each sample's Brownian increment over it."""
         if self._sde_noise == "brownian":
             if self._brownian is None:
-                # Sample i reads the path keyed like its stream, (its seed or the batch's one, i), over its lane's
-                # grid from the node the run starts at.
-                seeds = self.noise_seeds
-                rows = list(range(sum(len(s) for s in self._streams)))
+                # Sample i reads the path of its key over its lane's grid from the node the run starts at.
+                rows = range(len(self._sample_keys))
                 lane_of = {i: lane for lane in self._lanes for i in rows[lane.index]}
                 self._brownian = [
-                    (xi for block in BrownianPaths(seeds[i] if len(seeds) > 1 else seeds[0], [i],
-                                                   **self._path_kw).increment_blocks(lane_of[i].grid[node:])
+                    (xi for block in BrownianPaths(seed, [i], **self._path_kw).increment_blocks(lane_of[i].grid[node:])
                      for xi in block)
-                    for i in rows]
+                    for seed, i in self._sample_keys]
             return torch.cat([next(path) for path in self._brownian])
         return torch.cat([d() for d in self._draws]) if len(self._draws) > 1 else self._draws[0]()
 

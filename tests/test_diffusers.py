@@ -481,22 +481,23 @@ def test_classifier_free_guidance_sd3_equals_li_sample(sd3, embeds):
     assert float((out - plain).abs().max()) > 1e-3
 
 
-def test_sde_uses_the_step_generator_like_li_sample():
-    """step(generator=g) seeds the per-sample streams as li.sample(generator=g) does."""
+@pytest.mark.parametrize("sde_noise", ["independent", "keyed", "brownian"])
+def test_sde_uses_the_step_generator_like_li_sample(sde_noise):
+    """step(generator=g) seeds the per-sample streams (or paths) as li.sample(generator=g) does."""
     def output(x, t):
         return torch.sin(x) - 0.5 * x * (t / 1000).reshape(-1, 1)
 
     model = li.Model(lambda x, t: -output(x, 1000 * (1 - t)), "linear", "velocity")
     z = torch.randn(3, 4, generator=torch.Generator().manual_seed(5))
     for solver in ("euler", "heun"):
-        sched = LazyScheduler(schedule="cosine", diffusion="optimal", solver=solver)
+        sched = LazyScheduler(schedule="cosine", diffusion="optimal", solver=solver, sde_noise=sde_noise)
         sched.set_timesteps(5)
         gen = torch.Generator().manual_seed(11)
         x = z.clone()
         for t in sched.timesteps:
             x = sched.step(output(x, t.expand(3)), t, x, generator=gen).prev_sample
         ref = li.sample(model, z, grid=sched.grid, schedule="cosine", diffusion="optimal", solver=solver,
-                        generator=torch.Generator().manual_seed(11))
+                        generator=torch.Generator().manual_seed(11), sde_noise=sde_noise)
         torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-6)
 
 
