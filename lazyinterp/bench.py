@@ -1192,8 +1192,8 @@ class _OneLineErrors(click.Command):
 @click.option("--overhead/--no-overhead", default=None,
               help="Measure the sampler overhead outside the network [default: for mnist].")
 @click.option("--sde-path-error/--no-sde-path-error", default=None,
-              help="Score the point-mass SDE samplers pathwise against a 512-step solution on the same Brownian "
-              "paths [default: for the mixtures].")
+              help=f"Score the point-mass SDE samplers pathwise against a {SDE_REFERENCE_STEPS}-step solution on "
+              "the same Brownian paths [default: for the mixtures].")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-run lines.")
 def bench(workload: str, nfe: str, n: int | None, seed: int, samplers: str | None, reference_nfe: int,
           json_path: Path | None, markdown_path: Path | None, plot_path: Path | None, model_name: str,

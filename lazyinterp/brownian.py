@@ -74,7 +74,7 @@ class BrownianPaths:
         self.sample_shape, self.device, self.dtype = check_keyed_args(seed, sample_shape, device, dtype)
         self.size = math.prod(self.sample_shape)
         self.depth = depth
-        self._keys = sample_keys(int(seed), indices, self.device)
+        self._keys = sample_keys(seed, indices, self.device)
 
     def __len__(self) -> int:
         return int(self._keys.shape[0])

@@ -167,18 +167,16 @@ def keyed_normals(keys: Tensor, count: int, dtype: torch.dtype = torch.float64) 
     return normals.flatten(-2)[..., :count].to(dtype)
 
 
-
-def sample_keys(seed: int, indices: range | list[int], device=None) -> Tensor:
+def sample_keys(seed: int, indices: range | list[int], device: torch.device) -> Tensor:
     """One int64 key per sample, mix64 of its :func:`sample_seeds` seed, on ``device``: the root of every keyed
     draw of sample i (its :class:`KeyedStreams` steps and its Brownian path's nodes)."""
     seeds = [signed64(s) for s in sample_seeds(int(seed), indices)]
     return queued_copy(mix64(torch.tensor(seeds, dtype=torch.int64)), device)
 
 
-def queued_copy(tensor: Tensor, device) -> Tensor:
+def queued_copy(tensor: Tensor, device: torch.device) -> Tensor:
     """A host tensor on ``device``; to a GPU from pinned memory, so that the copy is queued behind the device's
     work instead of waiting for it to finish."""
-    device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type != "cuda" or not torch.cuda.is_available():
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
