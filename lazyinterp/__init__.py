@@ -22,8 +22,10 @@ from .predictors import (
     Model,
     NonFiniteError,
     estimate_mean,
+    estimate_moments,
     estimate_sigma,
     from_eta,
+    reads_mean_directly,
     to_eta,
 )
 from .samplers import (
@@ -79,10 +81,12 @@ __all__ = [
     "count_nfe",
     "steps_for_nfe",
     "estimate_mean",
+    "estimate_moments",
     "estimate_sigma",
     "euler",
     "euler_maruyama",
     "from_eta",
+    "reads_mean_directly",
     "get_schedule",
     "heun",
     "lazy_vp",

@@ -79,7 +79,8 @@ __all__ = [
 # The solvers ``step`` implements (li.sample's names; its aliases such as "em" resolve to them).
 _SOLVERS = ("euler", "heun", "ab2", "ab2-pc", "exponential", "exponential-2m")
 
-# The σ probe sits at li.estimate_sigma's default SNR r_p (β/α of the linear schedule), so both estimate alike.
+# The σ probe sits at li.estimate_sigma's default SNR r_p (β/α of the linear schedule), so both estimate alike
+# (li.estimate_sigma probes again only where σ̂ is more than 4× from 1).
 _PROBE_SNR = float(inspect.signature(estimate_sigma).parameters["snr"].default)
 
 

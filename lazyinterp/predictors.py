@@ -327,13 +327,112 @@ class CenteredModel:
         return eta_z, [*eta_x, (-1.0, mean)]
 
 
+# The σ estimators are exact for Gaussian data at any SNR, but for other data they read the linear (low-SNR)
+# regime, which a fixed probe SNR r leaves when the data's scale σ is far from 1. A probe whose data SNR rσ is
+# more than this factor from the requested one is repeated at r = snr/σ̂.
+_RESCALE_BEYOND = 4.0
+# A slope kβ ≥ 1 is steeper than any Gaussian's: the probe sat at a high data SNR; it is repeated this much lower.
+_STEEP_SNR_DROP = 100.0
+_PROBE_ROUNDS = 4
+
+
+def reads_mean_directly(predictor: Predictor) -> bool:
+    """Whether the predictor is evaluated at t = 0 of a base with β_0 = 0, where η_X(0, x) = E[X] for every x."""
+    return float(predictor.schedule.beta(0.0)) == 0.0 and float(getattr(predictor, "t_min", 0.0)) == 0.0
+
+
+def _probe_time(predictor: Predictor, snr: float) -> float:
+    """The time where r = β/α = ``snr``, kept inside the times the predictor evaluates without clamping."""
+    t = float(predictor.schedule.snr_inverse(snr))
+    return min(max(t, float(getattr(predictor, "t_min", 0.0))), float(getattr(predictor, "t_max", 1.0)))
+
+
+def _probe_coefficients(predictor: Predictor, snr: float) -> tuple[float, float, float]:
+    t = _probe_time(predictor, snr)
+    a, b = (float(c) for c in coefficients(predictor.schedule, t)[:2])
+    return t, a, b
+
+
+def _antithetic_probe(predictor: Predictor, snr: float, center: Tensor,
+                      z: Tensor) -> tuple[float, Tensor, float, float]:
+    r"""(k, μ, α, β) from η_X at x = βc ± αz, at the time where r = ``snr``.
+
+    For X ~ N(μ, σ² I), η_X(t, x) = μ (1 − kβ) + k x with k = β σ² / (α² + β² σ²), so
+    k = ⟨αz, η₊ − η₋⟩ / (2‖αz‖²) and μ = (η̄ − kβc)/(1 − kβ) with η̄ the mean of η± over probes and signs:
+    exact for any c and any z, whatever the probe's SNR.
+    """
+    t, a, b = _probe_coefficients(predictor, snr)
+    u = a * z
+    base = b * center
+    _, eta_x = predictor.eta(torch.cat([base + u, base - u]), t)
+    plus, minus = eta_x.chunk(2)
+    k = float((u * (plus - minus)).sum() / (2 * (u * u).sum()))
+    mean = ((plus + minus) / 2).mean(dim=0)
+    return k, (mean - (k * b) * center) / (1 - k * b), a, b
+
+
+def _in_linear_regime(probe, snr: float) -> tuple[float, Any]:
+    r"""σ from ``probe(r) -> (k, a, b, extra)``, the posterior slope at r = β/α, with σ² = kα²/(β(1 − kβ)).
+
+    Starts at r = ``snr`` and moves r until the data SNR rσ̂ is within a factor 4 of ``snr``: exact for Gaussian
+    data wherever it stops, and the low-SNR (mean eigenvalue) reading of other data at any scale.
+    """
+    r = snr
+    for _ in range(_PROBE_ROUNDS):
+        k, a, b, extra = probe(r)
+        if not (k > 0 and math.isfinite(k)):
+            break
+        if k * b >= 1:
+            r /= _STEEP_SNR_DROP
+            continue
+        sigma = math.sqrt(k * a * a / (b * (1 - k * b)))
+        if not 1 / _RESCALE_BEYOND <= r * sigma / snr <= _RESCALE_BEYOND:
+            r = snr / sigma
+            continue
+        return sigma, extra
+    else:
+        if k * b < 1:
+            return sigma, extra
+    raise ValueError(f"could not estimate sigma from the model (slope {k:.3g} at snr {r:.3g}); pass sigma")
+
+
+@torch.no_grad()
+def estimate_moments(predictor: Predictor, shape: tuple[int, ...], *, snr: float = 0.1, probes: int = 8,
+                     generator: torch.Generator | None = None, device=None,
+                     dtype=torch.float32) -> tuple[Tensor, float]:
+    r"""(E[X], σ) with σ² = tr Cov(X)/D, from the model's posterior mean at a low SNR r = β/α.
+
+    Antithetic probes x = βc ± αz give the slope k and the level μ(1 − kβ) + kβc of η_X, so μ and
+    σ² = kα²/(β(1 − kβ)) are exact for Gaussian data at any SNR, from any prediction type: no evaluation at
+    t = 0, where a noise or score prediction does not determine η_X, or on a base with β_0 > 0 (vp), where
+    η_X(0, x) still depends on x. The probe moves to data SNR rσ̂ ≈ ``snr`` (each time around the latest βμ̂),
+    so that non-Gaussian data is read in its linear regime whatever its scale.
+    """
+    z = torch.randn((probes, *shape), generator=generator, dtype=dtype).to(device)
+    center = [torch.zeros(shape, dtype=dtype, device=z.device)]
+
+    def probe(r: float):
+        k, mean, a, b = _antithetic_probe(predictor, r, center[0], z)
+        if 0 < k * b < 1:
+            center[0] = mean
+        return k, a, b, mean
+
+    sigma, mean = _in_linear_regime(probe, snr)
+    return mean, sigma
+
+
 @torch.no_grad()
 def estimate_mean(predictor: Predictor, shape: tuple[int, ...], *, probes: int = 8,
                   generator: torch.Generator | None = None, device=None, dtype=torch.float32) -> Tensor:
-    r"""E[X] from the model alone: η_X(0, x) = E[X] for every x on a Gaussian base (I_0 is independent of X).
+    r"""E[X] from the model alone.
 
-    Averages η_X(0, α_0 z) over ``probes`` draws of z to average out the network's error.
+    On a Gaussian base evaluated at t = 0 (:func:`reads_mean_directly`), η_X(0, x) = E[X] for every x (I_0 is
+    independent of X): the mean of η_X(0, α_0 z) over ``probes`` draws, which averages out the network's error,
+    exact for any data. Otherwise from :func:`estimate_moments`, exact for Gaussian data.
     """
+    if not reads_mean_directly(predictor):
+        return estimate_moments(predictor, shape, probes=probes, generator=generator, device=device,
+                                dtype=dtype)[0]
     sched = predictor.schedule
     z = torch.randn((probes, *shape), generator=generator, dtype=dtype).to(device)
     _, eta_x = predictor.eta(float(sched.alpha(0.0)) * z, 0.0)
@@ -344,22 +443,25 @@ def estimate_mean(predictor: Predictor, shape: tuple[int, ...], *, probes: int =
 def estimate_sigma(predictor: Predictor, shape: tuple[int, ...], *, mean: Tensor | None = None,
                    snr: float = 0.1, probes: int = 8, generator: torch.Generator | None = None,
                    device=None, dtype=torch.float32) -> float:
-    r"""σ with σ² = tr Cov(X)/D, from the model's posterior mean at a low SNR.
+    r"""σ with σ² = tr Cov(X)/D, from the model's posterior mean at a low SNR r = β/α.
 
     For X ~ N(μ, σ² I), η_X(t, x) − μ = k (x − β μ) with k = β σ² / (α² + β² σ²). Probing with x = βμ + αz
     gives k = ⟨αz, η_X − μ⟩/‖αz‖², and σ² = k α² / (β (1 − k β)): exact for Gaussian data at any SNR, and the
-    covariance's mean eigenvalue in the linear (low-SNR) regime for other data.
+    covariance's mean eigenvalue in the linear (low-SNR) regime for other data, where the probe moves to data
+    SNR rσ̂ ≈ ``snr``. Without ``mean``, on a predictor that does not read E[X] at t = 0
+    (:func:`reads_mean_directly`), μ and σ come together from :func:`estimate_moments`.
     """
-    sched = predictor.schedule
+    if mean is None and not reads_mean_directly(predictor):
+        return estimate_moments(predictor, shape, snr=snr, probes=probes, generator=generator, device=device,
+                                dtype=dtype)[1]
     if mean is None:
         mean = estimate_mean(predictor, shape, probes=probes, generator=generator, device=device, dtype=dtype)
-    t = float(sched.snr_inverse(snr))
-    a, b = float(sched.alpha(t)), float(sched.beta(t))
     z = torch.randn((probes, *shape), generator=generator, dtype=dtype).to(device)
-    u = a * z
-    _, eta_x = predictor.eta(b * mean + u, t)
-    k = float((u * (eta_x - mean)).sum() / (u * u).sum())
-    denom = b * (1 - k * b)
-    if not (k > 0 and denom > 0):
-        raise ValueError(f"could not estimate sigma from the model (slope {k:.3g} at snr {snr}); pass sigma")
-    return math.sqrt(k * a * a / denom)
+
+    def probe(r: float):
+        t, a, b = _probe_coefficients(predictor, r)
+        u = a * z
+        _, eta_x = predictor.eta(b * mean + u, t)
+        return float((u * (eta_x - mean)).sum() / (u * u).sum()), a, b, None
+
+    return _in_linear_regime(probe, snr)[0]

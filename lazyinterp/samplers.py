@@ -50,10 +50,12 @@ from .predictors import (
     Predictor,
     check_predictor,
     estimate_mean,
+    estimate_moments,
     estimate_sigma,
     eta_terms,
     linear_combination,
     merge_terms,
+    reads_mean_directly,
 )
 from .schedules import END_OFFSET, LazySchedule, Schedule, as_time, check_positive, get_schedule, remembered
 
@@ -146,7 +148,11 @@ def make_grid(grid: Any, steps: int | None, schedule: Schedule, model_schedule: 
         # the key), as sampling calls it with the same arguments every time; each caller gets its own copy.
         return remembered(_NAMED_GRIDS, (name, steps, schedule, model_schedule, shift), compute).clone()
     check_grid_shift(shift, grid)
-    return check_grid(grid)
+    grid = check_grid(grid)
+    if steps is not None and check_steps(steps) != len(grid) - 1:
+        raise ValueError(f"steps: {steps} does not match the explicit grid's {len(grid) - 1} intervals; "
+                         "give one of them")
+    return grid
 
 
 def check_steps(steps: Any) -> int:
@@ -805,13 +811,17 @@ def _model_cache(model: Any) -> dict:
 
 
 def data_mean(model: Predictor, sample_shape: tuple[int, ...], device, dtype) -> Tensor:
-    """E[X] estimated from the model (cached on it per shape)."""
+    """E[X] estimated from the model (cached on it per shape); where it is not read at t = 0, σ comes with it."""
     cache = _model_cache(model)
     key = ("mean", sample_shape)
     if key not in cache:
         gen = torch.Generator().manual_seed(12345)
-        cache[key] = estimate_mean(model, sample_shape, probes=8, generator=gen, device=device,
-                                   dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        kw = dict(probes=8, generator=gen, device=device, dtype=torch.float64 if dtype == torch.float64 else
+                  torch.float32)
+        if reads_mean_directly(model):
+            cache[key] = estimate_mean(model, sample_shape, **kw)
+        else:
+            cache[key], cache[("sigma-with-mean", sample_shape)] = estimate_moments(model, sample_shape, **kw)
     return cache[key].to(device=device, dtype=dtype)
 
 
@@ -822,8 +832,10 @@ def data_sigma(model: Predictor, sample_shape: tuple[int, ...], mean: Tensor | N
     if key not in cache:
         gen = torch.Generator().manual_seed(54321)
         mu = data_mean(model, sample_shape, device, dtype)
-        sig = estimate_sigma(model, sample_shape, mean=mu, probes=8, generator=gen, device=device,
-                             dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        sig = cache.get(("sigma-with-mean", sample_shape))
+        if sig is None:
+            sig = estimate_sigma(model, sample_shape, mean=mu, probes=8, generator=gen, device=device,
+                                 dtype=torch.float64 if dtype == torch.float64 else torch.float32)
         if mean is None:
             sig = math.sqrt(sig * sig + float((mu.double() ** 2).mean()))
         cache[key] = sig
@@ -962,7 +974,8 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         noise: the starting Z, shape (B, ...), for Gaussian-base schedules (the state starts at α_0 Z). When
             omitted it is drawn per sample from ``generator`` with ``shape``.
         shape: the batch shape (B, ...); needed for point-mass schedules, which start at 0.
-        steps: the number of grid intervals (uniform grid); ignored when ``grid`` is given. Default 8.
+        steps: the number of grid intervals (uniform grid); with an explicit ``grid``, omit it or give its
+            interval count. Default 8.
         schedule: the sampling schedule (object or name); default the model's own. Conversion is exact.
         diffusion: "ode" (ε = 0), "optimal" (ε*), a float κ (ε = κ ε*) or a callable ε(t).
         solver: "euler" (Euler, or Euler–Maruyama for an SDE), "heun" (also for SDEs), "ab2" (two-step
@@ -1094,6 +1107,10 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
     is_lazy = isinstance(target, LazySchedule)
     if center is None:
         center = is_lazy
+    elif not isinstance(center, bool):
+        raise TypeError(f"center: expected True, False or None, got {type(center).__name__}")
+    if known_start is not None and not isinstance(known_start, bool):
+        raise TypeError(f"known_start: expected True, False or None, got {type(known_start).__name__}")
     if known_start is None:
         known_start = bool(center)
     elif known_start and not center:

@@ -107,6 +107,41 @@ def test_estimate_mean_and_sigma_are_exact_on_gaussians():
     assert est == pytest.approx(1.0, rel=2e-2)
 
 
+@pytest.mark.parametrize("trained_under", ["linear", "vp", "cosine"])
+@pytest.mark.parametrize("kind", li.KINDS)
+def test_moments_are_exact_on_gaussians_from_every_prediction_type(trained_under, kind):
+    """No t = 0 evaluation (a noise or score network cannot give η_X there; under vp η_X(0, x) still depends on x):
+    antithetic probes give μ and σ exactly at any scale."""
+    for sigma, mean in ((1e-3, 5.0), (0.4, 1.5), (2.0, -0.3), (1e3, -200.0)):
+        g = li.GaussianMixture.gaussian(torch.full((4,), mean, dtype=F64), torch.tensor(sigma**2, dtype=F64))
+        model = g.model(trained_under, kind)
+        mu, sig = li.estimate_moments(model, (4,), dtype=F64)
+        torch.testing.assert_close(mu, torch.full((4,), mean, dtype=F64), rtol=0, atol=1e-9 * sigma)
+        assert sig == pytest.approx(sigma, rel=1e-9)
+        torch.testing.assert_close(li.estimate_mean(model, (4,), dtype=F64), mu, rtol=0, atol=1e-9 * sigma)
+        assert li.estimate_sigma(model, (4,), dtype=F64) == pytest.approx(sigma, rel=1e-9)
+        assert li.estimate_sigma(model, (4,), mean=mu, dtype=F64) == pytest.approx(sigma, rel=1e-9)
+
+
+def test_sigma_of_a_mixture_is_read_at_low_data_snr_whatever_its_scale():
+    """For non-Gaussian data σ̂ is the low-SNR reading of √(tr Cov X / D). A fixed probe SNR r = 0.1 would sit at
+    data SNR rσ = 2.4 for the mixture scaled by 20, where its posterior slope is steeper than any Gaussian's; the
+    probe moves to rσ̂ ≈ 0.1 instead, for every prediction type."""
+    base = make_mixture()
+    w = base.weights.to(F64)
+    for scale in (0.05, 1.0, 20.0):
+        g = li.GaussianMixture(base.weights, base.means * scale, base.covs * scale**2)
+        mu = (w[:, None] * g.means).sum(0)
+        second = (w[:, None, None] * (g.covs + g.means[:, :, None] * g.means[:, None, :])).sum(0)
+        sigma = math.sqrt(float(torch.trace(second - torch.outer(mu, mu))) / 2)
+        for trained_under, kind in (("linear", "velocity"), ("linear", "noise"), ("vp", "noise"), ("cosine", "data")):
+            model = g.model(trained_under, kind)
+            gen = torch.Generator().manual_seed(0)
+            assert li.estimate_sigma(model, (2,), probes=64, generator=gen, dtype=F64) == pytest.approx(sigma, rel=0.1)
+            mean = li.estimate_mean(model, (2,), probes=64, generator=torch.Generator().manual_seed(0), dtype=F64)
+            assert float((mean - mu).norm()) < 0.05 * sigma
+
+
 def test_half_precision_networks_keep_float32_state():
     seen = {}
 

@@ -38,6 +38,18 @@ def test_lazy_vp_is_exact_on_gaussians(steps, sigma, mean, solver):
         torch.testing.assert_close(out, sigma * z + mean, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("trained_under", ["linear", "vp", "cosine"])
+@pytest.mark.parametrize("kind", li.KINDS)
+def test_one_lazy_euler_step_is_exact_whatever_the_model_predicts(trained_under, kind):
+    """σ and E[X] estimated from a noise, score or data network, or under vp (β_0 > 0), at scales far from 1:
+    lazy VP Euler still maps Z to σZ + μ in one step."""
+    z = torch.randn(16, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+    for sigma, mean in ((1e-3, 5.0), (0.4, 1.5), (1e3, -200.0)):
+        model = gaussian(sigma, dim=4, mean=mean).model(trained_under, kind)
+        out = li.sample(model, z, steps=1, schedule="lazy-vp", solver="euler")
+        torch.testing.assert_close(out, sigma * z + mean, rtol=0, atol=1e-9 * sigma)
+
+
 @pytest.mark.parametrize("steps", [1, 3, 8])
 @pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0])
 @pytest.mark.parametrize(("sde_noise", "streams"), [("independent", NoiseStreams), ("keyed", KeyedStreams)])
@@ -229,10 +241,16 @@ def test_bad_inputs_name_the_argument():
         (dict(shape=(2, 2), indices=[-1, 0]), ValueError, "indices: expected non-negative"),
         (dict(shape=(2, 2), indices=["a", "b"]), TypeError, "indices: expected a sequence"),
         (dict(noise=z, callback=3), TypeError, "callback: expected a callable"),
+        (dict(noise=z, steps=3, grid=[0.0, 0.5, 1.0]), ValueError, "steps: 3 does not match the explicit grid's 2"),
+        (dict(noise=z, center="yes"), TypeError, "center: expected True, False or None"),
+        (dict(noise=z, known_start=1), TypeError, "known_start: expected True, False or None"),
     ]
     for kwargs, error, message in cases:
         with pytest.raises(error, match=message):
             li.sample(model, **kwargs)
+    # steps that agree with an explicit grid are accepted
+    two = [0.0, 0.5, 1.0]
+    torch.testing.assert_close(li.sample(model, z, steps=2, grid=two), li.sample(model, z, grid=two))
     with pytest.raises(TypeError, match="model"):
         li.sample(lambda x, t: x, z)
     with pytest.raises(ValueError, match="shape"):
