@@ -202,6 +202,8 @@ def sample(model_name: str, schedule: str, steps: int, solver: str, diffusion: s
     from .fetch import ensure_writable
     from .generate import SamplerSpec, generate, image_grid, save_png, save_samples
     from .models import load_model
+    from .samplers import check_settings
+    from .schedules import get_schedule
 
     ensure_writable(out, "--out")
     if grid_png is not None:
@@ -213,6 +215,11 @@ def sample(model_name: str, schedule: str, steps: int, solver: str, diffusion: s
     diffusion_spec = parse_diffusion(diffusion, schedule)
     if covariance and (schedule != "lazy-vp" or diffusion_spec not in ("ode", 0.0)):
         raise UserError("--covariance: applies to the probability-flow ODE of --schedule lazy-vp only")
+    try:  # before any output, shard or progress bar exists
+        check_settings(get_schedule(schedule), diffusion_spec, solver, last_step, covariance)
+    except ValueError as exc:
+        name, _, reason = str(exc).partition(":")
+        raise UserError(f"--{name.replace('_', '-')}:{reason}") from None
     spec = SamplerSpec(schedule=schedule, steps=steps, diffusion=diffusion_spec,
                        solver=solver, sigma=sigma, last_step=last_step, grid=time_grid, center=center,
                        grid_shift=grid_shift, covariance="model" if covariance else None, sde_noise=sde_noise)

@@ -48,18 +48,14 @@ from .predictors import (
 from .samplers import (
     COVARIANCE_AB2_FROM_STEPS,
     EXPONENTIAL_SOLVERS,
-    LAST_STEPS,
     ODE_SOLVERS,
     PC_DEFAULT_FROM_STEPS,
     SDE_NOISES,
     Dynamics,
-    _check_solver,
     ab2_increment,
     am3_increment,
-    check_covariance_applies,
     check_grid,
-    check_solver_fits,
-    default_solver,
+    check_settings,
     exponential_terms,
     log_snr,
     normal_draws,
@@ -338,29 +334,22 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                 or num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps: expected a positive integer, got {num_train_timesteps!r}")
         target, config_name, config_sigma = self._target_schedule(schedule, sigma)
-        probe_diffusion = resolve_diffusion(diffusion, target)
-        self._covariance = self._check_covariance(covariance, target, probe_diffusion.is_ode)
+        probe_diffusion, self._solver, self._last_step = check_settings(target, diffusion, solver, last_step,
+                                                                        covariance is not None)
+        self._covariance = self._check_covariance(covariance)
         if self._covariance is not None and not target.resolved:
             # As in li.sample: with a covariance, σ only sets the time variable, √(tr Σ/D) unless given.
             target = target.resolve(math.sqrt(self._covariance.mean_eigenvalue))
         self._target = target
         self._diffusion_arg = diffusion
-        if target.base == "point_mass" and probe_diffusion.is_ode:
-            raise ValueError("diffusion: a point-mass schedule starts every sample at 0, and an ODE moves them all "
-                             "alike, so it cannot leave the point; use diffusion='optimal' (or kappa > 0)")
         self._is_sde = not probe_diffusion.is_ode
         # The default is li.sample's: in lazy coordinates AB2 beats Euler at equal NFE (README, "Benchmarks").
         # From PC_DEFAULT_FROM_STEPS steps on, set_timesteps moves that default to its third-order form, ab2-pc.
         self._multistep_default = solver is None and isinstance(target, LazySchedule) and not self._is_sde
-        self._solver = _check_solver(default_solver(target, probe_diffusion) if solver is None else solver)
         # li.sample may know more solvers than the stepping below implements; those must not run as Euler.
         if self._solver not in _SOLVERS:
             raise ValueError(f"solver: LazyScheduler implements {', '.join(_SOLVERS)} (or None for the default), "
                              f"got {solver!r}")
-        check_solver_fits(self._solver, probe_diffusion, self._covariance is not None)
-        if last_step is not None and last_step not in LAST_STEPS:
-            raise ValueError(f"last_step: expected one of {', '.join(LAST_STEPS)} or None, got {last_step!r}")
-        self._last_step = last_step or ("denoise" if self._is_sde else "euler")
         if center is not None and not isinstance(center, bool):
             raise TypeError(f"center: expected True, False or None, got {type(center).__name__}")
         self._center_arg = center
@@ -388,11 +377,10 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         self._reset_run()
 
     @staticmethod
-    def _check_covariance(covariance: Any, target: Schedule, is_ode: bool) -> Covariance | None:
+    def _check_covariance(covariance: Any) -> Covariance | None:
         """``covariance`` as a :class:`~lazyinterp.Covariance` (a (D, D) matrix is decomposed once), or None."""
         if covariance is None:
             return None
-        check_covariance_applies(target, is_ode)
         if isinstance(covariance, str):
             raise ValueError("covariance: a scheduler cannot draw the model's own samples; pass a li.Covariance "
                              "(e.g. li.Covariance.spiked_from_samples(latents)) or a (D, D) matrix")

@@ -914,6 +914,25 @@ def check_solver_fits(solver: str, diffusion: Diffusion, with_covariance: bool) 
                          "drop covariance or use another solver")
 
 
+def check_settings(schedule: Schedule, diffusion: Any = "ode", solver: str | None = None,
+                   last_step: str | None = None, with_covariance: bool = False) -> tuple[Diffusion, str, str]:
+    """The checks of :func:`sample` that need no model or data: (diffusion, solver, last step) as it resolves
+    them on ``schedule`` (before its step-count rules for the default solver), or the error it would raise."""
+    diffusion_spec = resolve_diffusion(diffusion, schedule)
+    solver = _check_solver(default_solver(schedule, diffusion_spec) if solver is None else solver)
+    if last_step is None:
+        last_step = "euler" if diffusion_spec.is_ode else "denoise"
+    if last_step not in LAST_STEPS:
+        raise ValueError(f"last_step: expected one of {', '.join(LAST_STEPS)}, got {last_step!r}")
+    if with_covariance:
+        check_covariance_applies(schedule, diffusion_spec.is_ode)
+    check_solver_fits(solver, diffusion_spec, with_covariance)
+    if schedule.base == "point_mass" and diffusion_spec.is_ode:
+        raise ValueError("diffusion: a point-mass schedule starts every sample at 0, and an ODE moves them all "
+                         "alike, so it cannot leave the point; use diffusion='optimal' (or kappa > 0)")
+    return diffusion_spec, solver, last_step
+
+
 def resolve_covariance(covariance: Any, sample_shape: tuple[int, ...]) -> Covariance | str:
     """``covariance`` checked against the sample shape: "model", a :class:`Covariance` or a (D, D) tensor."""
     dim = math.prod(sample_shape)
@@ -1029,34 +1048,24 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
     if sde_noise not in SDE_NOISES:
         raise ValueError(f"sde_noise: expected one of {', '.join(SDE_NOISES)}, got {sde_noise!r}")
     target = predictor.schedule if schedule is None else get_schedule(schedule)
-    diffusion_spec = resolve_diffusion(diffusion, target)
+    solver_is_default = solver is None
+    diffusion_spec, solver, last_step = check_settings(target, diffusion, solver, last_step, covariance is not None)
     # Measured (README, "Benchmarks"): in lazy coordinates two-step Adams–Bashforth beats Euler at equal NFE, and
     # its third-order predictor-corrector form overtakes it once steps are short; chosen below, with the grid.
-    auto_multistep = solver is None and isinstance(target, LazySchedule) and diffusion_spec.is_ode
-    solver = _check_solver(default_solver(target, diffusion_spec) if solver is None else solver)
+    auto_multistep = solver_is_default and isinstance(target, LazySchedule) and diffusion_spec.is_ode
     if grid is not None and not isinstance(grid, str):
         grid = check_grid(grid)
     # Refused before σ and E[X] cost network calls; a grid left to the default is checked once chosen.
     grid_shift = check_grid_shift(grid_shift, "model" if grid is None else grid)
     is_sde = not diffusion_spec.is_ode
-    if last_step is None:
-        last_step = "denoise" if is_sde else "euler"
-    if last_step not in LAST_STEPS:
-        raise ValueError(f"last_step: expected one of {', '.join(LAST_STEPS)}, got {last_step!r}")
     if not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph: expected True or False, got {type(cuda_graph).__name__}")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback: expected a callable callback(k, t, x) or None, got {type(callback).__name__}")
     if cuda_graph and callback is not None:
         raise ValueError("cuda_graph: a replayed run cannot call back into Python at every step; drop callback")
-    if covariance is not None:
-        check_covariance_applies(target, not is_sde)
-    check_solver_fits(solver, diffusion_spec, covariance is not None)
     if covariance is not None and cuda_graph:
         raise ValueError("cuda_graph: not supported with covariance; run it eagerly (cuda_graph=False)")
-    if target.base == "point_mass" and not is_sde:
-        raise ValueError("diffusion: a point-mass schedule starts every sample at 0, and an ODE moves them all "
-                         "alike, so it cannot leave the point; use diffusion='optimal' (or kappa > 0)")
 
     # Starting state and its shape.
     if noise is not None:

@@ -103,6 +103,11 @@ def test_cli_errors_are_one_line_and_leave_no_file(checkpoint, tmp_path):
                           "--device cuda")
     assert_one_line_error(run("sample", "--model", checkpoint, "--schedule", "linear", "--covariance", "--out", out),
                           "--covariance", "lazy-vp")
+    # Settings the sampler refuses are refused before any shard or progress bar exists.
+    assert_one_line_error(run("sample", "--model", checkpoint, "--schedule", "point-mass", "--diffusion", "ode",
+                              "--out", out), "--diffusion: a point-mass schedule")
+    assert_one_line_error(run("sample", "--model", checkpoint, "--schedule", "point-mass", "--solver", "ab2-pc",
+                              "--out", out), "--solver: ab2-pc is an ODE solver")
     truncated = tmp_path / "trunc.safetensors"
     truncated.write_bytes(checkpoint.read_bytes()[:1000])
     assert_one_line_error(run("sample", "--model", truncated, "--out", out), "checkpoint")
