@@ -116,6 +116,20 @@ def test_lazy_vp_is_exact_on_random_gaussians_and_grids(data, grid, solver):
 
 
 @SETTINGS
+@given(trained_under=gaussian_base_schedules(), kind=st.sampled_from(li.KINDS), data=gaussians(dim=3),
+       scale=st.sampled_from([1e-2, 1.0, 1e2]))
+def test_one_lazy_euler_step_is_exact_for_models_of_any_schedule_and_prediction_type(trained_under, kind, data,
+                                                                                     scale):
+    """σ and E[X] estimated from a network trained under a random schedule (β̇_0 = 0 for some, so a velocity is
+    evaluated from t_min too), predicting any kind, on N(μ, σ²I) at scales 10⁻² to 10²."""
+    g, sigma, mean = data
+    g = li.GaussianMixture.gaussian(g.means[0] * scale, g.covs[0] * scale**2)
+    z = x_batch(4, dim=3)
+    out = li.sample(g.model(trained_under, kind), z, steps=1, schedule="lazy-vp", solver="euler")
+    torch.testing.assert_close(out, scale * (sigma * z + mean), rtol=0, atol=1e-8 * scale * (sigma + abs(mean)))
+
+
+@SETTINGS
 @given(sigma=st.floats(1e-3, 1e3), steps=st.sampled_from([1, 1000]))
 def test_extreme_sigma_and_step_counts_stay_finite(sigma, steps):
     g = li.GaussianMixture.gaussian(torch.zeros(2, dtype=F64), torch.tensor(sigma**2, dtype=F64))
