@@ -752,6 +752,22 @@ class SpyUNet(torch.nn.Module):
         return (0.5 * sample,)
 
 
+@pytest.mark.parametrize("kind", ["noise", "data", "velocity"])
+def test_one_lazy_euler_step_is_exact_for_a_ddpm_network(kind):
+    """Under a DDPM schedule β_0 = √ᾱ_{T−1} > 0, so η_X(0, x) is not E[X]; σ and E[X] still come out exact
+    (li.estimate_moments), and one lazy VP Euler step maps Z to σZ + μ on Gaussian data."""
+    z = torch.randn(16, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for scheduler in (DDIMScheduler(), DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                     beta_end=0.012)):
+        sched = ddpm_schedule(scheduler.alphas_cumprod)
+        assert float(sched.beta(0.0)) > 0
+        for sigma, mean in ((1.0, 0.0), (0.5, 2.0), (5.5, 1.0)):
+            g = li.GaussianMixture.gaussian(torch.full((4,), mean, dtype=torch.float64),
+                                            torch.tensor(sigma**2, dtype=torch.float64))
+            out = li.sample(g.model(sched, kind), z, steps=1, schedule="lazy-vp", solver="euler")
+            torch.testing.assert_close(out, sigma * z + mean, rtol=0, atol=1e-10 * sigma)
+
+
 def test_ddpm_schedule_nodes_timesteps_and_clean_end():
     """Index n sits at t = (T − 1 − n)/T with ᾱ_n exactly; the UNet gets timestep n; α = 0 at t = 1; zero-terminal
     SNR gives β = 0 at t = 0; r⁻¹ is exact."""
