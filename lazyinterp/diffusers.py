@@ -19,7 +19,6 @@ pipelines' ``timesteps`` are 1000 σ.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import math
 import warnings
 from dataclasses import dataclass
@@ -37,11 +36,11 @@ from .conversion import convert, time_change
 from .covariance import Covariance, CovarianceLazyDynamics
 from .noise import KeyedStreams, NoiseStreams, resolve_seed
 from .predictors import (
+    PROBE_SNR,
     CenteredModel,
     Model,
     NonFiniteError,
     coefficients,
-    estimate_sigma,
     linear_combination,
     to_eta,
 )
@@ -74,10 +73,6 @@ __all__ = [
 
 # The solvers ``step`` implements (li.sample's names; its aliases such as "em" resolve to them).
 _SOLVERS = ("euler", "heun", "ab2", "ab2-pc", "exponential", "exponential-2m")
-
-# The σ probe sits at li.estimate_sigma's default SNR r_p (β/α of the linear schedule), so both estimate alike
-# (li.estimate_sigma probes again only where σ̂ is more than 4× from 1).
-_PROBE_SNR = float(inspect.signature(estimate_sigma).parameters["snr"].default)
 
 
 # Grids ------------------------------------------------------------------------------------------------------------
@@ -570,7 +565,9 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
 
     def _entry_sigma(self, role: str, node: int) -> float:
         if role == "probe":
-            return 1 / (1 + _PROBE_SNR)
+            # li.estimate_sigma's SNR r_p (β/α of the linear schedule), so both estimate alike (li.estimate_sigma
+            # probes again only where σ̂ is more than 4× from 1).
+            return 1 / (1 + PROBE_SNR)
         return float(self._node_sigmas[node + 1 if role == "corr" else node])
 
     def _recorded_schedule(self) -> Schedule:

@@ -334,6 +334,8 @@ _RESCALE_BEYOND = 4.0
 # A slope kβ ≥ 1 is steeper than any Gaussian's: the probe sat at a high data SNR; it is repeated this much lower.
 _STEEP_SNR_DROP = 100.0
 _PROBE_ROUNDS = 4
+# The estimators' probe SNR r = β/α: a low one, where data other than Gaussian still reads as linear.
+PROBE_SNR = 0.1
 
 
 def reads_mean_directly(predictor: Predictor) -> bool:
@@ -359,7 +361,7 @@ def _antithetic_probe(predictor: Predictor, snr: float, center: Tensor,
 
     For X ~ N(μ, σ² I), η_X(t, x) = μ (1 − kβ) + k x with k = β σ² / (α² + β² σ²), so
     k = ⟨αz, η₊ − η₋⟩ / (2‖αz‖²) and μ = (η̄ − kβc)/(1 − kβ) with η̄ the mean of η± over probes and signs:
-    exact for any c and any z, whatever the probe's SNR.
+    exact for any c and any z, whatever the probe's SNR. Where k admits no Gaussian (0 < kβ < 1 fails), μ is η̄.
     """
     t, a, b = _probe_coefficients(predictor, snr)
     u = a * z
@@ -367,8 +369,9 @@ def _antithetic_probe(predictor: Predictor, snr: float, center: Tensor,
     _, eta_x = predictor.eta(torch.cat([base + u, base - u]), t)
     plus, minus = eta_x.chunk(2)
     k = float((u * (plus - minus)).sum() / (2 * (u * u).sum()))
-    mean = ((plus + minus) / 2).mean(dim=0)
-    return k, (mean - (k * b) * center) / (1 - k * b), a, b
+    level = ((plus + minus) / 2).mean(dim=0)
+    mean = (level - (k * b) * center) / (1 - k * b) if 0 < k * b < 1 else level
+    return k, mean, a, b
 
 
 def _in_linear_regime(probe, snr: float) -> tuple[float, Any]:
@@ -377,7 +380,7 @@ def _in_linear_regime(probe, snr: float) -> tuple[float, Any]:
     Starts at r = ``snr`` and moves r until the data SNR rσ̂ is within a factor 4 of ``snr``: exact for Gaussian
     data wherever it stops, and the low-SNR (mean eigenvalue) reading of other data at any scale.
     """
-    r = snr
+    r, found = snr, None
     for _ in range(_PROBE_ROUNDS):
         k, a, b, extra = probe(r)
         if not (k > 0 and math.isfinite(k)):
@@ -386,38 +389,43 @@ def _in_linear_regime(probe, snr: float) -> tuple[float, Any]:
             r /= _STEEP_SNR_DROP
             continue
         sigma = math.sqrt(k * a * a / (b * (1 - k * b)))
-        if not 1 / _RESCALE_BEYOND <= r * sigma / snr <= _RESCALE_BEYOND:
-            r = snr / sigma
-            continue
-        return sigma, extra
-    else:
-        if k * b < 1:
-            return sigma, extra
-    raise ValueError(f"could not estimate sigma from the model (slope {k:.3g} at snr {r:.3g}); pass sigma")
+        found = sigma, extra
+        if 1 / _RESCALE_BEYOND <= r * sigma / snr <= _RESCALE_BEYOND:
+            break
+        r = snr / sigma
+    if found is None:
+        raise ValueError(f"could not estimate sigma from the model (slope {k:.3g} at snr {r:.3g}); pass sigma")
+    return found
 
 
 @torch.no_grad()
-def estimate_moments(predictor: Predictor, shape: tuple[int, ...], *, snr: float = 0.1, probes: int = 8,
-                     generator: torch.Generator | None = None, device=None,
-                     dtype=torch.float32) -> tuple[Tensor, float]:
+def estimate_moments(predictor: Predictor, shape: tuple[int, ...], *, snr: float = PROBE_SNR, probes: int = 8,
+                     generator: torch.Generator | None = None, device=None, dtype=torch.float32,
+                     require_sigma: bool = True) -> tuple[Tensor, float | None]:
     r"""(E[X], σ) with σ² = tr Cov(X)/D, from the model's posterior mean at a low SNR r = β/α.
 
     Antithetic probes x = βc ± αz give the slope k and the level μ(1 − kβ) + kβc of η_X, so μ and
     σ² = kα²/(β(1 − kβ)) are exact for Gaussian data at any SNR, from any prediction type: no evaluation at
     t = 0, where a noise or score prediction does not determine η_X, or on a base with β_0 > 0 (vp), where
     η_X(0, x) still depends on x. The probe moves to data SNR rσ̂ ≈ ``snr`` (each time around the latest βμ̂),
-    so that non-Gaussian data is read in its linear regime whatever its scale.
+    so that non-Gaussian data is read in its linear regime whatever its scale. Where the model's slope admits no
+    σ (k ≤ 0, as from an untrained network) this raises, or with ``require_sigma=False`` returns σ = None and
+    the latest probe's mean level as μ.
     """
     z = torch.randn((probes, *shape), generator=generator, dtype=dtype).to(device)
-    center = [torch.zeros(shape, dtype=dtype, device=z.device)]
+    center = torch.zeros(shape, dtype=dtype, device=z.device)
 
     def probe(r: float):
-        k, mean, a, b = _antithetic_probe(predictor, r, center[0], z)
-        if 0 < k * b < 1:
-            center[0] = mean
-        return k, a, b, mean
+        nonlocal center
+        k, center, a, b = _antithetic_probe(predictor, r, center, z)
+        return k, a, b, center
 
-    sigma, mean = _in_linear_regime(probe, snr)
+    try:
+        sigma, mean = _in_linear_regime(probe, snr)
+    except ValueError:
+        if require_sigma:
+            raise
+        return center, None
     return mean, sigma
 
 
@@ -431,8 +439,8 @@ def estimate_mean(predictor: Predictor, shape: tuple[int, ...], *, probes: int =
     exact for any data. Otherwise from :func:`estimate_moments`, exact for Gaussian data.
     """
     if not reads_mean_directly(predictor):
-        return estimate_moments(predictor, shape, probes=probes, generator=generator, device=device,
-                                dtype=dtype)[0]
+        return estimate_moments(predictor, shape, probes=probes, generator=generator, device=device, dtype=dtype,
+                                require_sigma=False)[0]
     sched = predictor.schedule
     z = torch.randn((probes, *shape), generator=generator, dtype=dtype).to(device)
     _, eta_x = predictor.eta(float(sched.alpha(0.0)) * z, 0.0)
@@ -441,7 +449,7 @@ def estimate_mean(predictor: Predictor, shape: tuple[int, ...], *, probes: int =
 
 @torch.no_grad()
 def estimate_sigma(predictor: Predictor, shape: tuple[int, ...], *, mean: Tensor | None = None,
-                   snr: float = 0.1, probes: int = 8, generator: torch.Generator | None = None,
+                   snr: float = PROBE_SNR, probes: int = 8, generator: torch.Generator | None = None,
                    device=None, dtype=torch.float32) -> float:
     r"""σ with σ² = tr Cov(X)/D, from the model's posterior mean at a low SNR r = β/α.
 

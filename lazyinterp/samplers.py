@@ -821,7 +821,9 @@ def data_mean(model: Predictor, sample_shape: tuple[int, ...], device, dtype) ->
         if reads_mean_directly(model):
             cache[key] = estimate_mean(model, sample_shape, **kw)
         else:
-            cache[key], cache[("sigma-with-mean", sample_shape)] = estimate_moments(model, sample_shape, **kw)
+            # σ comes from the same probes; where the model admits none, only an explicit σ can be used.
+            cache[key], cache[("sigma-with-mean", sample_shape)] = estimate_moments(model, sample_shape,
+                                                                                    require_sigma=False, **kw)
     return cache[key].to(device=device, dtype=dtype)
 
 

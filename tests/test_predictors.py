@@ -142,6 +142,18 @@ def test_sigma_of_a_mixture_is_read_at_low_data_snr_whatever_its_scale():
             assert float((mean - mu).norm()) < 0.05 * sigma
 
 
+def test_a_model_with_no_gaussian_reading_asks_for_sigma():
+    """A posterior mean that falls as x grows (slope k < 0, as from an untrained network) admits no σ."""
+    for trained_under in ("linear", "vp"):
+        model = li.Model(lambda x, t: -x, trained_under, predicts="data")
+        with pytest.raises(ValueError, match="could not estimate sigma.*pass sigma"):
+            li.estimate_sigma(model, (3,), dtype=F64)
+        with pytest.raises(ValueError, match="pass sigma"):
+            li.sample(model, torch.randn(4, 3, dtype=F64), steps=2, schedule="lazy-vp")
+        out = li.sample(model, torch.randn(4, 3, dtype=F64), steps=2, schedule=li.lazy_vp(1.0))
+        assert bool(torch.isfinite(out).all())
+
+
 def test_half_precision_networks_keep_float32_state():
     seen = {}
 
