@@ -44,10 +44,13 @@ def test_one_lazy_euler_step_is_exact_whatever_the_model_predicts(trained_under,
     """σ and E[X] estimated from a noise, score or data network, or under vp (β_0 > 0), at scales far from 1:
     lazy VP Euler still maps Z to σZ + μ in one step."""
     z = torch.randn(16, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+    reads_at_0 = trained_under != "vp" and kind in ("velocity", "data")  # else one antithetic batch gives both
     for sigma, mean in ((1e-3, 5.0), (0.4, 1.5), (1e3, -200.0)):
         model = gaussian(sigma, dim=4, mean=mean).model(trained_under, kind)
-        out = li.sample(model, z, steps=1, schedule="lazy-vp", solver="euler")
+        out, info = li.sample(model, z, steps=1, schedule="lazy-vp", solver="euler", return_info=True)
         torch.testing.assert_close(out, sigma * z + mean, rtol=0, atol=1e-9 * sigma)
+        # one more probe where σ is more than 4× from 1
+        assert info.estimation_nfe == (2 if reads_at_0 else 1) + (sigma != 0.4)
 
 
 @pytest.mark.parametrize("steps", [1, 3, 8])
