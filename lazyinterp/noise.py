@@ -140,12 +140,17 @@ def mix64(x: Tensor) -> Tensor:
     """SplitMix64's output function on 64-bit patterns held in int64 (products wrap modulo 2^64):
 
     z ← (z ⊕ (z ≫ 30)) · 0xBF58476D1CE4E5B9;  z ← (z ⊕ (z ≫ 27)) · 0x94D049BB133111EB;  z ⊕ (z ≫ 31).
+
+    ``x`` is left as it is; the rounds after the first work in place, as these tensors are the size of a batch.
     """
     if x.dtype != torch.int64:
         raise TypeError(f"x: expected an int64 tensor, got {x.dtype}")
-    x = (x ^ _shift_right(x, 30)) * signed64(_MIX1)
-    x = (x ^ _shift_right(x, 27)) * signed64(_MIX2)
-    return x ^ _shift_right(x, 31)
+    x = x ^ _shift_right(x, 30)
+    x *= signed64(_MIX1)
+    x ^= _shift_right(x, 27)
+    x *= signed64(_MIX2)
+    x ^= _shift_right(x, 31)
+    return x
 
 
 def splitmix64(seed: Tensor, count: int) -> Tensor:
@@ -160,10 +165,12 @@ def keyed_normals(keys: Tensor, count: int, dtype: torch.dtype = torch.float64) 
     :func:`splitmix64` through Box–Muller, √(−2 log u₁) (cos 2πu₂, sin 2πu₂) with u₁ ∈ (0, 1]."""
     pairs = (count + 1) // 2
     bits = splitmix64(keys, 2 * pairs)
-    uniform = _shift_right(bits, 11).to(torch.float64) * 2.0 ** -53
-    u1, u2 = 1.0 - uniform[..., 0::2], uniform[..., 1::2]
-    radius, angle = torch.sqrt(-2.0 * torch.log(u1)), (2 * math.pi) * u2
-    normals = torch.stack((radius * torch.cos(angle), radius * torch.sin(angle)), dim=-1)
+    uniform = _shift_right(bits, 11).to(torch.float64).mul_(2.0 ** -53)
+    radius = (1.0 - uniform[..., 0::2]).log_().mul_(-2.0).sqrt_()
+    angle = uniform[..., 1::2].mul(2 * math.pi)
+    normals = torch.empty((*radius.shape, 2), dtype=torch.float64, device=keys.device)
+    torch.mul(radius, torch.cos(angle), out=normals[..., 0])
+    torch.mul(radius, angle.sin_(), out=normals[..., 1])
     return normals.flatten(-2)[..., :count].to(dtype)
 
 

@@ -105,8 +105,10 @@ def test_mix64_wraps_like_unsigned_64_bit_arithmetic():
     rng = np.random.default_rng(0)
     values = [int(v) for v in rng.integers(-(1 << 63), (1 << 63) - 1, size=200, dtype=np.int64)]
     values += [0, -1, (1 << 63) - 1, -(1 << 63)]
-    got = mix64(torch.tensor(values, dtype=torch.int64))
+    keys = torch.tensor(values, dtype=torch.int64)
+    got = mix64(keys)
     assert [int(v) & MASK for v in got] == [_python_mix64(v) for v in values]
+    assert torch.equal(keys, torch.tensor(values, dtype=torch.int64))  # the keys are not hashed in place
     with pytest.raises(TypeError, match="x: expected an int64 tensor"):
         mix64(torch.zeros(3))
 
