@@ -31,6 +31,7 @@ from .predictors import (
 from .samplers import (
     SampleInfo,
     adams_bashforth2,
+    alpha_matched_steps,
     check_grid,
     count_nfe,
     euler,
@@ -60,6 +61,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "adams_bashforth2",
+    "alpha_matched_steps",
     "BrownianPaths",
     "CenteredModel",
     "ConvertedModel",

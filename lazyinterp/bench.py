@@ -296,6 +296,8 @@ SAMPLERS: tuple[SamplerDef, ...] = (
                {"schedule": "lazy-vp", "solver": "heun", "grid": "uniform"}),
     SamplerDef("lazy-vp-euler-model-grid", "lazy VP Euler, SNR-matched grid", "ours", "li",
                {"schedule": "lazy-vp", "grid": "model"}),
+    SamplerDef("lazy-vp-euler-alpha", "lazy VP Euler, alpha-matched steps, SNR-matched grid", "ours", "li",
+               {"schedule": "lazy-vp", "solver": "euler-alpha", "grid": "model"}),
     SamplerDef("lazy-vp-ab2", "lazy VP AB2, SNR-matched grid", "ours", "li",
                {"schedule": "lazy-vp", "solver": "ab2", "grid": "model"}),
     SamplerDef("lazy-vp-ab2-pc", "lazy VP AB2-AM3 PC, SNR-matched grid", "ours", "li",

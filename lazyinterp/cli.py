@@ -147,7 +147,7 @@ SCHEDULE_NAMES = ["linear", "cosine", "vp", "lazy-vp", "point-mass"]
 @click.option("--schedule", default="lazy-vp", type=click.Choice(SCHEDULE_NAMES), show_default=True)
 @click.option("--steps", default=4, type=click.IntRange(min=1), show_default=True)
 @click.option("--solver", default=None,
-              type=click.Choice(["euler", "heun", "ab2", "ab2-pc", "exponential", "exponential-2m"]),
+              type=click.Choice(["euler", "euler-alpha", "heun", "ab2", "ab2-pc", "exponential", "exponential-2m"]),
               help="Default for an ODE on a lazy schedule: ab2, or ab2-pc from 12 steps on; for the point-mass "
               "SDE with eps*: ab2; for other SDEs: exponential-2m; else euler.")
 @click.option("--diffusion", default=None, help="ode, optimal, or kappa (eps = kappa * eps*). "

@@ -32,7 +32,7 @@ state says nothing about the data, so η_X = E[X − μ] = 0 and η_Z = x/α_0 t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,9 +63,9 @@ Tensor = torch.Tensor
 Drift = Callable[[Tensor, float], Tensor]
 Callback = Callable[[int, float, Tensor], None]
 
-SOLVERS = ("euler", "heun", "ab2", "ab2-pc", "exponential", "exponential-2m")
-SOLVER_ALIASES = {"euler": "euler", "heun": "heun", "ab2": "ab2", "ab2-pc": "ab2-pc", "euler_maruyama": "euler",
-                  "euler-maruyama": "euler", "em": "euler", "exponential": "exponential",
+SOLVERS = ("euler", "euler-alpha", "heun", "ab2", "ab2-pc", "exponential", "exponential-2m")
+SOLVER_ALIASES = {"euler": "euler", "euler-alpha": "euler-alpha", "heun": "heun", "ab2": "ab2", "ab2-pc": "ab2-pc",
+                  "euler_maruyama": "euler", "euler-maruyama": "euler", "em": "euler", "exponential": "exponential",
                   "exponential-2m": "exponential-2m"}
 # Exact steps of the SDE with η_X held (or extrapolated in log-SNR) over a step; ε = κ ε* only.
 EXPONENTIAL_SOLVERS = ("exponential", "exponential-2m")
@@ -186,7 +186,7 @@ def count_nfe(solver: str, steps: int, last_step: str = "euler", known_start: bo
     ``known_start``, where the drift at t = 0 needs no network (see :func:`sample`)."""
     solver = _check_solver(solver)
     steps = check_steps(steps)
-    if solver == "euler" or solver in ODE_SOLVERS or solver in EXPONENTIAL_SOLVERS:
+    if solver in ("euler", "euler-alpha") or solver in ODE_SOLVERS or solver in EXPONENTIAL_SOLVERS:
         nfe = steps
     else:
         nfe = 2 * steps - (1 if last_step == "denoise" else 0)
@@ -445,13 +445,19 @@ class _StateCheck:
 
 
 def euler(drift: Drift, x: Tensor, grid: Tensor, *, denoise: Drift | None = None,
-          callback: Callback | None = None) -> Tensor:
-    """Explicit Euler: x_{k+1} = x_k + h_k b(t_k, x_k). With ``denoise``, the last step is x_N = D(t_{N−1}, x)."""
+          callback: Callback | None = None, step_lengths: Sequence[float] | None = None) -> Tensor:
+    """Explicit Euler: x_{k+1} = x_k + h_k b(t_k, x_k). With ``denoise``, the last step is x_N = D(t_{N−1}, x).
+
+    ``step_lengths`` replaces h_k (e.g. :func:`alpha_matched_steps`): Euler in another time variable s, with
+    h_k = Δs_k dt/ds(t_k), whose nodes are the same times.
+    """
     times = [float(t) for t in grid]
+    if step_lengths is not None and len(step_lengths) != len(times) - 1:
+        raise ValueError(f"step_lengths: expected {len(times) - 1} values, got {len(step_lengths)}")
     check = _StateCheck(x)
     last = len(times) - 2
     for k in range(len(times) - 1):
-        t, h = times[k], times[k + 1] - times[k]
+        t, h = times[k], times[k + 1] - times[k] if step_lengths is None else float(step_lengths[k])
         if k == last and denoise is not None:
             x = _guard(k, t, denoise, x, t)
         else:
@@ -461,6 +467,25 @@ def euler(drift: Drift, x: Tensor, grid: Tensor, *, denoise: Drift | None = None
             callback(k, times[k + 1], x)
     check.finish()
     return x
+
+
+def alpha_matched_steps(schedule: Schedule, grid: Tensor) -> list[float]:
+    r"""Step lengths h'_k = (α(t_{k+1}) − α(t_k)) / α̇(t_k) for :func:`euler`: Euler in the time variable α.
+
+    On x = α η_Z + β η_X the step x + h' (α̇ η_Z + β̇ η_X) lands the noise coefficient exactly on α(t_{k+1}), as
+    DDIM does, and takes the data coefficient along the schedule's tangent, β + h' β̇. On a lazy VP schedule
+    (α = σ cos θ, β = sin θ) that is Euler under another θ_t, a member of the same lazy family (theory §5), so it
+    stays exact on N(μ, σ²I), whose drift is 0; and it is exact on a point mass at the mean, whose η_X is 0 after
+    centring. Where α̇(t_k) = 0 (t = 0 of lazy VP) the step keeps h_k.
+    """
+    times = [float(t) for t in grid]
+    lengths = []
+    for t0, t1 in zip(times, times[1:], strict=False):
+        a0, _, da0, _ = schedule.scalar_coefficients(t0)
+        a1 = schedule.scalar_coefficients(t1)[0]
+        # α̇ = 0 up to rounding (it comes out as −1e-17 at t = 0 of lazy VP): no tangent to follow.
+        lengths.append((a1 - a0) / da0 if da0 < -1e-12 * abs(a0) else t1 - t0)
+    return lengths
 
 
 def heun(drift: Drift, x: Tensor, grid: Tensor, *, denoise: Drift | None = None,
@@ -906,8 +931,11 @@ def _is_lazy_sde(schedule: Schedule, diffusion: Diffusion) -> bool:
 
 def check_solver_fits(solver: str, diffusion: Diffusion, with_covariance: bool) -> None:
     """Refuses a solver that cannot run with this diffusion (or with covariance-matched coordinates)."""
-    if solver == "ab2-pc" and not diffusion.is_ode:
-        raise ValueError("solver: ab2-pc is an ODE solver; use euler, heun, ab2 or exponential(-2m) with an SDE")
+    if solver in ("ab2-pc", "euler-alpha") and not diffusion.is_ode:
+        raise ValueError(f"solver: {solver} is an ODE solver; use euler, heun, ab2 or exponential(-2m) with an SDE")
+    if solver == "euler-alpha" and with_covariance:
+        raise ValueError("covariance: euler-alpha matches one scalar noise coefficient; covariance-matched "
+                         "coordinates have one per direction: use euler, ab2 or ab2-pc")
     if solver in EXPONENTIAL_SOLVERS and diffusion.epsilon is not None:
         raise ValueError("solver: the exponential step needs diffusion 'ode', 'optimal' or a number kappa "
                          "(eps = kappa eps*), not a callable eps(t); use euler or heun")
@@ -1181,6 +1209,9 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
                 stepper = euler_maruyama if solver == "euler" else stochastic_heun
                 return stepper(dynamics.drift, diffusion_spec.epsilon_at, x, grid, draws, denoise=denoise,
                                callback=callback)
+            if solver == "euler-alpha":
+                return euler(dynamics.drift, x, grid, denoise=denoise, callback=callback,
+                             step_lengths=alpha_matched_steps(target, grid))
             return ODE_STEPPERS[solver](dynamics.drift, x, grid, denoise=denoise, callback=callback)
 
     def integrate_and_add_mean(x: Tensor, increments: Tensor | None = None) -> Tensor:

@@ -28,7 +28,7 @@ def test_linear_euler_on_standard_gaussian_is_the_closed_form_product(steps):
 
 @pytest.mark.parametrize("steps", [1, 2, 5])
 @pytest.mark.parametrize("sigma,mean", [(1.0, 0.0), (0.5, 0.0), (2.0, 0.0), (0.5, 1.3)])
-@pytest.mark.parametrize("solver", ["euler", "heun", "ab2-pc"])
+@pytest.mark.parametrize("solver", ["euler", "euler-alpha", "heun", "ab2-pc"])
 def test_lazy_vp_is_exact_on_gaussians(steps, sigma, mean, solver):
     """Lazy VP Euler on N(μ, σ² I) maps Z to σZ + μ exactly for any number of steps (centred on E[X])."""
     z = torch.randn(10, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
@@ -36,6 +36,35 @@ def test_lazy_vp_is_exact_on_gaussians(steps, sigma, mean, solver):
     for schedule in (li.lazy_vp(sigma), li.lazy_vp()):  # explicit σ, and σ estimated from the model
         out = li.sample(model, z, steps=steps, schedule=schedule, solver=solver)
         torch.testing.assert_close(out, sigma * z + mean, rtol=1e-12, atol=1e-12)
+
+
+def test_alpha_matched_steps_are_euler_in_the_time_variable_alpha():
+    """On lazy VP (α = σ cos θ, θ = πt/2) the step from θ_0 > 0 is (cos θ_0 − cos θ_1)/(sin θ_0 · π/2): the noise
+    coefficient lands on α(t_1); at θ_0 = 0, where α̇ = 0, the step keeps its length. On the linear schedule it is
+    the plain step."""
+    grid = torch.tensor([0.0, 0.1, 0.35, 0.8, 1.0], dtype=F64)
+    theta = grid * math.pi / 2
+    expected = [0.1] + [float((torch.cos(theta[k]) - torch.cos(theta[k + 1])) / (torch.sin(theta[k]) * math.pi / 2))
+                        for k in range(1, 4)]
+    assert li.alpha_matched_steps(li.lazy_vp(0.6), grid) == pytest.approx(expected, rel=1e-12)
+    assert li.alpha_matched_steps(li.linear(), grid) == pytest.approx(torch.diff(grid).tolist(), rel=1e-12)
+
+
+@pytest.mark.parametrize("steps", [2, 3, 8])
+def test_euler_alpha_is_exact_on_a_point_mass_and_plain_lazy_euler_is_not(steps):
+    """X = μ: after centring η_X = 0 and the lazy VP drift is −tan θ x, which Euler in time α integrates exactly
+    (x_{k+1} = x_k cos θ_{k+1}/cos θ_k), so every sample ends at μ; Euler in θ does not. Linear Euler (DDIM) is
+    exact too."""
+    mu = torch.tensor([1.5, -0.5], dtype=F64)
+
+    def velocity(x, t):  # linear schedule, X = μ: v = (μ − x)/(1 − t)
+        return (mu - x) / (1 - t[:, None])
+
+    model = li.Model(velocity, "linear", predicts="velocity", t_min=0.0)
+    z = torch.randn(6, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    kw = dict(steps=steps, schedule=li.lazy_vp(1.0), grid="uniform")
+    torch.testing.assert_close(li.sample(model, z, solver="euler-alpha", **kw), mu.expand(6, 2), rtol=0, atol=1e-12)
+    assert float((li.sample(model, z, solver="euler", **kw) - mu).abs().max()) > 1e-3
 
 
 @pytest.mark.parametrize("trained_under", ["linear", "vp", "cosine"])
@@ -247,6 +276,10 @@ def test_bad_inputs_name_the_argument():
         (dict(noise=z, steps=3, grid=[0.0, 0.5, 1.0]), ValueError, "steps: 3 does not match the explicit grid's 2"),
         (dict(noise=z, center="yes"), TypeError, "center: expected True, False or None"),
         (dict(noise=z, known_start=1), TypeError, "known_start: expected True, False or None"),
+        (dict(shape=(4, 2), schedule="point-mass", diffusion="optimal", solver="euler-alpha"), ValueError,
+         "solver: euler-alpha is an ODE solver"),
+        (dict(noise=z, schedule="lazy-vp", solver="euler-alpha", covariance=torch.eye(2)), ValueError,
+         "covariance: euler-alpha matches one scalar noise coefficient"),
     ]
     for kwargs, error, message in cases:
         with pytest.raises(error, match=message):
