@@ -23,6 +23,7 @@ from .samplers import default_known_start, steps_for_nfe
 DEMO_SAMPLERS: dict[str, dict] = {
     "linear Euler": dict(schedule="linear", solver="euler"),
     "lazy VP Euler": dict(schedule="lazy-vp", solver="euler"),
+    "lazy VP Euler in time α": dict(schedule="lazy-vp", solver="euler-alpha"),
     "lazy VP Euler, covariance": dict(schedule="lazy-vp", solver="euler", covariance="model"),
     "lazy VP Euler, covariance, denoising last step": dict(schedule="lazy-vp", solver="euler", covariance="model",
                                                            last_step="denoise"),
