@@ -374,6 +374,10 @@ def _antithetic_probe(predictor: Predictor, snr: float, center: Tensor,
     return k, mean, a, b
 
 
+class _NoSigma(ValueError):
+    """The model's posterior slope admits no σ: k ≤ 0, or steeper than any Gaussian's at every probe."""
+
+
 def _in_linear_regime(probe, snr: float) -> tuple[float, Any]:
     r"""σ from ``probe(r) -> (k, a, b, extra)``, the posterior slope at r = β/α, with σ² = kα²/(β(1 − kβ)).
 
@@ -394,7 +398,7 @@ def _in_linear_regime(probe, snr: float) -> tuple[float, Any]:
             break
         r = snr / sigma
     if found is None:
-        raise ValueError(f"could not estimate sigma from the model (slope {k:.3g} at snr {r:.3g}); pass sigma")
+        raise _NoSigma(f"could not estimate sigma from the model (slope {k:.3g} at snr {r:.3g}); pass sigma")
     return found
 
 
@@ -422,7 +426,7 @@ def estimate_moments(predictor: Predictor, shape: tuple[int, ...], *, snr: float
 
     try:
         sigma, mean = _in_linear_regime(probe, snr)
-    except ValueError:
+    except _NoSigma:  # only the missing σ; an error of the network itself still surfaces
         if require_sigma:
             raise
         return center, None

@@ -152,6 +152,10 @@ def test_a_model_with_no_gaussian_reading_asks_for_sigma():
             li.sample(model, torch.randn(4, 3, dtype=F64), steps=2, schedule="lazy-vp")
         out = li.sample(model, torch.randn(4, 3, dtype=F64), steps=2, schedule=li.lazy_vp(1.0))
         assert bool(torch.isfinite(out).all())
+    # Only the missing σ is set aside: an error of the network itself is not taken for one.
+    broken = li.Model(lambda x, t: x[:, :2], "vp", predicts="data")
+    with pytest.raises(ValueError, match="net: output shape"):
+        li.estimate_mean(broken, (3,), dtype=F64)
 
 
 def test_half_precision_networks_keep_float32_state():
