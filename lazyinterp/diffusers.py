@@ -54,6 +54,7 @@ from .samplers import (
     ab2_increment,
     am3_increment,
     check_grid,
+    check_optional_bool,
     check_settings,
     exponential_terms,
     log_snr,
@@ -345,8 +346,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         if self._solver not in _SOLVERS:
             raise ValueError(f"solver: LazyScheduler implements {', '.join(_SOLVERS)} (or None for the default), "
                              f"got {solver!r}")
-        if center is not None and not isinstance(center, bool):
-            raise TypeError(f"center: expected True, False or None, got {type(center).__name__}")
+        check_optional_bool(center, "center")
         self._center_arg = center
         if self._solver == "heun":
             self.order = 2

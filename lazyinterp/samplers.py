@@ -452,12 +452,16 @@ def euler(drift: Drift, x: Tensor, grid: Tensor, *, denoise: Drift | None = None
     h_k = Δs_k dt/ds(t_k), whose nodes are the same times.
     """
     times = [float(t) for t in grid]
-    if step_lengths is not None and len(step_lengths) != len(times) - 1:
+    if step_lengths is None:
+        lengths = [t1 - t0 for t0, t1 in zip(times, times[1:], strict=False)]
+    elif len(step_lengths) == len(times) - 1:
+        lengths = [float(h) for h in step_lengths]
+    else:
         raise ValueError(f"step_lengths: expected {len(times) - 1} values, got {len(step_lengths)}")
     check = _StateCheck(x)
     last = len(times) - 2
     for k in range(len(times) - 1):
-        t, h = times[k], times[k + 1] - times[k] if step_lengths is None else float(step_lengths[k])
+        t, h = times[k], lengths[k]
         if k == last and denoise is not None:
             x = _guard(k, t, denoise, x, t)
         else:
@@ -944,6 +948,12 @@ def check_solver_fits(solver: str, diffusion: Diffusion, with_covariance: bool) 
                          "drop covariance or use another solver")
 
 
+def check_optional_bool(value: Any, argument: str) -> None:
+    """A TypeError naming ``argument`` unless ``value`` is True, False or None (None: the default applies)."""
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{argument}: expected True, False or None, got {type(value).__name__}")
+
+
 def check_settings(schedule: Schedule, diffusion: Any = "ode", solver: str | None = None,
                    last_step: str | None = None, with_covariance: bool = False) -> tuple[Diffusion, str, str]:
     """The checks of :func:`sample` that need no model or data: (diffusion, solver, last step) as it resolves
@@ -1090,6 +1100,8 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
     is_sde = not diffusion_spec.is_ode
     if not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph: expected True or False, got {type(cuda_graph).__name__}")
+    check_optional_bool(center, "center")
+    check_optional_bool(known_start, "known_start")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback: expected a callable callback(k, t, x) or None, got {type(callback).__name__}")
     if cuda_graph and callback is not None:
@@ -1146,10 +1158,6 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
     is_lazy = isinstance(target, LazySchedule)
     if center is None:
         center = is_lazy
-    elif not isinstance(center, bool):
-        raise TypeError(f"center: expected True, False or None, got {type(center).__name__}")
-    if known_start is not None and not isinstance(known_start, bool):
-        raise TypeError(f"known_start: expected True, False or None, got {type(known_start).__name__}")
     if known_start is None:
         known_start = bool(center)
     elif known_start and not center:
