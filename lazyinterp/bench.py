@@ -16,6 +16,8 @@ streams, so the only difference between two results is the sampler.
 * ``gmm-64d``: 10 components in R⁶⁴ drawn once from a fixed seed (``torch.Generator().manual_seed(64)``):
   m_k = 0.5 + 0.5 ξ_k with ξ_k ~ N(0, I), C_k = Q_k diag(10^{−2 u}) Q_kᵀ with Q_k the Q factor of a standard
   Gaussian matrix and u ~ U(0, 1)⁶⁴ (eigenvalues spread over two decades), weights w_k = 0.5 + U(0, 1).
+* ``--mode-scale S`` multiplies every component covariance of either mixture by S, means and weights kept: S > 1
+  moves it towards one Gaussian, S < 1 towards point masses.
 
 Both mixtures have closed-form predictors, so the model (:meth:`GaussianMixture.model`, the exact
 linear-schedule velocity v(t, x) = E[X − Z | (1 − t) Z + t X = x]) has no training error and every
@@ -205,8 +207,21 @@ def _mnist_workload(model_name: str, device: torch.device | str = "cpu", chunk: 
                     identity=sha256_file(resolve_model_path(model_name)))
 
 
-def _gmm_workload(name: str, n: int) -> Workload:
-    target = gmm_2d() if name == "gmm-2d" else gmm_64d()
+def scale_modes(target: GaussianMixture, scale: float) -> GaussianMixture:
+    """The mixture with every component's covariance multiplied by ``scale`` (means and weights kept)."""
+    return target if scale == 1.0 else GaussianMixture(target.weights, target.means, target.covs * scale)
+
+
+def check_mode_scale(mode_scale: Any) -> float:
+    """``mode_scale`` as a float, refused unless finite and positive."""
+    if isinstance(mode_scale, bool) or not isinstance(mode_scale, (int, float)) \
+            or not math.isfinite(mode_scale) or mode_scale <= 0:
+        raise ValueError(f"mode_scale: expected a finite number > 0, got {mode_scale!r}")
+    return float(mode_scale)
+
+
+def _gmm_workload(name: str, n: int, mode_scale: float = 1.0) -> Workload:
+    target = scale_modes(gmm_2d() if name == "gmm-2d" else gmm_64d(), mode_scale)
     sliced = SlicedW2(target, n)
     # Mode weights of n samples fluctuate like a multinomial, which alone moves SW₂ by a visible amount on
     # well-separated modes: the floor is given as the mean and spread over several fresh samples.
@@ -215,7 +230,8 @@ def _gmm_workload(name: str, n: int) -> Workload:
     def score(x: Tensor, ctx: Context) -> dict[str, Any]:
         return {"value": sliced(x)}
 
-    info = {"components": int(target.means.shape[0]), "dim": target.dim, "directions": SLICED_DIRECTIONS,
+    info = {"components": int(target.means.shape[0]), "dim": target.dim, "mode_scale": mode_scale,
+            "directions": SLICED_DIRECTIONS,
             "target_points": sliced.k * n, "noise_floor": float(floors.mean()),
             "noise_floor_std": float(floors.std())}
     return Workload(name, target.model("linear"), (target.dim,), torch.float64, "sliced_w2",
@@ -223,12 +239,18 @@ def _gmm_workload(name: str, n: int) -> Workload:
 
 
 def make_workload(name: str, n: int, model_name: str = "mnist", device: torch.device | str = "cpu",
-                  chunk: int | None = None) -> Workload:
+                  chunk: int | None = None, mode_scale: float = 1.0) -> Workload:
     """The workload ``name``; ``device`` runs the mnist network (the mixtures' exact models stay on the CPU) in
-    fixed chunks of ``chunk`` samples (default :data:`lazyinterp.models.EVAL_CHUNK`)."""
+    fixed chunks of ``chunk`` samples (default :data:`lazyinterp.models.EVAL_CHUNK`). ``mode_scale`` multiplies
+    the mixtures' component covariances: how tight the modes are decides which schedule suits Euler (README)."""
     if name not in WORKLOADS:
         raise ValueError(f"workload: unknown workload {name!r}; expected one of {', '.join(WORKLOADS)}")
-    return _mnist_workload(model_name, device, chunk) if name == "mnist" else _gmm_workload(name, n)
+    mode_scale = check_mode_scale(mode_scale)
+    if name == "mnist":
+        if mode_scale != 1.0:
+            raise ValueError("mode_scale: only the mixture workloads (gmm-2d, gmm-64d) have modes to scale")
+        return _mnist_workload(model_name, device, chunk)
+    return _gmm_workload(name, n, mode_scale)
 
 
 # Samplers -------------------------------------------------------------------------------------------------------
@@ -738,7 +760,7 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
               overhead: bool | None = None, log: Callable[[str], None] | None = None,
               device: torch.device | str = "cpu", ctx: Context | None = None, work_dir: Path | str | None = None,
               fresh: bool = False, max_runs: int | None = None, chunk: int | None = None,
-              sde_path_error: bool | None = None,
+              sde_path_error: bool | None = None, mode_scale: float = 1.0,
               finish: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run the benchmark and return its results (the dict that ``--json`` writes).
 
@@ -766,6 +788,8 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
         sde_path_error: also score the point-mass SDE samplers pathwise against :data:`SDE_REFERENCE` on shared
             Brownian paths (``sde_path_error``; default: for the mixtures, whose exact model makes the
             reference's SDE_REFERENCE_STEPS − 1 evaluations cheap).
+        mode_scale: the mixtures only: multiply every component's covariance by this (1 is the workload as
+            described above; larger is closer to one Gaussian, smaller closer to point masses).
         finish: called with the complete results before the cached runs are removed (e.g. to write outputs).
     """
     ctx = ctx or Context(device=torch.device(device))
@@ -810,10 +834,11 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
 
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk: expected an integer >= 1, got {chunk!r}")
-    wl = make_workload(workload, n, model, ctx.device, chunk)
+    wl = make_workload(workload, n, model, ctx.device, chunk, mode_scale)
     versions = _versions()
     cache = RunCache(default_work_dir() if work_dir is None else work_dir,
-                     {"workload": workload, "n": n, "seed": seed, "reference_nfe": reference_nfe,
+                     {"workload": workload, "mode_scale": float(mode_scale), "n": n, "seed": seed,
+                      "reference_nfe": reference_nfe,
                       "model": wl.identity, "device": ctx.device.type, "versions": versions,
                       "code": code_identity(), "chunk": chunk, "sde_path_error": bool(sde_path_error)})
     if ctx.is_main:
@@ -1054,7 +1079,9 @@ def _percentages(fractions: dict[str, float]) -> str:
 def markdown_report(results: dict) -> str:
     """The value table (rows samplers, columns NFE, best per column in bold) and the path-error table."""
     ref = results["reference"]
-    lines = [f"### {results['workload']}: {results['metric_label']} (lower is better), n = {results['n']}, "
+    scale = results.get("workload_info", {}).get("mode_scale", 1.0)
+    modes = f" with component covariances × {scale:g}" if scale != 1.0 else ""
+    lines = [f"### {results['workload']}{modes}: {results['metric_label']} (lower is better), n = {results['n']}, "
              f"seed {results['seed']}", ""]
     ref_line = (f"Reference: linear Heun at {ref['nfe']} NFE ({ref['steps']} steps) from the same noise: "
                 f"{_fmt(ref.get('value'))}")
@@ -1196,11 +1223,14 @@ class _OneLineErrors(click.Command):
 @click.option("--sde-path-error/--no-sde-path-error", default=None,
               help=f"Score the point-mass SDE samplers pathwise against a {SDE_REFERENCE_STEPS}-step solution on "
               "the same Brownian paths [default: for the mixtures].")
+@click.option("--mode-scale", default=1.0, type=float, show_default=True,
+              help="Mixtures: multiply every component's covariance by this (wider or tighter modes).")
 @click.option("--quiet", is_flag=True, help="No progress bars or per-run lines.")
 def bench(workload: str, nfe: str, n: int | None, seed: int, samplers: str | None, reference_nfe: int,
           json_path: Path | None, markdown_path: Path | None, plot_path: Path | None, model_name: str,
           batch_size: int | None, device: str, work_dir: Path | None, fresh: bool, max_runs: int | None,
-          chunk: int | None, overhead: bool | None, sde_path_error: bool | None, quiet: bool) -> None:
+          chunk: int | None, overhead: bool | None, sde_path_error: bool | None, mode_scale: float,
+          quiet: bool) -> None:
     """Compare samplers at exactly counted NFE: peers (diffusers, flow_matching), baselines and lazy schedules.
 
     Runs as one process or under torchrun (each rank samples a share of every run); the results are the same.
@@ -1217,6 +1247,12 @@ def bench(workload: str, nfe: str, n: int | None, seed: int, samplers: str | Non
         raise BenchError(f"--chunk: expected an integer >= 1, got {chunk}")
     if max_runs is not None and max_runs < 1:
         raise BenchError(f"--max-runs: expected an integer >= 1, got {max_runs}")
+    try:
+        check_mode_scale(mode_scale)
+        if workload == "mnist" and mode_scale != 1.0:
+            raise ValueError("mode-scale: only the mixture workloads (gmm-2d, gmm-64d) have modes to scale")
+    except ValueError as exc:
+        raise BenchError(f"--{str(exc).replace('mode_scale', 'mode-scale')}") from None
     try:
         parse_nfe(nfe)
         select_samplers(samplers)
@@ -1252,7 +1288,7 @@ def bench(workload: str, nfe: str, n: int | None, seed: int, samplers: str | Non
                             model=model_name, batch_size=batch_size, progress=not quiet,
                             log=None if quiet else lambda line: tqdm.write(line, file=sys.stderr), ctx=ctx,
                             work_dir=work_dir, fresh=fresh, max_runs=max_runs, overhead=overhead, chunk=chunk,
-                            sde_path_error=sde_path_error, finish=write_outputs)
+                            sde_path_error=sde_path_error, mode_scale=mode_scale, finish=write_outputs)
     except (ValueError, TypeError, RuntimeError, FileNotFoundError) as exc:
         raise BenchError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
     except OSError as exc:

@@ -13,12 +13,14 @@ from lazyinterp.bench import (
     SamplerDef,
     SlicedW2,
     bench,
+    check_mode_scale,
     diffusers_sample,
     gmm_2d,
     linear_velocity,
     markdown_report,
     parse_nfe,
     run_bench,
+    scale_modes,
     sde_reference_grid,
 )
 
@@ -170,6 +172,40 @@ def test_sliced_w2_matches_closed_form_between_gaussians():
     assert SlicedW2(target, n)(x) == pytest.approx(exact, rel=0.1)
 
 
+def test_mode_scale_multiplies_the_component_covariances_and_keeps_the_rest():
+    """Cov X = Σ_k w_k (C_k + (m_k − μ)(m_k − μ)ᵀ): scaling every C_k by s moves Cov X by (s − 1) Σ_k w_k C_k."""
+    base = gmm_2d()
+    wide = scale_modes(base, 4.0)
+    torch.testing.assert_close(wide.covs, 4.0 * base.covs)
+    torch.testing.assert_close(wide.means, base.means)
+    torch.testing.assert_close(wide.weights, base.weights)
+    within = (base.weights[:, None, None] * base.covs).sum(0)
+    torch.testing.assert_close(wide.cov, base.cov + 3.0 * within)
+    assert scale_modes(base, 1.0) is base
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), True, "2"])
+def test_mode_scale_refuses_what_is_not_a_positive_number(bad):
+    with pytest.raises(ValueError, match="mode_scale"):
+        check_mode_scale(bad)
+
+
+def test_mode_scale_reaches_the_target_the_cache_and_the_report(tmp_path):
+    def run(scale):
+        return run_bench("gmm-2d", nfe=[2], n=200, reference_nfe=8, samplers=["linear-euler"], progress=False,
+                         mode_scale=scale, work_dir=tmp_path)
+
+    plain, wide = run(1.0), run(4.0)
+    assert wide["workload_info"]["mode_scale"] == 4.0
+    assert "with component covariances × 4" in markdown_report(wide)
+    assert "covariances" not in markdown_report(plain)
+    # The same noise through the same sampler: only the target differs, so the reference moves.
+    assert wide["reference"]["value"] != plain["reference"]["value"]
+    assert wide["results"][0]["path_error"] != plain["results"][0]["path_error"]
+    with pytest.raises(ValueError, match="mode_scale: only the mixture"):
+        run_bench("mnist", nfe=[1], n=4, mode_scale=2.0, progress=False)
+
+
 def test_diffusers_euler_loop_reproduces_linear_euler():
     diffusers = pytest.importorskip("diffusers")
     model = li.GaussianMixture.gaussian(torch.zeros(3), torch.tensor(1.0)).model("linear")
@@ -199,6 +235,10 @@ def invoke(args):
     (["--n", "many"], "--n"),
     (["--samplers", "lazy-vp-euler,nope"], "nope"),
     (["--reference-nfe", "1"], "--reference-nfe"),
+    (["--mode-scale", "0"], "--mode-scale"),
+    (["--mode-scale", "nan"], "--mode-scale"),
+    (["--mode-scale", "wide"], "--mode-scale"),
+    (["--workload", "mnist", "--mode-scale", "2"], "--mode-scale"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, args, needle):
     out = tmp_path / "out.json"
