@@ -55,6 +55,14 @@ def as_time(t: Tensor | float) -> Tensor:
         raise TypeError(f"t: expected a time (a float or a tensor of floats), got {type(t).__name__}") from None
 
 
+def check_times(t: Tensor) -> Tensor:
+    """``t`` unchanged if every time is finite, else a ValueError naming t. Times past an end of [0, 1] are
+    allowed: adaptive ODE solvers (torchdiffeq's dopri5) evaluate a drift slightly beyond the interval."""
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"t: expected finite times in [0, 1], got {float(t[~torch.isfinite(t)].reshape(-1)[0])!r}")
+    return t
+
+
 def _autograd_derivative(fn: ScheduleFn) -> ScheduleFn:
     """d/dt fn(t) for an elementwise fn, exact to float precision (reverse-mode autograd)."""
 
@@ -128,8 +136,9 @@ class Schedule:
 
     @staticmethod
     def _compute(fn: ScheduleFn, t: Tensor | float) -> Tensor:
-        # Solvers may step a rounding error past an end; the schedule is only defined on [0, 1].
-        tt = as_time(t).clamp(0.0, 1.0)
+        # Solvers may step past an end (see check_times), which is clamped; the schedule is only defined on
+        # [0, 1].
+        tt = check_times(as_time(t)).clamp(0.0, 1.0)
         return torch.as_tensor(fn(tt), dtype=_F64).expand_as(tt).clone()
 
     def _validate(self) -> None:
@@ -202,8 +211,12 @@ class Schedule:
         return torch.where((a == 0) & (b > 0), torch.full_like(r, math.inf), r)
 
     def snr_inverse(self, r: Tensor | float) -> Tensor:
-        """r⁻¹: the time t at which β_t/α_t = r, for r in [0, inf]; values outside the range clamp to [0, 1]."""
+        """r⁻¹: the time t at which β_t/α_t = r, for r in [0, inf]; an r outside the schedule's range of SNRs maps
+        to the nearer end of [0, 1]."""
         rr = as_time(r)
+        if rr.numel() and not bool((rr >= 0).all()):  # also false for NaN
+            bad = rr[~(rr >= 0)].reshape(-1)[0]
+            raise ValueError(f"r: expected signal-to-noise ratios in [0, inf], got {float(bad)!r}")
         if self._snr_inverse is not None:
             t = torch.as_tensor(self._snr_inverse(rr), dtype=_F64)
         else:
@@ -309,8 +322,8 @@ def vp(beta_min: float = 0.1, beta_max: float = 20.0) -> Schedule:
 
     def snr_inverse(r: Tensor) -> Tensor:
         # ᾱ = r²/(1 + r²); solve (β_max − β_min)/2 s² + β_min s + log ᾱ = 0 for s ≥ 0.
-        log_abar_target = 2 * torch.log(r) - torch.log1p(r * r)
-        log_abar_target = torch.where(torch.isinf(r), torch.zeros_like(r), log_abar_target)
+        # log(r²/(1 + r²)) = −log(1 + r⁻²), which neither overflows for large r nor needs a case at r = inf.
+        log_abar_target = -torch.log1p((r * r).reciprocal())
         k = bmax - bmin
         s = (-bmin + torch.sqrt(bmin * bmin - 2 * k * log_abar_target)) / k
         return 1 - s

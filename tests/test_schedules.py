@@ -37,6 +37,30 @@ def test_boundaries(sched):
     assert float(sched.snr_inverse(0.0)) == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.parametrize("sched", all_schedules(), ids=lambda s: s.name)
+def test_snr_inverse_of_huge_ratios_is_the_data_end(sched):
+    """r² overflows float64 from r ≈ 1.3e154; the inverse must still be the t = 1 end, not the noise end."""
+    t = sched.snr_inverse(torch.tensor([1e100, 1e200, 1e300], dtype=F64))
+    assert bool((t > 1 - 1e-6).all()), t
+
+
+@pytest.mark.parametrize("sched", all_schedules(), ids=lambda s: s.name)
+@pytest.mark.parametrize("bad", [-1.0, -1e-300, math.nan])
+def test_snr_inverse_refuses_negative_or_nan_ratios(sched, bad):
+    with pytest.raises(ValueError, match="r: expected signal-to-noise ratios"):
+        sched.snr_inverse(torch.tensor([0.5, bad], dtype=F64))
+
+
+@pytest.mark.parametrize("sched", all_schedules(), ids=lambda s: s.name)
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_coefficients_refuse_non_finite_times(sched, bad):
+    for method in (sched.alpha, sched.beta, sched.dalpha, sched.dbeta, sched.snr):
+        with pytest.raises(ValueError, match="t: expected finite times"):
+            method(torch.tensor([0.5, bad], dtype=F64))
+        with pytest.raises(ValueError, match="t: expected finite times"):
+            method(bad)
+
+
 def test_vp_start_is_documented_truncation():
     sched = li.vp(0.1, 20.0)
     assert float(sched.beta(0.0)) == pytest.approx(math.exp(-(0.1 + 0.5 * 19.9) / 2), rel=1e-12)
