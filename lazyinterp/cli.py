@@ -260,6 +260,12 @@ def sample(model_name: str, schedule: str, steps: int, solver: str, diffusion: s
             if fid_value is not None:
                 click.echo(f"FID-MNIST {fid_value:.3f} on {n} samples")
         ctx.barrier()
+    except BaseException:
+        # A job that failed before its first shard leaves nothing to resume: no folder either.
+        folder = distributed.shard_dir(out)
+        if ctx.is_main and folder.is_dir() and not any(folder.glob("shard-*.npz")):
+            distributed.remove_shards(out)
+        raise
     finally:
         distributed.teardown(ctx)
 

@@ -26,7 +26,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from .schedules import Schedule, as_time, get_schedule
+from .schedules import Schedule, as_time, check_positive, get_schedule
 
 Tensor = torch.Tensor
 Kind = Literal["velocity", "noise", "data", "score"]
@@ -34,8 +34,9 @@ KINDS: tuple[str, ...] = ("velocity", "noise", "data", "score")
 _ALPHA_FLOOR = 1e-12
 
 
-class NonFiniteError(FloatingPointError):
-    """A network returned NaN or inf; ``t`` says when, ``step`` (set by samplers) at which step."""
+class NonFiniteError(FloatingPointError, ValueError):
+    """A network returned NaN or inf; ``t`` says when, ``step`` (set by samplers) at which step. It is a
+    ValueError too, so that a bad model or checkpoint is reported like any other bad input."""
 
     def __init__(self, message: str, t: float | None = None, step: int | None = None):
         super().__init__(message)
@@ -402,6 +403,20 @@ def _in_linear_regime(probe, snr: float) -> tuple[float, Any]:
     return found
 
 
+def _check_probe_arguments(shape: Any, probes: Any, snr: float = PROBE_SNR) -> tuple[int, ...]:
+    """The sample ``shape`` as a tuple of positive ints; ``probes`` an int >= 1 and ``snr`` positive, or errors."""
+    try:
+        sizes = tuple(shape)
+    except TypeError:
+        raise TypeError(f"shape: expected the shape of one sample (a tuple of ints), got {shape!r}") from None
+    if not sizes or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in sizes):
+        raise ValueError(f"shape: expected the shape of one sample, positive ints, got {shape!r}")
+    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+        raise ValueError(f"probes: expected an integer >= 1, got {probes!r}")
+    check_positive(snr, "snr")
+    return sizes
+
+
 @torch.no_grad()
 def estimate_moments(predictor: Predictor, shape: tuple[int, ...], *, snr: float = PROBE_SNR, probes: int = 8,
                      generator: torch.Generator | None = None, device=None, dtype=torch.float32,
@@ -416,6 +431,7 @@ def estimate_moments(predictor: Predictor, shape: tuple[int, ...], *, snr: float
     σ (k ≤ 0, as from an untrained network) this raises, or with ``require_sigma=False`` returns σ = None and
     the latest probe's mean level as μ.
     """
+    shape = _check_probe_arguments(shape, probes, snr)
     z = torch.randn((probes, *shape), generator=generator, dtype=dtype).to(device)
     center = torch.zeros(shape, dtype=dtype, device=z.device)
 
@@ -442,6 +458,7 @@ def estimate_mean(predictor: Predictor, shape: tuple[int, ...], *, probes: int =
     independent of X): the mean of η_X(0, α_0 z) over ``probes`` draws, which averages out the network's error,
     exact for any data. Otherwise from :func:`estimate_moments`, exact for Gaussian data.
     """
+    shape = _check_probe_arguments(shape, probes)
     if not reads_mean_directly(predictor):
         return estimate_moments(predictor, shape, probes=probes, generator=generator, device=device, dtype=dtype,
                                 require_sigma=False)[0]
@@ -463,6 +480,7 @@ def estimate_sigma(predictor: Predictor, shape: tuple[int, ...], *, mean: Tensor
     SNR rσ̂ ≈ ``snr``. Without ``mean``, on a predictor that does not read E[X] at t = 0
     (:func:`reads_mean_directly`), μ and σ come together from :func:`estimate_moments`.
     """
+    shape = _check_probe_arguments(shape, probes, snr)
     if mean is None and not reads_mean_directly(predictor):
         return estimate_moments(predictor, shape, snr=snr, probes=probes, generator=generator, device=device,
                                 dtype=dtype)[1]

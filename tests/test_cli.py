@@ -118,6 +118,23 @@ def test_cli_errors_are_one_line_and_leave_no_file(checkpoint, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["garbage.safetensors", "trunc.safetensors"]
 
 
+def test_a_checkpoint_that_returns_nan_is_a_one_line_error_and_leaves_no_shards(checkpoint, tmp_path):
+    import torch
+
+    from lazyinterp.models import load_network, save_checkpoint
+
+    net, info = load_network(checkpoint)
+    with torch.no_grad():
+        next(net.parameters()).fill_(float("nan"))
+    broken = tmp_path / "nan.safetensors"
+    save_checkpoint(broken, net, info)
+    out = tmp_path / "x.npz"
+    for schedule in ("linear", "lazy-vp"):
+        assert_one_line_error(run("sample", "--model", broken, "--schedule", schedule, "--n", 4, "--steps", 2,
+                                  "--out", out, "--quiet"), "NaN")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.safetensors"]
+
+
 def test_unwritable_output_directory(checkpoint, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()

@@ -264,3 +264,26 @@ def test_eta_terms_evaluate_to_eta(kind, mixture):
         exact = mixture.eta(x, schedule.alpha(t), schedule.beta(t))
         torch.testing.assert_close(linear_combination(eta_z), exact[0], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(linear_combination(eta_x), exact[1], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("estimate", [li.estimate_sigma, li.estimate_mean, li.estimate_moments],
+                         ids=lambda f: f.__name__)
+@pytest.mark.parametrize("shape, kwargs, error, needle", [
+    ((3,), {"probes": 0}, ValueError, "probes"),
+    ((3,), {"probes": 2.0}, ValueError, "probes"),
+    ((0, 3), {}, ValueError, "shape"),
+    ((True,), {}, ValueError, "shape"),
+    (5, {}, TypeError, "shape"),
+])
+def test_estimators_refuse_bad_shapes_and_probe_counts(estimate, shape, kwargs, error, needle):
+    model = li.GaussianMixture.gaussian(torch.zeros(3), torch.tensor(1.0)).model("linear")
+    with pytest.raises(error, match=needle):
+        estimate(model, shape, **kwargs)
+
+
+@pytest.mark.parametrize("estimate", [li.estimate_sigma, li.estimate_moments], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("snr", [0.0, -0.1, math.nan])
+def test_estimators_refuse_a_probe_snr_that_is_not_positive(estimate, snr):
+    model = li.GaussianMixture.gaussian(torch.zeros(3), torch.tensor(1.0)).model("linear")
+    with pytest.raises(ValueError, match="snr"):
+        estimate(model, (3,), snr=snr)

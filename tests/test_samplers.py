@@ -216,6 +216,10 @@ def test_network_nan_is_reported_with_step_and_time():
 
     with pytest.raises(li.NonFiniteError, match=r"step 3, t=0.5"):
         li.sample(li.Model(net, "linear"), torch.randn(2, 3), steps=4)
+    calls["n"] = 0
+    # A bad network is bad input like any other: callers that catch ValueError catch it too.
+    with pytest.raises(ValueError, match=r"NaN or inf"):
+        li.sample(li.Model(net, "linear"), torch.randn(2, 3), steps=4)
 
 
 def test_fp16_network_through_sample():
