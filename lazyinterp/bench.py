@@ -495,7 +495,7 @@ def _batches(n: int, batch_size: int) -> list[range]:
     return [range(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
 
 
-class RunFailed(Exception):
+class RunFailed(RuntimeError):
     """A sampler could not run (a network NaN, or σ that cannot be estimated) on some rank."""
 
 
@@ -895,8 +895,11 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
         log(f"reference linear Heun, {reference_nfe} NFE: {wl.metric} {reference['value']:.4g} (cached in "
             f"{cache.folder})")
     else:
-        ref_x, ref_seen, ref_seconds = run_sampler(REFERENCE, ref_plan, wl, noise, batch_size, seed, progress,
-                                                   f"reference {reference_nfe} NFE", ctx)
+        try:
+            ref_x, ref_seen, ref_seconds = run_sampler(REFERENCE, ref_plan, wl, noise, batch_size, seed, progress,
+                                                       f"reference {reference_nfe} NFE", ctx)
+        except RunFailed as exc:  # no benchmark without its reference
+            raise RuntimeError(f"reference ({REFERENCE.label}, {reference_nfe} NFE): {exc}") from None
         if ref_seen != {reference_nfe}:
             raise RuntimeError(f"reference: expected {reference_nfe} NFE, the model counted {sorted(ref_seen)}")
         reference = {"sampler": "linear Heun", "nfe": reference_nfe, "steps": ref_plan["steps"],
@@ -912,8 +915,11 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
     sde_reference, sde_ref_x = None, None
     if sde_spec is not None:
         bar.set_description(f"SDE reference {sde_nfe} NFE")
-        sde_ref_x, seen, seconds = run_sampler(sde_spec, sde_plan, wl, noise, batch_size, seed, progress,
-                                               f"SDE reference {sde_nfe} NFE", ctx)
+        try:
+            sde_ref_x, seen, seconds = run_sampler(sde_spec, sde_plan, wl, noise, batch_size, seed, progress,
+                                                   f"SDE reference {sde_nfe} NFE", ctx)
+        except RunFailed as exc:
+            raise RuntimeError(f"SDE reference ({SDE_REFERENCE.label}): {exc}") from None
         if seen != {sde_nfe}:
             raise RuntimeError(f"SDE reference: expected {sde_nfe} NFE, the model counted {sorted(seen)}")
         sde_reference = {"sampler": SDE_REFERENCE.label, "nfe": sde_nfe, "steps": sde_plan["steps"],

@@ -249,6 +249,23 @@ def test_cli_bad_input_is_one_line(tmp_path, args, needle):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_model_that_returns_nan_is_a_one_line_error(tmp_path):
+    from lazyinterp.models import load_network, resolve_model_path, save_checkpoint
+
+    net, info = load_network(resolve_model_path("mnist"))
+    with torch.no_grad():
+        next(net.parameters()).fill_(float("nan"))
+    broken = tmp_path / "nan.safetensors"
+    save_checkpoint(broken, net, info)
+    out = tmp_path / "out.json"
+    result, lines = invoke(["--workload", "mnist", "--model", str(broken), "--n", "4", "--nfe", "1", "--samplers",
+                            "linear-euler", "--reference-nfe", "2", "--work-dir", str(tmp_path / "work"),
+                            "--json", str(out), "--quiet"])
+    assert result.exit_code != 0
+    assert len(lines) == 1 and lines[0].startswith("error: reference (linear Heun, 2 NFE)"), result.stderr
+    assert "NaN" in lines[0] and not out.exists()
+
+
 def test_cli_unwritable_outputs_leave_no_file(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
