@@ -85,15 +85,28 @@ def run_demo(model_name: str = "mnist", *, n: int = 1000, nfes: tuple[int, ...] 
              echo=print) -> dict:
     """Run the comparison and write ``comparison.png``, ``results.json`` and ``table.md`` into ``out_dir``."""
     from .fetch import ensure_writable
-    from .metrics import evaluate
-    from .models import load_model
 
     out_dir = Path(out_dir)
+    created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ValueError(f"out_dir: cannot create {out_dir} ({exc.strerror or exc})") from None
-    ensure_writable(out_dir / "results.json", "out_dir")
+    try:
+        ensure_writable(out_dir / "results.json", "out_dir")
+        return _run_demo(model_name, nfes, n, seed, batch_size, out_dir, device, progress, echo)
+    except BaseException:
+        # The folder was made only to check that it can be written; a failed run leaves no empty one behind.
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
+
+
+def _run_demo(model_name: str, nfes, n: int, seed: int, batch_size: int, out_dir: Path, device: str,
+              progress: bool, echo) -> dict:
+    from .metrics import evaluate
+    from .models import load_model
+
     model, _ = load_model(model_name, device)
     shape = (1, 28, 28)
     started = time.time()

@@ -118,7 +118,7 @@ def test_cli_errors_are_one_line_and_leave_no_file(checkpoint, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["garbage.safetensors", "trunc.safetensors"]
 
 
-def test_a_checkpoint_that_returns_nan_is_a_one_line_error_and_leaves_no_shards(checkpoint, tmp_path):
+def test_a_checkpoint_that_returns_nan_is_a_one_line_error_and_leaves_nothing_behind(checkpoint, tmp_path):
     import torch
 
     from lazyinterp.models import load_network, save_checkpoint
@@ -133,6 +133,8 @@ def test_a_checkpoint_that_returns_nan_is_a_one_line_error_and_leaves_no_shards(
         assert_one_line_error(run("sample", "--model", broken, "--schedule", schedule, "--n", 4, "--steps", 2,
                                   "--out", out, "--quiet"), "NaN")
         assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.safetensors"]
+    assert_one_line_error(run("demo", "--model", broken, "--n", 4, "--out", tmp_path / "demo", "--quiet"), "NaN")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.safetensors"]
 
 
 def test_unwritable_output_directory(checkpoint, tmp_path):
