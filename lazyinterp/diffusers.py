@@ -179,6 +179,20 @@ class _Lane:
     dynamics: Dynamics | CovarianceLazyDynamics
 
 
+def _finite_number(value: Any, name: str, *, positive: bool = False) -> float:
+    """``value`` (any real number: Python, NumPy or a 0-d tensor) as a float, or a ValueError / TypeError naming
+    ``name`` unless it is finite (and positive, with ``positive``)."""
+    try:
+        if isinstance(value, (bool, str, bytes)):  # float("3") would pass
+            raise TypeError
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}") from None
+    if not math.isfinite(number) or (positive and number <= 0):
+        raise ValueError(f"{name}: expected a {'positive ' if positive else ''}finite number, got {value!r}")
+    return number
+
+
 def _generator_seed(generator: Any) -> int:
     """One draw from ``generator`` as li.sample takes it, also from an accelerator's generator."""
     if isinstance(generator, torch.Generator) and generator.device.type != "cpu":
@@ -359,7 +373,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         self.register_to_config(schedule=config_name, sigma=config_sigma, diffusion=config_diffusion,
                                 solver=None if solver is None else self._solver, covariance=None,
                                 _use_default_values=defaults)
-        self._shift = shift
+        self._shift = _finite_number(shift, "shift", positive=True)
         self.init_noise_sigma = 1.0
         train = torch.linspace(1.0, 1.0 / num_train_timesteps, num_train_timesteps, dtype=torch.float32)
         self.sigmas = torch.cat([train, torch.zeros(1)])
@@ -416,7 +430,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         return self._shift
 
     def set_shift(self, shift: float) -> None:
-        self._shift = shift
+        self._shift = _finite_number(shift, "shift", positive=True)
 
     @property
     def step_index(self) -> int | None:
@@ -524,6 +538,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         if cfg.use_dynamic_shifting and mu is None:
             raise ValueError("mu: required when use_dynamic_shifting is True (pipelines compute it from the image "
                              "size)")
+        if mu is not None:
+            mu = _finite_number(mu, "mu")
         model_sigmas = _as_sigmas(self._shifted_sigmas(raw, mu))
         model_sigmas[model_sigmas >= 1 - 1e-7] = 1.0
         n = model_sigmas.numel()

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_mixture
@@ -628,6 +629,16 @@ def test_errors_name_the_argument():
         sched.set_timesteps(3, sigmas=[1.0, 0.5])
     with pytest.raises(ValueError, match="mu"):
         LazyScheduler(use_dynamic_shifting=True).set_timesteps(4)
+    with pytest.raises(ValueError, match="mu: expected a finite number"):
+        LazyScheduler(use_dynamic_shifting=True).set_timesteps(4, mu=float("nan"))
+    for shift in (0.0, -3.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="shift: expected a positive finite number"):
+            LazyScheduler(shift=shift)
+        with pytest.raises(ValueError, match="shift: expected a positive finite number"):
+            LazyScheduler().set_shift(shift)
+    with pytest.raises(TypeError, match="shift: expected a number"):
+        LazyScheduler(shift="3")
+    assert LazyScheduler(shift=np.float32(3.0)).shift == 3.0
     sched.set_timesteps(2)
     with pytest.raises(ValueError, match="timestep"):
         sched.step(torch.zeros(1, 2), 123.0, torch.zeros(1, 2))
