@@ -20,6 +20,18 @@ class UserError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
+class FiniteFloatRange(click.FloatRange):
+    """click's FloatRange without NaN or inf, which its bounds let through (every comparison with NaN is False)."""
+
+    def convert(self, value, param, ctx):
+        import math
+
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(number, param, ctx)
+
+
 def friendly_errors(func):
     """Turn the library's ValueError/TypeError/OSError family into one-line CLI errors."""
 
@@ -90,10 +102,10 @@ def fetch(dataset: str, force: bool) -> None:
 @click.option("--data", default="mnist", type=click.Choice(["mnist", "fashion-mnist"]), show_default=True)
 @click.option("--steps", default=6000, type=click.IntRange(min=1), show_default=True)
 @click.option("--batch-size", default=128, type=click.IntRange(min=1), show_default=True)
-@click.option("--lr", default=2e-3, type=click.FloatRange(min=0, min_open=True), show_default=True)
+@click.option("--lr", default=2e-3, type=FiniteFloatRange(min=0, min_open=True), show_default=True)
 @click.option("--warmup", default=200, type=click.IntRange(min=0), show_default=True,
               help="Steps of linear learning-rate warm-up before the cosine decay.")
-@click.option("--ema-decay", default=0.999, type=click.FloatRange(min=0, max=1, max_open=True), show_default=True,
+@click.option("--ema-decay", default=0.999, type=FiniteFloatRange(min=0, max=1, max_open=True), show_default=True,
               help="Decay of the exported exponential moving average of the weights.")
 @click.option("--channels", default="16,32,64", show_default=True, help="UNet widths per level.")
 @click.option("--seed", default=0, type=int, show_default=True)
@@ -152,12 +164,12 @@ SCHEDULE_NAMES = ["linear", "cosine", "vp", "lazy-vp", "point-mass"]
               "SDE with eps*: ab2; for other SDEs: exponential-2m; else euler.")
 @click.option("--diffusion", default=None, help="ode, optimal, or kappa (eps = kappa * eps*). "
               "Default: optimal for point-mass, else ode.")
-@click.option("--sigma", default=None, type=click.FloatRange(min=0, min_open=True),
+@click.option("--sigma", default=None, type=FiniteFloatRange(min=0, min_open=True),
               help="sigma of a lazy schedule (default: estimated from the model).")
 @click.option("--last-step", default=None, type=click.Choice(["euler", "denoise"]))
 @click.option("--time-grid", default=None, type=click.Choice(["uniform", "model"]),
               help="Time grid: uniform, or the noise levels of the model's uniform grid (default for lazy schedules).")
-@click.option("--grid-shift", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--grid-shift", default=1.0, show_default=True, type=FiniteFloatRange(min=0, min_open=True),
               help="Divide the SNR of every node of the model grid by this (diffusers' shift); > 1 spends more "
               "steps at high noise.")
 @click.option("--center/--no-center", default=None,
