@@ -301,7 +301,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         schedule: the target schedule: a name in ``lazyinterp.SCHEDULES`` or a :class:`~lazyinterp.Schedule`
             (custom schedule objects work but are saved to the config by name only).
         sigma: σ of a lazy schedule; ``None`` estimates it per sample (above).
-        diffusion: ``"ode"``, ``"optimal"`` (ε*), a number κ (ε = κε*) or a callable ε(t) (not saved).
+        diffusion: ``"ode"``, ``"optimal"`` (ε*), a number κ (ε = κε*) or a callable ε(t) (not saved); ``None``
+            for ``"optimal"`` on the point-mass schedule and ``"ode"`` on any other.
         solver: ``"euler"``, ``"heun"``, ``"ab2"``, ``"ab2-pc"`` (ODE only), ``"exponential"`` or
             ``"exponential-2m"``;
             ``None`` for ``"ab2"`` on a lazy-schedule ODE (``"ab2-pc"`` from 12 steps) and on the point-mass SDE
@@ -327,7 +328,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, schedule: str = "lazy-vp", sigma: float | None = None,
-                 diffusion: str | float = "ode", solver: str | None = None, last_step: str | None = None,
+                 diffusion: str | float | None = None, solver: str | None = None, last_step: str | None = None,
                  center: bool | None = None, shift: float = 1.0, use_dynamic_shifting: bool = False,
                  base_shift: float | None = 0.5, max_shift: float | None = 1.15, base_image_seq_len: int = 256,
                  max_image_seq_len: int = 4096, time_shift_type: str = "exponential",
@@ -364,7 +365,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         self._center_arg = center
         if self._solver == "heun":
             self.order = 2
-        config_diffusion = diffusion if isinstance(diffusion, (str, int, float)) else "custom"
+        config_diffusion = diffusion if diffusion is None or isinstance(diffusion, (str, int, float)) else "custom"
         # Values normalised here are explicit settings now, not defaults to be dropped on reload. A default solver
         # stays None, so that a reloaded or re-targeted config (from_config(config, diffusion="optimal")) picks
         # the default of its own schedule and diffusion rather than inheriting ab2.

@@ -27,7 +27,7 @@ class SamplerSpec:
 
     schedule: str = "linear"
     steps: int = 8
-    diffusion: Any = "ode"
+    diffusion: Any = None
     solver: str | None = None
     sigma: float | None = None
     last_step: str | None = None

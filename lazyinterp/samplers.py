@@ -263,8 +263,15 @@ class Diffusion:
         return 0.0 if kappa == 0 else kappa * self._optimum(t)
 
 
+def default_diffusion(schedule: Schedule) -> str:
+    """"optimal" on a point-mass schedule, which an ODE cannot leave; "ode" on every other."""
+    return "optimal" if schedule.base == "point_mass" else "ode"
+
+
 def resolve_diffusion(diffusion: Any, schedule: Schedule) -> Diffusion:
-    """"ode" → ε = 0, "optimal" → ε*, a float κ → κ ε*, a callable → ε(t)."""
+    """"ode" → ε = 0, "optimal" → ε*, a float κ → κ ε*, a callable → ε(t); None → :func:`default_diffusion`."""
+    if diffusion is None:
+        diffusion = default_diffusion(schedule)
     if isinstance(diffusion, str):
         key = diffusion.lower()
         if key == "ode":
@@ -954,7 +961,7 @@ def check_optional_bool(value: Any, argument: str) -> None:
         raise TypeError(f"{argument}: expected True, False or None, got {type(value).__name__}")
 
 
-def check_settings(schedule: Schedule, diffusion: Any = "ode", solver: str | None = None,
+def check_settings(schedule: Schedule, diffusion: Any = None, solver: str | None = None,
                    last_step: str | None = None, with_covariance: bool = False) -> tuple[Diffusion, str, str]:
     """The checks of :func:`sample` that need no model or data: (diffusion, solver, last step) as it resolves
     them on ``schedule`` (before its step-count rules for the default solver), or the error it would raise."""
@@ -1019,7 +1026,7 @@ def _replay_captured(predictor: Predictor, key: tuple, run: Callable[..., Tensor
 
 
 def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tuple[int, ...] | None = None,
-           steps: int | None = None, schedule: Schedule | str | None = None, diffusion: Any = "ode",
+           steps: int | None = None, schedule: Schedule | str | None = None, diffusion: Any = None,
            solver: str | None = None, generator: int | torch.Generator | None = None, grid: Any = None,
            last_step: str | None = None, center: bool | None = None, indices: Any = None,
            device: torch.device | str | None = None, dtype: torch.dtype | None = None,
@@ -1036,7 +1043,8 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         steps: the number of grid intervals (uniform grid); with an explicit ``grid``, omit it or give its
             interval count. Default 8.
         schedule: the sampling schedule (object or name); default the model's own. Conversion is exact.
-        diffusion: "ode" (ε = 0), "optimal" (ε*), a float κ (ε = κ ε*) or a callable ε(t).
+        diffusion: "ode" (ε = 0), "optimal" (ε*), a float κ (ε = κ ε*) or a callable ε(t); default "optimal"
+            on a point-mass schedule (an ODE cannot leave the point) and "ode" on every other.
         solver: "euler" (Euler, or Euler–Maruyama for an SDE), "heun" (also for SDEs), "ab2" (two-step
             Adams–Bashforth, one evaluation a step; for an SDE with Euler–Maruyama's noise), "ab2-pc" (ODE
             only: AB2 predicted, AM3 corrected, still one evaluation a step, third order; see

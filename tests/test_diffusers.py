@@ -595,6 +595,14 @@ def test_save_pretrained_round_trip(tmp_path):
     torch.testing.assert_close(loaded.grid, sched.grid)
 
 
+def test_scheduler_default_diffusion_follows_the_schedule():
+    point_mass = LazyScheduler(schedule="point-mass", sigma=1.0)
+    assert point_mass.solver == LazyScheduler(schedule="point-mass", sigma=1.0, diffusion="optimal").solver
+    assert point_mass._is_sde and not LazyScheduler(schedule="lazy-vp", sigma=1.0)._is_sde
+    assert LazyScheduler.from_config(point_mass.config)._is_sde
+    assert LazyScheduler.from_config(point_mass.config, schedule="lazy-vp")._is_sde is False
+
+
 def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="schedule"):
         LazyScheduler(schedule="nonsense")

@@ -116,6 +116,18 @@ def test_point_mass_ab2_sde_is_euler_maruyama_on_gaussians(steps):
                                   li.sample(mixture, solver="euler", **kwargs))
 
 
+@pytest.mark.parametrize("schedule", ["point-mass", "lazy-vp", "cosine"])
+def test_default_diffusion_is_the_optimal_sde_on_a_point_mass_and_the_ode_elsewhere(schedule):
+    model = make_mixture().model("linear")
+    kwargs = dict(shape=(32, 2), steps=4, schedule=schedule, generator=5, dtype=F64)
+    expected = "optimal" if schedule == "point-mass" else "ode"
+    other = "ode" if schedule == "point-mass" else "optimal"
+    default = li.sample(model, **kwargs)
+    torch.testing.assert_close(default, li.sample(model, diffusion=expected, **kwargs), rtol=0, atol=0)
+    if schedule != "point-mass":  # the ODE cannot leave the point mass; elsewhere the SDE gives other samples
+        assert not torch.allclose(default, li.sample(model, diffusion=other, **kwargs))
+
+
 def test_point_mass_denoise_last_step_returns_the_posterior_mean():
     model = gaussian(1.0).model("linear")
     kwargs = dict(shape=(64, 3), steps=4, grid="uniform", schedule=li.point_mass(1.0), diffusion="optimal",
@@ -260,7 +272,7 @@ def test_bad_inputs_name_the_argument():
         (dict(noise=z, grid=[0.0, 0.6, 0.4, 1.0]), ValueError, "grid: times must increase"),
         (dict(noise=z, grid=[0.1, 0.5, 1.0]), ValueError, "grid: must run from 0 to 1"),
         (dict(noise=z, grid=[0.0, 0.5, 0.9]), ValueError, "grid: must run from 0 to 1"),
-        (dict(shape=(4, 2), schedule="point-mass"), ValueError, "diffusion: a point-mass schedule"),
+        (dict(shape=(4, 2), schedule="point-mass", diffusion="ode"), ValueError, "diffusion: a point-mass schedule"),
         (dict(noise=z, shape=(3, 2)), ValueError, "shape"),
         (dict(), ValueError, "noise, shape"),
         (dict(noise=z, solver="rk45"), ValueError, "solver"),
