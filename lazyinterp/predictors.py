@@ -332,9 +332,15 @@ class CenteredModel:
 # regime, which a fixed probe SNR r leaves when the data's scale σ is far from 1. A probe whose data SNR rσ is
 # more than this factor from the requested one is repeated at r = snr/σ̂.
 _RESCALE_BEYOND = 4.0
-# A slope kβ ≥ 1 is steeper than any Gaussian's: the probe sat at a high data SNR; it is repeated this much lower.
+# A slope with kβ ≥ 1 (steeper than any Gaussian's) or k ≤ 0 (a posterior mean that moves against the input) means
+# the probe sat where the data is not linear; it is repeated this much lower.
 _STEEP_SNR_DROP = 100.0
-_PROBE_ROUNDS = 4
+# An accepted reading is checked at an SNR this much lower, where any data is closer to linear; it stands if the two
+# agree within _CHECK_TOLERANCE (a Gaussian's agree exactly). Data whose modes are already told apart at the probe
+# (σ ≫ 1 with narrow modes) reads far too small a σ there, and only the lower probe shows it.
+_CHECK_SNR_DROP = 4.0
+_CHECK_TOLERANCE = 1.25
+_PROBE_ROUNDS = 8
 # The estimators' probe SNR r = β/α: a low one, where data other than Gaussian still reads as linear.
 PROBE_SNR = 0.1
 
@@ -382,21 +388,27 @@ class _NoSigma(ValueError):
 def _in_linear_regime(probe, snr: float) -> tuple[float, Any]:
     r"""σ from ``probe(r) -> (k, a, b, extra)``, the posterior slope at r = β/α, with σ² = kα²/(β(1 − kβ)).
 
-    Starts at r = ``snr`` and moves r until the data SNR rσ̂ is within a factor 4 of ``snr``: exact for Gaussian
-    data wherever it stops, and the low-SNR (mean eigenvalue) reading of other data at any scale.
+    Starts at r = ``snr`` and moves r until the data SNR rσ̂ is within a factor 4 of ``snr``; the reading found
+    there stands if one at a 4× lower SNR agrees within 25%, else the search goes on from the lower reading. Exact
+    for Gaussian data wherever it stops, and the low-SNR (mean eigenvalue) reading of other data at any scale.
     """
-    r, found = snr, None
+    r, found, candidate = snr, None, None
     for _ in range(_PROBE_ROUNDS):
         k, a, b, extra = probe(r)
-        if not (k > 0 and math.isfinite(k)):
+        if not math.isfinite(k):
             break
-        if k * b >= 1:
-            r /= _STEEP_SNR_DROP
+        if not 0 < k * b < 1:  # no Gaussian has this slope: the data is not linear at this SNR
+            r, candidate = r / _STEEP_SNR_DROP, None
             continue
         sigma = math.sqrt(k * a * a / (b * (1 - k * b)))
         found = sigma, extra
-        if 1 / _RESCALE_BEYOND <= r * sigma / snr <= _RESCALE_BEYOND:
-            break
+        if candidate is not None:
+            if 1 / _CHECK_TOLERANCE <= sigma / candidate[0] <= _CHECK_TOLERANCE:
+                return candidate
+            candidate = None
+        elif 1 / _RESCALE_BEYOND <= r * sigma / snr <= _RESCALE_BEYOND:
+            candidate, r = found, r / _CHECK_SNR_DROP
+            continue
         r = snr / sigma
     if found is None:
         raise _NoSigma(f"could not estimate sigma from the model (slope {k:.3g} at snr {r:.3g}); pass sigma")

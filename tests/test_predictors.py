@@ -142,6 +142,22 @@ def test_sigma_of_a_mixture_is_read_at_low_data_snr_whatever_its_scale():
             assert float((mean - mu).norm()) < 0.05 * sigma
 
 
+@pytest.mark.parametrize("components, dim, spread, width", [(3, 4, 50.0, 0.01), (4, 8, 30.0, 0.02)])
+@pytest.mark.parametrize("kind", ["velocity", "noise"])
+def test_sigma_of_large_data_with_narrow_modes_is_checked_at_a_lower_snr(components, dim, spread, width, kind):
+    """σ ≈ 30–40 with modes 1–2% as wide: at the first probe the data SNR is already past the point where the
+    posterior picks a mode, and the slope there read as σ̂ ≈ 0.01–0.1 σ. The check at a 4× lower SNR disagrees,
+    and the search continues until two readings agree."""
+    gen = torch.Generator().manual_seed(0)
+    means = spread * torch.randn(components, dim, generator=gen, dtype=F64)
+    target = li.GaussianMixture(torch.ones(components), means,
+                                torch.full((components,), (spread * width) ** 2, dtype=F64))
+    sigma = math.sqrt(float(target.cov.trace()) / dim)
+    _, info = li.sample(target.model("linear", kind), torch.randn(2, dim, dtype=F64), schedule="lazy-vp", steps=1,
+                        return_info=True)
+    assert 0.7 < info.sigma / sigma < 1.4, info.sigma / sigma
+
+
 def test_a_model_with_no_gaussian_reading_asks_for_sigma():
     """A posterior mean that falls as x grows (slope k < 0, as from an untrained network) admits no σ."""
     for trained_under in ("linear", "vp"):
