@@ -110,6 +110,21 @@ def snr_matched_grid(steps: int, schedule: Schedule, reference: Schedule | str =
 
 
 GRIDS = ("uniform", "model")
+# The σ range in which a lazy schedule's "model" grid matches the model's SNRs. A lazy schedule's samples scale with
+# the data, but a model's uniform grid does not: for data far from unit scale it crowds its nodes at one end of the
+# data's SNR range, and the lazy schedule's own uniform grid is better (README, "Choosing").
+GRID_SIGMA_RANGE = (0.25, 4.0)
+
+
+def grid_reference(schedule: Schedule, model_schedule: Schedule) -> Schedule:
+    """The schedule whose uniform grid the "model" grid matches in SNR: the model's own, unless ``schedule`` is
+    lazy with σ outside :data:`GRID_SIGMA_RANGE`, where it is ``schedule`` itself (its uniform grid, which
+    depends on the data's SNR βσ/α alone)."""
+    sigma = getattr(schedule, "sigma", None)
+    low, high = GRID_SIGMA_RANGE
+    if isinstance(schedule, LazySchedule) and sigma is not None and not low <= sigma <= high:
+        return schedule
+    return model_schedule
 
 
 def check_grid_shift(shift: Any, grid: Any = "model") -> float:
@@ -129,8 +144,9 @@ def make_grid(grid: Any, steps: int | None, schedule: Schedule, model_schedule: 
               shift: float = 1.0) -> Tensor:
     """The time grid :func:`sample` uses: an explicit grid, or a named family over ``steps`` intervals.
 
-    "uniform": t_k = k/N. "model": SNR-matched to the model's own schedule on its uniform grid, every SNR
-    divided by ``shift`` (:func:`snr_matched_grid`).
+    "uniform": t_k = k/N. "model": SNR-matched to the model's own schedule on its uniform grid (to the lazy
+    schedule's own for σ outside :data:`GRID_SIGMA_RANGE`, :func:`grid_reference`), every SNR divided by
+    ``shift`` (:func:`snr_matched_grid`).
     """
     if grid is None or isinstance(grid, str):
         steps = DEFAULT_STEPS if steps is None else check_steps(steps)
@@ -141,7 +157,8 @@ def make_grid(grid: Any, steps: int | None, schedule: Schedule, model_schedule: 
 
         def compute() -> Tensor:
             if name == "model":
-                return check_grid(snr_matched_grid(steps, schedule, model_schedule, shift))
+                return check_grid(snr_matched_grid(steps, schedule, grid_reference(schedule, model_schedule),
+                                                   shift))
             return uniform_grid(steps)
 
         # A named grid is a function of its arguments: remembered (the schedules by identity, and kept alive by

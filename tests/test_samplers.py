@@ -566,6 +566,46 @@ def test_sample_uses_the_shifted_grid_and_checks_the_shift(mixture):
         li.sample(model, z, steps=4, grid_shift=2.0)  # the linear schedule's default grid is uniform
 
 
+@pytest.mark.parametrize("family", [li.lazy_vp, li.point_mass], ids=["lazy-vp", "point-mass"])
+@pytest.mark.parametrize("shift", [1.0, 2.0])
+def test_model_grid_is_the_lazy_schedules_own_for_sigma_far_from_one(family, shift):
+    """Inside GRID_SIGMA_RANGE the "model" grid matches the model's SNRs (r = r_lin(k/N)/s); outside, it is the lazy
+    schedule's own uniform grid with the same shift (r = r(k/N)/s), which depends on the data's SNR rσ alone, so
+    it is the same grid for every σ beyond the range."""
+    from lazyinterp.samplers import GRID_SIGMA_RANGE, make_grid, snr_matched_grid
+
+    low, high = GRID_SIGMA_RANGE
+    for sigma in (low, 1.0, high):
+        grid = make_grid("model", 6, family(sigma), li.linear(), shift)
+        torch.testing.assert_close(grid, snr_matched_grid(6, family(sigma), li.linear(), shift))
+    far = [make_grid("model", 6, family(sigma), li.linear(), shift) for sigma in (low / 3, 1e-3, high * 2, 1e4)]
+    own = snr_matched_grid(6, family(1e-3), family(1e-3), shift)
+    for grid in far:
+        torch.testing.assert_close(grid, own, rtol=0, atol=1e-12)
+    if shift == 1.0:
+        torch.testing.assert_close(own, torch.linspace(0, 1, 7, dtype=F64), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [0.01, 100.0])
+def test_lazy_samples_scale_with_the_data_beyond_the_grid_range(scale):
+    """Lazy VP with σ scaled like the data gives samples scaled like the data once the grid is the schedule's own,
+    and samples a mixture 100× smaller or larger as well as the mixture itself, where the model's uniform grid
+    crowds its nodes at one end (sliced W2 / σ at 4 NFE: 0.058 at scales 0.01 and 100, 0.050 at 1; on the model's
+    grid 0.63 and 0.38)."""
+    from lazyinterp.bench import SlicedW2
+
+    base = make_mixture()
+    scaled = li.GaussianMixture(base.weights, base.means * scale, base.covs * scale**2)
+    z = torch.randn(4000, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    sigma = math.sqrt(float(scaled.cov.trace()) / 2)
+    far = li.sample(scaled.model("linear"), z, steps=5, schedule=li.lazy_vp(sigma))
+    farther = li.sample(li.GaussianMixture(base.weights, base.means * scale * 3, base.covs * (scale * 3) ** 2)
+                        .model("linear"), z, steps=5, schedule=li.lazy_vp(3 * sigma))
+    torch.testing.assert_close(farther, 3 * far, rtol=1e-6, atol=1e-9 * sigma)
+    default = li.sample(scaled.model("linear"), z, steps=5, schedule="lazy-vp")
+    assert SlicedW2(scaled, 4000)(default) / sigma < 0.1
+
+
 def test_multistep_weights_integrate_polynomials_exactly():
     """AB2's weights integrate a linear f over [t, t + h] from f(t) and f(t − h_prev); AM3's a quadratic from
     f(t + h), f(t) and f(t − h_prev); the trapezoid a linear f from its two ends."""
