@@ -167,11 +167,12 @@ SCHEDULE_NAMES = ["linear", "cosine", "vp", "lazy-vp", "point-mass"]
 @click.option("--sigma", default=None, type=FiniteFloatRange(min=0, min_open=True),
               help="sigma of a lazy schedule (default: estimated from the model).")
 @click.option("--last-step", default=None, type=click.Choice(["euler", "denoise"]))
-@click.option("--time-grid", default=None, type=click.Choice(["uniform", "model"]),
-              help="Time grid: uniform, or the noise levels of the model's uniform grid (default for lazy schedules).")
+@click.option("--time-grid", default=None, type=click.Choice(["uniform", "model", "linear"]),
+              help="Time grid: uniform; model, the noise levels of the model's uniform grid; or linear, those of the "
+              "linear schedule's (the default for lazy schedules; the same as model for flow-matching models).")
 @click.option("--grid-shift", default=1.0, show_default=True, type=FiniteFloatRange(min=0, min_open=True),
-              help="Divide the SNR of every node of the model grid by this (diffusers' shift); > 1 spends more "
-              "steps at high noise.")
+              help="Divide the SNR of every node of the model or linear grid by this (diffusers' shift); > 1 "
+              "spends more steps at high noise.")
 @click.option("--center/--no-center", default=None,
               help="Sample X - E[X] with the model's E[X] (default: on for lazy schedules).")
 @click.option("--covariance", is_flag=True,

@@ -109,31 +109,33 @@ def snr_matched_grid(steps: int, schedule: Schedule, reference: Schedule | str =
     return grid
 
 
-GRIDS = ("uniform", "model")
-# The σ range in which a lazy schedule's "model" grid matches the model's SNRs. A lazy schedule's samples scale with
-# the data, but a model's uniform grid does not: for data far from unit scale it crowds its nodes at one end of the
-# data's SNR range, and the lazy schedule's own uniform grid is better (README, "Choosing").
+GRIDS = ("uniform", "model", "linear")
+# Named grids that match the SNRs of a reference schedule's uniform grid, and take a shift.
+SNR_MATCHED_GRIDS = ("model", "linear")
+# The σ range in which a lazy schedule's "model" or "linear" grid matches the reference's SNRs. A lazy schedule's
+# samples scale with the data, but a reference's uniform grid does not: for data far from unit scale it crowds its
+# nodes at one end of the data's SNR range, and the lazy schedule's own uniform grid is better (README, "steps").
 GRID_SIGMA_RANGE = (0.25, 4.0)
 
 
-def grid_reference(schedule: Schedule, model_schedule: Schedule) -> Schedule:
-    """The schedule whose uniform grid the "model" grid matches in SNR: the model's own, unless ``schedule`` is
-    lazy with σ outside :data:`GRID_SIGMA_RANGE`, where it is ``schedule`` itself (its uniform grid, which
-    depends on the data's SNR βσ/α alone)."""
+def grid_reference(schedule: Schedule, reference: Schedule) -> Schedule:
+    """The schedule whose uniform grid a "model" or "linear" grid matches in SNR: ``reference``, unless
+    ``schedule`` is lazy with σ outside :data:`GRID_SIGMA_RANGE`, where it is ``schedule`` itself (its uniform
+    grid, which depends on the data's SNR βσ/α alone)."""
     sigma = getattr(schedule, "sigma", None)
     low, high = GRID_SIGMA_RANGE
     if isinstance(schedule, LazySchedule) and sigma is not None and not low <= sigma <= high:
         return schedule
-    return model_schedule
+    return reference
 
 
 def check_grid_shift(shift: Any, grid: Any = "model") -> float:
-    """A positive, finite SNR divisor, which only the "model" grid takes (any shift but 1 with another grid is
-    refused)."""
+    """A positive, finite SNR divisor, which only the "model" and "linear" grids take (any shift but 1 with another
+    grid is refused)."""
     shift = check_positive(shift, "grid_shift")
-    if shift != 1.0 and not (isinstance(grid, str) and grid == "model"):
+    if shift != 1.0 and not (isinstance(grid, str) and grid in SNR_MATCHED_GRIDS):
         given = repr(grid) if isinstance(grid, str) else "an explicit grid"
-        raise ValueError(f'grid_shift: applies to grid="model" only, got {given}')
+        raise ValueError(f'grid_shift: applies to grid="model" or "linear" only, got {given}')
     return shift
 
 
@@ -144,8 +146,9 @@ def make_grid(grid: Any, steps: int | None, schedule: Schedule, model_schedule: 
               shift: float = 1.0) -> Tensor:
     """The time grid :func:`sample` uses: an explicit grid, or a named family over ``steps`` intervals.
 
-    "uniform": t_k = k/N. "model": SNR-matched to the model's own schedule on its uniform grid (to the lazy
-    schedule's own for σ outside :data:`GRID_SIGMA_RANGE`, :func:`grid_reference`), every SNR divided by
+    "uniform": t_k = k/N. "model": SNR-matched to the model's own schedule on its uniform grid; "linear": to the
+    linear schedule's, r_k = (k/N)/(1 − k/N), whatever the model's (for a lazy schedule with σ outside
+    :data:`GRID_SIGMA_RANGE` both are the lazy schedule's own, :func:`grid_reference`); every SNR divided by
     ``shift`` (:func:`snr_matched_grid`).
     """
     if grid is None or isinstance(grid, str):
@@ -156,9 +159,9 @@ def make_grid(grid: Any, steps: int | None, schedule: Schedule, model_schedule: 
         shift = check_grid_shift(shift, name)
 
         def compute() -> Tensor:
-            if name == "model":
-                return check_grid(snr_matched_grid(steps, schedule, grid_reference(schedule, model_schedule),
-                                                   shift))
+            if name in SNR_MATCHED_GRIDS:
+                reference = model_schedule if name == "model" else get_schedule("linear")
+                return check_grid(snr_matched_grid(steps, schedule, grid_reference(schedule, reference), shift))
             return uniform_grid(steps)
 
         # A named grid is a function of its arguments: remembered (the schedules by identity, and kept alive by
@@ -1073,16 +1076,17 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
             "exponential-2m" for any other SDE with ε = κ ε*; "euler" otherwise (:func:`default_solver`).
         generator: an int seed, a torch.Generator or None (torch's global RNG); each sample gets its own
             stream, so results do not depend on the batch size.
-        grid: an explicit increasing time grid from 0 to 1, or "uniform" or "model" (the SNRs of the model's own
-            schedule on its uniform grid, see :func:`snr_matched_grid`); default "model" for the lazy schedules
-            and "uniform" otherwise.
+        grid: an explicit increasing time grid from 0 to 1, or "uniform", "model" (the SNRs of the model's own
+            schedule on its uniform grid, see :func:`snr_matched_grid`) or "linear" (those of the linear
+            schedule's, whatever the model's: the same grid for a rectified-flow, VP or DDPM model of the same
+            data); default "linear" for the lazy schedules and "uniform" otherwise.
         last_step: "euler" or "denoise" (x_1 = η_X(t_{N−1}, x)); default "euler" for ODEs and "denoise" for
             SDEs.
         center: sample X − E[X] with the model's own estimate of E[X] and add it back; default on for the lazy
             schedules, which are lazy only for centred data.
         indices: global indices of the samples, for per-sample noise when a job is split (default 0..B−1).
-        grid_shift: s > 0 divides the SNR of every node of the "model" grid (diffusers' ``shift`` on a linear
-            model); s > 1 spends more steps at high noise. Data-dependent (README, "Choosing σ…"); default 1.
+        grid_shift: s > 0 divides the SNR of every node of the "model" or "linear" grid (diffusers' ``shift`` on
+            the linear one); s > 1 spends more steps at high noise. Data-dependent (README, "Choosing σ…"); default 1.
         known_start: at t = 0 the state carries no information about the data, so for centred data the
             posterior means are known without the network: η_X = 0 and η_Z = x/α_0. The first evaluation is
             skipped and N steps cost one evaluation fewer (:func:`count_nfe`). Needs centring; default on
@@ -1121,7 +1125,7 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
     if grid is not None and not isinstance(grid, str):
         grid = check_grid(grid)
     # Refused before σ and E[X] cost network calls; a grid left to the default is checked once chosen.
-    grid_shift = check_grid_shift(grid_shift, "model" if grid is None else grid)
+    grid_shift = check_grid_shift(grid_shift, "linear" if grid is None else grid)
     is_sde = not diffusion_spec.is_ode
     if not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph: expected True or False, got {type(cuda_graph).__name__}")
@@ -1201,8 +1205,9 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
 
     if grid is None:
         # Measured on MNIST and on Gaussians with MNIST's pixel variances: the lazy schedules gain most when they
-        # visit the noise levels of the model's own uniform grid (see README, "Choosing the grid").
-        grid = "model" if is_lazy else "uniform"
+        # visit the noise levels of a linear model's uniform grid; on the mixtures a VP or cosine model does
+        # better there than on its own uniform grid (README, "Choosing σ…").
+        grid = "linear" if is_lazy else "uniform"
     grid = make_grid(grid, steps, target, predictor.schedule, grid_shift)
     if auto_multistep and len(grid) - 1 >= PC_DEFAULT_FROM_STEPS:
         solver = "ab2-pc"
