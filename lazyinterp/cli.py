@@ -32,25 +32,45 @@ class FiniteFloatRange(click.FloatRange):
         return super().convert(number, param, ctx)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler, ``timeout``), raised in the main thread so that a command cleans up as on Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
 def friendly_errors(func):
-    """Turn the library's ValueError/TypeError/OSError family into one-line CLI errors."""
+    """Turn the library's ValueError/TypeError/OSError family into one-line CLI errors, and SIGTERM into the same
+    clean stop as Ctrl-C."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        import signal
+        import threading
+
         from .fetch import FetchError
 
+        installed, previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            previous, installed = signal.signal(signal.SIGTERM, _raise_terminated), True
         try:
             return func(*args, **kwargs)
         except click.ClickException:
             raise
-        except KeyboardInterrupt:
-            click.echo("error: interrupted; no partial output was written", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:
+            terminated = isinstance(exc, Terminated)
+            click.echo(f"error: {'terminated' if terminated else 'interrupted'}; no partial output was written",
+                       err=True)
+            sys.exit(143 if terminated else 130)
         except (ValueError, TypeError, FetchError, FileNotFoundError) as exc:
             raise UserError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
         except OSError as exc:
             where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
             raise UserError(f"{exc.strerror or exc}{where}") from exc
+        finally:
+            if installed:  # None: a handler set outside Python, which cannot be put back; the default stands in
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
     return wrapper
 

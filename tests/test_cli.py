@@ -173,6 +173,28 @@ def test_console_script_error_has_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_stops_a_job_cleanly(tmp_path):
+    """A scheduler's SIGTERM is handled like Ctrl-C: one line, exit status 143, and a job that had written no
+    shard leaves no folder behind."""
+    import signal
+    import time
+
+    out = tmp_path / "x.npz"
+    proc = subprocess.Popen([sys.executable, "-m", "lazyinterp", "sample", "--n", "4", "--steps", "100000",
+                             "--out", str(out), "--quiet"], stderr=subprocess.PIPE, text=True)
+    manifest = tmp_path / "x.npz.shards" / "manifest.json"
+    deadline = time.monotonic() + 120
+    while not manifest.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert manifest.exists(), proc.stderr.read() if proc.poll() is not None else "no manifest in 120 s"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    assert stderr.strip() == "error: terminated; no partial output was written"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_usage_errors_are_one_line():
     for args, fragment in [(("sample", "--steps", "-1"), "--steps"), (("sample", "--nope"), "--nope"),
                            (("nocommand",), "nocommand"), (("fetch",), "Missing argument"),
