@@ -246,8 +246,6 @@ def sample(model_name: str, schedule: str, steps: int, solver: str, diffusion: s
     if sigma is not None and schedule not in ("lazy-vp", "point-mass"):
         raise UserError("--sigma: only the lazy schedules (lazy-vp, point-mass) take sigma")
     diffusion_spec = parse_diffusion(diffusion, schedule)
-    if covariance and (schedule != "lazy-vp" or diffusion_spec not in ("ode", 0.0)):
-        raise UserError("--covariance: applies to the probability-flow ODE of --schedule lazy-vp only")
     try:  # before any output, shard or progress bar exists
         check_settings(get_schedule(schedule), diffusion_spec, solver, last_step, covariance)
     except ValueError as exc:
