@@ -212,11 +212,14 @@ def scale_modes(target: GaussianMixture, scale: float) -> GaussianMixture:
     return target if scale == 1.0 else GaussianMixture(target.weights, target.means, target.covs * scale)
 
 
-def check_mode_scale(mode_scale: Any) -> float:
-    """``mode_scale`` as a float, refused unless finite and positive."""
+def check_mode_scale(mode_scale: Any, workload: str | None = None) -> float:
+    """``mode_scale`` as a float, refused unless finite and positive, and unless 1 for ``workload`` "mnist", which
+    has no modes to scale."""
     if isinstance(mode_scale, bool) or not isinstance(mode_scale, (int, float)) \
             or not math.isfinite(mode_scale) or mode_scale <= 0:
         raise ValueError(f"mode_scale: expected a finite number > 0, got {mode_scale!r}")
+    if workload == "mnist" and mode_scale != 1.0:
+        raise ValueError("mode_scale: only the mixture workloads (gmm-2d, gmm-64d) have modes to scale")
     return float(mode_scale)
 
 
@@ -245,12 +248,8 @@ def make_workload(name: str, n: int, model_name: str = "mnist", device: torch.de
     the mixtures' component covariances: how tight the modes are decides which schedule suits Euler (README)."""
     if name not in WORKLOADS:
         raise ValueError(f"workload: unknown workload {name!r}; expected one of {', '.join(WORKLOADS)}")
-    mode_scale = check_mode_scale(mode_scale)
-    if name == "mnist":
-        if mode_scale != 1.0:
-            raise ValueError("mode_scale: only the mixture workloads (gmm-2d, gmm-64d) have modes to scale")
-        return _mnist_workload(model_name, device, chunk)
-    return _gmm_workload(name, n, mode_scale)
+    mode_scale = check_mode_scale(mode_scale, name)
+    return _mnist_workload(model_name, device, chunk) if name == "mnist" else _gmm_workload(name, n, mode_scale)
 
 
 # Samplers -------------------------------------------------------------------------------------------------------
@@ -1254,9 +1253,7 @@ def bench(workload: str, nfe: str, n: int | None, seed: int, samplers: str | Non
     if max_runs is not None and max_runs < 1:
         raise BenchError(f"--max-runs: expected an integer >= 1, got {max_runs}")
     try:
-        check_mode_scale(mode_scale)
-        if workload == "mnist" and mode_scale != 1.0:
-            raise ValueError("mode-scale: only the mixture workloads (gmm-2d, gmm-64d) have modes to scale")
+        check_mode_scale(mode_scale, workload)
     except ValueError as exc:
         raise BenchError(f"--{str(exc).replace('mode_scale', 'mode-scale')}") from None
     try:
