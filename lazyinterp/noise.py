@@ -66,13 +66,33 @@ def _mix(x, y):
     return result ^ (result >> _XSHIFT)
 
 
-def sample_seeds(seed: int, indices: range | list[int]) -> list[int]:
-    """:func:`sample_seed` for many indices at once: numpy's SeedSequence(seed, spawn_key=(i,)) hash, with the
-    part that depends on ``seed`` alone computed once and the rest vectorised over the indices (one
-    SeedSequence per sample costs tens of microseconds, which a stochastic sampler would pay on every call)."""
-    indices = [int(i) for i in indices]
-    if any(i < 0 for i in indices):
-        raise ValueError("indices: expected non-negative sample indices")
+def _index_words(indices: range | list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Sample indices as SeedSequence hashes them, as 32-bit words, grouped by their number of words: pairs
+    (positions, words of shape (len(positions), length)). An error names negative indices."""
+    if isinstance(indices, range) and indices.stop <= 2**63:
+        if len(indices) and min(indices[0], indices[-1]) < 0:
+            raise ValueError("indices: expected non-negative sample indices")
+        values = np.arange(indices.start, indices.stop, indices.step, dtype=np.int64).astype(np.uint64)
+    else:
+        ints = [int(i) for i in indices]
+        if any(i < 0 for i in ints):
+            raise ValueError("indices: expected non-negative sample indices")
+        if max(ints, default=0) >= 1 << 64:  # three words or more: split one by one
+            by_length: dict[int, list[int]] = {}
+            for position, i in enumerate(ints):
+                by_length.setdefault(len(_uint32_words(i)), []).append(position)
+            return [(np.array(positions), np.array([_uint32_words(ints[p]) for p in positions], dtype=np.uint64))
+                    for positions in by_length.values()]
+        values = np.array(ints, dtype=np.uint64)
+    words = np.stack((values & np.uint64(_MASK32), values >> np.uint64(32)), 1)
+    two_words = words[:, 1] != 0
+    return [(np.flatnonzero(rows), words[rows, :length]) for length, rows in ((1, ~two_words), (2, two_words))
+            if rows.any()]
+
+
+def _sample_seed_array(seed: int, indices: range | list[int]) -> np.ndarray:
+    """:func:`sample_seeds` as a uint64 array."""
+    groups = _index_words(indices)
     run_words = _uint32_words(int(seed) & ((1 << 128) - 1))
     run_words += [0] * (_POOL_SIZE - len(run_words))  # padded, as SeedSequence does when there is a spawn key
     constant = _HashConstant(_INIT_A, _MULT_A)
@@ -81,25 +101,25 @@ def sample_seeds(seed: int, indices: range | list[int]) -> list[int]:
         for dst in range(_POOL_SIZE):
             if src != dst:
                 pool[dst] = _mix(pool[dst], _hashmix(pool[src], constant))
-    out = [0] * len(indices)
-    index_words = [_uint32_words(index) for index in indices]
-    by_length: dict[int, list[int]] = {}
-    for position, words in enumerate(index_words):
-        by_length.setdefault(len(words), []).append(position)
-    for length, positions in by_length.items():
-        words = np.array([index_words[p] for p in positions], dtype=np.uint64).reshape(-1, length)
+    out = np.empty(sum(len(positions) for positions, _ in groups), dtype=np.uint64)
+    for positions, words in groups:
         mixed = [np.full(len(positions), word, dtype=np.uint64) for word in pool]
         index_constant = _HashConstant(constant.value, _MULT_A)
-        for src in range(length):
+        for src in range(words.shape[1]):
             for dst in range(_POOL_SIZE):
                 mixed[dst] = _mix(mixed[dst], _hashmix(words[:, src], index_constant))
         # generate_state(1, uint64): two 32-bit words from the first two pool entries, read little-endian.
         state_constant = _HashConstant(_INIT_B, _MULT_B)
         low, high = (_hashmix(mixed[i], state_constant) for i in range(2))
-        values = (low | (high << np.uint64(32))) >> np.uint64(1)
-        for p, v in zip(positions, values.tolist(), strict=True):
-            out[p] = int(v)
+        out[positions] = (low | (high << np.uint64(32))) >> np.uint64(1)
     return out
+
+
+def sample_seeds(seed: int, indices: range | list[int]) -> list[int]:
+    """:func:`sample_seed` for many indices at once: numpy's SeedSequence(seed, spawn_key=(i,)) hash, with the
+    part that depends on ``seed`` alone computed once and the rest vectorised over the indices (one
+    SeedSequence per sample costs tens of microseconds, which a stochastic sampler would pay on every call)."""
+    return _sample_seed_array(seed, indices).tolist()
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -177,8 +197,9 @@ def keyed_normals(keys: Tensor, count: int, dtype: torch.dtype = torch.float64) 
 def sample_keys(seed: int, indices: range | list[int], device: torch.device) -> Tensor:
     """One int64 key per sample, mix64 of its :func:`sample_seeds` seed, on ``device``: the root of every keyed
     draw of sample i (its :class:`KeyedStreams` steps and its Brownian path's nodes)."""
-    seeds = [signed64(s) for s in sample_seeds(int(seed), indices)]
-    return queued_copy(mix64(torch.tensor(seeds, dtype=torch.int64)), device)
+    # The seeds are below 2^63 (SeedSequence's 64-bit state shifted right by one), so int64 holds them as they are.
+    seeds = torch.from_numpy(_sample_seed_array(int(seed), indices).astype(np.int64))
+    return queued_copy(mix64(seeds), device)
 
 
 def queued_copy(tensor: Tensor, device: torch.device) -> Tensor:

@@ -77,11 +77,17 @@ def test_batched_seeds_equal_numpys_seed_sequence():
     for seed in seeds:
         assert sample_seeds(seed, indices) == [_numpy_sample_seed(seed, i) for i in indices]
         assert sample_seed(seed, indices[3]) == _numpy_sample_seed(seed, indices[3])
+    # Ranges take a vectorised path; this one crosses from one word to two.
+    span = range(2**32 - 3, 2**32 + 3, 2)
+    assert sample_seeds(5, span) == [_numpy_sample_seed(5, i) for i in span]
+    assert sample_seeds(5, range(0)) == []
 
 
 def test_batched_seeds_refuse_negative_indices():
     with pytest.raises(ValueError, match="indices"):
         sample_seeds(0, [3, -1])
+    with pytest.raises(ValueError, match="indices"):
+        sample_seeds(0, range(-2, 3))
 
 
 MASK = (1 << 64) - 1
