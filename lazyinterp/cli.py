@@ -155,6 +155,19 @@ def train(out_dir: Path, data: str, steps: int, batch_size: int, lr: float, warm
     click.echo(str(path))
 
 
+# Arguments of li.sample that its errors name, and the `lazyinterp sample` options that set them.
+SAMPLE_OPTIONS = {"grid": "--time-grid", "grid_shift": "--grid-shift", "sigma": "--sigma", "steps": "--steps",
+                  "solver": "--solver", "diffusion": "--diffusion", "last_step": "--last-step",
+                  "covariance": "--covariance", "sde_noise": "--sde-noise", "center": "--center"}
+
+
+def as_option_message(exc: Exception) -> str:
+    """The first line of a library error, with the argument it starts with named as the CLI option."""
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    name, colon, reason = message.partition(":")
+    return f"{SAMPLE_OPTIONS[name]}:{reason}" if colon and name in SAMPLE_OPTIONS else message
+
+
 def parse_diffusion(value: str | None, schedule: str) -> object:
     """``--diffusion``: "ode", "optimal" or a number κ; by default "optimal" for point-mass, else "ode"."""
     if value is None:
@@ -235,8 +248,8 @@ def sample(model_name: str, schedule: str, steps: int, solver: str, diffusion: s
     from .fetch import ensure_writable
     from .generate import SamplerSpec, generate, image_grid, save_png, save_samples
     from .models import load_model
-    from .samplers import check_settings
-    from .schedules import get_schedule
+    from .samplers import SNR_MATCHED_GRIDS, check_settings
+    from .schedules import LazySchedule, get_schedule
 
     ensure_writable(out, "--out")
     if grid_png is not None:
@@ -246,11 +259,16 @@ def sample(model_name: str, schedule: str, steps: int, solver: str, diffusion: s
     if sigma is not None and schedule not in ("lazy-vp", "point-mass"):
         raise UserError("--sigma: only the lazy schedules (lazy-vp, point-mass) take sigma")
     diffusion_spec = parse_diffusion(diffusion, schedule)
-    try:  # before any output, shard or progress bar exists
-        check_settings(get_schedule(schedule), diffusion_spec, solver, last_step, covariance)
+    target = get_schedule(schedule)
+    # Checked before any output, shard or progress bar exists; li.sample's default grid for the schedule.
+    grid_name = time_grid or ("linear" if isinstance(target, LazySchedule) else "uniform")
+    if grid_shift != 1.0 and grid_name not in SNR_MATCHED_GRIDS:
+        default = "" if time_grid else f", the default for --schedule {schedule}"
+        raise UserError(f"--grid-shift: applies to --time-grid model or linear only, got {grid_name}{default}")
+    try:
+        check_settings(target, diffusion_spec, solver, last_step, covariance)
     except ValueError as exc:
-        name, _, reason = str(exc).partition(":")
-        raise UserError(f"--{name.replace('_', '-')}:{reason}") from None
+        raise UserError(as_option_message(exc)) from None
     spec = SamplerSpec(schedule=schedule, steps=steps, diffusion=diffusion_spec,
                        solver=solver, sigma=sigma, last_step=last_step, grid=time_grid, center=center,
                        grid_shift=grid_shift, covariance="model" if covariance else None, sde_noise=sde_noise)
@@ -291,11 +309,13 @@ def sample(model_name: str, schedule: str, steps: int, solver: str, diffusion: s
             if fid_value is not None:
                 click.echo(f"FID-MNIST {fid_value:.3f} on {n} samples")
         ctx.barrier()
-    except BaseException:
+    except BaseException as exc:
         # A job that failed before its first shard leaves nothing to resume: no folder either.
         folder = distributed.shard_dir(out)
         if ctx.is_main and folder.is_dir() and not any(folder.glob("shard-*.npz")):
             distributed.remove_shards(out)
+        if isinstance(exc, ValueError):
+            raise UserError(as_option_message(exc)) from exc
         raise
     finally:
         distributed.teardown(ctx)

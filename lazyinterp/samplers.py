@@ -106,6 +106,9 @@ def snr_matched_grid(steps: int, schedule: Schedule, reference: Schedule | str =
     shift = check_grid_shift(shift)
     grid = schedule.snr_inverse(ref.snr(uniform_grid(steps)) / shift)
     grid[0], grid[-1] = 0.0, 1.0
+    if shift != 1.0 and not bool((grid[1:] > grid[:-1]).all()):
+        raise ValueError(f"grid_shift: {shift:g} moves nodes of the {steps}-step grid to SNRs the schedule cannot "
+                         "tell apart, so they merge at t = 0 or t = 1; use a shift nearer 1")
     return grid
 
 

@@ -108,6 +108,13 @@ def test_cli_errors_are_one_line_and_leave_no_file(checkpoint, tmp_path):
                               "--out", out), "--diffusion: a point-mass schedule")
     assert_one_line_error(run("sample", "--model", checkpoint, "--schedule", "point-mass", "--solver", "ab2-pc",
                               "--out", out), "--solver: ab2-pc is an ODE solver")
+    # The library's argument names become the options that set them, the default time grid included.
+    assert_one_line_error(run("sample", "--model", checkpoint, "--schedule", "linear", "--grid-shift", "3",
+                              "--out", out), "--grid-shift: applies to --time-grid model or linear only",
+                          "got uniform, the default for --schedule linear")
+    # Refused once σ, and so the grid, is known (after the progress bar has started, hence --quiet).
+    assert_one_line_error(run("sample", "--model", checkpoint, "--grid-shift", "1e-30", "--quiet", "--out", out),
+                          "--grid-shift: 1e-30 moves nodes")
     truncated = tmp_path / "trunc.safetensors"
     truncated.write_bytes(checkpoint.read_bytes()[:1000])
     assert_one_line_error(run("sample", "--model", truncated, "--out", out), "checkpoint")

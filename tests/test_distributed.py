@@ -74,9 +74,8 @@ def test_resume_refuses_shards_of_other_settings(checkpoint, tmp_path):
 def test_a_run_that_failed_before_its_first_shard_does_not_block_the_next(checkpoint, tmp_path):
     """A setting refused inside sampling leaves a manifest but no shard; a corrected run starts afresh."""
     out = tmp_path / "x.npz"
-    failed = CliRunner().invoke(main, sample_args(checkpoint, out, "lazy-vp", 4, "--time-grid", "uniform",
-                                                  "--grid-shift", "2"))
-    assert failed.exit_code != 0 and "grid_shift" in failed.output
+    failed = CliRunner().invoke(main, sample_args(checkpoint, out, "lazy-vp", 4, "--grid-shift", "1e-30"))
+    assert failed.exit_code != 0 and "--grid-shift: 1e-30 moves nodes" in failed.output
     assert not any(distributed.shard_dir(out).glob("shard-*"))
     result = CliRunner().invoke(main, sample_args(checkpoint, out, "lazy-vp", 4, "--grid-shift", "2"))
     assert result.exit_code == 0, result.output

@@ -564,6 +564,9 @@ def test_sample_uses_the_shifted_grid_and_checks_the_shift(mixture):
             li.sample(model, z, schedule="lazy-vp", grid=grid, grid_shift=2.0)
     with pytest.raises(ValueError, match="grid_shift"):
         li.sample(model, z, steps=4, grid_shift=2.0)  # the linear schedule's default grid is uniform
+    # A shift so far from 1 that the schedule's times cannot resolve the shifted SNRs would merge nodes.
+    with pytest.raises(ValueError, match="grid_shift: 1e-30 moves nodes of the 4-step grid"):
+        li.sample(model, z, steps=4, schedule="lazy-vp", grid_shift=1e-30)
 
 
 @pytest.mark.parametrize("family", [li.lazy_vp, li.point_mass], ids=["lazy-vp", "point-mass"])
