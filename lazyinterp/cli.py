@@ -104,6 +104,25 @@ def main() -> None:
     """Few-step sampling for pretrained flow and diffusion models."""
 
 
+# Arguments of li.sample that its errors name, and the `lazyinterp sample` options that set them.
+SAMPLE_OPTIONS = {"grid": "--time-grid", "grid_shift": "--grid-shift", "sigma": "--sigma", "steps": "--steps",
+                  "solver": "--solver", "diffusion": "--diffusion", "last_step": "--last-step",
+                  "covariance": "--covariance", "sde_noise": "--sde-noise", "center": "--center"}
+
+
+# The TrainConfig fields that its errors name, likewise.
+TRAIN_OPTIONS = {"batch_size": "--batch-size", "device": "--device"}
+
+
+def as_option_message(exc: Exception, options: dict[str, str] | None = None) -> str:
+    """The first line of a library error, with the argument it starts with named as the CLI option that sets it
+    (``options``, default :data:`SAMPLE_OPTIONS`)."""
+    options = SAMPLE_OPTIONS if options is None else options
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    name, colon, reason = message.partition(":")
+    return f"{options[name]}:{reason}" if colon and name in options else message
+
+
 @main.command()
 @click.argument("dataset", type=click.Choice(["mnist", "fashion-mnist"]))
 @click.option("--force", is_flag=True, help="Fetch again even if a verified copy is cached.")
@@ -151,21 +170,11 @@ def train(out_dir: Path, data: str, steps: int, batch_size: int, lr: float, warm
                       checkpoint_every=checkpoint_every, threads=threads, limit_data=limit_data,
                       device=device)
     command = "lazyinterp " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    path = run_training(cfg, out_dir, command=command)
+    try:
+        path = run_training(cfg, out_dir, command=command)
+    except ValueError as exc:
+        raise UserError(as_option_message(exc, TRAIN_OPTIONS)) from exc
     click.echo(str(path))
-
-
-# Arguments of li.sample that its errors name, and the `lazyinterp sample` options that set them.
-SAMPLE_OPTIONS = {"grid": "--time-grid", "grid_shift": "--grid-shift", "sigma": "--sigma", "steps": "--steps",
-                  "solver": "--solver", "diffusion": "--diffusion", "last_step": "--last-step",
-                  "covariance": "--covariance", "sde_noise": "--sde-noise", "center": "--center"}
-
-
-def as_option_message(exc: Exception) -> str:
-    """The first line of a library error, with the argument it starts with named as the CLI option."""
-    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    name, colon, reason = message.partition(":")
-    return f"{SAMPLE_OPTIONS[name]}:{reason}" if colon and name in SAMPLE_OPTIONS else message
 
 
 def parse_diffusion(value: str | None, schedule: str) -> object:
@@ -352,7 +361,12 @@ def _distributed_fid(out: Path, n: int, shard_size: int, ctx) -> float | None:
 def demo(model_name: str, n: int, seed: int, batch_size: int, out_dir: Path, device: str, quiet: bool) -> None:
     """Linear Euler vs lazy VP Euler vs point-mass SDE at NFE 2, 4, 8 on the bundled model, with FID-MNIST."""
     from .demo import run_demo
+    from .devices import check_device
 
+    try:
+        check_device(device)
+    except ValueError as exc:
+        raise UserError(as_option_message(exc, {"device": "--device"})) from None
     run_demo(model_name, n=n, seed=seed, batch_size=batch_size, out_dir=out_dir, device=device,
              progress=not quiet, echo=click.echo)
 

@@ -84,8 +84,10 @@ def run_demo(model_name: str = "mnist", *, n: int = 1000, nfes: tuple[int, ...] 
              batch_size: int = 250, out_dir: Path | str = "demo", device: str = "cpu", progress: bool = True,
              echo=print) -> dict:
     """Run the comparison and write ``comparison.png``, ``results.json`` and ``table.md`` into ``out_dir``."""
+    from .devices import check_device
     from .fetch import ensure_writable
 
+    check_device(device)
     out_dir = Path(out_dir)
     created = not out_dir.exists()
     try:

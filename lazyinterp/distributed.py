@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .devices import check_device
 from .fetch import atomic_path
 
 
@@ -107,8 +108,7 @@ def setup(device: str = "cpu") -> Context:
         raise ValueError(f"device: expected cpu, cuda or cuda:N, got {device!r}") from None
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device: expected cpu, cuda or cuda:N, got {device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {device!r} asked for, but CUDA is not available")
+    check_device(dev)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank)
     if dev.type == "cuda":

@@ -221,7 +221,9 @@ def load_model(name_or_path: str | Path, device: torch.device | str = "cpu", chu
 
     The network runs on fixed chunks of ``chunk`` samples so that samples do not depend on the batch size.
     """
+    from .devices import check_device
     from .predictors import Model
 
+    device = check_device(device)
     net, info = load_network(resolve_model_path(str(name_or_path)))
     return Model(net.to(device), info.schedule, info.predicts, chunk=chunk), info

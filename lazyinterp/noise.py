@@ -20,6 +20,8 @@ from numbers import Integral
 import numpy as np
 import torch
 
+from .devices import check_device
+
 Tensor = torch.Tensor
 
 
@@ -217,10 +219,7 @@ def check_keyed_args(seed, sample_shape, device, dtype) -> tuple[tuple[int, ...]
     if not isinstance(sample_shape, (tuple, list, torch.Size)) or \
             not all(isinstance(n, Integral) and not isinstance(n, bool) and n >= 1 for n in sample_shape):
         raise ValueError(f"sample_shape: expected a tuple of positive ints, got {sample_shape!r}")
-    try:
-        device = torch.device(device) if device is not None else torch.device("cpu")
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device: expected a torch device or its name, got {device!r}") from None
+    device = check_device(device if device is not None else "cpu")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
     return tuple(int(n) for n in sample_shape), device, dtype

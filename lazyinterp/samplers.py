@@ -42,6 +42,7 @@ from . import graphs
 from .brownian import BrownianPaths
 from .conversion import convert
 from .covariance import DEFAULT_RANK, FULL_RANK_MAX_DIM, Covariance, CovarianceLazyDynamics
+from .devices import check_device
 from .noise import KeyedStreams, NoiseStreams, resolve_seed
 from .predictors import (
     CenteredModel,
@@ -831,14 +832,6 @@ def normal_draws(streams: NoiseStreams | KeyedStreams, count: int, block: int = 
     return lambda: next(iterator)
 
 
-def _check_device(device: Any) -> torch.device:
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"device: expected a torch device or its name ('cpu', 'cuda', 'cuda:1'), got {device!r}"
-                         ) from None
-
-
 def _check_dtype(dtype: Any) -> torch.dtype:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
@@ -1164,7 +1157,7 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
     if len(shape) < 2 or min(shape) < 1:
         raise ValueError(f"shape: expected (batch, ...) with positive sizes, got {shape}")
     batch, sample_shape = shape[0], shape[1:]
-    device = _check_device(device if device is not None else (noise.device if noise is not None else "cpu"))
+    device = check_device(device if device is not None else (noise.device if noise is not None else "cpu"))
     dtype = _check_dtype(dtype if dtype is not None else (noise.dtype if noise is not None else torch.float32))
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph: needs a CUDA device, got {device}")

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .devices import check_device
 from .models import CheckpointInfo, UNet, UNetConfig, save_checkpoint
 
 
@@ -78,15 +79,17 @@ def train(cfg: TrainConfig, out_dir: Path | str, *, images: np.ndarray | None = 
     from .data import load, to_model_units
     from .fetch import atomic_path
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = torch.device(cfg.device)
+    device = check_device(cfg.device)
     if images is None:
         images, _ = load(cfg.data, "train")
     if cfg.limit_data:
         images = images[: cfg.limit_data]
+    if cfg.batch_size > len(images):
+        raise ValueError(f"batch_size: {cfg.batch_size} is more than the {len(images)} training images")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     data = to_model_units(images).to(device)
 
     torch.manual_seed(cfg.seed)

@@ -218,6 +218,16 @@ def test_train_cli_validates_channels(tmp_path):
     assert_one_line_error(run("train", "--out", tmp_path / "r", "--channels", "12"), "--channels")
 
 
+def test_train_and_demo_name_the_option_of_a_device_or_batch_they_cannot_use(tmp_path):
+    for command in ("train", "demo"):
+        assert_one_line_error(run(command, "--out", tmp_path / "r", "--device", "meta"),
+                              "--device: the meta device holds no values")
+        assert_one_line_error(run(command, "--out", tmp_path / "r", "--device", "tpu"), "--device: expected")
+    assert_one_line_error(run("train", "--out", tmp_path / "r", "--limit-data", "3", "--batch-size", "4"),
+                          "--batch-size: 4 is more than the 3 training images")
+    assert not (tmp_path / "r").exists()
+
+
 def test_fetch_without_network_is_one_line(tmp_path):
     env = {**__import__("os").environ, "LAZYINTERP_CACHE": str(tmp_path / "cache"), "PIP_CONFIG_FILE": "/dev/null",
            "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_RETRIES": "0", "PIP_TIMEOUT": "2"}

@@ -283,6 +283,8 @@ def test_bad_inputs_name_the_argument():
         (dict(noise=torch.zeros(4, 2, dtype=torch.long)), TypeError, "noise"),
         (dict(noise=torch.tensor([[0.0, math.nan]] * 4)), ValueError, "noise: expected finite values"),
         (dict(noise=z, device="banana"), ValueError, "device: expected a torch device"),
+        (dict(noise=z, device="meta"), ValueError, "device: the meta device holds no values"),
+        (dict(noise=z, device="cuda:99"), ValueError, "device: 'cuda:99' asked for, but"),
         (dict(noise=z, dtype="float"), TypeError, "dtype: expected a floating-point"),
         (dict(noise=z, dtype=torch.int32), TypeError, "dtype: expected a floating-point"),
         (dict(shape=(2, 2), indices=[0]), ValueError, "indices: expected 2 indices"),

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from lazyinterp import data
@@ -37,3 +38,15 @@ def test_loss_decreases_on_a_small_batch(tmp_path):
     state = torch.load(tmp_path / "train_state.pt", weights_only=True)
     losses = state["losses"]
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(batch_size=65), "batch_size: 65 is more than the 64 training images"),
+    (dict(device="meta"), "device: the meta device holds no values"),
+    (dict(device="nosuchdevice"), "device: expected a torch device"),
+])
+def test_settings_that_cannot_train_are_refused_before_any_file_is_written(tmp_path, overrides, message):
+    images, _ = data.load("mnist", "test")
+    with pytest.raises(ValueError, match=message):
+        train(tiny_config(**overrides), tmp_path / "run", images=images[:64], progress=False)
+    assert not (tmp_path / "run").exists()
