@@ -34,6 +34,7 @@ from diffusers.utils import BaseOutput
 from .brownian import BrownianPaths
 from .conversion import convert, time_change
 from .covariance import Covariance, CovarianceLazyDynamics
+from .devices import check_device
 from .noise import KeyedStreams, NoiseStreams, resolve_seed
 from .predictors import (
     PROBE_SNR,
@@ -516,9 +517,11 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
 
         Raises:
             ValueError: neither steps nor sigmas/timesteps, both sigmas and timesteps, lengths that disagree, a
-                missing ``mu``, or sigmas outside (0, 1] or not decreasing.
+                missing ``mu``, sigmas outside (0, 1] or not decreasing, or a device this machine lacks.
         """
         cfg = self.config
+        if device is not None:
+            device = check_device(device)
         if sigmas is not None and timesteps is not None:
             raise ValueError("sigmas, timesteps: pass one of them (timesteps are read as 1000 * sigma)")
         if timesteps is not None:

@@ -639,6 +639,9 @@ def test_errors_name_the_argument():
         LazyScheduler(use_dynamic_shifting=True).set_timesteps(4)
     with pytest.raises(ValueError, match="mu: expected a finite number"):
         LazyScheduler(use_dynamic_shifting=True).set_timesteps(4, mu=float("nan"))
+    for device in ("meta", "cuda:99"):
+        with pytest.raises(ValueError, match="device: "):
+            sched.set_timesteps(4, device=device)
     for shift in (0.0, -3.0, math.nan, math.inf):
         with pytest.raises(ValueError, match="shift: expected a positive finite number"):
             LazyScheduler(shift=shift)
