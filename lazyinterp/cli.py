@@ -361,14 +361,12 @@ def _distributed_fid(out: Path, n: int, shard_size: int, ctx) -> float | None:
 def demo(model_name: str, n: int, seed: int, batch_size: int, out_dir: Path, device: str, quiet: bool) -> None:
     """Linear Euler vs lazy VP Euler vs point-mass SDE at NFE 2, 4, 8 on the bundled model, with FID-MNIST."""
     from .demo import run_demo
-    from .devices import check_device
 
     try:
-        check_device(device)
+        run_demo(model_name, n=n, seed=seed, batch_size=batch_size, out_dir=out_dir, device=device,
+                 progress=not quiet, echo=click.echo)
     except ValueError as exc:
-        raise UserError(as_option_message(exc, {"device": "--device"})) from None
-    run_demo(model_name, n=n, seed=seed, batch_size=batch_size, out_dir=out_dir, device=device,
-             progress=not quiet, echo=click.echo)
+        raise UserError(as_option_message(exc, {"device": "--device"})) from exc
 
 
 def _register_bench() -> None:
