@@ -137,6 +137,8 @@ def check_grid_shift(shift: Any, grid: Any = "model") -> float:
     """A positive, finite SNR divisor, which only the "model" and "linear" grids take (any shift but 1 with another
     grid is refused)."""
     shift = check_positive(shift, "grid_shift")
+    if isinstance(grid, str) and grid not in GRIDS:  # name the unknown grid, not the shift it cannot take
+        raise ValueError(f"grid: expected an explicit grid or one of {', '.join(GRIDS)}, got {grid!r}")
     if shift != 1.0 and not (isinstance(grid, str) and grid in SNR_MATCHED_GRIDS):
         given = repr(grid) if isinstance(grid, str) else "an explicit grid"
         raise ValueError(f'grid_shift: applies to grid="model" or "linear" only, got {given}')

@@ -566,6 +566,8 @@ def test_sample_uses_the_shifted_grid_and_checks_the_shift(mixture):
             li.sample(model, z, schedule="lazy-vp", grid=grid, grid_shift=2.0)
     with pytest.raises(ValueError, match="grid_shift"):
         li.sample(model, z, steps=4, grid_shift=2.0)  # the linear schedule's default grid is uniform
+    with pytest.raises(ValueError, match="grid: expected an explicit grid or one of uniform, model, linear, got 'snr'"):
+        li.sample(model, z, steps=4, schedule="lazy-vp", grid="snr", grid_shift=2.0)  # the grid is what is wrong
     # A shift so far from 1 that the schedule's times cannot resolve the shifted SNRs would merge nodes.
     with pytest.raises(ValueError, match="grid_shift: 1e-30 moves nodes of the 4-step grid"):
         li.sample(model, z, steps=4, schedule="lazy-vp", grid_shift=1e-30)
