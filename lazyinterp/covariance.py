@@ -43,6 +43,23 @@ _DECOMPOSED: OrderedDict[tuple, Covariance] = OrderedDict()
 _DECOMPOSED_KEPT = 4
 
 
+def _check_floor(floor: Any) -> float:
+    expected = "a finite number >= 0 (a fraction of the mean eigenvalue)"
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)):
+        raise TypeError(f"floor: expected {expected}, got {type(floor).__name__}")
+    if not (math.isfinite(floor) and floor >= 0):
+        raise ValueError(f"floor: expected {expected}, got {floor}")
+    return float(floor)
+
+
+def _check_shape(shape: Any) -> tuple[int, ...]:
+    """The shape of one sample as a tuple of positive ints, else a TypeError naming shape."""
+    sizes = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else None
+    if not sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
+        raise TypeError(f"shape: expected the shape of one sample, a tuple of positive ints, got {shape!r}")
+    return sizes
+
+
 @dataclass(frozen=True)
 class Covariance:
     r"""Σ = U diag(λ) Uᵀ + λ_⊥ (I − U Uᵀ) over samples of shape ``shape`` (flattened to D entries).
@@ -62,6 +79,8 @@ class Covariance:
     _placed: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
+        if not isinstance(self.shape, tuple) or _check_shape(self.shape) != self.shape:
+            raise TypeError(f"shape: expected the shape of one sample, a tuple of positive ints, got {self.shape!r}")
         if not isinstance(self.basis, Tensor) or self.basis.ndim != 2:
             raise TypeError("basis: expected a (D, r) tensor")
         dim, rank = self.basis.shape
@@ -100,7 +119,8 @@ class Covariance:
         # A covariance is symmetric; a clearly asymmetric matrix is a different object passed by mistake.
         if float((m - m.T).abs().max()) > SYMMETRY_TOLERANCE * max(float(m.abs().max()), 1e-300):
             raise ValueError("covariance: expected a symmetric matrix")
-        shape = (m.shape[0],) if shape is None else tuple(shape)
+        shape = (m.shape[0],) if shape is None else _check_shape(shape)
+        floor = _check_floor(floor)
         # The same matrix passed to every batch of a job is decomposed once: eigh is O(D³), the digest O(D²).
         key = (cls, hashlib.blake2b(m.contiguous().numpy().tobytes(), digest_size=16).digest(), m.shape[0], shape,
                float(floor))
@@ -186,6 +206,7 @@ class Covariance:
     @staticmethod
     def _floored(basis: Tensor, eigenvalues: Tensor, rest: float, shape: tuple[int, ...], floor: float
                  ) -> Covariance:
+        floor = _check_floor(floor)
         dim, rank = basis.shape
         mean = (float(eigenvalues.clamp_min(0).sum()) + max(rest, 0.0) * (dim - rank)) / dim
         if not mean > 0:

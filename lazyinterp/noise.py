@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from numbers import Integral
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,17 +70,40 @@ def _mix(x, y):
     return result ^ (result >> _XSHIFT)
 
 
+def check_indices(indices: Any, count: int | None = None) -> range | list[int]:
+    """Global sample indices: a range, or a sequence (list, tuple, integer array or tensor) of non-negative
+    integers, ``count`` of them when given; else a TypeError or ValueError naming ``indices``."""
+    if isinstance(indices, range):
+        values: range | list[int] = indices
+        smallest = min(indices[0], indices[-1]) if len(indices) else 0
+    else:
+        if isinstance(indices, (Tensor, np.ndarray)):
+            integral = not indices.dtype.is_floating_point and indices.dtype != torch.bool \
+                if isinstance(indices, Tensor) else np.issubdtype(indices.dtype, np.integer)
+            items = indices.tolist() if integral and indices.ndim == 1 else None
+        else:
+            items = list(indices) if isinstance(indices, Iterable) and not isinstance(indices, (str, bytes)) else None
+        if items is None or any(isinstance(i, (bool, np.bool_)) or not isinstance(i, Integral) for i in items):
+            raise TypeError("indices: expected a range or a sequence of non-negative integers, got "
+                            f"{type(indices).__name__}")
+        values = [int(i) for i in items]
+        smallest = min(values, default=0)
+    if smallest < 0:
+        raise ValueError(f"indices: expected non-negative sample indices, got {smallest}")
+    if count is not None and len(values) != count:
+        raise ValueError(f"indices: expected {count} indices, got {len(values)}")
+    return values
+
+
 def _index_words(indices: range | list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
     """Sample indices as SeedSequence hashes them, as 32-bit words, grouped by their number of words: pairs
-    (positions, words of shape (len(positions), length)). An error names negative indices."""
+    (positions, words of shape (len(positions), length)). An error names indices that are not non-negative
+    integers (:func:`check_indices`)."""
+    indices = check_indices(indices)
     if isinstance(indices, range) and indices.stop <= 2**63:
-        if len(indices) and min(indices[0], indices[-1]) < 0:
-            raise ValueError("indices: expected non-negative sample indices")
         values = np.arange(indices.start, indices.stop, indices.step, dtype=np.int64).astype(np.uint64)
     else:
-        ints = [int(i) for i in indices]
-        if any(i < 0 for i in ints):
-            raise ValueError("indices: expected non-negative sample indices")
+        ints = list(indices)
         if max(ints, default=0) >= 1 << 64:  # three words or more: split one by one
             by_length: dict[int, list[int]] = {}
             for position, i in enumerate(ints):

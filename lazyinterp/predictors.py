@@ -443,6 +443,7 @@ def estimate_moments(predictor: Predictor, shape: tuple[int, ...], *, snr: float
     σ (k ≤ 0, as from an untrained network) this raises, or with ``require_sigma=False`` returns σ = None and
     the latest probe's mean level as μ.
     """
+    check_predictor(predictor, "predictor")
     shape = _check_probe_arguments(shape, probes, snr)
     z = torch.randn((probes, *shape), generator=generator, dtype=dtype).to(device)
     center = torch.zeros(shape, dtype=dtype, device=z.device)
@@ -470,6 +471,7 @@ def estimate_mean(predictor: Predictor, shape: tuple[int, ...], *, probes: int =
     independent of X): the mean of η_X(0, α_0 z) over ``probes`` draws, which averages out the network's error,
     exact for any data. Otherwise from :func:`estimate_moments`, exact for Gaussian data.
     """
+    check_predictor(predictor, "predictor")
     shape = _check_probe_arguments(shape, probes)
     if not reads_mean_directly(predictor):
         return estimate_moments(predictor, shape, probes=probes, generator=generator, device=device, dtype=dtype,
@@ -492,6 +494,7 @@ def estimate_sigma(predictor: Predictor, shape: tuple[int, ...], *, mean: Tensor
     SNR rσ̂ ≈ ``snr``. Without ``mean``, on a predictor that does not read E[X] at t = 0
     (:func:`reads_mean_directly`), μ and σ come together from :func:`estimate_moments`.
     """
+    check_predictor(predictor, "predictor")
     shape = _check_probe_arguments(shape, probes, snr)
     if mean is None and not reads_mean_directly(predictor):
         return estimate_moments(predictor, shape, snr=snr, probes=probes, generator=generator, device=device,

@@ -43,7 +43,7 @@ from .brownian import BrownianPaths
 from .conversion import convert
 from .covariance import DEFAULT_RANK, FULL_RANK_MAX_DIM, Covariance, CovarianceLazyDynamics
 from .devices import check_device
-from .noise import KeyedStreams, NoiseStreams, resolve_seed
+from .noise import KeyedStreams, NoiseStreams, check_indices, resolve_seed
 from .predictors import (
     CenteredModel,
     Model,
@@ -221,6 +221,10 @@ def count_nfe(solver: str, steps: int, last_step: str = "euler", known_start: bo
 
 def steps_for_nfe(solver: str, nfe: int, last_step: str = "euler", known_start: bool = False) -> int | None:
     """The number of steps at which ``solver`` costs exactly ``nfe`` evaluations (:func:`count_nfe`), or None."""
+    if isinstance(nfe, bool) or not isinstance(nfe, int):
+        raise TypeError(f"nfe: expected an integer >= 0, got {type(nfe).__name__}")
+    if nfe < 0:
+        raise ValueError(f"nfe: expected an integer >= 0, got {nfe}")
     for steps in range(1, nfe + 3):
         if count_nfe(solver, steps, last_step, known_start) == nfe:
             return steps
@@ -840,25 +844,6 @@ def _check_dtype(dtype: Any) -> torch.dtype:
     return dtype
 
 
-def _check_indices(indices: Any, batch: int) -> range | list[int]:
-    """The global sample indices of a batch: 0..B−1 by default, else B non-negative integers."""
-    if indices is None:
-        return range(batch)
-    if isinstance(indices, range):
-        values = indices
-    else:
-        try:
-            values = [int(i) for i in (indices.tolist() if isinstance(indices, Tensor) else indices)]
-        except (TypeError, ValueError):
-            raise TypeError(f"indices: expected a sequence of non-negative integers, got {type(indices).__name__}"
-                            ) from None
-    if len(values) != batch:
-        raise ValueError(f"indices: expected {batch} indices, got {len(values)}")
-    if len(values) and min(values) < 0:
-        raise ValueError(f"indices: expected non-negative integers, got {min(values)}")
-    return values
-
-
 def _model_cache(model: Any) -> dict:
     cache = getattr(model, "_cache", None)
     return cache if isinstance(cache, dict) else {}
@@ -1163,7 +1148,7 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
     dtype = _check_dtype(dtype if dtype is not None else (noise.dtype if noise is not None else torch.float32))
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph: needs a CUDA device, got {device}")
-    indices = _check_indices(indices, batch)
+    indices = check_indices(range(batch) if indices is None else indices, batch)
 
     if covariance is not None:
         covariance = resolve_covariance(covariance, sample_shape)

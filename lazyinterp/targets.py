@@ -11,6 +11,7 @@ Both are exact at the ends (β = 0 or α = 0). Everything runs in float64 on fla
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -19,6 +20,13 @@ from .schedules import Schedule, as_time, get_schedule
 
 Tensor = torch.Tensor
 _BLOCK_ELEMENTS = 1 << 18
+
+
+def _as_float64(value: Any, name: str) -> Tensor:
+    try:
+        return torch.as_tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{name}: expected a tensor of numbers, got {type(value).__name__}") from exc
 
 
 class GaussianMixture:
@@ -31,9 +39,7 @@ class GaussianMixture:
     """
 
     def __init__(self, weights: Tensor, means: Tensor, covs: Tensor):
-        w = torch.as_tensor(weights, dtype=torch.float64)
-        m = torch.as_tensor(means, dtype=torch.float64)
-        c = torch.as_tensor(covs, dtype=torch.float64)
+        w, m, c = (_as_float64(value, name) for value, name in ((weights, "weights"), (means, "means"), (covs, "covs")))
         if m.ndim != 2 or w.shape != (m.shape[0],):
             raise ValueError(f"means, weights: expected (K, D) and (K,), got {tuple(m.shape)}, {tuple(w.shape)}")
         k, d = m.shape

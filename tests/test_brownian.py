@@ -73,6 +73,8 @@ def test_bad_arguments_are_refused():
         (dict(seed="a"), TypeError, "seed: expected an int"),
         (dict(seed=1.5), TypeError, "seed: expected an int"),
         (dict(indices=[-1]), ValueError, "indices: expected non-negative"),
+        (dict(indices=[0.5, 1.0]), TypeError, "indices: expected a range or a sequence of non-negative integers"),
+        (dict(indices=3), TypeError, "indices: expected a range or a sequence of non-negative integers"),
         (dict(sample_shape=(0,)), ValueError, "sample_shape: expected a tuple of positive ints"),
         (dict(sample_shape="ab"), ValueError, "sample_shape: expected a tuple of positive ints"),
         (dict(device="nope"), ValueError, "device: expected a torch device"),

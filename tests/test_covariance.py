@@ -278,6 +278,17 @@ def test_covariance_errors():
         Covariance.from_samples(torch.randn(3, 4), rank=3)
     with pytest.raises(ValueError, match="rank: expected"):
         Covariance.from_matrix(torch.eye(2)).truncated(0)
+    for floor, error in ((-0.1, ValueError), (math.nan, ValueError), (math.inf, ValueError), (True, TypeError),
+                         ("0.01", TypeError)):
+        with pytest.raises(error, match="floor: expected a finite number >= 0"):
+            Covariance.from_matrix(torch.eye(2), floor=floor)
+        with pytest.raises(error, match="floor: expected a finite number >= 0"):
+            Covariance.from_samples(torch.randn(8, 2), rank=1, floor=floor)
+    for shape in (4, (2.0,), (0, 2), ()):
+        with pytest.raises(TypeError, match="shape: expected the shape of one sample"):
+            Covariance.from_matrix(torch.eye(2), shape)
+    with pytest.raises(ValueError, match=r"basis: expected shape \(D, r\) with D = 3"):
+        Covariance.from_matrix(torch.eye(2), (3,))
 
 
 @pytest.mark.parametrize("steps,expected", [(3, "euler"), (6, "euler"), (7, "ab2"), (11, "ab2"), (12, "ab2-pc")])

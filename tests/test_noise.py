@@ -90,6 +90,17 @@ def test_batched_seeds_refuse_negative_indices():
         sample_seeds(0, range(-2, 3))
 
 
+def test_indices_may_be_any_integer_sequence_but_not_floats():
+    """A list, a tuple, an integer numpy array and an integer tensor of the same indices give the same seeds;
+    float or boolean indices would be truncated silently, so they are refused."""
+    expected = [_numpy_sample_seed(5, i) for i in (4, 1, 9)]
+    for indices in ([4, 1, 9], (4, 1, 9), np.array([4, 1, 9]), torch.tensor([4, 1, 9]), [np.int64(4), 1, 9]):
+        assert sample_seeds(5, indices) == expected
+    for bad in ([4.0, 1.0], np.array([4.0]), torch.tensor([True]), [True], "41", 4):
+        with pytest.raises(TypeError, match="indices: expected a range or a sequence of non-negative integers"):
+            sample_seeds(5, bad)
+
+
 MASK = (1 << 64) - 1
 
 
@@ -167,6 +178,8 @@ def test_keyed_streams_refuse_bad_arguments():
     for kwargs, error, message in [
         (dict(seed=1.5), TypeError, "seed: expected an int"),
         (dict(indices=[-1]), ValueError, "indices: expected non-negative"),
+        (dict(indices=[0.5, 1.0]), TypeError, "indices: expected a range or a sequence of non-negative integers"),
+        (dict(indices=3), TypeError, "indices: expected a range or a sequence of non-negative integers"),
         (dict(sample_shape=(2, 0)), ValueError, "sample_shape: expected a tuple of positive ints"),
         (dict(device="nope"), ValueError, "device: expected a torch device"),
         (dict(dtype=torch.int32), TypeError, "dtype: expected a floating-point torch.dtype"),

@@ -297,6 +297,14 @@ def test_estimators_refuse_bad_shapes_and_probe_counts(estimate, shape, kwargs, 
         estimate(model, shape, **kwargs)
 
 
+@pytest.mark.parametrize("estimate", [li.estimate_sigma, li.estimate_mean, li.estimate_moments],
+                         ids=lambda f: f.__name__)
+@pytest.mark.parametrize("predictor", [None, 3.0, lambda x, t: x], ids=["None", "float", "bare network"])
+def test_estimators_refuse_what_is_not_a_model(estimate, predictor):
+    with pytest.raises(TypeError, match=r"predictor: expected an li.Model \(or a predictor with .eta and .schedule\)"):
+        estimate(predictor, (3,))
+
+
 @pytest.mark.parametrize("estimate", [li.estimate_sigma, li.estimate_moments], ids=lambda f: f.__name__)
 @pytest.mark.parametrize("snr", [0.0, -0.1, math.nan])
 def test_estimators_refuse_a_probe_snr_that_is_not_positive(estimate, snr):

@@ -289,7 +289,10 @@ def test_bad_inputs_name_the_argument():
         (dict(noise=z, dtype=torch.int32), TypeError, "dtype: expected a floating-point"),
         (dict(shape=(2, 2), indices=[0]), ValueError, "indices: expected 2 indices"),
         (dict(shape=(2, 2), indices=[-1, 0]), ValueError, "indices: expected non-negative"),
-        (dict(shape=(2, 2), indices=["a", "b"]), TypeError, "indices: expected a sequence"),
+        (dict(shape=(2, 2), indices=["a", "b"]), TypeError, "indices: expected a range or a sequence of non-neg"),
+        (dict(shape=(2, 2), indices=[0.0, 1.5]), TypeError, "indices: expected a range or a sequence of non-neg"),
+        (dict(shape=(2, 2), indices=torch.tensor([0.0, 1.0])), TypeError, "indices: expected a range or a sequ"),
+        (dict(shape=(2, 2), indices=2), TypeError, "indices: expected a range or a sequence of non-negative"),
         (dict(noise=z, callback=3), TypeError, "callback: expected a callable"),
         (dict(noise=z, steps=3, grid=[0.0, 0.5, 1.0]), ValueError, "steps: 3 does not match the explicit grid's 2"),
         (dict(noise=z, center="yes"), TypeError, "center: expected True, False or None"),
@@ -527,6 +530,10 @@ def test_steps_for_nfe_inverts_count_nfe():
                         assert li.count_nfe(solver, steps, last_step, known_start) == nfe
     assert li.steps_for_nfe("heun", 4, "euler") == 2 and li.steps_for_nfe("heun", 3, "euler") is None
     assert li.steps_for_nfe("ab2", 4, known_start=True) == 5
+    assert li.steps_for_nfe("euler", 0, known_start=True) == 1 and li.steps_for_nfe("euler", 0) is None
+    for nfe, error in ((-1, ValueError), (2.0, TypeError), ("4", TypeError), (True, TypeError)):
+        with pytest.raises(error, match="nfe: expected an integer >= 0"):
+            li.steps_for_nfe("euler", nfe)
 
 
 @pytest.mark.parametrize("shift", [0.5, 1.0, 2.0, 3.0])

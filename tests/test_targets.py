@@ -88,7 +88,10 @@ def test_bad_parameters_name_the_argument():
              ((torch.tensor([float("inf")]), torch.zeros(1, 2), eye), ValueError, "weights: expected finite"),
              ((torch.tensor([-1.0]), torch.zeros(1, 2), eye), ValueError, "weights: must be positive"),
              ((torch.tensor([1.0]), torch.zeros(1, 2), -eye), ValueError, "covs: must be positive definite"),
-             ((torch.tensor([1.0]), torch.zeros(1, 3), eye), ValueError, "covs: expected")]
+             ((torch.tensor([1.0]), torch.zeros(1, 3), eye), ValueError, "covs: expected"),
+             ((None, torch.zeros(1, 2), eye), TypeError, "weights: expected a tensor of numbers, got NoneType"),
+             ((torch.tensor([1.0]), "0, 0", eye), TypeError, "means: expected a tensor of numbers, got str"),
+             ((torch.tensor([1.0]), torch.zeros(1, 2), [[1, 0], [0]]), TypeError, "covs: expected a tensor of numb")]
     for args, error, message in cases:
         with pytest.raises(error, match=message):
             li.GaussianMixture(*args)
