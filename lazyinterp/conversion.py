@@ -76,7 +76,10 @@ def time_change_derivatives(source: Schedule | str, target: Schedule | str, t: T
 
 
 def converted_diffusion(source: Schedule | str, target: Schedule | str, epsilon_source, t: Tensor | float) -> Tensor:
-    """ε'_t = c_t² τ̇_t ε(τ(t)): the target diffusion that keeps the same sample path."""
+    """ε'_t = c_t² τ̇_t ε(τ(t)): the target diffusion that keeps the same sample path (``epsilon_source`` a
+    callable ε(t) of the source's time)."""
+    if not callable(epsilon_source):
+        raise TypeError(f"epsilon_source: expected a callable eps(t), got {type(epsilon_source).__name__}")
     source, target = _schedules(source, target)
     tt = as_time(t)
     tau, scale = time_change(source, target, tt)

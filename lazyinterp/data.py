@@ -131,7 +131,10 @@ def load(name: str = "mnist", split: str = "train") -> tuple[np.ndarray, np.ndar
 
 def to_model_units(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 images (N, 28, 28) -> float32 tensor (N, 1, 28, 28) in [-1, 1]."""
-    x = torch.as_tensor(np.asarray(images)).float()
+    array = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    if array.dtype != np.uint8:
+        raise TypeError(f"images: expected uint8 pixel values, got {array.dtype}")
+    x = torch.from_numpy(array).float()
     if x.ndim == 3:
         x = x.unsqueeze(1)
     return x / 127.5 - 1.0
@@ -139,5 +142,11 @@ def to_model_units(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 def to_uint8(samples: torch.Tensor) -> np.ndarray:
     """Model-unit samples (N, 1, 28, 28) -> uint8 images (N, 28, 28), clipped to [0, 255]."""
+    if not isinstance(samples, torch.Tensor) or samples.ndim not in (3, 4) or samples.ndim == 4 and \
+            samples.shape[1] != 1:
+        raise TypeError("samples: expected a tensor of shape (N, 1, H, W) or (N, H, W), got "
+                        f"{tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__}")
+    if not bool(torch.isfinite(samples).all()):
+        raise ValueError("samples: expected finite values")
     x = ((samples.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255)
     return x.to(torch.uint8).reshape(x.shape[0], *x.shape[-2:]).numpy()

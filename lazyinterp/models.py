@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,10 @@ def load_network(path: Path | str) -> tuple[UNet, CheckpointInfo]:
 
 def resolve_model_path(name_or_path: str) -> Path:
     """A bundled model name (``mnist``) or a checkpoint path."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"model: expected a bundled name ({', '.join(BUNDLED)}) or a checkpoint path, "
+                        f"got {type(name_or_path).__name__}")
+    name_or_path = os.fspath(name_or_path)
     if name_or_path in BUNDLED:
         return BUNDLED[name_or_path]
     path = Path(name_or_path)
@@ -225,5 +230,5 @@ def load_model(name_or_path: str | Path, device: torch.device | str = "cpu", chu
     from .predictors import Model
 
     device = check_device(device)
-    net, info = load_network(resolve_model_path(str(name_or_path)))
+    net, info = load_network(resolve_model_path(name_or_path))
     return Model(net.to(device), info.schedule, info.predicts, chunk=chunk), info

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from numbers import Real
 from typing import Any, Literal, Protocol
 
 import torch
@@ -188,6 +189,15 @@ def coefficients(schedule: Schedule, t: Tensor | float):
     return schedule.alpha(tt), schedule.beta(tt), schedule.dalpha(tt), schedule.dbeta(tt)
 
 
+def _check_state(x: Any, t: Any) -> None:
+    """A TypeError naming x or t unless x is a floating-point batch (B, ...) and t a number or a tensor of times."""
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim < 1:
+        raise TypeError(f"x: expected a floating-point tensor of shape (batch, ...), got "
+                        f"{type(x).__name__ if not isinstance(x, Tensor) else f'{x.dtype} of shape {tuple(x.shape)}'}")
+    if isinstance(t, bool) or not isinstance(t, (Real, Tensor)):
+        raise TypeError(f"t: expected a time (a float or a tensor of times), got {type(t).__name__}")
+
+
 class Model:
     r"""A trained network together with the schedule it was trained under and what it predicts.
 
@@ -242,6 +252,7 @@ class Model:
 
     def raw(self, x: Tensor, t: Tensor | float) -> Tensor:
         """The network's own output at (x, t), in x's dtype; t is clamped to [t_min, t_max]."""
+        _check_state(x, t)
         batch = x.shape[0]
         dtype = self.net_dtype or x.dtype
         if not isinstance(t, Tensor) or t.ndim == 0:
@@ -296,6 +307,7 @@ class Model:
 
     def eta_terms(self, x: Tensor, t: Tensor | float) -> tuple[Terms, Terms]:
         """(η_Z, η_X) at (x, t) as linear combinations of x and the network's output (:func:`to_eta_terms`)."""
+        _check_state(x, t)
         if isinstance(t, Tensor) and t.ndim:
             t_eval = as_time(t).clamp(self.t_min, self.t_max)
         else:

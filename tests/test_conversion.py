@@ -193,6 +193,8 @@ def test_schedules_by_name_and_bad_arguments():
         time_change("linear", "banana", 0.5)
     with pytest.raises(TypeError, match="source: expected a Schedule"):
         li.converted_diffusion(1.0, "cosine", lambda t: t, 0.5)
+    with pytest.raises(TypeError, match=r"epsilon_source: expected a callable eps\(t\), got float"):
+        li.converted_diffusion("linear", "cosine", 0.5, 0.5)
 
 
 def test_remembered_scalar_time_changes_are_the_computed_ones():

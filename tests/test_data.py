@@ -3,6 +3,7 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 
 from lazyinterp import data, fetch
 
@@ -77,6 +78,18 @@ def test_pickle_reader_refuses_code():
     payload = gzip.compress(pickle.dumps(((Evil(), 0), (0, 0), (0, 0))))
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
         data._parse_mnist_pickle(payload)
+
+
+def test_unit_conversions_refuse_what_they_cannot_convert():
+    for images in (np.zeros((2, 28, 28), dtype=np.float32), np.array(["a"]), [[1, 2]]):
+        with pytest.raises(TypeError, match="images: expected uint8 pixel values"):
+            data.to_model_units(images)
+    assert data.to_model_units(torch.full((1, 28, 28), 255, dtype=torch.uint8)).shape == (1, 1, 28, 28)
+    for samples in (np.zeros((2, 1, 28, 28)), torch.zeros(2, 3, 28, 28), torch.zeros(28, 28)):
+        with pytest.raises(TypeError, match=r"samples: expected a tensor of shape \(N, 1, H, W\)"):
+            data.to_uint8(samples)
+    with pytest.raises(ValueError, match="samples: expected finite values"):
+        data.to_uint8(torch.full((1, 1, 28, 28), float("nan")))
 
 
 def test_unknown_dataset_and_split():

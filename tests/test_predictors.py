@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import all_schedules, gaussian_schedules, make_mixture
@@ -210,6 +211,15 @@ def test_model_argument_errors():
         li.Model(lambda x, t: x[:, :1], "linear").eta(torch.randn(2, 3), 0.5)
     with pytest.raises(ValueError, match="t: expected"):
         li.Model(lambda x, t: x, "linear").raw(torch.randn(2, 3), torch.zeros(3))
+    model = li.Model(lambda x, t: x, "linear")
+    for call in (model.eta, model.raw, model.predict):
+        for x in ([[0.0, 1.0]], torch.zeros(2, 3, dtype=torch.int64), torch.tensor(0.5), None):
+            with pytest.raises(TypeError, match=r"x: expected a floating-point tensor of shape \(batch, ...\)"):
+                call(x, 0.5)
+        for t in (None, "0.5", [0.5, 0.5], True):
+            with pytest.raises(TypeError, match="t: expected a time"):
+                call(torch.randn(2, 3), t)
+    assert model.eta(torch.randn(2, 3), np.float32(0.5))[1].shape == (2, 3)  # numpy scalars are numbers
 
 
 def test_mixture_fixture_is_anisotropic_with_nonzero_mean():

@@ -50,3 +50,13 @@ def test_settings_that_cannot_train_are_refused_before_any_file_is_written(tmp_p
     with pytest.raises(ValueError, match=message):
         train(tiny_config(**overrides), tmp_path / "run", images=images[:64], progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_model_that_is_neither_a_name_nor_a_path_is_refused():
+    from lazyinterp.models import CheckpointError, load_model
+
+    for model in (None, 3, ["mnist"]):
+        with pytest.raises(TypeError, match=r"model: expected a bundled name \(mnist\) or a checkpoint path"):
+            load_model(model)
+    with pytest.raises(CheckpointError, match="unknown model 'nosuchmodel'"):
+        load_model("nosuchmodel")
