@@ -80,6 +80,8 @@ _SOLVERS = ("euler", "heun", "ab2", "ab2-pc", "exponential", "exponential-2m")
 # Grids ------------------------------------------------------------------------------------------------------------
 
 def _as_sigmas(sigmas: Any) -> Tensor:
+    if isinstance(sigmas, (bool, str, bytes)):
+        raise TypeError(f"sigmas: expected a 1-D sequence of numbers, got {type(sigmas).__name__}")
     try:
         s = torch.as_tensor(np.asarray(sigmas, dtype=np.float64) if not isinstance(sigmas, Tensor) else sigmas,
                             dtype=_F64).detach().cpu().flatten()
@@ -1024,7 +1026,8 @@ def flow_transformer_model(transformer: Any, *, guidance_scale: float = 1.0, neg
     """
     if not callable(transformer):
         raise TypeError(f"transformer: expected a callable module, got {type(transformer).__name__}")
-    if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale)):
+    if isinstance(guidance_scale, bool) or not (isinstance(guidance_scale, (int, float))
+                                                and math.isfinite(guidance_scale)):
         raise ValueError(f"guidance_scale: expected a finite number, got {guidance_scale!r}")
     cfg = guidance_scale != 1.0
     if cfg and not negative_kwargs:
@@ -1124,7 +1127,11 @@ def ddpm_schedule(alphas_cumprod: Any) -> Schedule:
 
     The schedule has ``index(t)``, the continuous index u(t), and ``num_train_timesteps`` T.
     """
-    abar = torch.as_tensor(alphas_cumprod).detach().to(device="cpu", dtype=_F64).flatten()
+    try:
+        abar = torch.as_tensor(alphas_cumprod).detach().to(device="cpu", dtype=_F64).flatten()
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"alphas_cumprod: expected a 1-D sequence of numbers, got {type(alphas_cumprod).__name__}"
+                        ) from exc
     n_steps = abar.numel()
     if n_steps < 3:
         raise ValueError("alphas_cumprod: expected at least 3 values")

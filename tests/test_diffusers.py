@@ -820,6 +820,20 @@ def test_ddpm_schedule_nodes_timesteps_and_clean_end():
     assert labels.tolist() == [3, 3]
 
 
+def test_adapters_name_arguments_of_the_wrong_type():
+    for bad in (None, "0.9", object()):
+        with pytest.raises(TypeError, match="alphas_cumprod: expected a 1-D sequence of numbers"):
+            ddpm_schedule(bad)
+    with pytest.raises(ValueError, match="alphas_cumprod: values must lie in"):
+        ddpm_schedule([0.9, 1.2, 0.1])
+    for bad in (True, "1.0, 0.5"):
+        with pytest.raises(TypeError, match="sigmas: expected a 1-D sequence of numbers"):
+            sigmas_to_grid(bad, "linear")
+    for bad in (True, math.nan, "2"):
+        with pytest.raises(ValueError, match="guidance_scale: expected a finite number"):
+            flow_transformer_model(torch.nn.Linear(2, 2), guidance_scale=bad)
+
+
 class GaussianishUNet(torch.nn.Module):
     """ε = α_n x + s β_n u(x, n): the exact ε of N(0, I) data plus a perturbation by a random UNet u.
 
