@@ -79,6 +79,7 @@ from tqdm import tqdm
 
 from . import distributed, graphs
 from .brownian import DEFAULT_DEPTH as BROWNIAN_DEPTH
+from .cli_errors import UserError, as_option_message, one_line_message
 from .conversion import convert
 from .distributed import Context
 from .fetch import atomic_path, cache_dir, ensure_writable, sha256_file
@@ -105,13 +106,6 @@ OVERHEAD_SAMPLERS = ("lazy-vp-euler", "point-mass-sde", "point-mass-sde-exp2m")
 # draws computed on the device (reported as "<sampler>-keyed").
 OVERHEAD_SDE_NOISES = ("independent", "keyed")
 OVERHEAD_BATCH, OVERHEAD_STEPS, OVERHEAD_REPEATS = 256, 8, 5
-
-
-class BenchError(click.ClickException):
-    """A one-line error without a traceback (``error: ...`` on stderr, exit status 1)."""
-
-    def show(self, file=None) -> None:  # noqa: D401
-        click.echo(f"error: {self.format_message()}", err=True)
 
 
 # Target mixtures ------------------------------------------------------------------------------------------------
@@ -1185,6 +1179,10 @@ def write_text(text: str, path: Path | str) -> None:
 
 # Command line ---------------------------------------------------------------------------------------------------
 
+# Arguments that the library's errors name, and the options of `lazyinterp bench` that set them.
+BENCH_OPTIONS = {"mode_scale": "--mode-scale", "nfe": "--nfe", "samplers": "--samplers", "device": "--device"}
+
+
 class _OneLineErrors(click.Command):
     """Usage errors as one line (no usage banner), like every other failure of this command."""
 
@@ -1192,7 +1190,7 @@ class _OneLineErrors(click.Command):
         try:
             return super().parse_args(ctx, args)
         except click.UsageError as exc:
-            raise BenchError(exc.format_message()) from None
+            raise UserError(exc.format_message()) from None
 
 
 @click.command("bench", cls=_OneLineErrors)
@@ -1241,36 +1239,33 @@ def bench(workload: str, nfe: str, n: int | None, seed: int, samplers: str | Non
     Runs as one process or under torchrun (each rank samples a share of every run); the results are the same.
     """
     if workload not in WORKLOADS:
-        raise BenchError(f"--workload: unknown workload {workload!r}; expected one of {', '.join(WORKLOADS)}")
+        raise UserError(f"--workload: unknown workload {workload!r}; expected one of {', '.join(WORKLOADS)}")
     if n is not None and n < 2:
-        raise BenchError(f"--n: expected an integer >= 2, got {n}")
+        raise UserError(f"--n: expected an integer >= 2, got {n}")
     if reference_nfe < 2:
-        raise BenchError(f"--reference-nfe: expected an integer >= 2, got {reference_nfe}")
+        raise UserError(f"--reference-nfe: expected an integer >= 2, got {reference_nfe}")
     if batch_size is not None and batch_size < 1:
-        raise BenchError(f"--batch-size: expected an integer >= 1, got {batch_size}")
+        raise UserError(f"--batch-size: expected an integer >= 1, got {batch_size}")
     if chunk is not None and chunk < 1:
-        raise BenchError(f"--chunk: expected an integer >= 1, got {chunk}")
+        raise UserError(f"--chunk: expected an integer >= 1, got {chunk}")
     if max_runs is not None and max_runs < 1:
-        raise BenchError(f"--max-runs: expected an integer >= 1, got {max_runs}")
+        raise UserError(f"--max-runs: expected an integer >= 1, got {max_runs}")
     try:
         check_mode_scale(mode_scale, workload)
-    except ValueError as exc:
-        raise BenchError(f"--{str(exc).replace('mode_scale', 'mode-scale')}") from None
-    try:
         parse_nfe(nfe)
         select_samplers(samplers)
     except ValueError as exc:
-        raise BenchError(f"--{exc}") from None
+        raise UserError(as_option_message(exc, BENCH_OPTIONS)) from None
     outputs = [(p, o) for p, o in ((json_path, "--json"), (markdown_path, "--markdown"), (plot_path, "--plot"))
                if p is not None]
     try:
         for path, option in outputs:
             ensure_writable(path, option)
     except ValueError as exc:
-        raise BenchError(str(exc)) from None
+        raise UserError(str(exc)) from None
     resolved = [p.absolute() for p, _ in outputs]
     if len(set(resolved)) != len(resolved):
-        raise BenchError("--json, --markdown, --plot: each output needs its own file")
+        raise UserError("--json, --markdown, --plot: each output needs its own file")
 
     def write_outputs(results: dict) -> None:
         report = markdown_report(results)
@@ -1285,18 +1280,15 @@ def bench(workload: str, nfe: str, n: int | None, seed: int, samplers: str | Non
     try:
         ctx = distributed.setup(device)
     except ValueError as exc:
-        raise BenchError(f"--{exc}") from None
+        raise UserError(as_option_message(exc, BENCH_OPTIONS)) from None
     try:
         results = run_bench(workload, nfe=nfe, n=n, seed=seed, samplers=samplers, reference_nfe=reference_nfe,
                             model=model_name, batch_size=batch_size, progress=not quiet,
                             log=None if quiet else lambda line: tqdm.write(line, file=sys.stderr), ctx=ctx,
                             work_dir=work_dir, fresh=fresh, max_runs=max_runs, overhead=overhead, chunk=chunk,
                             sde_path_error=sde_path_error, mode_scale=mode_scale, finish=write_outputs)
-    except (ValueError, TypeError, RuntimeError, FileNotFoundError) as exc:
-        raise BenchError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
-    except OSError as exc:
-        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-        raise BenchError(f"{exc.strerror or exc}{where}") from None
+    except (ValueError, TypeError, RuntimeError, OSError) as exc:
+        raise UserError(one_line_message(exc)) from None
     finally:
         distributed.teardown(ctx)
     if not ctx.is_main:

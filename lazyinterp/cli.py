@@ -5,19 +5,13 @@ Every failure the user can cause ends in one line on stderr and a non-zero exit 
 
 from __future__ import annotations
 
-import functools
 import shlex
 import sys
 from pathlib import Path
 
 import click
 
-
-class UserError(click.ClickException):
-    """A one-line error shown without a traceback."""
-
-    def show(self, file=None) -> None:  # noqa: D401
-        click.echo(f"error: {self.format_message()}", err=True)
+from .cli_errors import UserError, as_option_message, friendly_errors
 
 
 class FiniteFloatRange(click.FloatRange):
@@ -30,49 +24,6 @@ class FiniteFloatRange(click.FloatRange):
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return super().convert(number, param, ctx)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a job scheduler, ``timeout``), raised in the main thread so that a command cleans up as on Ctrl-C."""
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated
-
-
-def friendly_errors(func):
-    """Turn the library's ValueError/TypeError/OSError family into one-line CLI errors, and SIGTERM into the same
-    clean stop as Ctrl-C."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        import signal
-        import threading
-
-        from .fetch import FetchError
-
-        installed, previous = False, None
-        if threading.current_thread() is threading.main_thread():
-            previous, installed = signal.signal(signal.SIGTERM, _raise_terminated), True
-        try:
-            return func(*args, **kwargs)
-        except click.ClickException:
-            raise
-        except KeyboardInterrupt as exc:
-            terminated = isinstance(exc, Terminated)
-            click.echo(f"error: {'terminated' if terminated else 'interrupted'}; no partial output was written",
-                       err=True)
-            sys.exit(143 if terminated else 130)
-        except (ValueError, TypeError, FetchError, FileNotFoundError) as exc:
-            raise UserError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
-        except OSError as exc:
-            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-            raise UserError(f"{exc.strerror or exc}{where}") from exc
-        finally:
-            if installed:  # None: a handler set outside Python, which cannot be put back; the default stands in
-                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-
-    return wrapper
 
 
 class OneLineErrorGroup(click.Group):
@@ -112,15 +63,6 @@ SAMPLE_OPTIONS = {"grid": "--time-grid", "grid_shift": "--grid-shift", "sigma": 
 
 # The TrainConfig fields that its errors name, likewise.
 TRAIN_OPTIONS = {"batch_size": "--batch-size", "device": "--device"}
-
-
-def as_option_message(exc: Exception, options: dict[str, str] | None = None) -> str:
-    """The first line of a library error, with the argument it starts with named as the CLI option that sets it
-    (``options``, default :data:`SAMPLE_OPTIONS`)."""
-    options = SAMPLE_OPTIONS if options is None else options
-    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    name, colon, reason = message.partition(":")
-    return f"{options[name]}:{reason}" if colon and name in options else message
 
 
 @main.command()
@@ -277,7 +219,7 @@ def sample(model_name: str, schedule: str, steps: int, solver: str, diffusion: s
     try:
         check_settings(target, diffusion_spec, solver, last_step, covariance)
     except ValueError as exc:
-        raise UserError(as_option_message(exc)) from None
+        raise UserError(as_option_message(exc, SAMPLE_OPTIONS)) from None
     spec = SamplerSpec(schedule=schedule, steps=steps, diffusion=diffusion_spec,
                        solver=solver, sigma=sigma, last_step=last_step, grid=time_grid, center=center,
                        grid_shift=grid_shift, covariance="model" if covariance else None, sde_noise=sde_noise)
@@ -324,7 +266,7 @@ def sample(model_name: str, schedule: str, steps: int, solver: str, diffusion: s
         if ctx.is_main and folder.is_dir() and not any(folder.glob("shard-*.npz")):
             distributed.remove_shards(out)
         if isinstance(exc, ValueError):
-            raise UserError(as_option_message(exc)) from exc
+            raise UserError(as_option_message(exc, SAMPLE_OPTIONS)) from exc
         raise
     finally:
         distributed.teardown(ctx)

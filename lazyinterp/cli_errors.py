@@ -1,0 +1,73 @@
+"""How the command line reports failures: one line on stderr, ``error: <what was wrong>``, a non-zero exit status
+and no traceback, with the library's argument names given as the options that set them."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+
+class UserError(click.ClickException):
+    """A one-line error shown without a traceback."""
+
+    def show(self, file=None) -> None:  # noqa: D401
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def one_line_message(exc: BaseException) -> str:
+    """An error as one line: an operating-system error's reason and the file it concerns, else the first line of
+    its message (its type's name when it has none)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror} ({exc.filename})" if exc.filename else exc.strerror
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def as_option_message(exc: BaseException, options: dict[str, str]) -> str:
+    """An error as one line (:func:`one_line_message`), with the library argument it starts with named as the
+    option that sets it (``options``: argument name -> option, e.g. ``{"grid": "--time-grid"}``)."""
+    message = one_line_message(exc)
+    name, colon, reason = message.partition(":")
+    return f"{options[name]}:{reason}" if colon and name in options else message
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler, ``timeout``), raised in the main thread so that a command cleans up as on Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+def friendly_errors(func):
+    """Turn the library's ValueError/TypeError/OSError family into one-line CLI errors, and SIGTERM into the same
+    clean stop as Ctrl-C."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        import signal
+        import threading
+
+        from .fetch import FetchError
+
+        installed, previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            previous, installed = signal.signal(signal.SIGTERM, _raise_terminated), True
+        try:
+            return func(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except KeyboardInterrupt as exc:
+            terminated = isinstance(exc, Terminated)
+            click.echo(f"error: {'terminated' if terminated else 'interrupted'}; no partial output was written",
+                       err=True)
+            sys.exit(143 if terminated else 130)
+        except (ValueError, TypeError, FetchError, OSError) as exc:
+            raise UserError(one_line_message(exc)) from exc
+        finally:
+            if installed:  # None: a handler set outside Python, which cannot be put back; the default stands in
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+    return wrapper
