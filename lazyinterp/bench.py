@@ -85,7 +85,7 @@ from .distributed import Context
 from .fetch import atomic_path, cache_dir, ensure_writable, sha256_file
 from .noise import NoiseStreams, sample_seed
 from .predictors import Model, NonFiniteError
-from .samplers import count_nfe, default_known_start, sample, snr_matched_grid, steps_for_nfe
+from .samplers import MAX_STEPS, count_nfe, default_known_start, sample, snr_matched_grid, steps_for_nfe
 from .schedules import linear, point_mass
 from .targets import GaussianMixture
 
@@ -350,6 +350,8 @@ SAMPLERS: tuple[SamplerDef, ...] = (
                 "grid": "model"}, stochastic=True),
 )
 SAMPLER_NAMES = tuple(s.name for s in SAMPLERS)
+# The reference is Heun, two evaluations a step, over at most MAX_STEPS steps.
+MAX_REFERENCE_NFE = 2 * MAX_STEPS
 REFERENCE = SamplerDef("reference", "linear Heun", "reference", "li", {"schedule": "linear", "solver": "heun"})
 # The point-mass SDE with ε* solved by Euler–Maruyama on the SNR-matched grid of this many steps, its times rounded to
 # the Brownian paths' dyadic nodes (:func:`sde_reference_grid`).
@@ -634,8 +636,8 @@ def parse_nfe(value: str | Iterable[int]) -> list[int]:
             k = int(text)
         except ValueError:
             raise ValueError(f"nfe: expected comma-separated integers >= 1, got {text!r}") from None
-        if k < 1:
-            raise ValueError(f"nfe: each NFE must be >= 1, got {k}")
+        if not 1 <= k <= MAX_STEPS:
+            raise ValueError(f"nfe: each NFE must be from 1 to {MAX_STEPS}, got {k}")
         out.add(k)
     if not out:
         raise ValueError("nfe: expected at least one NFE value")
@@ -793,8 +795,9 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
     n = DEFAULT_N[workload] if n is None else n
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ValueError(f"n: expected an integer >= 2, got {n!r}")
-    if isinstance(reference_nfe, bool) or not isinstance(reference_nfe, int) or reference_nfe < 2:
-        raise ValueError(f"reference_nfe: expected an integer >= 2, got {reference_nfe!r}")
+    if isinstance(reference_nfe, bool) or not isinstance(reference_nfe, int) or \
+            not 2 <= reference_nfe <= MAX_REFERENCE_NFE:
+        raise ValueError(f"reference_nfe: expected an integer from 2 to {MAX_REFERENCE_NFE}, got {reference_nfe!r}")
     batch_size = batch_size or DEFAULT_BATCH.get(workload, n)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
@@ -1242,8 +1245,8 @@ def bench(workload: str, nfe: str, n: int | None, seed: int, samplers: str | Non
         raise UserError(f"--workload: unknown workload {workload!r}; expected one of {', '.join(WORKLOADS)}")
     if n is not None and n < 2:
         raise UserError(f"--n: expected an integer >= 2, got {n}")
-    if reference_nfe < 2:
-        raise UserError(f"--reference-nfe: expected an integer >= 2, got {reference_nfe}")
+    if not 2 <= reference_nfe <= MAX_REFERENCE_NFE:
+        raise UserError(f"--reference-nfe: expected an integer from 2 to {MAX_REFERENCE_NFE}, got {reference_nfe}")
     if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size: expected an integer >= 1, got {batch_size}")
     if chunk is not None and chunk < 1:

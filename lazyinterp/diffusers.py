@@ -48,6 +48,7 @@ from .predictors import (
 from .samplers import (
     COVARIANCE_AB2_FROM_STEPS,
     EXPONENTIAL_SOLVERS,
+    MAX_STEPS,
     ODE_SOLVERS,
     PC_DEFAULT_FROM_STEPS,
     SDE_NOISES,
@@ -532,8 +533,9 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             if num_inference_steps is None:
                 raise ValueError("num_inference_steps, sigmas: give the number of steps or the sigmas")
             if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) \
-                    or num_inference_steps < 1:
-                raise ValueError(f"num_inference_steps: expected an integer >= 1, got {num_inference_steps!r}")
+                    or not 1 <= num_inference_steps <= MAX_STEPS:
+                raise ValueError(f"num_inference_steps: expected an integer from 1 to {MAX_STEPS}, "
+                                 f"got {num_inference_steps!r}")
             n = int(num_inference_steps)
             raw = torch.linspace(1.0, 1.0 / n, n, dtype=_F64)
         else:

@@ -75,6 +75,10 @@ ODE_SOLVERS = ("ab2", "ab2-pc")
 LAST_STEPS = ("euler", "denoise")
 SDE_NOISES = ("independent", "keyed", "brownian")
 DEFAULT_STEPS = 8
+# The most grid intervals a named grid is built with: far beyond any converged run (the benchmark's references use
+# 500–512), and the finest grid that the Brownian paths resolve (leaves of width 2^-20, :mod:`lazyinterp.brownian`);
+# larger counts are a mistake that would otherwise fail with an allocation error.
+MAX_STEPS = 2**20
 
 
 # Grids ----------------------------------------------------------------------------------------------------------
@@ -186,6 +190,8 @@ def check_steps(steps: Any) -> int:
         raise TypeError(f"steps: expected an integer >= 1, got {type(steps).__name__}")
     if steps < 1:
         raise ValueError(f"steps: expected an integer >= 1, got {steps}")
+    if steps > MAX_STEPS:
+        raise ValueError(f"steps: expected at most {MAX_STEPS} intervals, got {steps}")
     return steps
 
 
@@ -225,7 +231,7 @@ def steps_for_nfe(solver: str, nfe: int, last_step: str = "euler", known_start: 
         raise TypeError(f"nfe: expected an integer >= 0, got {type(nfe).__name__}")
     if nfe < 0:
         raise ValueError(f"nfe: expected an integer >= 0, got {nfe}")
-    for steps in range(1, nfe + 3):
+    for steps in range(1, min(nfe + 3, MAX_STEPS + 1)):
         if count_nfe(solver, steps, last_step, known_start) == nfe:
             return steps
     return None

@@ -235,6 +235,8 @@ def invoke(args):
     (["--n", "many"], "--n"),
     (["--samplers", "lazy-vp-euler,nope"], "nope"),
     (["--reference-nfe", "1"], "--reference-nfe"),
+    (["--reference-nfe", "1000000000000"], "--reference-nfe: expected an integer from 2 to 2097152"),
+    (["--nfe", "4,1000000000000"], "--nfe: each NFE must be from 1 to 1048576"),
     (["--mode-scale", "0"], "--mode-scale"),
     (["--mode-scale", "nan"], "--mode-scale"),
     (["--mode-scale", "wide"], "--mode-scale"),

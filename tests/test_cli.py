@@ -115,6 +115,9 @@ def test_cli_errors_are_one_line_and_leave_no_file(checkpoint, tmp_path):
     # Refused once σ, and so the grid, is known (after the progress bar has started, hence --quiet).
     assert_one_line_error(run("sample", "--model", checkpoint, "--grid-shift", "1e-30", "--quiet", "--out", out),
                           "--grid-shift: 1e-30 moves nodes")
+    # A step count past any use would otherwise end in an allocation error.
+    assert_one_line_error(run("sample", "--model", checkpoint, "--steps", "1000000000000", "--quiet", "--out", out),
+                          "--steps: expected at most 1048576 intervals")
     truncated = tmp_path / "trunc.safetensors"
     truncated.write_bytes(checkpoint.read_bytes()[:1000])
     assert_one_line_error(run("sample", "--model", truncated, "--out", out), "checkpoint")

@@ -635,6 +635,9 @@ def test_errors_name_the_argument():
         sched.set_timesteps(sigmas=[0.5, 0.8])
     with pytest.raises(ValueError, match="num_inference_steps"):
         sched.set_timesteps(3, sigmas=[1.0, 0.5])
+    for steps in (0, 2**20 + 1, 10**12):
+        with pytest.raises(ValueError, match="num_inference_steps: expected an integer from 1 to 1048576"):
+            sched.set_timesteps(steps)
     with pytest.raises(ValueError, match="mu"):
         LazyScheduler(use_dynamic_shifting=True).set_timesteps(4)
     with pytest.raises(ValueError, match="mu: expected a finite number"):

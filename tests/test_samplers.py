@@ -288,6 +288,7 @@ def test_bad_inputs_name_the_argument():
         (dict(noise=z, dtype="float"), TypeError, "dtype: expected a floating-point"),
         (dict(noise=z, dtype=torch.int32), TypeError, "dtype: expected a floating-point"),
         (dict(shape=(2, 2), indices=[0]), ValueError, "indices: expected 2 indices"),
+        (dict(shape=(2, 2), steps=2**20 + 1), ValueError, "steps: expected at most 1048576 intervals, got 1048577"),
         (dict(shape=(2, 2), indices=[-1, 0]), ValueError, "indices: expected non-negative"),
         (dict(shape=(2, 2), indices=["a", "b"]), TypeError, "indices: expected a range or a sequence of non-neg"),
         (dict(shape=(2, 2), indices=[0.0, 1.5]), TypeError, "indices: expected a range or a sequence of non-neg"),
