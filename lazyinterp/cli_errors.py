@@ -66,6 +66,9 @@ def friendly_errors(func):
             sys.exit(143 if terminated else 130)
         except (ValueError, TypeError, FetchError, OSError) as exc:
             raise UserError(one_line_message(exc)) from exc
+        except MemoryError as exc:
+            raise UserError(f"out of memory{f': {one_line_message(exc)}' if str(exc) else ''}; "
+                            "ask for fewer samples or a smaller --batch-size") from exc
         finally:
             if installed:  # None: a handler set outside Python, which cannot be put back; the default stands in
                 signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,11 +127,32 @@ def teardown(ctx: Context) -> None:
         dist.destroy_process_group()
 
 
-def shard_ranges(n: int, shard_size: int) -> list[range]:
+class Shards(Sequence[range]):
+    """The global sample indices of each shard, computed when asked for, so that a job of any size costs no memory
+    until its samples exist."""
+
+    def __init__(self, n: int, shard_size: int):
+        if shard_size < 1:
+            raise ValueError(f"shard_size: expected at least 1, got {shard_size}")
+        self.n, self.size = n, shard_size
+
+    def __len__(self) -> int:
+        return -(-self.n // self.size)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[j] for j in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"shard {index} of {len(self)}")
+        low = index * self.size
+        return range(low, min(low + self.size, self.n))
+
+
+def shard_ranges(n: int, shard_size: int) -> Shards:
     """The global sample indices of each shard."""
-    if shard_size < 1:
-        raise ValueError(f"shard_size: expected at least 1, got {shard_size}")
-    return [range(lo, min(lo + shard_size, n)) for lo in range(0, n, shard_size)]
+    return Shards(n, shard_size)
 
 
 def shard_dir(out: Path) -> Path:
@@ -139,6 +161,11 @@ def shard_dir(out: Path) -> Path:
 
 def shard_path(out: Path, index: int, count: int) -> Path:
     return shard_dir(out) / f"shard-{index:05d}-of-{count:05d}.npz"
+
+
+def count_shards(out: Path, count: int) -> int:
+    """How many of the ``count`` shards of ``out`` exist (by listing the folder, not by asking for each)."""
+    return sum(1 for _ in shard_dir(out).glob(f"shard-*-of-{count:05d}.npz"))
 
 
 def check_manifest(out: Path, manifest: dict, ctx: Context) -> None:
@@ -184,7 +211,7 @@ def run_shards(out: Path, n: int, shard_size: int, ctx: Context, produce, *, max
     ctx.barrier()
     # Rank 0 counts and tells the others: once it has left the barrier it may gather and remove the shards, and a
     # slower rank counting the files itself could then see none, skip the final barrier and exit under it.
-    done = sum(shard_path(out, j, len(shards)).exists() for j in range(len(shards))) if ctx.is_main else None
+    done = count_shards(out, len(shards)) if ctx.is_main else None
     return ctx.broadcast_object(done), len(shards)
 
 

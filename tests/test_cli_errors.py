@@ -2,7 +2,7 @@ import errno
 
 import pytest
 
-from lazyinterp.cli_errors import as_option_message, one_line_message
+from lazyinterp.cli_errors import UserError, as_option_message, friendly_errors, one_line_message
 
 
 @pytest.mark.parametrize("exc, expected", [
@@ -23,3 +23,25 @@ def test_as_option_message_renames_only_the_leading_argument():
     assert as_option_message(ValueError('grid_shift: applies to grid="model" only'), options) == \
         'grid_shift: applies to grid="model" only'
     assert as_option_message(ValueError("no argument named here"), options) == "no argument named here"
+
+
+@pytest.mark.parametrize("exc, expected", [
+    (ValueError("sigma: expected a positive finite number, got -1.0"), "sigma: expected a positive finite number"),
+    (PermissionError(errno.EACCES, "Permission denied", "/out.npz"), "Permission denied (/out.npz)"),
+    (MemoryError(), "out of memory; ask for fewer samples or a smaller --batch-size"),
+])
+def test_friendly_errors_turn_library_failures_into_one_line(exc, expected):
+    def command():
+        raise exc
+
+    with pytest.raises(UserError) as caught:
+        friendly_errors(command)()
+    assert caught.value.format_message().startswith(expected)
+
+
+def test_friendly_errors_leave_programming_errors_alone():
+    def command():
+        raise KeyError("a bug, not a user's mistake")
+
+    with pytest.raises(KeyError):
+        friendly_errors(command)()

@@ -64,6 +64,29 @@ def test_interrupted_run_resumes_to_the_identical_result(checkpoint, tmp_path):
     assert np.array_equal(np.load(straight)["samples"], np.load(out)["samples"])
 
 
+def test_shards_are_computed_when_asked_for():
+    shards = distributed.shard_ranges(11, 4)
+    assert len(shards) == 3 and list(shards) == [range(0, 4), range(4, 8), range(8, 11)]
+    assert shards[-1] == range(8, 11) and shards[1:] == [range(4, 8), range(8, 11)]
+    with pytest.raises(IndexError):
+        shards[3]
+    assert len(distributed.shard_ranges(12, 4)) == 3 and list(distributed.shard_ranges(3, 10)) == [range(0, 3)]
+    huge = distributed.shard_ranges(10**15, 2)  # no list of 5 * 10^14 ranges
+    assert len(huge) == 5 * 10**14 and huge[-1] == range(10**15 - 2, 10**15)
+    with pytest.raises(ValueError, match="shard_size: expected at least 1"):
+        distributed.shard_ranges(10, 0)
+
+
+def test_a_job_of_any_size_makes_its_first_shards_and_stops(checkpoint, tmp_path):
+    out = tmp_path / "huge.npz"
+    args = sample_args(checkpoint, out, "lazy-vp", 4, "--max-shards", "1")
+    args[args.index("-n") + 1] = str(10**12)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "stopped with 1 of 250000000000 shards" in result.output
+    assert [p.name for p in distributed.shard_dir(out).glob("shard-*")] == ["shard-00000-of-250000000000.npz"]
+
+
 def test_resume_refuses_shards_of_other_settings(checkpoint, tmp_path):
     out = tmp_path / "x.npz"
     CliRunner().invoke(main, sample_args(checkpoint, out, "lazy-vp", 4, "--max-shards", "1"))
