@@ -1290,7 +1290,7 @@ def bench(workload: str, nfe: str, n: int | None, seed: int, samplers: str | Non
                             log=None if quiet else lambda line: tqdm.write(line, file=sys.stderr), ctx=ctx,
                             work_dir=work_dir, fresh=fresh, max_runs=max_runs, overhead=overhead, chunk=chunk,
                             sde_path_error=sde_path_error, mode_scale=mode_scale, finish=write_outputs)
-    except (ValueError, TypeError, RuntimeError, OSError) as exc:
+    except (ValueError, TypeError, RuntimeError, OSError, MemoryError) as exc:
         raise UserError(one_line_message(exc)) from None
     finally:
         distributed.teardown(ctx)

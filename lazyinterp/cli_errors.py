@@ -16,9 +16,21 @@ class UserError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` reports a failed allocation: Python's MemoryError, torch's OutOfMemoryError (a GPU) or the
+    RuntimeError of torch's CPU allocator."""
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
+OUT_OF_MEMORY = "out of memory; ask for fewer samples (-n) or a smaller --batch-size"
+
+
 def one_line_message(exc: BaseException) -> str:
-    """An error as one line: an operating-system error's reason and the file it concerns, else the first line of
-    its message (its type's name when it has none)."""
+    """An error as one line: a failed allocation as :data:`OUT_OF_MEMORY`, an operating-system error's reason and
+    the file it concerns, else the first line of its message (its type's name when it has none)."""
+    if out_of_memory(exc):
+        return OUT_OF_MEMORY
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.strerror} ({exc.filename})" if exc.filename else exc.strerror
     text = str(exc)
@@ -66,9 +78,10 @@ def friendly_errors(func):
             sys.exit(143 if terminated else 130)
         except (ValueError, TypeError, FetchError, OSError) as exc:
             raise UserError(one_line_message(exc)) from exc
-        except MemoryError as exc:
-            raise UserError(f"out of memory{f': {one_line_message(exc)}' if str(exc) else ''}; "
-                            "ask for fewer samples or a smaller --batch-size") from exc
+        except (MemoryError, RuntimeError) as exc:
+            if not out_of_memory(exc):
+                raise
+            raise UserError(one_line_message(exc)) from exc
         finally:
             if installed:  # None: a handler set outside Python, which cannot be put back; the default stands in
                 signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

@@ -28,7 +28,9 @@ def test_as_option_message_renames_only_the_leading_argument():
 @pytest.mark.parametrize("exc, expected", [
     (ValueError("sigma: expected a positive finite number, got -1.0"), "sigma: expected a positive finite number"),
     (PermissionError(errno.EACCES, "Permission denied", "/out.npz"), "Permission denied (/out.npz)"),
-    (MemoryError(), "out of memory; ask for fewer samples or a smaller --batch-size"),
+    (MemoryError(), "out of memory; ask for fewer samples (-n) or a smaller --batch-size"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to "
+                  "allocate 8000000000008 bytes"), "out of memory; ask for fewer samples (-n)"),
 ])
 def test_friendly_errors_turn_library_failures_into_one_line(exc, expected):
     def command():
@@ -39,9 +41,10 @@ def test_friendly_errors_turn_library_failures_into_one_line(exc, expected):
     assert caught.value.format_message().startswith(expected)
 
 
-def test_friendly_errors_leave_programming_errors_alone():
+@pytest.mark.parametrize("exc", [KeyError("a bug, not a user's mistake"), RuntimeError("a kernel failed")])
+def test_friendly_errors_leave_programming_errors_alone(exc):
     def command():
-        raise KeyError("a bug, not a user's mistake")
+        raise exc
 
-    with pytest.raises(KeyError):
+    with pytest.raises(type(exc)):
         friendly_errors(command)()
