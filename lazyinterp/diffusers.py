@@ -345,6 +345,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         if invert_sigmas:
             raise ValueError("invert_sigmas: inverted sigmas are not supported; flow models here go from noise "
                              "(sigma 1) to data (sigma 0)")
+        if sum(bool(flag) for flag in (use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)) > 1:
+            raise ValueError("use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas: set at most one of them")
         if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) \
                 or num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps: expected a positive integer, got {num_train_timesteps!r}")
@@ -495,13 +497,18 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         self.noise_seeds: list[int] | None = None
 
     def _shifted_sigmas(self, sigmas: Tensor, mu: float | None) -> Tensor:
-        """``sigmas`` through exactly FlowMatchEulerDiscreteScheduler's shifting (float32, as it computes)."""
+        """``sigmas`` through exactly FlowMatchEulerDiscreteScheduler's shifting (float32, as it computes).
+
+        Its ``shift_terminal`` stretch maps the last sigma to ``shift_terminal`` by rescaling 1 − σ by its last
+        value, which is 0/0 for a run whose only sigma is 1 (one step): that run is left unstretched.
+        """
         cfg = self.config
+        shift_terminal = cfg.shift_terminal if float(sigmas[-1]) < 1 else None
         helper = FlowMatchEulerDiscreteScheduler(
             num_train_timesteps=cfg.num_train_timesteps, shift=self._shift,
             use_dynamic_shifting=cfg.use_dynamic_shifting, base_shift=cfg.base_shift, max_shift=cfg.max_shift,
             base_image_seq_len=cfg.base_image_seq_len, max_image_seq_len=cfg.max_image_seq_len,
-            shift_terminal=cfg.shift_terminal,
+            shift_terminal=shift_terminal,
             use_karras_sigmas=cfg.use_karras_sigmas, use_exponential_sigmas=cfg.use_exponential_sigmas,
             use_beta_sigmas=cfg.use_beta_sigmas, time_shift_type=cfg.time_shift_type)
         helper.set_timesteps(sigmas=sigmas.tolist(), mu=mu)

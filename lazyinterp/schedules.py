@@ -375,7 +375,7 @@ class LazySchedule(Schedule):
     def resolve(self, sigma: float) -> LazySchedule:
         """This family's member with the given σ (the same object for the same σ, so that the values it
         remembers serve every call that samples with it)."""
-        return _resolved_member(type(self), float(sigma))
+        return _resolved_member(type(self), _check_sigma(sigma))
 
     @property
     def resolved(self) -> bool:

@@ -535,6 +535,23 @@ def test_edited_latents_between_steps_are_followed():
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
 
 
+def test_shift_terminal_matches_flow_match_euler_and_leaves_a_single_step_alone():
+    """shift_terminal stretches the sigmas as FlowMatchEulerDiscreteScheduler does; with one step, where its stretch
+    is 0/0, the run goes from sigma 1 to 0 in one Euler step (the linear schedule's own, so it is exact)."""
+    for steps in (2, 5):
+        ours, theirs = LazyScheduler(schedule="linear", shift_terminal=0.2), FlowMatchEulerDiscreteScheduler(
+            shift_terminal=0.2)
+        ours.set_timesteps(steps)
+        theirs.set_timesteps(steps)
+        torch.testing.assert_close(ours.sigmas.float(), theirs.sigmas, rtol=1e-6, atol=1e-6)
+    sched = LazyScheduler(schedule="linear", shift_terminal=0.2)
+    sched.set_timesteps(1)
+    assert sched.sigmas.tolist() == [1.0, 0.0]
+    z = torch.randn(2, 3, generator=torch.Generator().manual_seed(5))
+    output = torch.randn(2, 3, generator=torch.Generator().manual_seed(6))  # ε − x_data at sigma 1
+    torch.testing.assert_close(sched.step(output, sched.timesteps[0], z).prev_sample, z - output)
+
+
 def test_image_to_image_begin_index_and_scale_noise():
     """scale_noise and set_begin_index behave as FlowMatchEulerDiscreteScheduler's (image-to-image)."""
     def output(x, t):
@@ -635,6 +652,10 @@ def test_errors_name_the_argument():
         sched.set_timesteps(sigmas=[0.5, 0.8])
     with pytest.raises(ValueError, match="num_inference_steps"):
         sched.set_timesteps(3, sigmas=[1.0, 0.5])
+    with pytest.raises(ValueError, match="use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas: set at most one"):
+        LazyScheduler(use_karras_sigmas=True, use_beta_sigmas=True)
+    with pytest.raises(TypeError, match="sigma: expected a positive number or None, got str"):
+        LazyScheduler(schedule="lazy-vp", sigma="0.5")
     for steps in (0, 2**20 + 1, 10**12):
         with pytest.raises(ValueError, match="num_inference_steps: expected an integer from 1 to 1048576"):
             sched.set_timesteps(steps)

@@ -194,7 +194,7 @@ def mnist_test():
 
 
 @pytest.fixture(scope="module")
-def test_subset(mnist_test):
+def held_out_subset(mnist_test):
     images, labels = mnist_test
     idx = np.random.default_rng(0).choice(len(images), N_SANITY, replace=False)
     feats, probs = metrics.features_and_probs(to_model_units(images[idx]))
@@ -221,8 +221,8 @@ def test_classifier_is_cached_and_in_eval_mode():
     assert not any(p.requires_grad for p in model.parameters())
 
 
-def test_classifier_accuracy(test_subset):
-    _, labels, feats, probs = test_subset
+def test_classifier_accuracy(held_out_subset):
+    _, labels, feats, probs = held_out_subset
     assert feats.shape == (N_SANITY, 256) and probs.shape == (N_SANITY, 10)
     assert feats.dtype == np.float64 and probs.dtype == np.float64
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
@@ -230,8 +230,8 @@ def test_classifier_accuracy(test_subset):
     assert accuracy >= 0.98
 
 
-def test_model_units_are_mapped_to_the_classifier_normalisation(test_subset):
-    images, _, feats, probs = test_subset
+def test_model_units_are_mapped_to_the_classifier_normalisation(held_out_subset):
+    images, _, feats, probs = held_out_subset
     x = torch.from_numpy(images[:64]).float()[:, None] / 255.0
     with torch.no_grad():
         logits = metrics.classifier()((x - 0.1307) / 0.3081)
@@ -240,8 +240,8 @@ def test_model_units_are_mapped_to_the_classifier_normalisation(test_subset):
     np.testing.assert_allclose(small_batches, feats[:64], rtol=1e-4, atol=1e-4)
 
 
-def test_class_report_on_real_images(test_subset):
-    report = metrics.class_report(test_subset[3])
+def test_class_report_on_real_images(held_out_subset):
+    report = metrics.class_report(held_out_subset[3])
     assert report["mean_confidence"] > 0.95
     assert report["class_entropy"] == pytest.approx(math.log(10), abs=0.02)
     assert sum(report["class_histogram"]) == N_SANITY

@@ -172,6 +172,9 @@ def test_resolve_returns_one_member_per_sigma():
     assert family.resolve(0.7) is first and li.point_mass(None).resolve(0.7) is not first
     assert family.resolve(0.8) is not first
     assert float(first.alpha(0.25)) == pytest.approx(0.7 * math.cos(math.pi / 8), rel=1e-15)
+    for sigma, error in (("0.7", TypeError), (None, TypeError), (-0.7, ValueError), (math.nan, ValueError)):
+        with pytest.raises(error, match="sigma: expected a positive"):
+            family.resolve(sigma)
 
 
 @pytest.mark.parametrize("sched", all_schedules(), ids=lambda s: s.name)
