@@ -7,15 +7,19 @@ from typing import Any
 import torch
 
 
-def check_device(device: Any, argument: str = "device") -> torch.device:
+def check_device(device: Any, argument: str = "device", kinds: tuple[str, ...] | None = None) -> torch.device:
     """``device`` (a torch.device or its name) as a torch.device that can hold tensors here, or a ValueError
-    naming ``argument``: an unknown name, a backend this build of torch lacks (CUDA on a CPU-only wheel), a GPU
-    index beyond the machine's, or the ``meta`` device, which holds no values to sample."""
+    naming ``argument``: an unknown name, a device type outside ``kinds`` (when given, e.g. the backends a process
+    group supports), a backend this build of torch lacks (CUDA on a CPU-only wheel), a GPU index beyond the
+    machine's, or the ``meta`` device, which holds no values to sample."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"{argument}: expected a torch device or its name ('cpu', 'cuda', 'cuda:1'), "
-                         f"got {device!r}") from None
+        dev = None
+    if dev is None or (kinds is not None and dev.type not in kinds):
+        expected = ("a torch device or its name ('cpu', 'cuda', 'cuda:1')" if kinds is None else
+                    ", ".join(kinds) + (" or cuda:N" if "cuda" in kinds else ""))
+        raise ValueError(f"{argument}: expected {expected}, got {device!r}")
     if dev.type == "meta":
         raise ValueError(f"{argument}: the meta device holds no values; expected e.g. 'cpu' or 'cuda'")
     if dev.type == "cuda":

@@ -38,3 +38,14 @@ def test_missing_gpus_are_refused_naming_what_is_there():
 def test_a_backend_missing_from_this_build_is_refused():
     with pytest.raises(ValueError, match="device: 'mps' is not available here"):
         check_device("mps")
+
+
+def test_kinds_limit_the_device_types():
+    """A process group runs on gloo (CPU) or nccl (CUDA) only: other types are refused by name, unknown names the
+    same way."""
+    assert check_device("cpu:0", kinds=("cpu", "cuda")) == torch.device("cpu", 0)
+    for device in ("mps", "meta", "gpu", "x:y"):
+        with pytest.raises(ValueError, match=rf"^device: expected cpu, cuda or cuda:N, got '{device}'$"):
+            check_device(device, kinds=("cpu", "cuda"))
+    with pytest.raises(ValueError, match=r"^device: expected cpu, got 'cuda'$"):
+        check_device("cuda", kinds=("cpu",))
