@@ -62,7 +62,9 @@ SAMPLE_OPTIONS = {"grid": "--time-grid", "grid_shift": "--grid-shift", "sigma": 
 
 
 # The TrainConfig fields that its errors name, likewise.
-TRAIN_OPTIONS = {"batch_size": "--batch-size", "device": "--device"}
+TRAIN_OPTIONS = {"batch_size": "--batch-size", "device": "--device", "lr": "--lr", "threads": "--threads",
+                 "steps": "--steps", "warmup": "--warmup", "ema_decay": "--ema-decay", "channels": "--channels",
+                 "checkpoint_every": "--checkpoint-every", "limit_data": "--limit-data"}
 
 
 @main.command()
@@ -105,8 +107,6 @@ def train(out_dir: Path, data: str, steps: int, batch_size: int, lr: float, warm
         widths = tuple(int(c) for c in channels.split(","))
     except ValueError as exc:
         raise UserError(f"--channels: expected comma-separated integers, got {channels!r}") from exc
-    if not widths or min(widths) < 8 or any(w % 8 for w in widths):
-        raise UserError(f"--channels: each width must be a positive multiple of 8, got {channels!r}")
     cfg = TrainConfig(data=data, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay,
                       channels=widths, seed=seed,
                       checkpoint_every=checkpoint_every, threads=threads, limit_data=limit_data,
@@ -114,7 +114,7 @@ def train(out_dir: Path, data: str, steps: int, batch_size: int, lr: float, warm
     command = "lazyinterp " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
         path = run_training(cfg, out_dir, command=command)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise UserError(as_option_message(exc, TRAIN_OPTIONS)) from exc
     click.echo(str(path))
 

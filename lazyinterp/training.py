@@ -47,6 +47,35 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the platform tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """A ValueError or TypeError naming the first field of ``cfg`` that cannot train."""
+    def integer(name: str, low: int, high: int | None = None) -> None:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name}: expected an integer, got {type(value).__name__}")
+        if value < low or (high is not None and value > high):
+            bound = f"from {low} to {high}" if high is not None else f">= {low}"
+            raise ValueError(f"{name}: expected an integer {bound}, got {value}")
+
+    for name, low in (("steps", 1), ("batch_size", 1), ("warmup", 0), ("checkpoint_every", 1), ("limit_data", 0)):
+        integer(name, low)
+    # More threads than CPUs only oversubscribes them, and a huge count crashes torch's thread pool.
+    integer("threads", 0, available_cpus())
+    float32_max = float(torch.finfo(torch.float32).max)
+    if isinstance(cfg.lr, bool) or not isinstance(cfg.lr, (int, float)) or not 0 < cfg.lr <= float32_max:
+        raise ValueError(f"lr: expected a positive number a float32 parameter can take, got {cfg.lr!r}")
+    if isinstance(cfg.ema_decay, bool) or not isinstance(cfg.ema_decay, (int, float)) or not 0 <= cfg.ema_decay < 1:
+        raise ValueError(f"ema_decay: expected a number in [0, 1), got {cfg.ema_decay!r}")
+    if not cfg.channels or any(isinstance(c, bool) or not isinstance(c, int) or c < 8 or c % 8
+                               for c in cfg.channels):
+        raise ValueError(f"channels: each width must be a positive multiple of 8, got {cfg.channels!r}")
+
+
 def _lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to 5% of the peak."""
     if step < cfg.warmup:
@@ -79,6 +108,7 @@ def train(cfg: TrainConfig, out_dir: Path | str, *, images: np.ndarray | None = 
     from .data import load, to_model_units
     from .fetch import atomic_path
 
+    check_config(cfg)
     device = check_device(cfg.device)
     if images is None:
         images, _ = load(cfg.data, "train")
@@ -130,6 +160,11 @@ def train(cfg: TrainConfig, out_dir: Path | str, *, images: np.ndarray | None = 
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, cfg)
             loss = flow_matching_loss(net, data[idx.to(device)], gen)
+            if not math.isfinite(loss.item()):
+                # Raised before this step's update reaches the saved state: a rerun resumes from the last good
+                # checkpoint (with another --lr, or as it was).
+                raise ValueError(f"lr: the loss became {loss.item()} at step {step + 1} with learning rate "
+                                 f"{_lr_at(step, cfg):.3g}; lower it")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)

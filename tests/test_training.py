@@ -44,12 +44,31 @@ def test_loss_decreases_on_a_small_batch(tmp_path):
     (dict(batch_size=65), "batch_size: 65 is more than the 64 training images"),
     (dict(device="meta"), "device: the meta device holds no values"),
     (dict(device="nosuchdevice"), "device: expected a torch device"),
+    (dict(steps=0), "steps: expected an integer >= 1, got 0"),
+    (dict(lr=1e39), "lr: expected a positive number a float32 parameter can take"),
+    (dict(lr=-1e-3), "lr: expected a positive number"),
+    (dict(ema_decay=1.0), r"ema_decay: expected a number in \[0, 1\)"),
+    (dict(channels=(12,)), "channels: each width must be a positive multiple of 8"),
+    (dict(threads=10**6), "threads: expected an integer from 0 to"),
+    (dict(warmup=2.5), "warmup: expected an integer"),
 ])
 def test_settings_that_cannot_train_are_refused_before_any_file_is_written(tmp_path, overrides, message):
     images, _ = data.load("mnist", "test")
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, TypeError), match=message):
         train(tiny_config(**overrides), tmp_path / "run", images=images[:64], progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_loss(tmp_path):
+    """A learning rate far too large makes the loss NaN after the first update: training stops there, naming lr,
+    before the NaN weights reach a saved state or an exported model."""
+    images, _ = data.load("mnist", "test")
+    with pytest.raises(ValueError, match=r"lr: the loss became (nan|inf) at step 2 with learning rate \S+; lower it"):
+        train(tiny_config(lr=1e30, warmup=0, steps=5, checkpoint_every=1), tmp_path, images=images[:64],
+              progress=False)
+    exported = load_network(tmp_path / "model.safetensors")[0]  # from step 1, before the loss diverged
+    assert all(bool(torch.isfinite(p).all()) for p in exported.parameters())
+    assert torch.load(tmp_path / "train_state.pt", weights_only=True)["step"] == 1
 
 
 def test_a_model_that_is_neither_a_name_nor_a_path_is_refused():
