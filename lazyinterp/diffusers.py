@@ -58,6 +58,7 @@ from .samplers import (
     check_grid,
     check_optional_bool,
     check_settings,
+    default_last_step,
     exponential_terms,
     log_snr,
     normal_draws,
@@ -269,12 +270,12 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
     the next one from the corrected state with that same drift; a step whose latents the pipeline edited
     (inpainting) is not corrected, so the edit stands. ``"heun"`` (order 2) interleaves like
     ``FlowMatchHeunDiscreteScheduler``: timesteps m_0, m_1, m_1, …, m_{N−1}, m_{N−1}, then m_N = 0 (the
-    corrector at t = 1) when ``last_step="euler"``; with ``last_step="denoise"`` (the default for SDEs) the last
-    interval is x_1 = η_X(t_{N−1}, x) and m_N is dropped. ``"exponential"`` (once per node; ODE or an SDE with
-    ε = κ ε*) is :func:`lazyinterp.samplers.exponential`: the exact step with η_X held over the interval, DDIM's
-    step for the ODE and DDPM's ancestral step for ε*; ``"exponential-2m"`` extrapolates η_X linearly in
-    log-SNR from the node before (second order, once per node). The default is :func:`lazyinterp.sample`'s: ``"ab2"``
-    for an ODE on a lazy schedule, ``"ab2-pc"`` there from 12 steps
+    corrector at t = 1) when ``last_step="euler"``; with ``last_step="denoise"`` (the default for SDEs of two
+    steps or more) the last interval is x_1 = η_X(t_{N−1}, x) and m_N is dropped. ``"exponential"`` (once per
+    node; ODE or an SDE with ε = κ ε*) is :func:`lazyinterp.samplers.exponential`: the exact step with η_X held
+    over the interval, DDIM's step for the ODE and DDPM's ancestral step for ε*; ``"exponential-2m"``
+    extrapolates η_X linearly in log-SNR from the node before (second order, once per node). The default is
+    :func:`lazyinterp.sample`'s: ``"ab2"`` for an ODE on a lazy schedule, ``"ab2-pc"`` there from 12 steps
     (:data:`lazyinterp.samplers.PC_DEFAULT_FROM_STEPS`, decided in ``set_timesteps``), ``"ab2"`` for the
     point-mass SDE with ε*, ``"exponential-2m"`` for any other SDE with ε = κ ε*, ``"euler"`` otherwise;
     the config keeps ``solver=None`` for it, so a reloaded or re-targeted config takes the default of its own
@@ -351,8 +352,9 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                 or num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps: expected a positive integer, got {num_train_timesteps!r}")
         target, config_name, config_sigma = self._target_schedule(schedule, sigma)
-        probe_diffusion, self._solver, self._last_step = check_settings(target, diffusion, solver, last_step,
-                                                                        covariance is not None)
+        probe_diffusion, self._solver, self._configured_last_step = check_settings(
+            target, diffusion, solver, last_step, covariance is not None)
+        self._last_step = self._configured_last_step  # a one-step SDE run takes Euler's (set_timesteps)
         self._covariance = self._check_covariance(covariance)
         if self._covariance is not None and not target.resolved:
             # As in li.sample: with a covariance, σ only sets the time variable, √(tr Σ/D) unless given.
@@ -576,6 +578,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         self._node_sigmas = node_sigmas
 
         probe = not self._target_resolved
+        self._last_step = self._configured_last_step if self.config.last_step is not None else \
+            default_last_step(not self._is_sde, n)
         denoise = self._last_step == "denoise"
         plan: list[tuple[str, int]] = []
         for k in range(n):

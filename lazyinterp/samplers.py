@@ -970,6 +970,13 @@ def check_optional_bool(value: Any, argument: str) -> None:
         raise TypeError(f"{argument}: expected True, False or None, got {type(value).__name__}")
 
 
+def default_last_step(is_ode: bool, steps: int | None = None) -> str:
+    """The last step :func:`sample` takes unless told: "euler" for an ODE, "denoise" (x_1 = η_X) for an SDE, where
+    it removes the last step's noise (theory §4, measured in the README) — except on a one-step grid, where it
+    would replace the only step, and every sample would be E[X]."""
+    return "euler" if is_ode or steps == 1 else "denoise"
+
+
 def check_settings(schedule: Schedule, diffusion: Any = None, solver: str | None = None,
                    last_step: str | None = None, with_covariance: bool = False) -> tuple[Diffusion, str, str]:
     """The checks of :func:`sample` that need no model or data: (diffusion, solver, last step) as it resolves
@@ -977,7 +984,7 @@ def check_settings(schedule: Schedule, diffusion: Any = None, solver: str | None
     diffusion_spec = resolve_diffusion(diffusion, schedule)
     solver = _check_solver(default_solver(schedule, diffusion_spec) if solver is None else solver)
     if last_step is None:
-        last_step = "euler" if diffusion_spec.is_ode else "denoise"
+        last_step = default_last_step(diffusion_spec.is_ode)
     if last_step not in LAST_STEPS:
         raise ValueError(f"last_step: expected one of {', '.join(LAST_STEPS)}, got {last_step!r}")
     if with_covariance:
@@ -1070,7 +1077,8 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
             schedule's, whatever the model's: the same grid for a rectified-flow, VP or DDPM model of the same
             data); default "linear" for the lazy schedules and "uniform" otherwise.
         last_step: "euler" or "denoise" (x_1 = η_X(t_{N−1}, x)); default "euler" for ODEs and "denoise" for
-            SDEs.
+            SDEs, but "euler" for a one-step SDE, whose only step a denoising one would replace
+            (:func:`default_last_step`).
         center: sample X − E[X] with the model's own estimate of E[X] and add it back; default on for the lazy
             schedules, which are lazy only for centred data.
         indices: global indices of the samples, for per-sample noise when a job is split (default 0..B−1).
@@ -1106,7 +1114,7 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
     if sde_noise not in SDE_NOISES:
         raise ValueError(f"sde_noise: expected one of {', '.join(SDE_NOISES)}, got {sde_noise!r}")
     target = predictor.schedule if schedule is None else get_schedule(schedule)
-    solver_is_default = solver is None
+    solver_is_default, last_step_is_default = solver is None, last_step is None
     diffusion_spec, solver, last_step = check_settings(target, diffusion, solver, last_step, covariance is not None)
     # Measured (README, "Benchmarks"): in lazy coordinates two-step Adams–Bashforth beats Euler at equal NFE, and
     # its third-order predictor-corrector form overtakes it once steps are short; chosen below, with the grid.
@@ -1202,6 +1210,8 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         solver = "ab2-pc"
     elif auto_multistep and covariance is not None and len(grid) - 1 < COVARIANCE_AB2_FROM_STEPS:
         solver = "euler"
+    if last_step_is_default:
+        last_step = default_last_step(diffusion_spec.is_ode, len(grid) - 1)
     known_start = bool(known_start) and float(grid[0]) == 0.0
     if covariance is not None:
         dynamics = CovarianceLazyDynamics(convert(source, target), covariance, known_start)

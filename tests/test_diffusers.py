@@ -194,7 +194,9 @@ def test_pipeline_latents_equal_li_sample(kind, name, steps, sd3, flux, embeds):
     z = layout(kind, z)
     assert scheduler.step_index == len(scheduler.timesteps)
     expected_evals = steps * (2 if config.get("solver") == "heun" else 1)
-    expected_evals -= 1 if config.get("solver") == "heun" and config.get("diffusion", "ode") != "ode" else 0
+    # An SDE's default last step denoises (one evaluation, not Heun's two), except in a one-step run.
+    expected_evals -= 1 if config.get("solver") == "heun" and config.get("diffusion", "ode") != "ode" \
+        and steps > 1 else 0
     assert len(scheduler.timesteps) == expected_evals
 
     target = scheduler._target
@@ -997,3 +999,22 @@ def test_an_edit_of_the_latents_between_steps_stands(solver):
         finals.append(x)
     _, scale = time_change(li.linear(), li.lazy_vp(sigma), float(scheduler.grid[edit_node]))
     torch.testing.assert_close(finals[1] - finals[0], float(scale) * delta.expand(2, 3), rtol=0, atol=1e-12)
+
+
+def test_a_one_step_sde_run_keeps_its_noise():
+    """As in li.sample, a one-step SDE run takes an Euler–Maruyama last step by default, not the denoising one that
+    would return E[X] for every sample; two steps and more denoise last."""
+    latents = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+
+    def run(steps, last_step=None):
+        sched = LazyScheduler(schedule="point-mass", sigma=1.0, diffusion="optimal", solver="euler",
+                              last_step=last_step)
+        sched.set_timesteps(steps)
+        x, gen = latents.clone(), torch.Generator().manual_seed(1)
+        for t in sched.timesteps:
+            x = sched.step(torch.tanh(x) - x, t, x, generator=gen).prev_sample
+        return x
+
+    torch.testing.assert_close(run(1), run(1, "euler"), rtol=0, atol=0)
+    assert not torch.allclose(run(1), run(1, "denoise"), atol=1e-2)
+    torch.testing.assert_close(run(3), run(3, "denoise"), rtol=0, atol=0)

@@ -82,6 +82,20 @@ def test_one_lazy_euler_step_is_exact_whatever_the_model_predicts(trained_under,
         assert info.estimation_nfe == (2 if reads_at_0 else 1) + 1 + (sigma != 0.4)
 
 
+@pytest.mark.parametrize("solver", ["euler", "ab2", "heun"])
+def test_a_one_step_sde_keeps_its_only_step(solver):
+    """An SDE's default last step is the denoising one, except on a one-step grid: there it would replace the
+    only step, and every sample would be E[X]. With two steps and more the default is the denoising step."""
+    model = gaussian(0.8, mean=0.3).model("linear")
+    kw = dict(shape=(3000, 3), schedule="point-mass", solver=solver, generator=3, dtype=F64)
+    one = li.sample(model, steps=1, **kw)
+    torch.testing.assert_close(one, li.sample(model, steps=1, last_step="euler", **kw), rtol=0, atol=0)
+    assert float(one.std()) > 0.5 and float(li.sample(model, steps=1, last_step="denoise", **kw).std()) < 1e-9
+    torch.testing.assert_close(li.sample(model, steps=3, **kw), li.sample(model, steps=3, last_step="denoise", **kw),
+                               rtol=0, atol=0)
+    assert li.sample(model, steps=1, return_info=True, **kw)[1].nfe == li.count_nfe(solver, 1, "euler", True)
+
+
 @pytest.mark.parametrize("steps", [1, 3, 8])
 @pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0])
 @pytest.mark.parametrize(("sde_noise", "streams"), [("independent", NoiseStreams), ("keyed", KeyedStreams)])
