@@ -117,6 +117,7 @@ def train(cfg: TrainConfig, out_dir: Path | str, *, images: np.ndarray | None = 
     if cfg.batch_size > len(images):
         raise ValueError(f"batch_size: {cfg.batch_size} is more than the {len(images)} training images")
     out_dir = Path(out_dir)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -185,6 +186,17 @@ def train(cfg: TrainConfig, out_dir: Path | str, *, images: np.ndarray | None = 
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 save_state()
                 export(ema, cfg, out_dir / "model.safetensors", command=command, losses=losses)
+    except BaseException:
+        # A run that stopped before its first checkpoint leaves nothing to resume: no empty log, and no folder
+        # that this call created.
+        if not state_file.exists():
+            log.close()
+            log_path = out_dir / "train_log.jsonl"
+            if log_path.stat().st_size == 0:
+                log_path.unlink()
+            if created and not any(out_dir.iterdir()):
+                out_dir.rmdir()
+        raise
     finally:
         bar.close()
         log.close()

@@ -69,6 +69,11 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss(tmp_path):
     exported = load_network(tmp_path / "model.safetensors")[0]  # from step 1, before the loss diverged
     assert all(bool(torch.isfinite(p).all()) for p in exported.parameters())
     assert torch.load(tmp_path / "train_state.pt", weights_only=True)["step"] == 1
+    # Diverging before the first checkpoint leaves nothing behind.
+    with pytest.raises(ValueError, match="lr: the loss became"):
+        train(tiny_config(lr=1e30, warmup=0, steps=5, checkpoint_every=100), tmp_path / "fresh", images=images[:64],
+              progress=False)
+    assert not (tmp_path / "fresh").exists()
 
 
 def test_a_model_that_is_neither_a_name_nor_a_path_is_refused():
