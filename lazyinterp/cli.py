@@ -205,6 +205,8 @@ def sample(model_name: str, schedule: str, steps: int, solver: str, diffusion: s
     ensure_writable(out, "--out")
     if grid_png is not None:
         ensure_writable(grid_png, "--grid")
+    if fid and n < 2:
+        raise UserError(f"--fid: FID compares feature covariances, so it needs at least 2 samples, got -n {n}")
     if cuda_graph and not device.startswith("cuda"):
         raise UserError(f"--cuda-graph: needs --device cuda, got {device}")
     if sigma is not None and schedule not in ("lazy-vp", "point-mass"):

@@ -115,6 +115,8 @@ def test_cli_errors_are_one_line_and_leave_no_file(checkpoint, tmp_path):
     # Refused once σ, and so the grid, is known (after the progress bar has started, hence --quiet).
     assert_one_line_error(run("sample", "--model", checkpoint, "--grid-shift", "1e-30", "--quiet", "--out", out),
                           "--grid-shift: 1e-30 moves nodes")
+    assert_one_line_error(run("sample", "--model", checkpoint, "-n", "1", "--fid", "--out", out),
+                          "--fid: FID compares feature covariances, so it needs at least 2 samples, got -n 1")
     # A step count past any use would otherwise end in an allocation error.
     assert_one_line_error(run("sample", "--model", checkpoint, "--steps", "1000000000000", "--quiet", "--out", out),
                           "--steps: expected at most 1048576 intervals")
