@@ -152,7 +152,8 @@ def train(cfg: TrainConfig, out_dir: Path | str, *, images: np.ndarray | None = 
 
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="train", unit="step",
                dynamic_ncols=True)
-    log = open(out_dir / "train_log.jsonl", "a")
+    log_path = out_dir / "train_log.jsonl"
+    log = open(log_path, "a")
     started = time.time()
     try:
         net.train()
@@ -161,10 +162,11 @@ def train(cfg: TrainConfig, out_dir: Path | str, *, images: np.ndarray | None = 
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, cfg)
             loss = flow_matching_loss(net, data[idx.to(device)], gen)
-            if not math.isfinite(loss.item()):
+            loss_value = loss.item()  # one read of the device per step
+            if not math.isfinite(loss_value):
                 # Raised before this step's update reaches the saved state: a rerun resumes from the last good
                 # checkpoint (with another --lr, or as it was).
-                raise ValueError(f"lr: the loss became {loss.item()} at step {step + 1} with learning rate "
+                raise ValueError(f"lr: the loss became {loss_value} at step {step + 1} with learning rate "
                                  f"{_lr_at(step, cfg):.3g}; lower it")
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -175,7 +177,7 @@ def train(cfg: TrainConfig, out_dir: Path | str, *, images: np.ndarray | None = 
                 for p_ema, p in zip(ema.parameters(), net.parameters(), strict=True):
                     p_ema.lerp_(p, 1 - decay)
             step += 1
-            losses.append(loss.item())
+            losses.append(loss_value)
             bar.update(1)
             if step % 50 == 0 or step == cfg.steps:
                 recent = float(np.mean(losses[-50:]))
@@ -191,7 +193,6 @@ def train(cfg: TrainConfig, out_dir: Path | str, *, images: np.ndarray | None = 
         # that this call created.
         if not state_file.exists():
             log.close()
-            log_path = out_dir / "train_log.jsonl"
             if log_path.stat().st_size == 0:
                 log_path.unlink()
             if created and not any(out_dir.iterdir()):
