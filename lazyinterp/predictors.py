@@ -253,6 +253,10 @@ class Model:
     def raw(self, x: Tensor, t: Tensor | float) -> Tensor:
         """The network's own output at (x, t), in x's dtype; t is clamped to [t_min, t_max]."""
         _check_state(x, t)
+        return self._output(x, t)
+
+    def _output(self, x: Tensor, t: Tensor | float) -> Tensor:
+        """:meth:`raw` for arguments already checked."""
         batch = x.shape[0]
         dtype = self.net_dtype or x.dtype
         if not isinstance(t, Tensor) or t.ndim == 0:
@@ -312,7 +316,7 @@ class Model:
             t_eval = as_time(t).clamp(self.t_min, self.t_max)
         else:
             t_eval = min(max(float(t), self.t_min), self.t_max)
-        out = self.raw(x, t_eval)
+        out = self._output(x, t_eval)
         return to_eta_terms(self.predicts, out, x, *coefficients(self.schedule, t_eval))
 
     def predict(self, x: Tensor, t: Tensor | float, kind: str = "velocity") -> Tensor:
