@@ -352,9 +352,9 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                 or num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps: expected a positive integer, got {num_train_timesteps!r}")
         target, config_name, config_sigma = self._target_schedule(schedule, sigma)
-        probe_diffusion, self._solver, self._configured_last_step = check_settings(
-            target, diffusion, solver, last_step, covariance is not None)
-        self._last_step = self._configured_last_step  # a one-step SDE run takes Euler's (set_timesteps)
+        # The default last step is settled per run, in set_timesteps (a one-step SDE run takes Euler's).
+        probe_diffusion, self._solver, self._last_step = check_settings(target, diffusion, solver, last_step,
+                                                                        covariance is not None)
         self._covariance = self._check_covariance(covariance)
         if self._covariance is not None and not target.resolved:
             # As in li.sample: with a covariance, σ only sets the time variable, √(tr Σ/D) unless given.
@@ -578,8 +578,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         self._node_sigmas = node_sigmas
 
         probe = not self._target_resolved
-        self._last_step = self._configured_last_step if self.config.last_step is not None else \
-            default_last_step(not self._is_sde, n)
+        self._last_step = self.config.last_step or default_last_step(not self._is_sde, n)
         denoise = self._last_step == "denoise"
         plan: list[tuple[str, int]] = []
         for k in range(n):
