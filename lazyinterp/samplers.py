@@ -120,21 +120,53 @@ def snr_matched_grid(steps: int, schedule: Schedule, reference: Schedule | str =
 GRIDS = ("uniform", "model", "linear")
 # Named grids that match the SNRs of a reference schedule's uniform grid, and take a shift.
 SNR_MATCHED_GRIDS = ("model", "linear")
-# The σ range in which a lazy schedule's "model" or "linear" grid matches the reference's SNRs. A lazy schedule's
-# samples scale with the data, but a reference's uniform grid does not: for data far from unit scale it crowds its
-# nodes at one end of the data's SNR range, and the lazy schedule's own uniform grid is better (README, "steps").
+# The σ range beyond which a lazy schedule's "model" or "linear" grid is the lazy schedule's own uniform grid. A lazy
+# schedule's samples scale with the data, but a reference's uniform grid does not: for data far from unit scale it
+# crowds its nodes at one end of the data's SNR range, and the lazy schedule's own uniform grid is better (README,
+# "steps").
 GRID_SIGMA_RANGE = (0.25, 4.0)
+# The σ range, per lazy family, inside which those grids are exactly the reference's SNRs. Between it and
+# GRID_SIGMA_RANGE the node log-SNRs move linearly in |log σ| from the reference's to the own grid's, so the grid is
+# a continuous function of σ. For the lazy VP ODE the blend starts at a factor 2 from unit scale: on random Gaussian
+# mixtures with σ in [1/4, 1/2] or [2, 4] it beat the reference's grid on every one (docs/studies/grid_blend.py),
+# while inside [1/2, 2] the reference's grid is the better one on MNIST and gmm-2d (README, "steps"). The point-mass
+# SDE keeps the reference's grid up to a factor 4: on gmm-2d at σ = 3.7 the own grid and the blend were both worse.
+MATCHED_GRID_SIGMA_RANGE = {"lazy_vp": (0.5, 2.0), "point_mass": GRID_SIGMA_RANGE}
 
 
-def grid_reference(schedule: Schedule, reference: Schedule) -> Schedule:
-    """The schedule whose uniform grid a "model" or "linear" grid matches in SNR: ``reference``, unless
-    ``schedule`` is lazy with σ outside :data:`GRID_SIGMA_RANGE`, where it is ``schedule`` itself (its uniform
-    grid, which depends on the data's SNR βσ/α alone)."""
+def own_grid_weight(schedule: Schedule) -> float:
+    """The weight w in [0, 1] of a schedule's own uniform grid in its "model" or "linear" grid: 0 unless the schedule
+    is lazy with σ outside its :data:`MATCHED_GRID_SIGMA_RANGE` [a, b], 1 outside :data:`GRID_SIGMA_RANGE` [a', b'],
+    and between, w = (log(σ/b))/log(b'/b) above and log(a/σ)/log(a/a') below."""
     sigma = getattr(schedule, "sigma", None)
-    low, high = GRID_SIGMA_RANGE
-    if isinstance(schedule, LazySchedule) and sigma is not None and not low <= sigma <= high:
-        return schedule
-    return reference
+    if not isinstance(schedule, LazySchedule) or sigma is None:
+        return 0.0
+    low, high = MATCHED_GRID_SIGMA_RANGE.get(schedule.family, GRID_SIGMA_RANGE)
+    outer_low, outer_high = GRID_SIGMA_RANGE
+    if sigma > high:
+        return 1.0 if sigma >= outer_high else math.log(sigma / high) / math.log(outer_high / high)
+    if sigma < low:
+        return 1.0 if sigma <= outer_low else math.log(low / sigma) / math.log(low / outer_low)
+    return 0.0
+
+
+def matched_grid(steps: int, schedule: Schedule, reference: Schedule, shift: float = 1.0) -> Tensor:
+    """The "model" or "linear" grid: the SNRs of ``reference``'s uniform grid (:func:`snr_matched_grid`) blended in
+    log-SNR with those of ``schedule``'s own uniform grid by :func:`own_grid_weight` w,
+    log r_k = (1 − w) log r_ref(k/N) + w log r(k/N), every SNR divided by ``shift``. Own grids depend on the data's
+    SNR βσ/α alone, so beyond :data:`GRID_SIGMA_RANGE` the grid is the same for every σ."""
+    weight = own_grid_weight(schedule)
+    if weight == 0.0:
+        return snr_matched_grid(steps, schedule, reference, shift)
+    own = snr_matched_grid(steps, schedule, schedule, shift)
+    if weight == 1.0:
+        return own
+    matched = snr_matched_grid(steps, schedule, reference, shift)
+    inner = slice(1, -1)
+    log_snr = torch.lerp(schedule.snr(matched[inner]).log(), schedule.snr(own[inner]).log(), weight)
+    grid = own.clone()
+    grid[inner] = schedule.snr_inverse(log_snr.exp())
+    return grid
 
 
 def check_grid_shift(shift: Any, grid: Any = "model") -> float:
@@ -157,9 +189,8 @@ def make_grid(grid: Any, steps: int | None, schedule: Schedule, model_schedule: 
     """The time grid :func:`sample` uses: an explicit grid, or a named family over ``steps`` intervals.
 
     "uniform": t_k = k/N. "model": SNR-matched to the model's own schedule on its uniform grid; "linear": to the
-    linear schedule's, r_k = (k/N)/(1 − k/N), whatever the model's (for a lazy schedule with σ outside
-    :data:`GRID_SIGMA_RANGE` both are the lazy schedule's own, :func:`grid_reference`); every SNR divided by
-    ``shift`` (:func:`snr_matched_grid`).
+    linear schedule's, r_k = (k/N)/(1 − k/N), whatever the model's (for a lazy schedule with σ far from 1,
+    blended with or replaced by the lazy schedule's own: :func:`matched_grid`); every SNR divided by ``shift``.
     """
     if grid is None or isinstance(grid, str):
         steps = DEFAULT_STEPS if steps is None else check_steps(steps)
@@ -171,7 +202,7 @@ def make_grid(grid: Any, steps: int | None, schedule: Schedule, model_schedule: 
         def compute() -> Tensor:
             if name in SNR_MATCHED_GRIDS:
                 reference = model_schedule if name == "model" else get_schedule("linear")
-                return check_grid(snr_matched_grid(steps, schedule, grid_reference(schedule, reference), shift))
+                return check_grid(matched_grid(steps, schedule, reference, shift))
             return uniform_grid(steps)
 
         # A named grid is a function of its arguments: remembered (the schedules by identity, and kept alive by
