@@ -351,6 +351,12 @@ _RESCALE_BEYOND = 4.0
 # A slope with kβ ≥ 1 (steeper than any Gaussian's) or k ≤ 0 (a posterior mean that moves against the input) means
 # the probe sat where the data is not linear; it is repeated this much lower.
 _STEEP_SNR_DROP = 100.0
+# A Gaussian's kβ is s²/(1 + s²) at data SNR s = rσ, so |kβ| below this fraction of its value at the requested
+# data SNR means s is some 30× lower (s < 0.003 for the default 0.1): a slope the rounding of η_X ≈ μ can swamp
+# (data of scale 1e-4 sitting 30σ from 0, probed in float32 at r = 0.1, read kβ ≈ −2e-6 where the data's is
+# 1e-10). Such a slope is no reading: the probe moves to where it puts the data's SNR at the requested one if it is
+# positive, else _STEEP_SNR_DROP times higher, not lower.
+_UNRESOLVED_FRACTION = 1e-3
 # An accepted reading is checked at an SNR this much lower, where any data is closer to linear; it stands if the two
 # agree within _CHECK_TOLERANCE (a Gaussian's agree exactly). Data whose modes are already told apart at the probe
 # (σ ≫ 1 with narrow modes) reads far too small a σ there, and only the lower probe shows it.
@@ -405,14 +411,24 @@ def _in_linear_regime(probe, snr: float) -> tuple[float, Any]:
     r"""σ from ``probe(r) -> (k, a, b, extra)``, the posterior slope at r = β/α, with σ² = kα²/(β(1 − kβ)).
 
     Starts at r = ``snr`` and moves r until the data SNR rσ̂ is within a factor 4 of ``snr``; the reading found
-    there stands if one at a 4× lower SNR agrees within 25%, else the search goes on from the lower reading. Exact
-    for Gaussian data wherever it stops, and the low-SNR (mean eigenvalue) reading of other data at any scale.
+    there stands if one at a 4× lower SNR agrees within 25%, else the search goes on from the lower reading. A slope
+    no Gaussian has (kβ ≥ 1, or k < 0) moves r 100× lower; one too small to be resolved (|kβ| under 1e-3 of a
+    Gaussian's at data SNR ``snr``: s < 0.003 for 0.1) is not taken as a reading, and moves r to where it puts the
+    data SNR at ``snr``, or 100× higher if it is ≤ 0. Exact for Gaussian data wherever it stops, and the low-SNR
+    (mean eigenvalue) reading of other data at any scale.
     """
     r, found, candidate = snr, None, None
+    unresolved = _UNRESOLVED_FRACTION * snr * snr / (1 + snr * snr)
     for _ in range(_PROBE_ROUNDS):
         k, a, b, extra = probe(r)
         if not math.isfinite(k):
             break
+        if abs(k * b) < unresolved:  # at the probes' rounding: too low an SNR for the data's scale
+            if candidate is not None:
+                return candidate
+            # Not a reading: a positive slope still says roughly where the data's scale lies, one ≤ 0 only "higher".
+            r = snr / math.sqrt(k * a * a / b) if k > 0 else r * _STEEP_SNR_DROP
+            continue
         if not 0 < k * b < 1:  # no Gaussian has this slope: the data is not linear at this SNR
             r, candidate = r / _STEEP_SNR_DROP, None
             continue

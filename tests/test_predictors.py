@@ -159,6 +159,27 @@ def test_sigma_of_large_data_with_narrow_modes_is_checked_at_a_lower_snr(compone
     assert 0.7 < info.sigma / sigma < 1.4, info.sigma / sigma
 
 
+@pytest.mark.parametrize("trained_under", ["linear", "vp", "cosine"])
+@pytest.mark.parametrize("kind", li.KINDS)
+def test_sigma_of_small_offset_data_is_read_in_float32(trained_under, kind):
+    """Data of scale 1e-4 sitting 30σ from 0, probed in float32: at the first probe (r = 0.1, data SNR 1e-5) the
+    slope is below the rounding of η_X ≈ μ and some probes read it ≤ 0, which no posterior mean has. The probe
+    moves to a higher SNR, not a lower one, and σ is read where the probes resolve it: within 0.1% on the linear and
+    cosine schedules, within 10% on vp, whose conversions near t = 1, where this data's SNR 0.1 lies, lose float32
+    digits (float64 is exact, test above)."""
+    sigma, dim = 1e-4, 16
+    g = li.GaussianMixture.gaussian(torch.full((dim,), 30 * sigma, dtype=F64), torch.tensor(sigma**2, dtype=F64))
+    model = g.model(trained_under, kind)
+    gen = torch.Generator().manual_seed(0)
+    mu, sig = li.estimate_moments(model, (dim,), generator=gen, dtype=torch.float32)
+    tolerance = 0.15 if trained_under == "vp" else 0.005
+    assert sig == pytest.approx(sigma, rel=tolerance)
+    assert float((mu.double() - 30 * sigma).abs().max()) < 1e-3 * sigma
+    assert li.estimate_sigma(model, (dim,), generator=gen, dtype=torch.float32) == pytest.approx(sigma, rel=tolerance)
+    _, info = li.sample(model, shape=(4, dim), schedule="point-mass", steps=2, generator=0, return_info=True)
+    assert info.sigma == pytest.approx(sigma, rel=tolerance)
+
+
 def test_a_model_with_no_gaussian_reading_asks_for_sigma():
     """A posterior mean that falls as x grows (slope k < 0, as from an untrained network) admits no σ."""
     for trained_under in ("linear", "vp"):
