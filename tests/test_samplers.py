@@ -82,6 +82,23 @@ def test_one_lazy_euler_step_is_exact_whatever_the_model_predicts(trained_under,
         assert info.estimation_nfe == (2 if reads_at_0 else 1) + 1 + (sigma != 0.4)
 
 
+@pytest.mark.parametrize("trained_under", ["linear", "vp", "cosine"])
+@pytest.mark.parametrize("kind", li.KINDS)
+def test_stochastic_heun_with_an_euler_last_step_is_exact_on_the_lazy_point_mass(trained_under, kind):
+    """On N(μ, σ²I) the point mass's drift with ε* is 0 at every t, t = 1 included: there its coefficient of η_Z
+    is a one-sided limit (α̇ is infinite), so η_Z is read at that limit's time, where η_Z = (1 − β)x/α makes the
+    drift vanish. Heun's corrector at t = 1 then adds nothing, and it reads the same Brownian path as
+    Euler–Maruyama: the same samples. Read at t = 1 itself, η_Z was 0 (linear, cosine) or a vp model's value at
+    another SNR, and the corrector added β̇x/2 h: a spread 10% too wide."""
+    model = gaussian(0.5, mean=0.3).model(trained_under, kind)
+    kw = dict(shape=(2000, 3), schedule="point-mass", steps=5, last_step="euler", sde_noise="brownian", generator=4,
+              dtype=F64)
+    heun = li.sample(model, solver="heun", **kw)
+    # to 1e-7: the limit coefficient, 1/√END_OFFSET in size, multiplies the rounding of η_Z
+    torch.testing.assert_close(heun, li.sample(model, solver="euler", **kw), rtol=0, atol=1e-6)
+    assert float(heun.std()) == pytest.approx(0.5, rel=0.05)
+
+
 @pytest.mark.parametrize("solver", ["euler", "ab2", "heun"])
 def test_a_one_step_sde_keeps_its_only_step(solver):
     """An SDE's default last step is the denoising one, except on a one-step grid: there it would replace the
