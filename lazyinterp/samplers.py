@@ -1111,7 +1111,8 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         grid: an explicit increasing time grid from 0 to 1, or "uniform", "model" (the SNRs of the model's own
             schedule on its uniform grid, see :func:`snr_matched_grid`) or "linear" (those of the linear
             schedule's, whatever the model's: the same grid for a rectified-flow, VP or DDPM model of the same
-            data); default "linear" for the lazy schedules and "uniform" otherwise.
+            data); for a lazy schedule with σ far from 1 both move to its own uniform grid (:func:`matched_grid`);
+            default "linear" for the lazy schedules and "uniform" otherwise.
         last_step: "euler" or "denoise" (x_1 = η_X(t_{N−1}, x)); default "euler" for ODEs and "denoise" for
             SDEs, but "euler" for a one-step SDE, whose only step a denoising one would replace
             (:func:`default_last_step`).
