@@ -154,7 +154,8 @@ SCHEDULE_NAMES = ["linear", "cosine", "vp", "lazy-vp", "point-mass"]
 @click.option("--time-grid", default=None, type=click.Choice(["uniform", "model", "linear"]),
               help="Time grid: uniform; model, the noise levels of the model's uniform grid; or linear, those of the "
               "linear schedule's (the default for lazy schedules; the same as model for flow-matching models). For a "
-              "lazy schedule with sigma more than 2x from 1, both move toward its own uniform grid.")
+              "lazy schedule with sigma more than 2x (lazy-vp) or 4x (point-mass) from 1, both move toward its own "
+              "uniform grid.")
 @click.option("--grid-shift", default=1.0, show_default=True, type=FiniteFloatRange(min=0, min_open=True),
               help="Divide the SNR of every node of the model or linear grid by this (diffusers' shift); > 1 "
               "spends more steps at high noise.")
