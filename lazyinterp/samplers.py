@@ -373,8 +373,7 @@ class Dynamics:
     def schedule(self) -> Schedule:
         return self.predictor.schedule
 
-    def _coefficients(self, t: float, kappa: float) -> tuple[str, float, float, float]:
-        """(form, first, second, η's time) of :meth:`drift` at ``t``."""
+    def _coefficients(self, t: float, kappa: float) -> tuple[str, float, float]:
         key = (t, kappa)
         if key not in self.coefficient_cache:
             sched = self.schedule
@@ -383,29 +382,33 @@ class Dynamics:
                 # b^ε = α̇ η_Z + β̇ η_X − (ε/α) η_Z.
                 eps = self.diffusion.user_epsilon(t)
                 a, da, db = float(sched.alpha(t)), float(sched.dalpha(t)), float(sched.dbeta(t))
-                self.coefficient_cache[key] = ("z", da - eps / a, db, t)
+                self.coefficient_cache[key] = ("z", da - eps / a, db)
             elif t < 0.5 and (kappa > 0 or sched.base == "point_mass"):
                 a_coef, b_coef = sched.drift_coefficients(t, kappa)
-                self.coefficient_cache[key] = ("x", a_coef, b_coef, t)
+                self.coefficient_cache[key] = ("x", a_coef, b_coef)
             else:
                 a, b, da, db = sched.scalar_coefficients(t)  # at regular_time(t)
-                if kappa != 0:
-                    da = (1 + kappa) * da - kappa * a * db / b
-                # η at the time of its coefficients: where they are one-sided limits (vp or a point mass at t = 1,
-                # where α̇ is infinite and multiplies η_Z) η_Z at t itself would be that of another SNR. A vp
-                # model read at its own regularised end, SNR 1e5, under the point mass's coefficients for SNR 6e6
-                # sent a stochastic Heun run 400 data scales away.
-                self.coefficient_cache[key] = ("z", da, db, float(sched.regular_time(t)))
+                if sched.base == "point_mass" and float(sched.alpha(t)) == 0.0:
+                    # The point mass's data end, where α̇ is infinite: η_Z's coefficient is of size 1/√END_OFFSET
+                    # while η_Z → 0, and a model's η_Z does not cancel it (a vp model, read at its own regularised
+                    # SNR 1e5, sent stochastic Heun's last corrector 400 data scales away). At α = 0 the posterior
+                    # is exact for any data, η_Z = 0 and η_X = x/β, as a linear model's is: the drift is β̇ x/β,
+                    # bounded. The model is still evaluated, so its count holds.
+                    self.coefficient_cache[key] = ("x", db / float(sched.beta(t)), 0.0)
+                else:
+                    if kappa != 0:
+                        da = (1 + kappa) * da - kappa * a * db / b
+                    self.coefficient_cache[key] = ("z", da, db)
         return self.coefficient_cache[key]
 
     def drift(self, x: Tensor, t: float) -> Tensor:
         """b^ε(t, x) = A x + B η_X (for t < 1/2) or C η_Z + D η_X (otherwise): both exact, each bounded
         where it is used."""
-        form, first, second, eta_time = self._coefficients(float(t), self.diffusion.kappa_at(float(t)))
+        form, first, second = self._coefficients(float(t), self.diffusion.kappa_at(float(t)))
         if self._at_known_start(t):
             eta_z, eta_x = ([(1.0, eta)] for eta in self._start_eta(x))
         else:
-            eta_z, eta_x = eta_terms(self.predictor, x, eta_time)
+            eta_z, eta_x = eta_terms(self.predictor, x, t)
         # One multiply-add per distinct tensor (the state, the network's output, E[X]), rather than forming
         # η_Z and η_X first: on an accelerator each is a kernel launch.
         lead = [(first, x)] if form == "x" else [(first * c, v) for c, v in eta_z]
