@@ -124,6 +124,21 @@ def test_moments_are_exact_on_gaussians_from_every_prediction_type(trained_under
         assert li.estimate_sigma(model, (4,), mean=mu, dtype=F64) == pytest.approx(sigma, rel=1e-9)
 
 
+@pytest.mark.parametrize("trained_under", ["linear", "vp", "cosine"])
+@pytest.mark.parametrize("kind", li.KINDS)
+def test_mean_of_anisotropic_data_far_from_zero_is_refined(trained_under, kind):
+    """Antithetic probes give E[X] exactly for isotropic data; for N(μ, Σ) with Σ anisotropic the level's error
+    β(K − kI)(c − μ)/(1 − kβ) only shrinks as the centre c approaches μ. With μ 130σ from 0 it was still 17σ off
+    after the first probe and 10σ off as returned (the first probe's centre was kept); probes at data SNR 0.1
+    now continue until one moves the centre by at most 1e-3 σ."""
+    mean = torch.tensor([77.0, -265.0, -385.5], dtype=F64)
+    g = li.GaussianMixture.gaussian(mean, torch.diag(torch.tensor([0.77, 2.74, 5.63], dtype=F64) ** 2))
+    model = g.model(trained_under, kind)
+    mu, sigma = li.estimate_moments(model, (3,), dtype=F64, generator=torch.Generator().manual_seed(0))
+    assert float((mu - mean).abs().max()) < 1e-2 * sigma
+    assert 2.0 < sigma < 6.0
+
+
 def test_sigma_of_a_mixture_is_read_at_low_data_snr_whatever_its_scale():
     """For non-Gaussian data σ̂ is the low-SNR reading of √(tr Cov X / D). A fixed probe SNR r = 0.1 would sit at
     data SNR rσ = 2.4 for the mixture scaled by 20, where its posterior slope is steeper than any Gaussian's; the
