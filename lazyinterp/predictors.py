@@ -508,13 +508,12 @@ def estimate_moments(predictor: Predictor, shape: tuple[int, ...], *, snr: float
     # shrinks per probe by about the data SNR² times the anisotropy of K = βΣ(α² + β²Σ)⁻¹. Data far from 0 for its
     # spread (an anisotropic Gaussian 130σ out) was still 0.2σ off after the probes above, whose last one moved the
     # centre by 17σ: while the last move exceeds _MEAN_TOLERANCE σ, probe again at data SNR ``snr``.
+    center = mean
     for _ in range(_MEAN_ROUNDS):
         if moves[-1] <= _MEAN_TOLERANCE * sigma:
             break
-        previous = mean
-        _, mean, _, _ = _antithetic_probe(predictor, snr / sigma, previous, z)
-        moves.append(_rms(mean - previous))
-    return mean, sigma
+        probe(snr / sigma)
+    return center, sigma
 
 
 @torch.no_grad()
