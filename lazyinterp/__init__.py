@@ -19,6 +19,7 @@ from .covariance import Covariance
 from .predictors import (
     KINDS,
     CenteredModel,
+    LowestSNRWarning,
     Model,
     NonFiniteError,
     estimate_mean,
@@ -70,6 +71,7 @@ __all__ = [
     "GaussianMixture",
     "KINDS",
     "LazySchedule",
+    "LowestSNRWarning",
     "Model",
     "NonFiniteError",
     "SCHEDULES",

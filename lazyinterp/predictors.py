@@ -21,6 +21,7 @@ The 0/0 cases and how they are evaluated:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from numbers import Real
 from typing import Any, Literal, Protocol
@@ -363,6 +364,9 @@ _UNRESOLVED_FRACTION = 1e-3
 _CHECK_SNR_DROP = 4.0
 _CHECK_TOLERANCE = 1.25
 _PROBE_ROUNDS = 8
+# A probe asked for an SNR this much below the one it was evaluated at was clamped to the model's lowest SNR (its
+# t_min, or a vp base's β_0/α_0 at t = 0); rounding in snr_inverse is orders of magnitude smaller.
+_CLAMPED_BEYOND = 1.5
 # E[X] from antithetic probes is refined until a probe moves it by at most this fraction of σ (RMS per coordinate),
 # in at most this many more probes.
 _MEAN_TOLERANCE = 1e-3
@@ -415,6 +419,20 @@ def _rms(x: Tensor) -> float:
     return float(x.double().pow(2).mean().sqrt())
 
 
+class LowestSNRWarning(RuntimeWarning):
+    """σ and E[X] were read at the model's lowest SNR, where the data is still outside its linear regime: the
+    model does not cover the data's low-SNR end (data far larger than the noise at its t_min)."""
+
+
+def _warn_beyond_linear_regime(lowest_snr: float, sigma: float, snr: float) -> None:
+    warnings.warn(
+        f"sigma: the model is not evaluated below SNR {lowest_snr:.3g} (its t_min, or its schedule's start), where "
+        f"data of the scale read there ({sigma:.3g}) has SNR {lowest_snr * sigma:.3g}, not the {snr:g} the estimate "
+        "reads at: the model does not cover the data's low-SNR regime, so the sigma and E[X] read there (exact for "
+        "Gaussian data) may be those of one mode, and no schedule samples what the model never saw; lower t_min if "
+        "the network was trained below it, or pass sigma and center=E[X]", LowestSNRWarning, stacklevel=4)
+
+
 def _in_linear_regime(probe, snr: float) -> tuple[float, Any]:
     r"""σ from ``probe(r) -> (k, a, b, extra)``, the posterior slope at r = β/α, with σ² = kα²/(β(1 − kβ)).
 
@@ -423,7 +441,9 @@ def _in_linear_regime(probe, snr: float) -> tuple[float, Any]:
     no Gaussian has (kβ ≥ 1, or k < 0) moves r 100× lower; one too small to be resolved (|kβ| under 1e-3 of a
     Gaussian's at data SNR ``snr``: s < 0.003 for 0.1) is not taken as a reading, and moves r to where it puts the
     data SNR at ``snr``, or 100× higher if it is ≤ 0. Exact for Gaussian data wherever it stops, and the low-SNR
-    (mean eigenvalue) reading of other data at any scale.
+    (mean eigenvalue) reading of other data at any scale the model's SNR range reaches. A reading that the model's
+    lowest SNR leaves more than 4× above ``snr`` (the probe clamped to its t_min) is returned at once, with a
+    :class:`LowestSNRWarning`: no lower probe exists to check it against.
     """
     r, found, candidate = snr, None, None
     unresolved = _UNRESOLVED_FRACTION * snr * snr / (1 + snr * snr)
@@ -442,6 +462,9 @@ def _in_linear_regime(probe, snr: float) -> tuple[float, Any]:
             continue
         sigma = math.sqrt(k * a * a / (b * (1 - k * b)))
         found = sigma, extra
+        if b / a > _CLAMPED_BEYOND * r and (b / a) * sigma > _RESCALE_BEYOND * snr:
+            _warn_beyond_linear_regime(b / a, sigma, snr)
+            return found
         if candidate is not None:
             if 1 / _CHECK_TOLERANCE <= sigma / candidate[0] <= _CHECK_TOLERANCE:
                 # σ from the reading it checks; ``extra`` from the check, the later (and lower-SNR) of the two
@@ -482,7 +505,8 @@ def estimate_moments(predictor: Predictor, shape: tuple[int, ...], *, snr: float
     η_X(0, x) still depends on x. The probe moves to data SNR rσ̂ ≈ ``snr`` (each time around the latest βμ̂),
     so that non-Gaussian data is read in its linear regime whatever its scale. Where the model's slope admits no
     σ (k ≤ 0, as from an untrained network) this raises, or with ``require_sigma=False`` returns σ = None and
-    the latest probe's mean level as μ.
+    the latest probe's mean level as μ. Where even the model's lowest SNR (its t_min) puts the data above that
+    regime, the reading there comes with a :class:`LowestSNRWarning`.
     """
     check_predictor(predictor, "predictor")
     shape = _check_probe_arguments(shape, probes, snr)

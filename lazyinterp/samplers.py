@@ -31,6 +31,7 @@ state says nothing about the data, so η_X = E[X − μ] = 0 and η_Z = x/α_0 t
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -911,14 +912,19 @@ def data_mean(model: Predictor, sample_shape: tuple[int, ...], device, dtype) ->
     return cache[key].to(device=device, dtype=dtype)
 
 
-def data_sigma(model: Predictor, sample_shape: tuple[int, ...], mean: Tensor | None, device, dtype) -> float:
-    """σ for a lazy schedule, from the model (cached): √(tr Cov X / D) when centring, else the RMS √(E‖X‖²/D)."""
+def data_sigma(model: Predictor, sample_shape: tuple[int, ...], mean: Tensor | None, device, dtype,
+               known_mean: Tensor | None = None) -> float:
+    """σ for a lazy schedule, from the model (cached): √(tr Cov X / D) when centring, else the RMS √(E‖X‖²/D);
+    about ``known_mean`` (the caller's E[X]) where one is given."""
     cache = _model_cache(model)
     key = ("sigma", sample_shape, mean is not None)
+    if known_mean is not None:
+        known_mean = known_mean.to(device).expand(sample_shape)
+        key += (hashlib.sha256(known_mean.double().cpu().numpy().tobytes()).hexdigest(),)
     if key not in cache:
         gen = torch.Generator().manual_seed(54321)
-        mu = data_mean(model, sample_shape, device, dtype)
-        sig = cache.get(("sigma-with-mean", sample_shape))
+        mu = data_mean(model, sample_shape, device, dtype) if known_mean is None else known_mean
+        sig = cache.get(("sigma-with-mean", sample_shape)) if known_mean is None else None
         if sig is None:
             sig = estimate_sigma(model, sample_shape, mean=mu, probes=8, generator=gen, device=device,
                                  dtype=torch.float64 if dtype == torch.float64 else torch.float32)
@@ -1003,6 +1009,23 @@ def check_solver_fits(solver: str, diffusion: Diffusion, with_covariance: bool) 
                          "drop covariance or use another solver")
 
 
+def check_known_mean(mean: Tensor, sample_shape: tuple[int, ...], device, dtype) -> Tensor:
+    """``center`` given as E[X]: a finite floating tensor that broadcasts to one sample's shape, on the run's device
+    and dtype; anything else raises."""
+    if not mean.is_floating_point():
+        raise TypeError(f"center: expected True, False, None or E[X] as a floating tensor, got dtype {mean.dtype}")
+    try:
+        fits = torch.broadcast_shapes(mean.shape, sample_shape) == torch.Size(sample_shape)
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"center: E[X] must broadcast to one sample's shape {tuple(sample_shape)}, "
+                         f"got {tuple(mean.shape)}")
+    if not bool(torch.isfinite(mean).all()):
+        raise ValueError("center: E[X] has non-finite entries")
+    return mean.to(device=device, dtype=dtype)
+
+
 def check_optional_bool(value: Any, argument: str) -> None:
     """A TypeError naming ``argument`` unless ``value`` is True, False or None (None: the default applies)."""
     if value is not None and not isinstance(value, bool):
@@ -1083,7 +1106,7 @@ def _replay_captured(predictor: Predictor, key: tuple, run: Callable[..., Tensor
 def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tuple[int, ...] | None = None,
            steps: int | None = None, schedule: Schedule | str | None = None, diffusion: Any = None,
            solver: str | None = None, generator: int | torch.Generator | None = None, grid: Any = None,
-           last_step: str | None = None, center: bool | None = None, indices: Any = None,
+           last_step: str | None = None, center: bool | Tensor | None = None, indices: Any = None,
            device: torch.device | str | None = None, dtype: torch.dtype | None = None,
            callback: Callback | None = None, known_start: bool | None = None, grid_shift: float = 1.0,
            cuda_graph: bool = False, covariance: Any = None, sde_noise: str = "independent",
@@ -1120,7 +1143,8 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
             SDEs, but "euler" for a one-step SDE, whose only step a denoising one would replace
             (:func:`default_last_step`).
         center: sample X − E[X] with the model's own estimate of E[X] and add it back; default on for the lazy
-            schedules, which are lazy only for centred data.
+            schedules, which are lazy only for centred data. A tensor (one sample's shape, or one that broadcasts
+            to it) is E[X] itself: centring about it, with no estimate.
         indices: global indices of the samples, for per-sample noise when a job is split (default 0..B−1).
         grid_shift: s > 0 divides the SNR of every node of the "model" or "linear" grid (diffusers' ``shift`` on
             the linear one); s > 1 spends more steps at high noise. Data-dependent (README, "Choosing σ…"); default 1.
@@ -1166,7 +1190,8 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
     is_sde = not diffusion_spec.is_ode
     if not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph: expected True or False, got {type(cuda_graph).__name__}")
-    check_optional_bool(center, "center")
+    if center is not None and not isinstance(center, (bool, Tensor)):
+        raise TypeError(f"center: expected True, False, None or E[X] as a tensor, got {type(center).__name__}")
     check_optional_bool(known_start, "known_start")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback: expected a callable callback(k, t, x) or None, got {type(callback).__name__}")
@@ -1222,20 +1247,23 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
     # Centring and σ (estimated from the model when the lazy schedule leaves it open).
     nfe_before = getattr(predictor, "nfe", 0)
     is_lazy = isinstance(target, LazySchedule)
+    known_mean = check_known_mean(center, sample_shape, device, dtype) if isinstance(center, Tensor) else None
     if center is None:
         center = is_lazy
+    center = known_mean is not None or center
     if known_start is None:
-        known_start = bool(center)
+        known_start = center
     elif known_start and not center:
         raise ValueError("known_start: the drift at t = 0 is known only for centred data; pass center=True")
-    mean = data_mean(predictor, sample_shape, device, dtype) if center else None
+    mean = None if not center else known_mean if known_mean is not None else \
+        data_mean(predictor, sample_shape, device, dtype)
     source = CenteredModel(predictor, mean) if center else predictor
     if isinstance(covariance, str):
         covariance = data_covariance(predictor, sample_shape, device, dtype)
     sigma = getattr(target, "sigma", None)
     if is_lazy and not target.resolved:
         sigma = math.sqrt(covariance.mean_eigenvalue) if covariance is not None else \
-            data_sigma(predictor, sample_shape, mean, device, dtype)
+            data_sigma(predictor, sample_shape, mean, device, dtype, known_mean)
         target = target.resolve(sigma)
         diffusion_spec = resolve_diffusion(diffusion, target)
     estimation_nfe = getattr(predictor, "nfe", 0) - nfe_before

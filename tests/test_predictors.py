@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -110,6 +111,7 @@ def test_estimate_mean_and_sigma_are_exact_on_gaussians():
 
 @pytest.mark.parametrize("trained_under", ["linear", "vp", "cosine"])
 @pytest.mark.parametrize("kind", li.KINDS)
+@pytest.mark.filterwarnings("ignore::lazyinterp.LowestSNRWarning")  # σ = 1e3 from t_min: exact, with the warning
 def test_moments_are_exact_on_gaussians_from_every_prediction_type(trained_under, kind):
     """No t = 0 evaluation (a noise or score network cannot give η_X there; under vp η_X(0, x) still depends on x):
     antithetic probes give μ and σ exactly at any scale."""
@@ -193,6 +195,35 @@ def test_sigma_of_small_offset_data_is_read_in_float32(trained_under, kind):
     assert li.estimate_sigma(model, (dim,), generator=gen, dtype=torch.float32) == pytest.approx(sigma, rel=tolerance)
     _, info = li.sample(model, shape=(4, dim), schedule="point-mass", steps=2, generator=0, return_info=True)
     assert info.sigma == pytest.approx(sigma, rel=tolerance)
+
+
+def test_estimate_warns_where_the_model_does_not_reach_the_data_low_snr():
+    """Two modes of width 1000, 10⁴ apart (σ ≈ 3750). A noise or score network is evaluated no lower than SNR 1e-3
+    (its t_min) and a vp network no lower than β₀/α₀ ≈ 6.6e-3, where this data's SNR is 3.7–25: past the point
+    where the posterior picks a mode, so the probes read one mode's scale. That reading is returned with a
+    LowestSNRWarning instead of silently; velocity and data networks on the linear and cosine schedules reach SNR 0
+    and read σ without one. A Gaussian of the same scale is still read exactly."""
+    means = torch.tensor([[0.0, 0.0], [10.0, 3.0]], dtype=F64) * 1000
+    target = li.GaussianMixture(torch.tensor([0.4, 0.6], dtype=F64), means, torch.full((2,), 1000.0**2, dtype=F64))
+    sigma = math.sqrt(float(target.cov.trace()) / 2)
+    gauss = li.GaussianMixture.gaussian(torch.full((2,), 500.0, dtype=F64), torch.tensor(3000.0**2, dtype=F64))
+    for trained_under, kind in (("linear", "noise"), ("cosine", "score"), ("vp", "velocity"), ("vp", "data")):
+        with pytest.warns(li.LowestSNRWarning, match="sigma: the model is not evaluated below SNR"):
+            _, sig = li.estimate_moments(target.model(trained_under, kind), (2,), dtype=F64)
+        assert sig < 0.5 * sigma
+        with pytest.warns(li.LowestSNRWarning):
+            mu, sig = li.estimate_moments(gauss.model(trained_under, kind), (2,), dtype=F64)
+        assert sig == pytest.approx(3000.0, rel=1e-9) and float((mu - 500).abs().max()) < 1e-6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for trained_under, kind in (("linear", "velocity"), ("cosine", "data")):
+            # 64 probe directions: 8 in 2-d read this anisotropic data's mean eigenvalue 27% high
+            _, sig = li.estimate_moments(target.model(trained_under, kind), (2,), probes=64, dtype=F64,
+                                         generator=torch.Generator().manual_seed(0))
+            assert sig == pytest.approx(sigma, rel=0.1)
+        for trained_under in ("linear", "vp", "cosine"):  # data of unit scale: every model reaches its low SNR
+            for kind in li.KINDS:
+                li.estimate_moments(make_mixture().model(trained_under, kind), (2,), dtype=F64)
 
 
 def test_a_model_with_no_gaussian_reading_asks_for_sigma():

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ from conftest import all_schedules, gaussian_schedules, make_mixture
 
 import lazyinterp as li
 from lazyinterp.noise import KeyedStreams, NoiseStreams
+from lazyinterp.predictors import coefficients
 from lazyinterp.samplers import default_solver, resolve_diffusion
 
 F64 = torch.float64
@@ -76,10 +78,16 @@ def test_one_lazy_euler_step_is_exact_whatever_the_model_predicts(trained_under,
     reads_at_0 = trained_under != "vp" and kind in ("velocity", "data")  # else one antithetic batch gives both
     for sigma, mean in ((1e-3, 5.0), (0.4, 1.5), (1e3, -200.0)):
         model = gaussian(sigma, dim=4, mean=mean).model(trained_under, kind)
-        out, info = li.sample(model, z, steps=1, schedule="lazy-vp", solver="euler", return_info=True)
+        # σ = 1e3 at the model's lowest SNR (its t_min, or vp's start) is at data SNR ≥ 1: read there, unchecked
+        alpha, beta = (float(c) for c in coefficients(model.schedule, model.t_min)[:2])
+        clamped = beta / alpha * sigma > 0.4
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out, info = li.sample(model, z, steps=1, schedule="lazy-vp", solver="euler", return_info=True)
         torch.testing.assert_close(out, sigma * z + mean, rtol=0, atol=1e-9 * sigma)
+        assert [w.category for w in caught] == [li.LowestSNRWarning] * clamped
         # the probe and its check at a 4× lower SNR, and one more probe first where σ is more than 4× from 1
-        assert info.estimation_nfe == (2 if reads_at_0 else 1) + 1 + (sigma != 0.4)
+        assert info.estimation_nfe == (2 if reads_at_0 else 1) + 1 + (sigma != 0.4) - clamped
 
 
 def test_point_mass_drift_at_the_data_end_is_the_exact_alpha_zero_limit_for_every_model():
@@ -335,7 +343,10 @@ def test_bad_inputs_name_the_argument():
         (dict(shape=(2, 2), indices=2), TypeError, "indices: expected a range or a sequence of non-negative"),
         (dict(noise=z, callback=3), TypeError, "callback: expected a callable"),
         (dict(noise=z, steps=3, grid=[0.0, 0.5, 1.0]), ValueError, "steps: 3 does not match the explicit grid's 2"),
-        (dict(noise=z, center="yes"), TypeError, "center: expected True, False or None"),
+        (dict(noise=z, center="yes"), TypeError, "center: expected True, False, None or E\\[X\\] as a tensor"),
+        (dict(noise=z, center=torch.zeros(3)), ValueError, r"center: E\[X\] must broadcast to one sample's shape"),
+        (dict(noise=z, center=torch.zeros(2, dtype=torch.int64)), TypeError, "center: expected .* floating tensor"),
+        (dict(noise=z, center=torch.tensor([0.0, math.nan])), ValueError, "center: E\\[X\\] has non-finite"),
         (dict(noise=z, known_start=1), TypeError, "known_start: expected True, False or None"),
         (dict(shape=(4, 2), schedule="point-mass", diffusion="optimal", solver="euler-alpha"), ValueError,
          "solver: euler-alpha is an ODE solver"),
@@ -528,6 +539,41 @@ def test_known_start_needs_centring():
     assert info.nfe == 2  # no centring by default off the lazy schedules, so t = 0 is evaluated
     _, info = li.sample(model, torch.randn(3, 2), steps=2, schedule="lazy-vp", return_info=True)
     assert info.nfe == 1
+
+
+def test_center_given_as_a_tensor_is_the_mean_used():
+    """center=E[X] centres about the caller's mean, with no estimate of it: on N(μ, σ²I) with σ given too, one
+    lazy Euler step is σZ + μ at no estimation cost, and a mean off by 1 moves every sample by 1 (the known start
+    evaluates nothing). With σ left open it is estimated about the given mean."""
+    z = torch.randn(16, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+    mean = torch.full((4,), 1.3, dtype=F64)
+    model = gaussian(0.7, dim=4, mean=1.3).model("linear", "noise")
+    kw = dict(steps=1, solver="euler", return_info=True)
+    out, info = li.sample(model, z, schedule=li.lazy_vp(0.7), center=mean, **kw)
+    torch.testing.assert_close(out, 0.7 * z + 1.3, rtol=0, atol=1e-12)
+    assert info.estimation_nfe == 0 and model.nfe == 0 and torch.equal(info.mean, mean)
+    off, _ = li.sample(model, z, schedule=li.lazy_vp(0.7), center=mean + 1, **kw)
+    torch.testing.assert_close(off, 0.7 * z + 2.3, rtol=0, atol=1e-12)
+    out, info = li.sample(model, z, schedule="lazy-vp", center=torch.tensor([1.3], dtype=F64), **kw)
+    assert info.sigma == pytest.approx(0.7, rel=1e-9) and info.estimation_nfe > 0
+    torch.testing.assert_close(out, 0.7 * z + 1.3, rtol=0, atol=1e-9)
+
+
+def test_given_sigma_and_mean_sample_data_whose_modes_the_probes_cannot_both_see():
+    """Two modes of width 1, 300 apart, one at the origin. A noise network's probes start centred at 0, where the
+    data at their SNR is that one mode, and its check 4× lower sees no other: σ̂ and E[X] are that mode's and every
+    sample lands on it. Given σ and E[X] (center=mean), 8 lazy VP steps find both modes in their proportions."""
+    means = torch.tensor([[0.0, 0.0], [300.0, 90.0]], dtype=F64)
+    target = li.GaussianMixture(torch.tensor([0.4, 0.6], dtype=F64), means, torch.ones(2, dtype=F64))
+    model = target.model("linear", "noise")
+    z = torch.randn(2000, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    sigma = math.sqrt(float(target.cov.trace()) / 2)
+    estimated, info = li.sample(model, z, steps=8, schedule="lazy-vp", return_info=True)
+    assert info.sigma < 0.05 * sigma and float((torch.cdist(estimated, means)[:, 1] < 5).double().mean()) == 0
+    x = li.sample(model, z, steps=8, schedule=li.lazy_vp(sigma), center=target.mean)
+    distances = torch.cdist(x, means)
+    assert 0.5 < float((distances[:, 1] < 5).double().mean()) < 0.7
+    assert float((distances.min(dim=1).values < 5).double().mean()) > 0.9
 
 
 def test_lazy_default_switches_to_the_predictor_corrector_for_many_steps():
