@@ -28,6 +28,7 @@ from .predictors import (
     from_eta,
     reads_mean_directly,
     to_eta,
+    ve_denoiser_model,
 )
 from .samplers import (
     SampleInfo,
@@ -104,5 +105,6 @@ __all__ = [
     "time_change_derivatives",
     "to_eta",
     "uniform_grid",
+    "ve_denoiser_model",
     "vp",
 ]

@@ -199,6 +199,14 @@ def _check_state(x: Any, t: Any) -> None:
         raise TypeError(f"t: expected a time (a float or a tensor of times), got {type(t).__name__}")
 
 
+def _parameter_dtype(net: Any) -> torch.dtype | None:
+    """The dtype of a module's first parameter when it is floating-point, else None (the input's dtype is used)."""
+    if not isinstance(net, torch.nn.Module):
+        return None
+    param = next(iter(net.parameters()), None)
+    return param.dtype if param is not None and param.is_floating_point() else None
+
+
 class Model:
     r"""A trained network together with the schedule it was trained under and what it predicts.
 
@@ -231,10 +239,7 @@ class Model:
         self.t_min = float(t_min)
         # A velocity carries no information where α β̇ − β α̇ = 0 (e.g. β̇_0 = 0); evaluate just inside.
         self.t_max = high_snr if self._singular_velocity(1.0) else 1.0
-        if net_dtype is None and isinstance(net, torch.nn.Module):
-            param = next(iter(net.parameters()), None)
-            net_dtype = param.dtype if param is not None and param.is_floating_point() else None
-        self.net_dtype = net_dtype
+        self.net_dtype = _parameter_dtype(net) if net_dtype is None else net_dtype
         self.check_finite = check_finite
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
             raise ValueError(f"chunk: expected a positive integer or None, got {chunk!r}")
@@ -324,6 +329,31 @@ class Model:
         """The ``kind`` prediction ("velocity", "noise", "data" or "score") at (x, t)."""
         eta_z, eta_x = self.eta(x, t)
         return from_eta(check_kind(kind, "kind"), eta_z, eta_x, *coefficients(self.schedule, t))
+
+
+def ve_denoiser_model(denoise: Any, *, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                      net_dtype: torch.dtype | None = None, chunk: int | None = None) -> Model:
+    r"""A :class:`Model` of a variance-exploding denoiser ``denoise(y, sigma)`` ≈ E[X | X + σZ = y], σ of shape
+    (batch,): k-diffusion's and EDM's models with their preconditioning (bind any conditioning first).
+
+    On the linear schedule I_t = (1 − t)Z + tX, I_t / t = X + σZ with σ = (1 − t)/t, so the data prediction is
+    η_X(t, x) = D(x/t; (1 − t)/t). The network sees σ ∈ [σ_min, σ_max], its training range: times below
+    t = 1/(1 + σ_max) are evaluated there (the model's ``t_min``), and σ is held at σ_min after t = 1/(1 + σ_min),
+    where D is the identity to O(σ_min²).
+    """
+    if not callable(denoise):
+        raise TypeError(f"denoise: expected a callable denoise(x, sigma), got {type(denoise).__name__}")
+    low = check_positive(sigma_min, "sigma_min")
+    high = check_positive(sigma_max, "sigma_max")
+    if not low < high:
+        raise ValueError(f"sigma_min, sigma_max: need sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+
+    def data_prediction(x: Tensor, t: Tensor) -> Tensor:
+        sigma = ((1 - t) / t).clamp(min=low)
+        return denoise(x / t.reshape(-1, *(1,) * (x.ndim - 1)), sigma)
+
+    return Model(data_prediction, "linear", predicts="data", t_min=1 / (1 + high),
+                 net_dtype=_parameter_dtype(denoise) if net_dtype is None else net_dtype, chunk=chunk)
 
 
 class CenteredModel:

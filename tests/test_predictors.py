@@ -261,6 +261,71 @@ def test_half_precision_networks_keep_float32_state():
         assert out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
+def exact_ve_denoiser(target: li.GaussianMixture):
+    """E[X | X + σZ = y] of a mixture, called as k-diffusion's and EDM's denoisers are: D(y, σ), σ of shape (B,)."""
+
+    def denoise(y, sigma):
+        return target.eta(y.reshape(y.shape[0], -1), sigma, 1.0)[1].reshape(y.shape).to(y.dtype)
+
+    return denoise
+
+
+def test_ve_denoiser_model_is_the_linear_schedules_data_prediction(mixture):
+    """I_t / t = X + σZ with σ = (1 − t)/t, so D(x/t; σ) is η_X under the linear schedule, and every conversion of
+    it is the mixture's own; outside [σ_min, σ_max] the denoiser is evaluated at the end of its range."""
+    model = li.ve_denoiser_model(exact_ve_denoiser(mixture))
+    reference = mixture.model("linear", "data")
+    x = mixture.sample(16, torch.Generator().manual_seed(3)) * 0.7 + 0.2
+    for t in TIMES:
+        for kind in li.KINDS:
+            torch.testing.assert_close(model.predict(x, t, kind), reference.predict(x, t, kind), rtol=1e-10,
+                                       atol=1e-10)
+    seen = []
+
+    def spy(y, sigma):
+        seen.append(sigma.clone())
+        return exact_ve_denoiser(mixture)(y, sigma)
+
+    ranged = li.ve_denoiser_model(spy, sigma_min=0.01, sigma_max=10.0)
+    assert ranged.t_min == pytest.approx(1 / 11)
+    for t in (0.0, 1.0):
+        ranged.eta(x, t)
+    torch.testing.assert_close(torch.stack(seen), torch.tensor([[10.0], [0.01]], dtype=F64).expand(2, 16))
+
+    class HalfDenoiser(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gain = torch.nn.Parameter(torch.tensor(1.0, dtype=torch.bfloat16))
+
+        def forward(self, y, sigma):
+            return self.gain * y / (1 + sigma[:, None] ** 2)
+
+    assert li.ve_denoiser_model(HalfDenoiser()).net_dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("sigma, mean", [(0.5, 0.3), (4.0, -2.0)])
+def test_one_lazy_euler_step_from_a_ve_denoiser_is_exact_on_gaussians(sigma, mean):
+    """σ and E[X] are read from the denoiser by antithetic probes (its t_min is 1/81), and one lazy VP Euler step
+    maps Z to σZ + μ."""
+    target = li.GaussianMixture.gaussian(torch.full((4,), mean, dtype=F64), torch.tensor(sigma**2, dtype=F64))
+    model = li.ve_denoiser_model(exact_ve_denoiser(target))
+    z = torch.randn(16, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+    out, info = li.sample(model, z, steps=1, schedule="lazy-vp", solver="euler", return_info=True)
+    assert info.sigma == pytest.approx(sigma, rel=1e-9)
+    torch.testing.assert_close(out, sigma * z + mean, rtol=0, atol=1e-9 * sigma)
+
+
+def test_ve_denoiser_model_argument_errors():
+    with pytest.raises(TypeError, match="denoise: expected a callable"):
+        li.ve_denoiser_model(3)
+    with pytest.raises(ValueError, match="sigma_min, sigma_max: need sigma_min < sigma_max"):
+        li.ve_denoiser_model(lambda y, s: y, sigma_min=1.0, sigma_max=0.5)
+    with pytest.raises(TypeError, match="sigma_max: expected a positive number"):
+        li.ve_denoiser_model(lambda y, s: y, sigma_max="80")
+    with pytest.raises(ValueError, match="sigma_min: expected a positive finite number"):
+        li.ve_denoiser_model(lambda y, s: y, sigma_min=0.0)
+
+
 def test_non_finite_network_output_is_reported():
     model = li.Model(lambda x, t: x * math.nan, "linear")
     with pytest.raises(li.NonFiniteError, match="t=0.25"):
