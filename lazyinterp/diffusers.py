@@ -59,6 +59,7 @@ from .samplers import (
     check_optional_bool,
     check_settings,
     default_last_step,
+    default_solver_for_steps,
     exponential_terms,
     log_snr,
     normal_draws,
@@ -365,6 +366,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         # The default is li.sample's: in lazy coordinates AB2 beats Euler at equal NFE (README, "Benchmarks").
         # From PC_DEFAULT_FROM_STEPS steps on, set_timesteps moves that default to its third-order form, ab2-pc.
         self._multistep_default = solver is None and isinstance(target, LazySchedule) and not self._is_sde
+        # An SDE's default is settled per run too (li.sample's one-step rule): kept here to start from each time.
+        self._default_sde_solver = self._solver if solver is None and self._is_sde else None
         # li.sample may know more solvers than the stepping below implements; those must not run as Euler.
         if self._solver not in _SOLVERS:
             raise ValueError(f"solver: LazyScheduler implements {', '.join(_SOLVERS)} (or None for the default), "
@@ -566,6 +569,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             # li.sample's rule, including Euler below COVARIANCE_AB2_FROM_STEPS steps with a covariance.
             few = self._covariance is not None and n < COVARIANCE_AB2_FROM_STEPS
             self._solver = "ab2-pc" if n >= PC_DEFAULT_FROM_STEPS else ("euler" if few else "ab2")
+        elif self._default_sde_solver is not None:
+            self._solver = default_solver_for_steps(self._default_sde_solver, n)
 
         # Model sigmas at the nodes: 1 − τ(t_k). SNR-matched nodes give 1 − σ_k back, except where a target's SNR
         # range is narrower than the linear one (vp at t = 0), which time_change clamps.

@@ -975,7 +975,8 @@ def check_covariance_applies(schedule: Schedule, is_ode: bool) -> None:
 def default_solver(schedule: Schedule, diffusion: Diffusion) -> str:
     """The solver when none is given (before :func:`sample`'s step-count rules): "ab2" where the schedule is lazy
     for the dynamics (an ODE on a lazy schedule, or the point mass's SDE with ε = ε*: on Gaussian data their drift
-    is 0, so extrapolating it is exact), "exponential-2m" for any other SDE with ε = κ ε*, "euler" otherwise.
+    is 0, so extrapolating it is exact), "exponential-2m" for any other SDE with ε = κ ε*, "euler" otherwise; on a
+    one-step grid Euler(–Maruyama) where this would be exponential (:func:`default_solver_for_steps`).
 
     Measured (README, "Benchmarks"): in lazy coordinates AB2 beats Euler at equal NFE. On the point mass with ε*
     AB2 beats the 2M step on MNIST up to 6 NFE (FID 174.9 / 58.59 / 37.26 vs 448.8 / 97.17 / 51.15 at 2 / 4 / 6)
@@ -987,6 +988,13 @@ def default_solver(schedule: Schedule, diffusion: Diffusion) -> str:
     if isinstance(schedule, LazySchedule) and (diffusion.is_ode or _is_lazy_sde(schedule, diffusion)):
         return "ab2"
     return "exponential-2m" if not diffusion.is_ode and diffusion.epsilon is None else "euler"
+
+
+def default_solver_for_steps(solver: str, steps: int) -> str:
+    """The default ``solver`` on a grid of ``steps`` intervals: the exponential steps end at η_X, which after a
+    single step from t = 0 is E[X] for every sample, so a one-step run takes Euler(–Maruyama) instead (exact on
+    Gaussian data for the lazy VP SDE)."""
+    return "euler" if steps == 1 and solver in EXPONENTIAL_SOLVERS else solver
 
 
 def _is_lazy_sde(schedule: Schedule, diffusion: Diffusion) -> bool:
@@ -1131,7 +1139,8 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
             extrapolated in log-SNR; see :func:`exponential`); default for an ODE on a lazy schedule "ab2"
             ("euler" below 7 steps with ``covariance``, :data:`COVARIANCE_AB2_FROM_STEPS`), or "ab2-pc" from 12
             steps on (:data:`PC_DEFAULT_FROM_STEPS`); "ab2" for the point mass's SDE with ε = ε*;
-            "exponential-2m" for any other SDE with ε = κ ε*; "euler" otherwise (:func:`default_solver`).
+            "exponential-2m" for any other SDE with ε = κ ε* ("euler" in a one-step run, where it would return
+            E[X] for every sample); "euler" otherwise (:func:`default_solver`).
         generator: an int seed, a torch.Generator or None (torch's global RNG); each sample gets its own
             stream, so results do not depend on the batch size.
         grid: an explicit increasing time grid from 0 to 1, or "uniform", "model" (the SNRs of the model's own
@@ -1278,6 +1287,8 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         solver = "ab2-pc"
     elif auto_multistep and covariance is not None and len(grid) - 1 < COVARIANCE_AB2_FROM_STEPS:
         solver = "euler"
+    elif solver_is_default:
+        solver = default_solver_for_steps(solver, len(grid) - 1)
     if last_step_is_default:
         last_step = default_last_step(diffusion_spec.is_ode, len(grid) - 1)
     known_start = bool(known_start) and float(grid[0]) == 0.0

@@ -1018,3 +1018,21 @@ def test_a_one_step_sde_run_keeps_its_noise():
     torch.testing.assert_close(run(1), run(1, "euler"), rtol=0, atol=0)
     assert not torch.allclose(run(1), run(1, "denoise"), atol=1e-2)
     torch.testing.assert_close(run(3), run(3, "denoise"), rtol=0, atol=0)
+
+
+def test_a_one_step_sde_run_takes_euler_maruyama_over_the_exponential_default(mixture):
+    """As in li.sample: the default exponential steps end at η_X, which one step from the start makes E[X] for every
+    sample, so a one-step run with the default solver steps by Euler–Maruyama; from two steps the default is the
+    exponential 2M step."""
+    latents = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def run(sigmas, solver=None):
+        sched = LazyScheduler(schedule="lazy-vp", sigma=1.0, diffusion="optimal", solver=solver)
+        return drive(sched, mixture, latents, sigmas)
+
+    one, three = [1.0], [1.0, 0.625, 0.25]
+    torch.testing.assert_close(run(one), run(one, "euler"), rtol=0, atol=0)
+    assert float(run(one).std(dim=0).min()) > 0.5
+    torch.testing.assert_close(run(one, "exponential-2m"), mixture.mean.expand(64, 2), rtol=0, atol=1e-6)
+    torch.testing.assert_close(run(three), run(three, "exponential-2m"), rtol=0, atol=0)
+    assert not torch.allclose(run(three), run(three, "euler"), atol=1e-3)

@@ -541,6 +541,27 @@ def test_known_start_needs_centring():
     assert info.nfe == 1
 
 
+@pytest.mark.parametrize("schedule, diffusion", [("lazy-vp", "optimal"), ("lazy-vp", 0.5), ("point-mass", 2.0)])
+def test_a_one_step_sde_takes_euler_maruyama_where_the_default_is_exponential(schedule, diffusion):
+    """The exponential steps end at η_X, which one step from t = 0 makes E[X] for every sample (the known start
+    evaluates nothing). With the solver left to its default a one-step run steps by Euler–Maruyama instead, exact
+    for the lazy VP SDE on Gaussian data; from two steps the default is the exponential 2M step."""
+    model = gaussian(0.5, mean=1.0).model("linear")
+    z = torch.randn(2000, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    start = dict(shape=(2000, 3)) if schedule == "point-mass" else dict(noise=z)
+    kw = dict(schedule=schedule, diffusion=diffusion, generator=0, dtype=F64, **start)
+    one = li.sample(model, steps=1, **kw)
+    torch.testing.assert_close(one, li.sample(model, steps=1, solver="euler", **kw), rtol=0, atol=0)
+    torch.testing.assert_close(li.sample(model, steps=1, solver="exponential-2m", **kw), torch.ones(2000, 3, dtype=F64),
+                               rtol=0, atol=1e-12)
+    if schedule == "lazy-vp":
+        torch.testing.assert_close(one, 0.5 * z + 1.0, rtol=0, atol=1e-12)
+    else:  # Euler–Maruyama from the point with ε = κε*: N(μ, κσ²)
+        assert float(one.std(dim=0).mean()) == pytest.approx(0.5 * math.sqrt(diffusion), rel=0.05)
+    two = li.sample(model, steps=2, **kw)
+    torch.testing.assert_close(two, li.sample(model, steps=2, solver="exponential-2m", **kw), rtol=0, atol=0)
+
+
 def test_center_given_as_a_tensor_is_the_mean_used():
     """center=E[X] centres about the caller's mean, with no estimate of it: on N(μ, σ²I) with σ given too, one
     lazy Euler step is σZ + μ at no estimation cost, and a mean off by 1 moves every sample by 1 (the known start
