@@ -182,10 +182,11 @@ class Workload:
 
 
 def _mnist_workload(model_name: str, device: torch.device | str = "cpu", chunk: int | None = None) -> Workload:
-    from .metrics import FeatureStats, class_report, features_and_probs, fid_from_stats
+    from .metrics import FeatureStats, check_fid_applies, class_report, features_and_probs, fid_from_stats
     from .models import EVAL_CHUNK, load_model, resolve_model_path
 
     model, info = load_model(model_name, device, chunk=chunk or EVAL_CHUNK)
+    check_fid_applies(info.data)
 
     def score(x: Tensor, ctx: Context) -> dict[str, Any]:
         """FID-MNIST with the classifier run on each rank's share and the feature moments all-reduced."""

@@ -200,6 +200,7 @@ def sample(model_name: str, schedule: str, steps: int, solver: str, diffusion: s
     from . import distributed
     from .fetch import ensure_writable
     from .generate import SamplerSpec, generate, image_grid, save_png, save_samples
+    from .metrics import check_fid_applies
     from .models import load_model
     from .samplers import SNR_MATCHED_GRIDS, check_settings
     from .schedules import LazySchedule, get_schedule
@@ -233,6 +234,11 @@ def sample(model_name: str, schedule: str, steps: int, solver: str, diffusion: s
         raise UserError(f"--{exc}") from None
     try:
         model, info = load_model(model_name, ctx.device)
+        if fid:
+            try:
+                check_fid_applies(info.data, "--fid")
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
         manifest = {"model": str(model_name), "n": n, "seed": seed, "shard_size": shard_size,
                     "spec": {k: str(v) for k, v in vars(spec).items()}}
         distributed.check_manifest(out, manifest, ctx)

@@ -106,10 +106,11 @@ def run_demo(model_name: str = "mnist", *, n: int = 1000, nfes: tuple[int, ...] 
 
 def _run_demo(model_name: str, nfes, n: int, seed: int, batch_size: int, out_dir: Path, device: str,
               progress: bool, echo) -> dict:
-    from .metrics import evaluate
+    from .metrics import check_fid_applies, evaluate
     from .models import load_model
 
-    model, _ = load_model(model_name, device)
+    model, info = load_model(model_name, device)
+    check_fid_applies(info.data)
     shape = (1, 28, 28)
     started = time.time()
     fids: dict[str, dict[int, float]] = {}

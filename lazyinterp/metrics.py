@@ -359,6 +359,14 @@ def _check_fid_count(samples: torch.Tensor) -> None:
         raise ValueError(f"samples: FID needs at least 2 images, got {samples.shape[0]}")
 
 
+def check_fid_applies(data: str, argument: str = "model") -> None:
+    """A ValueError naming ``argument`` unless the model's training ``data`` is MNIST: FID-MNIST compares samples
+    with the MNIST test set through an MNIST classifier, which says nothing about a model of other data."""
+    if data != "mnist":
+        raise ValueError(f"{argument}: FID-MNIST compares samples with the MNIST test set through an MNIST "
+                         f"classifier; this model was trained on {data}")
+
+
 def fid_mnist(samples: torch.Tensor, reference: FeatureStats | None = None) -> float:
     """FID of ``samples`` (model units, (N, 1, 28, 28), N >= 2) against ``reference`` (default: the MNIST test
     set). Depends on N, so compare only equal sample counts."""

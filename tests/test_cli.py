@@ -149,6 +149,31 @@ def test_a_checkpoint_that_returns_nan_is_a_one_line_error_and_leaves_nothing_be
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.safetensors"]
 
 
+def test_fid_mnist_is_refused_for_a_model_of_other_data(checkpoint, tmp_path):
+    """FID-MNIST measures samples against the MNIST test set through an MNIST classifier: for a model whose
+    checkpoint says it was trained on Fashion-MNIST, --fid, the demo and the mnist benchmark refuse in one line
+    before sampling, and plain sampling still works."""
+    import dataclasses
+
+    from lazyinterp.models import load_network, save_checkpoint
+
+    net, info = load_network(checkpoint)
+    fashion = tmp_path / "fashion.safetensors"
+    save_checkpoint(fashion, net, dataclasses.replace(info, data="fashion-mnist"))
+    out = tmp_path / "x.npz"
+    expected = ("FID-MNIST compares samples with the MNIST test set", "trained on fashion-mnist")
+    assert_one_line_error(run("sample", "--model", fashion, "--n", 4, "--steps", 2, "--fid", "--out", out,
+                              "--quiet"), "--fid: ", *expected)
+    assert_one_line_error(run("demo", "--model", fashion, "--n", 4, "--out", tmp_path / "demo", "--quiet"),
+                          *expected)
+    assert_one_line_error(run("bench", "--workload", "mnist", "--model", fashion, "--n", 4, "--nfe", "2",
+                              "--json", tmp_path / "b.json", "--quiet"), *expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fashion.safetensors"]
+    result = run("sample", "--model", fashion, "--n", 4, "--steps", 2, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert np.load(out)["samples"].shape == (4, 1, 28, 28)
+
+
 def test_unwritable_output_directory(checkpoint, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()
