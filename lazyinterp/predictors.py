@@ -84,6 +84,18 @@ def _expand(coef: Tensor | float, like: Tensor) -> Tensor | float:
     return coef
 
 
+def _check_coefficients(like: Tensor, **coefs: Any) -> None:
+    """Each schedule coefficient a number, or a tensor of one value or one per sample of ``like`` (B, ...)."""
+    for name, coef in coefs.items():
+        if isinstance(coef, Tensor):
+            if coef.numel() == 1 and coef.ndim <= 1 or coef.ndim == 1 and like.ndim and coef.shape[0] == like.shape[0]:
+                continue
+            raise ValueError(f"{name}: expected a number or a tensor of shape ({like.shape[0] if like.ndim else 1},), "
+                             f"one value per sample, got shape {tuple(coef.shape)}")
+        if isinstance(coef, bool) or not isinstance(coef, Real):
+            raise TypeError(f"{name}: expected a number or a tensor, got {type(coef).__name__}")
+
+
 Terms = list[tuple[Tensor | float, Tensor]]
 
 
@@ -95,6 +107,7 @@ def to_eta_terms(kind: str, output: Tensor, x: Tensor, alpha, beta, dalpha, dbet
     Coefficients are floats (shared time) or tensors of shape (B,) (one time per sample).
     """
     check_kind(kind, "kind")
+    _check_coefficients(x, alpha=alpha, beta=beta, dalpha=dalpha, dbeta=dbeta)
     a, b, da, db = (_expand(c, x) for c in (alpha, beta, dalpha, dbeta))
     if kind == "velocity":
         det = a * db - b * da
@@ -145,6 +158,7 @@ def _safe_div(num: Tensor, den) -> Tensor:
 def from_eta(kind: str, eta_z: Tensor, eta_x: Tensor, alpha, beta, dalpha, dbeta) -> Tensor:
     """The ``kind`` prediction from (η_Z, η_X)."""
     check_kind(kind, "kind")
+    _check_coefficients(eta_z, alpha=alpha, beta=beta, dalpha=dalpha, dbeta=dbeta)
     a, _, da, db = (_expand(c, eta_z) for c in (alpha, beta, dalpha, dbeta))
     if kind == "velocity":
         return da * eta_z + db * eta_x

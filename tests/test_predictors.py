@@ -354,6 +354,26 @@ def test_model_argument_errors():
     assert model.eta(torch.randn(2, 3), np.float32(0.5))[1].shape == (2, 3)  # numpy scalars are numbers
 
 
+def test_conversion_coefficients_are_numbers_or_one_per_sample():
+    """to_eta and from_eta take α, β, α̇, β̇ as numbers, or tensors of one value or one per sample; any other shape
+    or type is refused naming the coefficient (it had surfaced as torch's own shape or scalar-conversion error)."""
+    x = torch.randn(4, 3, dtype=F64)
+    good = (0.6, 0.4, -1.0, 1.0)
+    per_sample = tuple(torch.full((4,), c, dtype=F64) for c in good)
+    torch.testing.assert_close(li.to_eta("velocity", x, x, *per_sample), li.to_eta("velocity", x, x, *good))
+    torch.testing.assert_close(li.from_eta("score", x, x, *per_sample), li.from_eta("score", x, x, *good))
+    bad = [((torch.ones(4, 3, dtype=F64),), ValueError, r"alpha: expected a number or a tensor of shape \(4,\)"),
+           ((0.6, torch.ones(3, dtype=F64)), ValueError, r"beta: .* one value per sample, got shape \(3,\)"),
+           ((0.6, 0.4, "x"), TypeError, "dalpha: expected a number or a tensor, got str"),
+           ((0.6, 0.4, -1.0, None), TypeError, "dbeta: expected a number or a tensor, got NoneType")]
+    for prefix, error, message in bad:
+        coefs = (*prefix, *good[len(prefix):])
+        with pytest.raises(error, match=message):
+            li.to_eta("noise", x, x, *coefs)
+        with pytest.raises(error, match=message):
+            li.from_eta("velocity", x, x, *coefs)
+
+
 def test_mixture_fixture_is_anisotropic_with_nonzero_mean():
     g = make_mixture()
     eig = torch.linalg.eigvalsh(g.cov)
