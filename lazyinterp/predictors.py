@@ -88,7 +88,8 @@ def _check_coefficients(like: Tensor, **coefs: Any) -> None:
     """Each schedule coefficient a number, or a tensor of one value or one per sample of ``like`` (B, ...)."""
     for name, coef in coefs.items():
         if isinstance(coef, Tensor):
-            if coef.numel() == 1 and coef.ndim <= 1 or coef.ndim == 1 and like.ndim and coef.shape[0] == like.shape[0]:
+            one_value = coef.numel() == 1 and coef.ndim <= 1
+            if one_value or (coef.ndim == 1 and like.ndim and coef.shape[0] == like.shape[0]):
                 continue
             raise ValueError(f"{name}: expected a number or a tensor of shape ({like.shape[0] if like.ndim else 1},), "
                              f"one value per sample, got shape {tuple(coef.shape)}")
