@@ -412,6 +412,11 @@ _PROBE_ROUNDS = 8
 # A probe asked for an SNR this much below the one it was evaluated at was clamped to the model's lowest SNR (its
 # t_min, or a vp base's β_0/α_0 at t = 0); rounding in snr_inverse is orders of magnitude smaller.
 _CLAMPED_BEYOND = 1.5
+# A probe whose centre moved by more than this many of the data's marginal widths √(σ̂² + 1/r²) there (RMS per
+# coordinate) sat far outside the data: its posterior sees only the nearest part of it (modes 900 apart, 1 wide,
+# 1700 from 0: one mode's σ̂ and mean). It is read again around the new centre with noise 1/r = jump/snr, which
+# reaches back over that distance.
+_FAR_PROBE = 4.0
 # E[X] from antithetic probes is refined until a probe moves it by at most this fraction of σ (RMS per coordinate),
 # in at most this many more probes.
 _MEAN_TOLERANCE = 1e-3
@@ -472,14 +477,15 @@ class LowestSNRWarning(RuntimeWarning):
 def _warn_beyond_linear_regime(lowest_snr: float, sigma: float, snr: float) -> None:
     warnings.warn(
         f"sigma: the model is not evaluated below SNR {lowest_snr:.3g} (its t_min, or its schedule's start), where "
-        f"data of the scale read there ({sigma:.3g}) has SNR {lowest_snr * sigma:.3g}, not the {snr:g} the estimate "
-        "reads at: the model does not cover the data's low-SNR regime, so the sigma and E[X] read there (exact for "
-        "Gaussian data) may be those of one mode, and no schedule samples what the model never saw; lower t_min if "
-        "the network was trained below it, or pass sigma and center=E[X]", LowestSNRWarning, stacklevel=4)
+        f"data of the scale the probes met ({sigma:.3g}) has SNR {lowest_snr * sigma:.3g}, not the {snr:g} the "
+        "estimate reads at: the model does not cover the data's low-SNR regime, so the sigma and E[X] read there "
+        "(exact for Gaussian data) may be those of one mode, and no schedule samples what the model never saw; lower "
+        "t_min if the network was trained below it, or pass sigma and center=E[X]", LowestSNRWarning, stacklevel=4)
 
 
 def _in_linear_regime(probe, snr: float) -> tuple[float, Any]:
-    r"""σ from ``probe(r) -> (k, a, b, extra)``, the posterior slope at r = β/α, with σ² = kα²/(β(1 − kβ)).
+    r"""σ from ``probe(r) -> (k, a, b, extra, jump)``, the posterior slope at r = β/α, with
+    σ² = kα²/(β(1 − kβ)); ``jump`` is how far the probe moved its centre (RMS per coordinate; 0 for a fixed one).
 
     Starts at r = ``snr`` and moves r until the data SNR rσ̂ is within a factor 4 of ``snr``; the reading found
     there stands if one at a 4× lower SNR agrees within 25%, else the search goes on from the lower reading. A slope
@@ -488,12 +494,15 @@ def _in_linear_regime(probe, snr: float) -> tuple[float, Any]:
     data SNR at ``snr``, or 100× higher if it is ≤ 0. Exact for Gaussian data wherever it stops, and the low-SNR
     (mean eigenvalue) reading of other data at any scale the model's SNR range reaches. A reading that the model's
     lowest SNR leaves more than 4× above ``snr`` (the probe clamped to its t_min) is returned at once, with a
-    :class:`LowestSNRWarning`: no lower probe exists to check it against.
+    :class:`LowestSNRWarning`: no lower probe exists to check it against. A probe that moved its centre by more
+    than 4 of the data's marginal widths √(σ̂² + 1/r²) sat outside the data, where the posterior sees only its
+    nearest part, and is read again around the new centre at r = ``snr``/jump.
     """
     r, found, candidate = snr, None, None
+    reach = 0.0  # the distance a far probe's successor must see across (its jump), else 0
     unresolved = _UNRESOLVED_FRACTION * snr * snr / (1 + snr * snr)
     for _ in range(_PROBE_ROUNDS):
-        k, a, b, extra = probe(r)
+        k, a, b, extra, jump = probe(r)
         if not math.isfinite(k):
             break
         if abs(k * b) < unresolved:  # at the probes' rounding: too low an SNR for the data's scale
@@ -507,9 +516,14 @@ def _in_linear_regime(probe, snr: float) -> tuple[float, Any]:
             continue
         sigma = math.sqrt(k * a * a / (b * (1 - k * b)))
         found = sigma, extra
-        if b / a > _CLAMPED_BEYOND * r and (b / a) * sigma > _RESCALE_BEYOND * snr:
-            _warn_beyond_linear_regime(b / a, sigma, snr)
+        scale = max(sigma, reach)
+        if b / a > _CLAMPED_BEYOND * r and (b / a) * scale > _RESCALE_BEYOND * snr:
+            _warn_beyond_linear_regime(b / a, scale, snr)
             return found
+        if jump > _FAR_PROBE * math.hypot(sigma, a / b):
+            r, candidate, reach = snr / jump, None, jump
+            continue
+        reach = 0.0
         if candidate is not None:
             if 1 / _CHECK_TOLERANCE <= sigma / candidate[0] <= _CHECK_TOLERANCE:
                 # σ from the reading it checks; ``extra`` from the check, the later (and lower-SNR) of the two
@@ -565,7 +579,7 @@ def estimate_moments(predictor: Predictor, shape: tuple[int, ...], *, snr: float
         k, new_center, a, b = _antithetic_probe(predictor, r, center, z)
         moves.append(_rms(new_center - center))
         center = new_center
-        return k, a, b, center
+        return k, a, b, center, moves[-1]
 
     try:
         sigma, mean = _in_linear_regime(probe, snr)
@@ -630,6 +644,6 @@ def estimate_sigma(predictor: Predictor, shape: tuple[int, ...], *, mean: Tensor
         t, a, b = _probe_coefficients(predictor, r)
         u = a * z
         _, eta_x = predictor.eta(b * mean + u, t)
-        return float((u * (eta_x - mean)).sum() / (u * u).sum()), a, b, None
+        return float((u * (eta_x - mean)).sum() / (u * u).sum()), a, b, None, 0.0
 
     return _in_linear_regime(probe, snr)[0]

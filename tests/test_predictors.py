@@ -197,6 +197,25 @@ def test_sigma_of_small_offset_data_is_read_in_float32(trained_under, kind):
     assert info.sigma == pytest.approx(sigma, rel=tolerance)
 
 
+@pytest.mark.parametrize("trained_under, kind", [("linear", "noise"), ("cosine", "score"), ("linear", "data")])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_a_probe_far_outside_the_data_is_read_again_with_noise_reaching_back(trained_under, kind, dtype):
+    """Two modes of width 1, 335 apart, the nearer 300 from 0 (σ ≈ 104). The first antithetic probe, centred at 0
+    with noise 10, sits hundreds of widths outside the data: its posterior sees the nearer mode only, and the check
+    4× lower, from that mode, cannot see the other, so σ̂ and E[X] were that mode's (σ̂ = 1% of σ, E[X] 1.7σ off).
+    The probe's centre moved by far more than the data's marginal width there, so it is read again with noise of
+    that distance: σ within 25% (float64 5%), E[X] within 1% of σ."""
+    means = torch.tensor([[300.0, 0.0], [480.0, 240.0]], dtype=F64)
+    target = li.GaussianMixture(torch.tensor([0.4, 0.6], dtype=F64), means, torch.ones(2, dtype=F64))
+    sigma = math.sqrt(float(target.cov.trace()) / 2)
+    model = target.model(trained_under, kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mu, sig = li.estimate_moments(model, (2,), probes=64, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    assert sig == pytest.approx(sigma, rel=0.25)
+    assert float((mu.double() - target.mean).norm()) < 0.01 * sigma
+
+
 def test_estimate_warns_where_the_model_does_not_reach_the_data_low_snr():
     """Two modes of width 1000, 10⁴ apart (σ ≈ 3750). A noise or score network is evaluated no lower than SNR 1e-3
     (its t_min) and a vp network no lower than β₀/α₀ ≈ 6.6e-3, where this data's SNR is 3.7–25: past the point
