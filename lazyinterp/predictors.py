@@ -477,7 +477,7 @@ class LowestSNRWarning(RuntimeWarning):
 def _warn_beyond_linear_regime(lowest_snr: float, sigma: float, snr: float) -> None:
     warnings.warn(
         f"sigma: the model is not evaluated below SNR {lowest_snr:.3g} (its t_min, or its schedule's start), where "
-        f"data of the scale the probes met ({sigma:.3g}) has SNR {lowest_snr * sigma:.3g}, not the {snr:g} the "
+        f"data of the scale read there ({sigma:.3g}) has SNR {lowest_snr * sigma:.3g}, not the {snr:g} the "
         "estimate reads at: the model does not cover the data's low-SNR regime, so the sigma and E[X] read there "
         "(exact for Gaussian data) may be those of one mode, and no schedule samples what the model never saw; lower "
         "t_min if the network was trained below it, or pass sigma and center=E[X]", LowestSNRWarning, stacklevel=4)
@@ -499,7 +499,6 @@ def _in_linear_regime(probe, snr: float) -> tuple[float, Any]:
     nearest part, and is read again around the new centre at r = ``snr``/jump.
     """
     r, found, candidate = snr, None, None
-    reach = 0.0  # the distance a far probe's successor must see across (its jump), else 0
     unresolved = _UNRESOLVED_FRACTION * snr * snr / (1 + snr * snr)
     for _ in range(_PROBE_ROUNDS):
         k, a, b, extra, jump = probe(r)
@@ -516,14 +515,14 @@ def _in_linear_regime(probe, snr: float) -> tuple[float, Any]:
             continue
         sigma = math.sqrt(k * a * a / (b * (1 - k * b)))
         found = sigma, extra
-        scale = max(sigma, reach)
-        if b / a > _CLAMPED_BEYOND * r and (b / a) * scale > _RESCALE_BEYOND * snr:
-            _warn_beyond_linear_regime(b / a, scale, snr)
+        if b / a > _CLAMPED_BEYOND * r and (b / a) * sigma > _RESCALE_BEYOND * snr:
+            _warn_beyond_linear_regime(b / a, sigma, snr)
             return found
         if jump > _FAR_PROBE * math.hypot(sigma, a / b):
-            r, candidate, reach = snr / jump, None, jump
+            # The jump measures where the data lies, not its scale: a Gaussian of scale 4 sitting 250 from 0 jumps
+            # as far as two modes 250 apart, so a re-read clamped to the model's lowest SNR is not warned about.
+            r, candidate = snr / jump, None
             continue
-        reach = 0.0
         if candidate is not None:
             if 1 / _CHECK_TOLERANCE <= sigma / candidate[0] <= _CHECK_TOLERANCE:
                 # σ from the reading it checks; ``extra`` from the check, the later (and lower-SNR) of the two
