@@ -82,7 +82,7 @@ from .brownian import DEFAULT_DEPTH as BROWNIAN_DEPTH
 from .cli_errors import UserError, as_option_message, one_line_message
 from .conversion import convert
 from .distributed import Context
-from .fetch import atomic_path, cache_dir, ensure_writable, sha256_file
+from .fetch import atomic_path, cache_dir, ensure_writable, save_figure, sha256_file
 from .noise import NoiseStreams, sample_seed
 from .predictors import Model, NonFiniteError
 from .samplers import MAX_STEPS, count_nfe, default_known_start, sample, snr_matched_grid, steps_for_nfe
@@ -1165,10 +1165,7 @@ def plot_results(results: dict, path: Path | str) -> None:
         ax.grid(True, which="both", lw=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{results['workload']}, n = {results['n']}")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_json(results: dict, path: Path | str) -> None:

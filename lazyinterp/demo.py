@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .fetch import atomic_path
+from .fetch import atomic_path, save_figure
 from .generate import SamplerSpec, generate, image_grid
 from .samplers import default_known_start, steps_for_nfe
 
@@ -63,10 +63,7 @@ def comparison_figure(path: Path, cells: dict[str, dict[int, torch.Tensor]], nfe
             ax.set_title(f"NFE {nfe}: FID {fids[name][nfe]:.1f}", fontsize=9)
             if j == 0:
                 ax.set_ylabel(textwrap.fill(name, 26), fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def markdown_table(fids: dict[str, dict[int, float]], nfes: list[int], reference: float, n: int) -> str:

@@ -18,6 +18,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 class FetchError(RuntimeError):
@@ -71,6 +72,16 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def save_figure(fig: Any, path: Path | str) -> None:
+    """Lay out a matplotlib figure, write it as a PNG through :func:`atomic_path`, and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
 
 
 def ensure_writable(path: Path | str, what: str) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import lazyinterp as li
-from lazyinterp.fetch import atomic_path
+from lazyinterp.fetch import atomic_path, save_figure
 from lazyinterp.samplers import snr_matched_grid
 from lazyinterp.targets import GaussianMixture
 
@@ -122,10 +122,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set(xscale="log", yscale="log", xlabel="σ", title=f"{nfe} NFE")
     axes[0].set_ylabel("distance / the switch rule's")
     axes[0].legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

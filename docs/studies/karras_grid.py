@@ -21,7 +21,7 @@ import torch
 
 import lazyinterp as li
 from lazyinterp.bench import make_workload
-from lazyinterp.fetch import atomic_path
+from lazyinterp.fetch import atomic_path, save_figure
 from lazyinterp.noise import NoiseStreams
 
 NFES = (1, 2, 3, 4, 6, 8)
@@ -87,10 +87,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="sliced W2 to the target", title=name)
         ax.set_xticks(NFES, [str(k) for k in NFES])
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
