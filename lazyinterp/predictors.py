@@ -108,7 +108,6 @@ def to_eta_terms(kind: str, output: Tensor, x: Tensor, alpha, beta, dalpha, dbet
     Coefficients are floats (shared time) or tensors of shape (B,) (one time per sample).
     """
     check_kind(kind, "kind")
-    _check_coefficients(x, alpha=alpha, beta=beta, dalpha=dalpha, dbeta=dbeta)
     a, b, da, db = (_expand(c, x) for c in (alpha, beta, dalpha, dbeta))
     if kind == "velocity":
         det = a * db - b * da
@@ -121,6 +120,8 @@ def to_eta_terms(kind: str, output: Tensor, x: Tensor, alpha, beta, dalpha, dbet
 
 def to_eta(kind: str, output: Tensor, x: Tensor, alpha, beta, dalpha, dbeta) -> tuple[Tensor, Tensor]:
     r"""(η_Z, η_X) from a ``kind`` prediction at interpolant value ``x`` (:func:`to_eta_terms`, evaluated)."""
+    # Checked here, at the public entry, not in to_eta_terms, which every network evaluation goes through.
+    _check_coefficients(x, alpha=alpha, beta=beta, dalpha=dalpha, dbeta=dbeta)
     eta_z, eta_x = to_eta_terms(kind, output, x, alpha, beta, dalpha, dbeta)
     return linear_combination(eta_z), linear_combination(eta_x)
 

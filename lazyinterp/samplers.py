@@ -1256,16 +1256,18 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
     # Centring and σ (estimated from the model when the lazy schedule leaves it open).
     nfe_before = getattr(predictor, "nfe", 0)
     is_lazy = isinstance(target, LazySchedule)
-    known_mean = check_known_mean(center, sample_shape, device, dtype) if isinstance(center, Tensor) else None
-    if center is None:
+    known_mean = None
+    if isinstance(center, Tensor):
+        known_mean, center = check_known_mean(center, sample_shape, device, dtype), True
+    elif center is None:
         center = is_lazy
-    center = known_mean is not None or center
     if known_start is None:
         known_start = center
     elif known_start and not center:
         raise ValueError("known_start: the drift at t = 0 is known only for centred data; pass center=True")
-    mean = None if not center else known_mean if known_mean is not None else \
-        data_mean(predictor, sample_shape, device, dtype)
+    mean = known_mean
+    if center and mean is None:
+        mean = data_mean(predictor, sample_shape, device, dtype)
     source = CenteredModel(predictor, mean) if center else predictor
     if isinstance(covariance, str):
         covariance = data_covariance(predictor, sample_shape, device, dtype)
