@@ -750,6 +750,25 @@ def default_work_dir() -> Path:
     return cache_dir() / "bench"
 
 
+def check_run_arguments(workload: str, *, n: int | None = None, reference_nfe: int = 1000,
+                        batch_size: int | None = None, max_runs: int | None = None, chunk: int | None = None) -> None:
+    """The bounds :func:`run_bench` holds its arguments to (None: the default), as a ValueError naming the
+    argument; checked before anything is loaded or sampled."""
+    if workload not in WORKLOADS:
+        raise ValueError(f"workload: unknown workload {workload!r}; expected one of {', '.join(WORKLOADS)}")
+
+    def integer(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if n is not None and not (integer(n) and n >= 2):
+        raise ValueError(f"n: expected an integer >= 2, got {n!r}")
+    if not (integer(reference_nfe) and 2 <= reference_nfe <= MAX_REFERENCE_NFE):
+        raise ValueError(f"reference_nfe: expected an integer from 2 to {MAX_REFERENCE_NFE}, got {reference_nfe!r}")
+    for name, value in (("batch_size", batch_size), ("max_runs", max_runs), ("chunk", chunk)):
+        if value is not None and not (integer(value) and value >= 1):
+            raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+
+
 def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NFE, n: int | None = None,
               seed: int = 0, samplers: str | Sequence[str] | None = None, reference_nfe: int = 1000,
               model: str = "mnist", batch_size: int | None = None, progress: bool = True,
@@ -791,19 +810,10 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
     ctx = ctx or Context(device=torch.device(device))
     nfes = parse_nfe(nfe)
     specs = select_samplers(samplers)
-    if workload not in WORKLOADS:
-        raise ValueError(f"workload: unknown workload {workload!r}; expected one of {', '.join(WORKLOADS)}")
+    check_run_arguments(workload, n=n, reference_nfe=reference_nfe, batch_size=batch_size, max_runs=max_runs,
+                        chunk=chunk)
     n = DEFAULT_N[workload] if n is None else n
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ValueError(f"n: expected an integer >= 2, got {n!r}")
-    if isinstance(reference_nfe, bool) or not isinstance(reference_nfe, int) or \
-            not 2 <= reference_nfe <= MAX_REFERENCE_NFE:
-        raise ValueError(f"reference_nfe: expected an integer from 2 to {MAX_REFERENCE_NFE}, got {reference_nfe!r}")
     batch_size = batch_size or DEFAULT_BATCH.get(workload, n)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
-    if max_runs is not None and (isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 0):
-        raise ValueError(f"max_runs: expected an integer >= 0 or None, got {max_runs!r}")
     log = log if log is not None and ctx.is_main else (lambda line: None)
     progress = progress and ctx.is_main
     started = time.perf_counter()
@@ -829,8 +839,6 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
             else:
                 jobs.append((spec, k, plan))
 
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-        raise ValueError(f"chunk: expected an integer >= 1, got {chunk!r}")
     wl = make_workload(workload, n, model, ctx.device, chunk, mode_scale)
     versions = _versions()
     cache = RunCache(default_work_dir() if work_dir is None else work_dir,
@@ -1181,7 +1189,9 @@ def write_text(text: str, path: Path | str) -> None:
 # Command line ---------------------------------------------------------------------------------------------------
 
 # Arguments that the library's errors name, and the options of `lazyinterp bench` that set them.
-BENCH_OPTIONS = {"mode_scale": "--mode-scale", "nfe": "--nfe", "samplers": "--samplers", "device": "--device"}
+BENCH_OPTIONS = {"mode_scale": "--mode-scale", "nfe": "--nfe", "samplers": "--samplers", "device": "--device",
+                 "workload": "--workload", "n": "--n", "reference_nfe": "--reference-nfe", "batch_size": "--batch-size",
+                 "max_runs": "--max-runs", "chunk": "--chunk"}
 
 
 class _OneLineErrors(click.Command):
@@ -1239,19 +1249,9 @@ def bench(workload: str, nfe: str, n: int | None, seed: int, samplers: str | Non
 
     Runs as one process or under torchrun (each rank samples a share of every run); the results are the same.
     """
-    if workload not in WORKLOADS:
-        raise UserError(f"--workload: unknown workload {workload!r}; expected one of {', '.join(WORKLOADS)}")
-    if n is not None and n < 2:
-        raise UserError(f"--n: expected an integer >= 2, got {n}")
-    if not 2 <= reference_nfe <= MAX_REFERENCE_NFE:
-        raise UserError(f"--reference-nfe: expected an integer from 2 to {MAX_REFERENCE_NFE}, got {reference_nfe}")
-    if batch_size is not None and batch_size < 1:
-        raise UserError(f"--batch-size: expected an integer >= 1, got {batch_size}")
-    if chunk is not None and chunk < 1:
-        raise UserError(f"--chunk: expected an integer >= 1, got {chunk}")
-    if max_runs is not None and max_runs < 1:
-        raise UserError(f"--max-runs: expected an integer >= 1, got {max_runs}")
     try:
+        check_run_arguments(workload, n=n, reference_nfe=reference_nfe, batch_size=batch_size, max_runs=max_runs,
+                            chunk=chunk)
         check_mode_scale(mode_scale, workload)
         parse_nfe(nfe)
         select_samplers(samplers)

@@ -96,7 +96,7 @@ def fetch(dataset: str, force: bool) -> None:
 @click.option("--threads", default=0, type=click.IntRange(min=0), help="torch threads (0: default).")
 @click.option("--limit-data", default=0, type=click.IntRange(min=0), help="Use only the first N images.")
 @click.option("--device", default="cpu", show_default=True)
-@friendly_errors
+@friendly_errors(out_of_memory_line="out of memory; use a smaller --batch-size")
 def train(out_dir: Path, data: str, steps: int, batch_size: int, lr: float, warmup: int, ema_decay: float,
           channels: str, seed: int, checkpoint_every: int, threads: int, limit_data: int, device: str) -> None:
     """Train a velocity UNet with the linear (rectified-flow) schedule; resumes if OUT has a state."""
@@ -298,7 +298,7 @@ def _distributed_fid(out: Path, n: int, shard_size: int, ctx) -> float | None:
 
 @main.command()
 @click.option("--model", "model_name", default="mnist", show_default=True)
-@click.option("--n", "n", default=1000, type=click.IntRange(min=2), show_default=True,
+@click.option("--n", "-n", "n", default=1000, type=click.IntRange(min=2), show_default=True,
               help="Samples per sampler and NFE.")
 @click.option("--seed", default=0, type=int, show_default=True)
 @click.option("--batch-size", default=250, type=click.IntRange(min=1), show_default=True)

@@ -23,14 +23,15 @@ def out_of_memory(exc: BaseException) -> bool:
         isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
+# What a command that draws samples says on a failed allocation; one without -n (train) passes its own line.
 OUT_OF_MEMORY = "out of memory; ask for fewer samples (-n) or a smaller --batch-size"
 
 
-def one_line_message(exc: BaseException) -> str:
-    """An error as one line: a failed allocation as :data:`OUT_OF_MEMORY`, an operating-system error's reason and
+def one_line_message(exc: BaseException, out_of_memory_line: str = OUT_OF_MEMORY) -> str:
+    """An error as one line: a failed allocation as ``out_of_memory_line``, an operating-system error's reason and
     the file it concerns, else the first line of its message (its type's name when it has none)."""
     if out_of_memory(exc):
-        return OUT_OF_MEMORY
+        return out_of_memory_line
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.strerror} ({exc.filename})" if exc.filename else exc.strerror
     text = str(exc)
@@ -53,9 +54,12 @@ def _raise_terminated(signum, frame):
     raise Terminated
 
 
-def friendly_errors(func):
-    """Turn the library's ValueError/TypeError/OSError family into one-line CLI errors, and SIGTERM into the same
-    clean stop as Ctrl-C."""
+def friendly_errors(func=None, *, out_of_memory_line: str = OUT_OF_MEMORY):
+    """Turn the library's ValueError/TypeError/OSError family into one-line CLI errors (a failed allocation into
+    ``out_of_memory_line``), and SIGTERM into the same clean stop as Ctrl-C. Used as ``@friendly_errors`` or
+    ``@friendly_errors(out_of_memory_line=...)``."""
+    if func is None:
+        return functools.partial(friendly_errors, out_of_memory_line=out_of_memory_line)
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -77,11 +81,11 @@ def friendly_errors(func):
                        err=True)
             sys.exit(143 if terminated else 130)
         except (ValueError, TypeError, FetchError, OSError) as exc:
-            raise UserError(one_line_message(exc)) from exc
+            raise UserError(one_line_message(exc, out_of_memory_line)) from exc
         except (MemoryError, RuntimeError) as exc:
             if not out_of_memory(exc):
                 raise
-            raise UserError(one_line_message(exc)) from exc
+            raise UserError(out_of_memory_line) from exc
         finally:
             if installed:  # None: a handler set outside Python, which cannot be put back; the default stands in
                 signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

@@ -484,6 +484,11 @@ def _warn_beyond_linear_regime(lowest_snr: float, sigma: float, snr: float) -> N
         "t_min if the network was trained below it, or pass sigma and center=E[X]", LowestSNRWarning, stacklevel=4)
 
 
+def _sigma_from_slope(k: float, a: float, b: float) -> float:
+    """σ of the Gaussian whose posterior slope at (α, β) = (a, b) is k: σ² = kα²/(β(1 − kβ)), for 0 < kβ < 1."""
+    return math.sqrt(k * a * a / (b * (1 - k * b)))
+
+
 def _in_linear_regime(probe, snr: float) -> tuple[float, Any]:
     r"""σ from ``probe(r) -> (k, a, b, extra, jump)``, the posterior slope at r = β/α, with
     σ² = kα²/(β(1 − kβ)); ``jump`` is how far the probe moved its centre (RMS per coordinate; 0 for a fixed one).
@@ -509,12 +514,12 @@ def _in_linear_regime(probe, snr: float) -> tuple[float, Any]:
             if candidate is not None:
                 return candidate
             # Not a reading: a positive slope still says roughly where the data's scale lies, one ≤ 0 only "higher".
-            r = snr / math.sqrt(k * a * a / b) if k > 0 else r * _STEEP_SNR_DROP
+            r = snr / _sigma_from_slope(k, a, b) if k > 0 else r * _STEEP_SNR_DROP
             continue
         if not 0 < k * b < 1:  # no Gaussian has this slope: the data is not linear at this SNR
             r, candidate = r / _STEEP_SNR_DROP, None
             continue
-        sigma = math.sqrt(k * a * a / (b * (1 - k * b)))
+        sigma = _sigma_from_slope(k, a, b)
         found = sigma, extra
         if b / a > _CLAMPED_BEYOND * r and (b / a) * sigma > _RESCALE_BEYOND * snr:
             _warn_beyond_linear_regime(b / a, sigma, snr)

@@ -8,6 +8,7 @@ from click.testing import CliRunner
 
 import lazyinterp as li
 from lazyinterp.bench import (
+    MAX_REFERENCE_NFE,
     SAMPLERS,
     SDE_REFERENCE_STEPS,
     SamplerDef,
@@ -68,6 +69,19 @@ def test_parse_nfe():
     for bad in ("0", "a", "", "1,-2", "1.5"):
         with pytest.raises(ValueError, match="nfe"):
             parse_nfe(bad)
+
+
+@pytest.mark.parametrize("arguments, name", [
+    ({"workload": "cifar"}, "workload"), ({"n": 1}, "n"), ({"n": True}, "n"), ({"n": 2.5}, "n"),
+    ({"reference_nfe": 1}, "reference_nfe"), ({"reference_nfe": MAX_REFERENCE_NFE + 1}, "reference_nfe"),
+    ({"batch_size": 0}, "batch_size"), ({"batch_size": "all"}, "batch_size"), ({"max_runs": 0}, "max_runs"),
+    ({"chunk": 0}, "chunk"), ({"chunk": 1.0}, "chunk"),
+])
+def test_run_bench_names_an_argument_out_of_bounds_before_sampling(tmp_path, arguments, name):
+    arguments = {"workload": "gmm-2d", **arguments}
+    with pytest.raises(ValueError, match=f"^{name}: "):
+        run_bench(nfe=[1], samplers=["linear-euler"], progress=False, work_dir=tmp_path, **arguments)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_gmm2d_bench_writes_valid_outputs(tmp_path):
@@ -235,6 +249,9 @@ def invoke(args):
     (["--n", "many"], "--n"),
     (["--samplers", "lazy-vp-euler,nope"], "nope"),
     (["--reference-nfe", "1"], "--reference-nfe"),
+    (["--batch-size", "0"], "--batch-size: expected an integer >= 1, got 0"),
+    (["--max-runs", "0"], "--max-runs: expected an integer >= 1, got 0"),
+    (["--chunk", "-3"], "--chunk: expected an integer >= 1, got -3"),
     (["--reference-nfe", "1000000000000"], "--reference-nfe: expected an integer from 2 to 2097152"),
     (["--nfe", "4,1000000000000"], "--nfe: each NFE must be from 1 to 1048576"),
     (["--mode-scale", "0"], "--mode-scale"),

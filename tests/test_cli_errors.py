@@ -41,6 +41,16 @@ def test_friendly_errors_turn_library_failures_into_one_line(exc, expected):
     assert caught.value.format_message().startswith(expected)
 
 
+def test_a_command_without_n_names_its_own_remedy_for_a_failed_allocation():
+    @friendly_errors(out_of_memory_line="out of memory; use a smaller --batch-size")
+    def command():
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8000000000008 bytes")
+
+    with pytest.raises(UserError) as caught:
+        command()
+    assert caught.value.format_message() == "out of memory; use a smaller --batch-size"
+
+
 @pytest.mark.parametrize("exc", [KeyError("a bug, not a user's mistake"), RuntimeError("a kernel failed")])
 def test_friendly_errors_leave_programming_errors_alone(exc):
     def command():
