@@ -343,6 +343,26 @@ class KeyedStreams:
         self._keys = sample_keys(seed, indices, self.device)
         self._drawn = 0
 
+    @classmethod
+    def from_keys(cls, keys: Tensor, sample_shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+                  ) -> KeyedStreams:
+        """Streams over given per-sample ``keys`` (:attr:`keys` of another source), from their first draw, on the
+        keys' device: the same draws as that source's, computed from device tensors alone (so that a CUDA graph
+        can compute them, with the keys as its input)."""
+        if not isinstance(keys, Tensor) or keys.dtype != torch.int64 or keys.ndim != 1:
+            raise TypeError(f"keys: expected a 1-d int64 tensor, got {keys!r:.80}")
+        streams = cls.__new__(cls)
+        streams.sample_shape, streams.device, streams.dtype = check_keyed_args(0, sample_shape, keys.device, dtype)
+        streams.size = math.prod(streams.sample_shape)
+        streams._keys = keys
+        streams._drawn = 0
+        return streams
+
+    @property
+    def keys(self) -> Tensor:
+        """The per-sample keys, (batch,) int64 on the device: the root of every draw (see :meth:`from_keys`)."""
+        return self._keys
+
     def __len__(self) -> int:
         return int(self._keys.shape[0])
 

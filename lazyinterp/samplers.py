@@ -1306,16 +1306,18 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
     denoise = dynamics.denoise if last_step == "denoise" else None
     steps = len(grid) - 1
 
-    def step_draws() -> Callable[[], Tensor]:
-        """ξ_k, one a step."""
+    def step_draws(keys: Tensor | None = None) -> Callable[[], Tensor]:
+        """ξ_k, one a step (keyed draws from ``keys`` when given)."""
         if sde_noise == "brownian":
             return (xi for block in paths.increment_blocks(grid) for xi in block).__next__
+        if keys is not None:
+            return normal_draws(KeyedStreams.from_keys(keys, sample_shape, dtype), steps)
         return normal_draws(step_streams, steps)
 
-    def integrate(x: Tensor, increments: Tensor | None = None) -> Tensor:
+    def integrate(x: Tensor, increments: Tensor | None = None, keys: Tensor | None = None) -> Tensor:
         draws = None
         if is_sde:
-            draws = step_draws() if increments is None else iter(increments.unbind(0)).__next__
+            draws = step_draws(keys) if increments is None else iter(increments.unbind(0)).__next__
         with torch.no_grad():
             if solver in EXPONENTIAL_SOLVERS:
                 return exponential(dynamics.denoise, target, diffusion_spec.kappa, x, grid, draws,
@@ -1332,14 +1334,20 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
                              step_lengths=alpha_matched_steps(target, grid))
             return ODE_STEPPERS[solver](dynamics.drift, x, grid, denoise=denoise, callback=callback)
 
-    def integrate_and_add_mean(x: Tensor, increments: Tensor | None = None) -> Tensor:
-        x = integrate(x, increments)
+    def integrate_and_add_mean(x: Tensor, increments: Tensor | None = None, keys: Tensor | None = None) -> Tensor:
+        x = integrate(x, increments, keys)
         return x if mean is None else x + mean
 
     try:
         if cuda_graph:
-            inputs = (x,)
-            if is_sde:
+            run, inputs = integrate_and_add_mean, (x,)
+            if is_sde and sde_noise == "keyed":
+                # Computed inside the graph from the per-sample keys: no draw is launched outside the replay.
+                def run(x: Tensor, keys: Tensor) -> Tensor:
+                    return integrate_and_add_mean(x, keys=keys)
+
+                inputs = (x, step_streams.keys)
+            elif is_sde:
                 draws = step_draws()
                 inputs = (x, torch.stack([draws() for _ in range(steps)]))
             # The capture reads every tensor by address: the network's weights follow in-place updates, and a
@@ -1347,8 +1355,9 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
             # key holds the schedule itself for the same reason).
             net = getattr(predictor, "net", None)
             key = ("cuda-graph", id(net), tuple(shape), dtype, device, target, diffusion_spec.kappa,
-                   diffusion_spec.epsilon, solver, tuple(grid.tolist()), last_step, known_start, id(mean))
-            x = _replay_captured(predictor, key, integrate_and_add_mean, inputs, keep=net)
+                   diffusion_spec.epsilon, solver, tuple(grid.tolist()), last_step, known_start, id(mean),
+                   sde_noise if is_sde else None)
+            x = _replay_captured(predictor, key, run, inputs, keep=net)
         else:
             x = integrate_and_add_mean(x)
     except NonFiniteError:

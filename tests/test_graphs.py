@@ -55,6 +55,10 @@ def _model():
     {"schedule": "linear", "steps": 5},
     {"schedule": "point-mass", "diffusion": "optimal", "steps": 5},
     {"schedule": "lazy-vp", "diffusion": 0.5, "steps": 4, "solver": "heun"},
+    # Keyed draws are computed inside the graph from the per-sample keys, its second input.
+    {"schedule": "point-mass", "diffusion": "optimal", "steps": 5, "sde_noise": "keyed"},
+    {"schedule": "lazy-vp", "diffusion": 0.5, "steps": 40, "sde_noise": "keyed"},  # two blocks of draws
+    {"schedule": "point-mass", "diffusion": "optimal", "steps": 5, "sde_noise": "brownian"},
 ])
 def test_replay_matches_the_eager_run_and_counts_evaluations(kwargs):
     model = _model()

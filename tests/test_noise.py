@@ -154,6 +154,19 @@ def test_keyed_draws_depend_only_on_seed_index_and_step():
     assert torch.equal(wide.float(), whole)
 
 
+def test_keyed_streams_rebuilt_from_their_keys_draw_the_same():
+    source = KeyedStreams(3, [4, 1, 7], (2, 5))
+    rebuilt = KeyedStreams.from_keys(source.keys.clone(), (2, 5), F64)
+    assert source.keys.dtype == torch.int64 and source.keys.shape == (3,)
+    assert torch.equal(rebuilt.draw_block(4).float(), source.draw_block(4))
+    assert torch.equal(rebuilt.draw(), KeyedStreams(3, [4, 1, 7], (2, 5), dtype=F64).draw_block(5)[4])
+    for keys in (source.keys.double(), source.keys[None], [1, 2]):
+        with pytest.raises(TypeError, match="keys: expected a 1-d int64 tensor"):
+            KeyedStreams.from_keys(keys, (2, 5))
+    with pytest.raises(ValueError, match="sample_shape"):
+        KeyedStreams.from_keys(source.keys, (0,))
+
+
 def test_keyed_draws_are_independent_standard_normals():
     draws = KeyedStreams(0, range(300), (7,), dtype=F64).draw_block(10)
     assert stats.kstest(draws.flatten().numpy(), "norm").pvalue > 1e-3
