@@ -31,6 +31,7 @@ state says nothing about the data, so η_X = E[X − μ] = 0 and η_Z = x/α_0 t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from collections.abc import Callable, Sequence
@@ -940,6 +941,27 @@ COVARIANCE_SAMPLE_STEPS = 8
 COVARIANCE_MIN_SAMPLES = 2048
 
 
+_ESTIMATE_NOTE = (
+    "lazyinterp: raised while estimating E[X], sigma or the covariance from the model, which evaluates it on "
+    "batches of probes or samples of its own, not on this call's batch of {batch}. A network with conditioning "
+    "bound to that batch (class labels, prompts) must get one conditioning that broadcasts; or skip the estimate: "
+    "center=E[X] as a tensor (or center=False) and schedule=li.lazy_vp(sigma), and a Covariance rather than "
+    "covariance='model'.")
+
+
+@contextlib.contextmanager
+def _noted_as_estimate(batch: int):
+    """Adds :data:`_ESTIMATE_NOTE` to an error raised inside (once, on Python >= 3.11): the network fails on the
+    estimate's own batch sizes, most often because per-sample conditioning was bound to the samples' batch."""
+    try:
+        yield
+    except Exception as exc:
+        if hasattr(exc, "add_note") and not any(n.startswith("lazyinterp: raised while estimating")
+                                                for n in getattr(exc, "__notes__", ())):
+            exc.add_note(_ESTIMATE_NOTE.format(batch=batch))
+        raise
+
+
 def data_covariance(model: Predictor, sample_shape: tuple[int, ...], device, dtype, batch_size: int = 256
                     ) -> Covariance:
     """Cov X of the model's own samples (cached on it per shape): full rank up to D = FULL_RANK_MAX_DIM, from
@@ -1266,15 +1288,17 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
     elif known_start and not center:
         raise ValueError("known_start: the drift at t = 0 is known only for centred data; pass center=True")
     mean = known_mean
-    if center and mean is None:
-        mean = data_mean(predictor, sample_shape, device, dtype)
+    with _noted_as_estimate(batch):
+        if center and mean is None:
+            mean = data_mean(predictor, sample_shape, device, dtype)
+        if isinstance(covariance, str):
+            covariance = data_covariance(predictor, sample_shape, device, dtype)
+        sigma = getattr(target, "sigma", None)
+        if is_lazy and not target.resolved:
+            sigma = math.sqrt(covariance.mean_eigenvalue) if covariance is not None else \
+                data_sigma(predictor, sample_shape, mean, device, dtype, known_mean)
     source = CenteredModel(predictor, mean) if center else predictor
-    if isinstance(covariance, str):
-        covariance = data_covariance(predictor, sample_shape, device, dtype)
-    sigma = getattr(target, "sigma", None)
     if is_lazy and not target.resolved:
-        sigma = math.sqrt(covariance.mean_eigenvalue) if covariance is not None else \
-            data_sigma(predictor, sample_shape, mean, device, dtype, known_mean)
         target = target.resolve(sigma)
         diffusion_spec = resolve_diffusion(diffusion, target)
     estimation_nfe = getattr(predictor, "nfe", 0) - nfe_before

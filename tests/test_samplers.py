@@ -1,4 +1,5 @@
 import math
+import sys
 import warnings
 
 import pytest
@@ -578,6 +579,32 @@ def test_center_given_as_a_tensor_is_the_mean_used():
     out, info = li.sample(model, z, schedule="lazy-vp", center=torch.tensor([1.3], dtype=F64), **kw)
     assert info.sigma == pytest.approx(0.7, rel=1e-9) and info.estimation_nfe > 0
     torch.testing.assert_close(out, 0.7 * z + 1.3, rtol=0, atol=1e-9)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are Python 3.11+")
+def test_a_network_bound_to_the_batch_is_told_why_the_estimate_failed_and_how_to_skip_it():
+    """Per-sample conditioning bound to a batch of 4 breaks on the estimate's own batches (8 probes, or the 2048
+    samples of covariance='model'): the network's error stands, with a note naming the cause and the arguments that
+    skip the estimate. Given them, the same network samples; an error of the sampling run itself gets no note."""
+    target = gaussian(0.7, dim=3, mean=1.3)
+    exact = target.model("linear")
+    labels = torch.arange(4, dtype=F64)
+
+    def bound(x, t):  # an offset per sample, as a class embedding bound to the batch would add
+        return exact.net(x, t) + 0 * labels[:, None]
+
+    model = li.Model(bound, "linear", "velocity")
+    z = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    for kwargs in ({}, {"covariance": "model"}):
+        with pytest.raises(RuntimeError, match="size of tensor") as caught:
+            li.sample(model, z, steps=2, schedule="lazy-vp", **kwargs)
+        notes = getattr(caught.value, "__notes__", [])
+        assert len(notes) == 1 and "batch of 4" in notes[0] and "center=E[X]" in notes[0], notes
+    x = li.sample(model, z, steps=1, solver="euler", schedule=li.lazy_vp(0.7), center=target.mean)
+    torch.testing.assert_close(x, 0.7 * z + 1.3, rtol=0, atol=1e-12)
+    with pytest.raises(RuntimeError, match="size of tensor") as caught:
+        li.sample(model, torch.cat([z, z]), steps=2, schedule=li.lazy_vp(0.7), center=target.mean)
+    assert not getattr(caught.value, "__notes__", [])
 
 
 def test_given_sigma_and_mean_sample_data_whose_modes_the_probes_cannot_both_see():
