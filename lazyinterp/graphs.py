@@ -7,8 +7,8 @@ one unit: the host's per-step work drops out, and what remains of the sampler's 
 
 A captured run is a function of its static inputs (the starting state and, for an SDE, the pre-drawn normal
 increments, or with keyed noise the per-sample keys the graph computes its draws from): :func:`replay` copies new
-values into them and replays, so each sample's result is the same as
-in eager mode up to the floating-point rounding of the kernels the capture picked. Everything else (the grid,
+values into them and replays, so each sample's result is the same as in eager mode up to the floating-point
+rounding of the kernels the capture picked. Everything else (the grid,
 σ, E[X], the network's weights, by address) is baked in; :func:`lazyinterp.sample` keys its captures on it.
 """
 

@@ -941,11 +941,12 @@ COVARIANCE_SAMPLE_STEPS = 8
 COVARIANCE_MIN_SAMPLES = 2048
 
 
+_ESTIMATE_NOTE_START = "lazyinterp: raised while estimating E[X], sigma or the covariance"
 _ESTIMATE_NOTE = (
-    "lazyinterp: raised while estimating E[X], sigma or the covariance from the model, which evaluates it on "
+    _ESTIMATE_NOTE_START + " from the model, which evaluates it on "
     "batches of probes or samples of its own, not on this call's batch of {batch}. A network with conditioning "
     "bound to that batch (class labels, prompts) must get one conditioning that broadcasts; or skip the estimate: "
-    "center=E[X] as a tensor (or center=False) and schedule=li.lazy_vp(sigma), and a Covariance rather than "
+    "center=E[X] as a tensor (or center=False) and schedule=li.lazy_vp(sigma), and an li.Covariance rather than "
     "covariance='model'.")
 
 
@@ -956,7 +957,7 @@ def _noted_as_estimate(batch: int):
     try:
         yield
     except Exception as exc:
-        if hasattr(exc, "add_note") and not any(n.startswith("lazyinterp: raised while estimating")
+        if hasattr(exc, "add_note") and not any(n.startswith(_ESTIMATE_NOTE_START)
                                                 for n in getattr(exc, "__notes__", ())):
             exc.add_note(_ESTIMATE_NOTE.format(batch=batch))
         raise
