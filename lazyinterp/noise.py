@@ -352,6 +352,7 @@ class KeyedStreams:
         if not isinstance(keys, Tensor) or keys.dtype != torch.int64 or keys.ndim != 1:
             raise TypeError(f"keys: expected a 1-d int64 tensor, got {keys!r:.80}")
         streams = cls.__new__(cls)
+        # The keys stand in for (seed, indices), so the seed checked here is a placeholder.
         streams.sample_shape, streams.device, streams.dtype = check_keyed_args(0, sample_shape, keys.device, dtype)
         streams.size = math.prod(streams.sample_shape)
         streams._keys = keys
