@@ -16,36 +16,10 @@ from .conversion import (
     time_change_derivatives,
 )
 from .covariance import Covariance
-from .predictors import (
-    KINDS,
-    CenteredModel,
-    LowestSNRWarning,
-    Model,
-    NonFiniteError,
-    estimate_mean,
-    estimate_moments,
-    estimate_sigma,
-    from_eta,
-    reads_mean_directly,
-    to_eta,
-    ve_denoiser_model,
-)
-from .samplers import (
-    SampleInfo,
-    adams_bashforth2,
-    alpha_matched_steps,
-    check_grid,
-    count_nfe,
-    euler,
-    euler_maruyama,
-    heun,
-    make_grid,
-    sample,
-    snr_matched_grid,
-    steps_for_nfe,
-    stochastic_heun,
-    uniform_grid,
-)
+from .estimates import LowestSNRWarning, estimate_mean, estimate_moments, estimate_sigma, reads_mean_directly
+from .grids import check_grid, make_grid, snr_matched_grid, uniform_grid
+from .predictors import KINDS, CenteredModel, Model, NonFiniteError, from_eta, to_eta, ve_denoiser_model
+from .samplers import SampleInfo, sample
 from .schedules import (
     SCHEDULES,
     LazySchedule,
@@ -56,6 +30,16 @@ from .schedules import (
     linear,
     point_mass,
     vp,
+)
+from .solvers import (
+    adams_bashforth2,
+    alpha_matched_steps,
+    count_nfe,
+    euler,
+    euler_maruyama,
+    heun,
+    steps_for_nfe,
+    stochastic_heun,
 )
 from .targets import GaussianMixture
 

@@ -83,10 +83,12 @@ from .cli_errors import UserError, as_option_message, one_line_message
 from .conversion import convert
 from .distributed import Context
 from .fetch import atomic_path, cache_dir, ensure_writable, save_figure, sha256_file
+from .grids import MAX_STEPS, snr_matched_grid
 from .noise import NoiseStreams, sample_seed
 from .predictors import Model, NonFiniteError
-from .samplers import MAX_STEPS, count_nfe, default_known_start, sample, snr_matched_grid, steps_for_nfe
+from .samplers import default_known_start, sample
 from .schedules import linear, point_mass
+from .solvers import count_nfe, steps_for_nfe
 from .targets import GaussianMixture
 
 Tensor = torch.Tensor
@@ -336,7 +338,7 @@ SAMPLERS: tuple[SamplerDef, ...] = (
                {"schedule": "point-mass", "diffusion": "optimal", "solver": "euler", "last_step": "denoise",
                 "grid": "model"}, stochastic=True),
     # The exponential step depends on the SNR grid alone: on this grid it is DDPM's ancestral step on the linear
-    # schedule's uniform grid (tests/test_samplers.py).
+    # schedule's uniform grid (tests/test_solvers.py).
     SamplerDef("point-mass-sde-exp", "point-mass SDE (exponential step), SNR-matched grid", "ours", "li",
                {"schedule": "point-mass", "diffusion": "optimal", "solver": "exponential", "grid": "model"},
                stochastic=True),

@@ -200,9 +200,10 @@ def sample(model_name: str, schedule: str, steps: int, solver: str, diffusion: s
     from . import distributed
     from .fetch import ensure_writable
     from .generate import SamplerSpec, generate, image_grid, save_png, save_samples
+    from .grids import SNR_MATCHED_GRIDS
     from .metrics import check_fid_applies
     from .models import load_model
-    from .samplers import SNR_MATCHED_GRIDS, check_settings
+    from .samplers import check_settings
     from .schedules import LazySchedule, get_schedule
 
     ensure_writable(out, "--out")

@@ -18,7 +18,8 @@ import torch
 
 from .fetch import atomic_path, save_figure
 from .generate import SamplerSpec, generate, image_grid
-from .samplers import default_known_start, steps_for_nfe
+from .samplers import default_known_start
+from .solvers import steps_for_nfe
 
 DEMO_SAMPLERS: dict[str, dict] = {
     "linear Euler": dict(schedule="linear", solver="euler"),

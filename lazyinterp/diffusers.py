@@ -35,9 +35,10 @@ from .brownian import BrownianPaths
 from .conversion import convert, time_change
 from .covariance import Covariance, CovarianceLazyDynamics
 from .devices import check_device
-from .noise import KeyedStreams, NoiseStreams, resolve_seed
+from .estimates import PROBE_SNR
+from .grids import MAX_STEPS, check_grid
+from .noise import KeyedStreams, NoiseStreams, normal_draws, resolve_seed
 from .predictors import (
-    PROBE_SNR,
     CenteredModel,
     Model,
     NonFiniteError,
@@ -47,26 +48,18 @@ from .predictors import (
 )
 from .samplers import (
     COVARIANCE_AB2_FROM_STEPS,
-    EXPONENTIAL_SOLVERS,
-    MAX_STEPS,
-    ODE_SOLVERS,
     PC_DEFAULT_FROM_STEPS,
     SDE_NOISES,
     Dynamics,
-    ab2_increment,
-    am3_increment,
-    check_grid,
     check_optional_bool,
     check_settings,
     default_last_step,
     default_solver_for_steps,
-    exponential_terms,
-    log_snr,
-    normal_draws,
     resolve_covariance,
     resolve_diffusion,
 )
 from .schedules import SCHEDULES, LazySchedule, Schedule, as_time, get_schedule, linear
+from .solvers import EXPONENTIAL_SOLVERS, ODE_SOLVERS, ab2_increment, am3_increment, exponential_terms, log_snr
 
 Tensor = torch.Tensor
 _F64 = torch.float64
@@ -266,14 +259,14 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
     h_k = t_{k+1} − t_k, the first step is Euler and then y_{k+1} = y_k + h_k [(1 + ρ/2) b_k − (ρ/2) b_{k−1}],
     ρ = h_k/h_{k−1}; the last interval takes that step too (``last_step="euler"``, the ODE default) or is
     replaced by x_1 = η_X(t_{N−1}, x) (``"denoise"``). ``"ab2-pc"`` (ODE only, third order, once per node) is
-    :func:`lazyinterp.samplers.adams_predictor_corrector`: the latents returned are the AB2-predicted state, and
+    :func:`lazyinterp.solvers.adams_predictor_corrector`: the latents returned are the AB2-predicted state, and
     the evaluation there first corrects the state the last interval reached with the AM3 weights, then predicts
     the next one from the corrected state with that same drift; a step whose latents the pipeline edited
     (inpainting) is not corrected, so the edit stands. ``"heun"`` (order 2) interleaves like
     ``FlowMatchHeunDiscreteScheduler``: timesteps m_0, m_1, m_1, …, m_{N−1}, m_{N−1}, then m_N = 0 (the
     corrector at t = 1) when ``last_step="euler"``; with ``last_step="denoise"`` (the default for SDEs of two
     steps or more) the last interval is x_1 = η_X(t_{N−1}, x) and m_N is dropped. ``"exponential"`` (once per
-    node; ODE or an SDE with ε = κ ε*) is :func:`lazyinterp.samplers.exponential`: the exact step with η_X held
+    node; ODE or an SDE with ε = κ ε*) is :func:`lazyinterp.solvers.exponential`: the exact step with η_X held
     over the interval, DDIM's step for the ODE and DDPM's ancestral step for ε*; ``"exponential-2m"``
     extrapolates η_X linearly in log-SNR from the node before (second order, once per node). The default is
     :func:`lazyinterp.sample`'s: ``"ab2"`` for an ODE on a lazy schedule, ``"ab2-pc"`` there from 12 steps
@@ -827,7 +820,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
 
     def _correct(self, y_pred: Tensor, node: int) -> Tensor:
         """ab2-pc at ``node``: records the drift d_k at the predicted state and, from the second node on, returns
-        the AM3-corrected state y_k (:func:`lazyinterp.samplers.adams_predictor_corrector`). The corrected state
+        the AM3-corrected state y_k (:func:`lazyinterp.solvers.adams_predictor_corrector`). The corrected state
         moves on with d_k from the predicted one, as there. At a final denoising node the network output belongs
         to the predicted state, so that state is kept, as in li.sample."""
         if node == self.num_inference_steps - 1 and self._last_step == "denoise":

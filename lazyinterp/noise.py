@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from numbers import Integral
@@ -385,3 +385,18 @@ class KeyedStreams:
             out[lo:lo + per_part] = keyed_normals(stream_keys[lo:lo + per_part], self.size, self.dtype)
         self._drawn += count
         return out.view(count, len(self), *self.sample_shape)
+
+
+def normal_draws(streams: NoiseStreams | KeyedStreams, count: int, block: int = 32) -> Callable[[], Tensor]:
+    """``count`` draws from ``streams``, taken a block at a time: one generator call per sample and block rather
+    than per sample and step (the per-step cost would otherwise grow with the batch)."""
+
+    def draws():
+        left = count
+        while left > 0:
+            take = min(block, left)
+            yield from streams.draw_block(take)
+            left -= take
+
+    iterator = draws()
+    return lambda: next(iterator)

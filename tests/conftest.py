@@ -18,6 +18,12 @@ def make_mixture() -> li.GaussianMixture:
     return li.GaussianMixture(torch.tensor([0.5, 0.3, 0.2]), means, covs)
 
 
+def gaussian(sigma: float, dim: int = 3, mean: float = 0.0) -> li.GaussianMixture:
+    """N(mean·1, σ² I) in ``dim`` dimensions, in float64."""
+    return li.GaussianMixture.gaussian(torch.full((dim,), mean, dtype=torch.float64),
+                                       torch.tensor(sigma**2, dtype=torch.float64))
+
+
 @pytest.fixture
 def mixture() -> li.GaussianMixture:
     return make_mixture()

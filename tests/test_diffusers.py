@@ -940,7 +940,7 @@ def test_ddpm_unet_on_a_lazy_schedule_agrees_with_ddim(prediction_type):
 def test_li_sample_grid_shift_is_the_schedulers_shift(shift):
     """li.sample's grid="model" with grid_shift s is the grid LazyScheduler builds from diffusers' shifted sigmas
     (shift=s, default sigmas) for the same number of steps."""
-    from lazyinterp.samplers import snr_matched_grid
+    from lazyinterp.grids import snr_matched_grid
 
     target = li.lazy_vp(0.7)
     scheduler = LazyScheduler(schedule=target, shift=shift)
@@ -953,7 +953,8 @@ def test_image_to_image_multistep_is_the_pure_solver_on_the_remaining_grid(mixtu
     """From a begin index the run has no history: it is the pure solver of li.sample (Euler start, then AB2 or
     AB2-AM3) on the remaining nodes, from the state the noised image maps to, with the exact mixture model."""
     from lazyinterp.conversion import convert, time_change
-    from lazyinterp.samplers import ODE_STEPPERS, Dynamics, resolve_diffusion
+    from lazyinterp.samplers import Dynamics, resolve_diffusion
+    from lazyinterp.solvers import ODE_STEPPERS
 
     target = li.lazy_vp(0.8)
     scheduler = LazyScheduler(schedule=target, solver=solver, center=False)

@@ -4,7 +4,7 @@ Each mixture has 1–20 dimensions, 1, 3 or 10 anisotropic components, and offse
 its σ (estimated from the model, as ``li.sample`` does) ranges over several decades. Its exact model is trained
 under the linear, vp or cosine schedule and predicts velocity, noise or data. For 2 / 4 / 8 NFE the default
 sampler (``li.sample(model, z, steps=N + 1, schedule="lazy-vp")``) runs on its default grid (the blend of
-``li.samplers.matched_grid``), on the linear schedule's SNR-matched grid, on the lazy schedule's own uniform grid,
+``li.grids.matched_grid``), on the linear schedule's SNR-matched grid, on the lazy schedule's own uniform grid,
 and on "switch", the rule the blend replaced (the linear grid for σ in [1/4, 4], else the own grid), from the same
 noise. The distance is the
 sliced W2 to a 400-step linear Heun solution from the same noise, divided by the data's scale √tr Σ.
@@ -24,7 +24,7 @@ import torch
 
 import lazyinterp as li
 from lazyinterp.fetch import atomic_path, save_figure
-from lazyinterp.samplers import snr_matched_grid
+from lazyinterp.grids import snr_matched_grid
 from lazyinterp.targets import GaussianMixture
 
 NFES = (2, 4, 8)
