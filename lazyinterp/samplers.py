@@ -435,7 +435,7 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
             to it) is E[X] itself: centring about it, with no estimate.
         indices: global indices of the samples, for per-sample noise when a job is split (default 0..B−1).
         grid_shift: s > 0 divides the SNR of every node of the "model" or "linear" grid (diffusers' ``shift`` on
-            the linear one); s > 1 spends more steps at high noise. Data-dependent (README, "Choosing σ…"); default 1.
+            the linear one); s > 1 spends more steps at high noise. Data-dependent (docs/levers.md); default 1.
         known_start: at t = 0 the state carries no information about the data, so for centred data the
             posterior means are known without the network: η_X = 0 and η_Z = x/α_0. The first evaluation is
             skipped and N steps cost one evaluation fewer (:func:`~lazyinterp.solvers.count_nfe`). Needs
@@ -563,7 +563,7 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
     if grid is None:
         # Measured on MNIST and on Gaussians with MNIST's pixel variances: the lazy schedules gain most when they
         # visit the noise levels of a linear model's uniform grid; on the mixtures a VP or cosine model does
-        # better there than on its own uniform grid (README, "Choosing σ…").
+        # better there than on its own uniform grid (docs/levers.md).
         grid = "linear" if is_lazy else "uniform"
     grid = make_grid(grid, steps, target, predictor.schedule, grid_shift)
     if auto_multistep and len(grid) - 1 >= PC_DEFAULT_FROM_STEPS:
