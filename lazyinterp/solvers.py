@@ -226,21 +226,28 @@ def alpha_matched_steps(schedule: Schedule, grid: Tensor) -> list[float]:
 
 
 def heun(drift: Drift, x: Tensor, grid: Tensor, *, denoise: Drift | None = None,
-         callback: Callback | None = None) -> Tensor:
-    """Heun (explicit trapezoid), 2 evaluations a step: x̃ = x + h b(t, x); x' = x + h/2 (b(t, x) + b(t', x̃))."""
+         callback: Callback | None = None, epsilon: Callable[[float], float] | None = None,
+         normal: Callable[[], Tensor] | None = None) -> Tensor:
+    """Heun (explicit trapezoid), 2 evaluations a step: x̃ = x + h b(t, x); x' = x + h/2 (b(t, x) + b(t', x̃)).
+
+    With ``epsilon`` and ``normal`` both stages add the same g ΔW = √(2 ε(t) h) ξ, ξ = ``normal()`` drawn at every
+    step (:func:`stochastic_heun`).
+    """
     times = [float(t) for t in grid]
     check = _StateCheck(x)
     last = len(times) - 2
     for k in range(len(times) - 1):
         t, t_next = times[k], times[k + 1]
         h = t_next - t
+        xi = normal() if normal is not None else None
         if k == last and denoise is not None:
             x = _guard(k, t, denoise, x, t)
         else:
+            kick = _kick(epsilon, t, h, xi)
             d0 = _guard(k, t, drift, x, t)
-            x_pred = linear_combination([(h, d0)], base=x)
+            x_pred = linear_combination([(h, d0), *kick], base=x)
             d1 = _guard(k, t_next, drift, x_pred, t_next)
-            x = linear_combination([(0.5 * h, d0), (0.5 * h, d1)], base=x)
+            x = linear_combination([(0.5 * h, d0), (0.5 * h, d1), *kick], base=x)
         check(x, k, t)
         if callback is not None:
             callback(k, t_next, x)
@@ -361,26 +368,7 @@ def stochastic_heun(drift: Drift, epsilon: Callable[[float], float], x: Tensor, 
                     callback: Callback | None = None) -> Tensor:
     """Heun for additive noise: x̃ = x + h b(t, x) + g ΔW, x' = x + h/2 (b(t, x) + b(t', x̃)) + g ΔW,
     with g ΔW = √(2 ε(t) h) ξ (the noise does not depend on x, so this is the strong order-1 scheme)."""
-    times = [float(t) for t in grid]
-    check = _StateCheck(x)
-    last = len(times) - 2
-    for k in range(len(times) - 1):
-        t, t_next = times[k], times[k + 1]
-        h = t_next - t
-        xi = normal()
-        if k == last and denoise is not None:
-            x = _guard(k, t, denoise, x, t)
-        else:
-            kick = _kick(epsilon, t, h, xi)
-            d0 = _guard(k, t, drift, x, t)
-            x_pred = linear_combination([(h, d0), *kick], base=x)
-            d1 = _guard(k, t_next, drift, x_pred, t_next)
-            x = linear_combination([(0.5 * h, d0), (0.5 * h, d1), *kick], base=x)
-        check(x, k, t)
-        if callback is not None:
-            callback(k, t_next, x)
-    check.finish()
-    return x
+    return heun(drift, x, grid, denoise=denoise, callback=callback, epsilon=epsilon, normal=normal)
 
 
 def exponential_coefficients(schedule: Schedule, t: float, s: float, kappa: float) -> tuple[float, float, float]:
