@@ -171,6 +171,8 @@ def save_checkpoint(path: Path | str, net: UNet, info: CheckpointInfo,
 def read_checkpoint(path: Path | str) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
     """Tensors and info of a checkpoint; raises :class:`CheckpointError` with a one-line reason."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; expected a .safetensors file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:

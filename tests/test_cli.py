@@ -126,8 +126,11 @@ def test_cli_errors_are_one_line_and_leave_no_file(checkpoint, tmp_path):
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00" * 64)
     assert_one_line_error(run("sample", "--model", garbage, "--out", out), "checkpoint")
+    (tmp_path / "folder").mkdir()
+    assert_one_line_error(run("sample", "--model", tmp_path / "folder", "--out", out), "is a directory",
+                          "expected a .safetensors file")
     assert not out.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["garbage.safetensors", "trunc.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "garbage.safetensors", "trunc.safetensors"]
 
 
 def test_a_checkpoint_that_returns_nan_is_a_one_line_error_and_leaves_nothing_behind(checkpoint, tmp_path):
