@@ -196,3 +196,22 @@ def test_a_name_gives_one_schedule_object():
         assert li.get_schedule(name) is li.get_schedule(name.replace("-", "_").upper())
     model = li.Model(lambda x, t: x, "linear")
     assert li.convert(model, "linear") is model
+
+
+@pytest.mark.parametrize("ours, theirs, kwargs", [
+    (li.linear(), "CondOTScheduler", {}), (li.cosine(), "CosineScheduler", {}), (li.vp(), "VPScheduler", {}),
+    (li.vp(0.5, 12.0), "VPScheduler", {"beta_min": 0.5, "beta_max": 12.0})],
+    ids=["linear", "cosine", "vp", "vp-0.5-12"])
+def test_schedules_are_flow_matchings_with_the_coefficients_renamed(ours, theirs, kwargs):
+    """flow_matching (and SiT's transport) write x_t = σ_t x_0 + α_t x_1 with x_0 the noise and t = 1 at the data:
+    their σ_t is our α_t (the noise's coefficient), their α_t our β_t, and their SNR α_t/σ_t our r = β/α."""
+    scheduler = pytest.importorskip("flow_matching.path.scheduler")
+    them = getattr(scheduler, theirs)(**kwargs)
+    t = torch.linspace(0.02, 0.98, 49, dtype=F64)
+    out = them(t)
+    torch.testing.assert_close(ours.alpha(t), out.sigma_t, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours.beta(t), out.alpha_t, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours.dalpha(t), out.d_sigma_t, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ours.dbeta(t), out.d_alpha_t, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ours.snr(t), out.alpha_t / out.sigma_t, rtol=1e-12, atol=0)
+    torch.testing.assert_close(them.snr_inverse(ours.snr(t)), t, rtol=0, atol=1e-9)
