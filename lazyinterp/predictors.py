@@ -294,7 +294,10 @@ class Model:
         out = self._call_net(x.to(dtype), net_t)
         self.nfe += 1
         if not isinstance(out, Tensor):
-            raise TypeError(f"net: expected a tensor output, got {type(out).__name__}")
+            # diffusers models return a tuple or an output object holding the tensor: say how to unwrap it.
+            hint = "; return the tensor itself, e.g. lambda x, t: net(x, t)[0] or .sample" \
+                if isinstance(out, tuple) or hasattr(out, "sample") else ""
+            raise TypeError(f"net: expected a tensor output, got {type(out).__name__}{hint}")
         if out.shape != x.shape:
             raise ValueError(f"net: output shape {tuple(out.shape)} does not match input shape {tuple(x.shape)}")
         out = out.to(x.dtype)

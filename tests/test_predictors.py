@@ -192,6 +192,10 @@ def test_model_argument_errors():
         li.Model(lambda x, t: x, "banana")
     with pytest.raises(ValueError, match="net: output shape"):
         li.Model(lambda x, t: x[:, :1], "linear").eta(torch.randn(2, 3), 0.5)
+    with pytest.raises(TypeError, match=r"net: expected a tensor output, got tuple; return the tensor itself"):
+        li.Model(lambda x, t: (x,), "linear").eta(torch.randn(2, 3), 0.5)
+    with pytest.raises(TypeError, match=r"net: expected a tensor output, got NoneType$"):
+        li.Model(lambda x, t: None, "linear").eta(torch.randn(2, 3), 0.5)
     with pytest.raises(ValueError, match="t: expected"):
         li.Model(lambda x, t: x, "linear").raw(torch.randn(2, 3), torch.zeros(3))
     model = li.Model(lambda x, t: x, "linear")
