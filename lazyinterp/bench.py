@@ -396,7 +396,7 @@ def linear_velocity(model: Model) -> Callable[[Tensor, Any], Tensor]:
         return lambda x, t: model.predict(x, t, "velocity")
     predictor = convert(model, linear())
 
-    def velocity(x: Tensor, t) -> Tensor:
+    def velocity(x: Tensor, t: Tensor | float) -> Tensor:
         eta_z, eta_x = predictor.eta(x, t)
         return eta_x - eta_z
 
@@ -426,7 +426,7 @@ def _diffusers_scheduler(options: dict):
     raise ValueError(f"unknown diffusers scheduler {which!r}")
 
 
-def diffusers_sample(scheduler, velocity: Callable[[Tensor, float], Tensor], noise: Tensor, steps: int) -> Tensor:
+def diffusers_sample(scheduler: Any, velocity: Callable[[Tensor, float], Tensor], noise: Tensor, steps: int) -> Tensor:
     """Run a diffusers flow scheduler from ``noise`` (σ = 1): output ε − x_data = −v(1 − σ, x), σ = timestep/1000."""
     scheduler.set_timesteps(steps)
     scale = float(scheduler.config.num_train_timesteps)

@@ -21,10 +21,12 @@ arithmetic on the samples' device, so no host generator is involved and the valu
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
+from .devices import DeviceLike
 from .noise import check_keyed_args, keyed_normals, mix64, queued_copy, sample_keys, signed64
 
 Tensor = torch.Tensor
@@ -40,7 +42,7 @@ _LEAF_TAG = 0x2F6B8D4C1A3E5079
 DEFAULT_DEPTH = 20
 
 
-def _as_times(value, argument: str) -> Tensor:
+def _as_times(value: Any, argument: str) -> Tensor:
     """A 1-D float64 CPU tensor of times, or a clear error."""
     try:
         times = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
@@ -67,8 +69,8 @@ class BrownianPaths:
         depth: leaves have width 2^−depth (see the module docstring).
     """
 
-    def __init__(self, seed: int, indices: range | Sequence[int], sample_shape: tuple[int, ...], *, device=None,
-                 dtype: torch.dtype = torch.float32, depth: int = DEFAULT_DEPTH):
+    def __init__(self, seed: int, indices: range | Sequence[int], sample_shape: tuple[int, ...], *,
+                 device: DeviceLike | None = None, dtype: torch.dtype = torch.float32, depth: int = DEFAULT_DEPTH):
         if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= 52:
             raise ValueError(f"depth: expected an integer from 1 to 52, got {depth!r}")
         self.sample_shape, self.device, self.dtype = check_keyed_args(seed, sample_shape, device, dtype)
@@ -101,7 +103,7 @@ class BrownianPaths:
         (steps, batch, *sample_shape), in ``dtype`` on the device: standard normals, independent across steps."""
         return torch.cat(list(self.increment_blocks(grid)))
 
-    def increment_blocks(self, grid: Sequence[float] | Tensor, block: int = 32):
+    def increment_blocks(self, grid: Sequence[float] | Tensor, block: int = 32) -> Iterator[Tensor]:
         """:meth:`increments` in consecutive blocks of about ``block`` steps, equal to it value for value, so a long
         grid never holds all its increments at once (blocks are cut only between times of different leaves)."""
         grid = _as_times(grid, "grid")

@@ -8,16 +8,20 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .cli_errors import UserError, as_option_message, friendly_errors
 
+if TYPE_CHECKING:
+    from .distributed import Context
+
 
 class FiniteFloatRange(click.FloatRange):
     """click's FloatRange without NaN or inf, which its bounds let through (every comparison with NaN is False)."""
 
-    def convert(self, value, param, ctx):
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         import math
 
         number = click.FLOAT.convert(value, param, ctx)
@@ -30,7 +34,7 @@ class OneLineErrorGroup(click.Group):
     """A command group whose usage errors (a bad option value, an unknown option or command) print one line,
     ``error: <what was wrong>``, instead of click's usage block, and exit with status 2."""
 
-    def main(self, *args, standalone_mode: bool = True, **kwargs):  # noqa: D102
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:  # noqa: D102
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
         try:
@@ -280,7 +284,7 @@ def sample(model_name: str, schedule: str, steps: int, solver: str, diffusion: s
         distributed.teardown(ctx)
 
 
-def _distributed_fid(out: Path, n: int, shard_size: int, ctx) -> float | None:
+def _distributed_fid(out: Path, n: int, shard_size: int, ctx: Context) -> float | None:
     """FID-MNIST of all shards: each rank featurises its own shards, the moment sums are all-reduced."""
     import numpy as np
     import torch

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Callable
+from types import FrameType
+from typing import IO, Any, NoReturn
 
 import click
 
@@ -12,7 +15,7 @@ import click
 class UserError(click.ClickException):
     """A one-line error shown without a traceback."""
 
-    def show(self, file=None) -> None:  # noqa: D401
+    def show(self, file: IO[str] | None = None) -> None:  # noqa: D401
         click.echo(f"error: {self.format_message()}", err=True)
 
 
@@ -50,11 +53,11 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a job scheduler, ``timeout``), raised in the main thread so that a command cleans up as on Ctrl-C."""
 
 
-def _raise_terminated(signum, frame):
+def _raise_terminated(signum: int, frame: FrameType | None) -> NoReturn:
     raise Terminated
 
 
-def friendly_errors(func=None, *, out_of_memory_line: str = OUT_OF_MEMORY):
+def friendly_errors(func: Callable[..., Any] | None = None, *, out_of_memory_line: str = OUT_OF_MEMORY) -> Any:
     """Turn the library's ValueError/TypeError/OSError family into one-line CLI errors (a failed allocation into
     ``out_of_memory_line``), and SIGTERM into the same clean stop as Ctrl-C. Used as ``@friendly_errors`` or
     ``@friendly_errors(out_of_memory_line=...)``."""

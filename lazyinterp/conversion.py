@@ -14,6 +14,7 @@ is E[X] for every input).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -75,7 +76,8 @@ def time_change_derivatives(source: Schedule | str, target: Schedule | str, t: T
     return dtau, dscale
 
 
-def converted_diffusion(source: Schedule | str, target: Schedule | str, epsilon_source, t: Tensor | float) -> Tensor:
+def converted_diffusion(source: Schedule | str, target: Schedule | str, epsilon_source: Callable[[Tensor], Tensor],
+                        t: Tensor | float) -> Tensor:
     """ε'_t = c_t² τ̇_t ε(τ(t)): the target diffusion that keeps the same sample path (``epsilon_source`` a
     callable ε(t) of the source's time)."""
     if not callable(epsilon_source):

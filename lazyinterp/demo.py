@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import textwrap
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -80,7 +82,7 @@ def markdown_table(fids: dict[str, dict[int, float]], nfes: list[int], reference
 
 def run_demo(model_name: str = "mnist", *, n: int = 1000, nfes: tuple[int, ...] = (2, 4, 8), seed: int = 0,
              batch_size: int = 250, out_dir: Path | str = "demo", device: str = "cpu", progress: bool = True,
-             echo=print) -> dict:
+             echo: Callable[[str], Any] = print) -> dict:
     """Run the comparison and write ``comparison.png``, ``results.json`` and ``table.md`` into ``out_dir``."""
     from .devices import check_device
     from .fetch import ensure_writable
@@ -102,8 +104,8 @@ def run_demo(model_name: str = "mnist", *, n: int = 1000, nfes: tuple[int, ...] 
         raise
 
 
-def _run_demo(model_name: str, nfes, n: int, seed: int, batch_size: int, out_dir: Path, device: str,
-              progress: bool, echo) -> dict:
+def _run_demo(model_name: str, nfes: Sequence[int], n: int, seed: int, batch_size: int, out_dir: Path, device: str,
+              progress: bool, echo: Callable[[str], Any]) -> dict:
     from .metrics import check_fid_applies, evaluate
     from .models import load_model
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
+
+# A device as torch.device() takes it: a torch.device or its name ('cpu', 'cuda:1').
+DeviceLike: TypeAlias = torch.device | str
 
 
 def check_device(device: Any, argument: str = "device", kinds: tuple[str, ...] | None = None) -> torch.device:

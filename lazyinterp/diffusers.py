@@ -34,7 +34,7 @@ from diffusers.utils import BaseOutput
 from .brownian import BrownianPaths
 from .conversion import convert, time_change
 from .covariance import Covariance, CovarianceLazyDynamics
-from .devices import check_device
+from .devices import DeviceLike, check_device
 from .estimates import PROBE_SNR
 from .grids import MAX_STEPS, check_grid
 from .noise import KeyedStreams, NoiseStreams, normal_draws, resolve_seed
@@ -160,7 +160,7 @@ class _Recorded:
         self.x: Tensor | None = None
         self.v: Tensor | None = None
 
-    def eta(self, x: Tensor, t) -> tuple[Tensor, Tensor]:
+    def eta(self, x: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]:
         return to_eta("velocity", self.v, self.x, *coefficients(self.schedule, t))
 
 
@@ -997,7 +997,7 @@ def _unpack_flux(latents: Tensor, height: int, width: int) -> Tensor:
     return out.reshape(batch, c4 // 4, height, width)
 
 
-def _flux_image_ids(height: int, width: int, device, dtype) -> Tensor:
+def _flux_image_ids(height: int, width: int, device: DeviceLike, dtype: torch.dtype) -> Tensor:
     """Position ids (row, column) of the packed patches, as ``FluxPipeline._prepare_latent_image_ids``."""
     ids = torch.zeros(height, width, 3)
     ids[..., 1] = torch.arange(height)[:, None]

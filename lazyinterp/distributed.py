@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ import torch.distributed as dist
 
 from .devices import check_device
 from .fetch import atomic_path
+
+if TYPE_CHECKING:
+    from .metrics import FeatureStats
 
 
 @dataclass
@@ -64,7 +68,7 @@ class Context:
         start = self.rank * base + min(self.rank, extra)
         return range(start, start + base + (self.rank < extra))
 
-    def all_gather_object(self, obj):
+    def all_gather_object(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` (small, picklable), in rank order."""
         if self.world == 1:
             return [obj]
@@ -72,7 +76,7 @@ class Context:
         dist.all_gather_object(out, obj)
         return out
 
-    def broadcast_object(self, obj):
+    def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank."""
         if self.world == 1:
             return obj
@@ -133,7 +137,7 @@ class Shards(Sequence[range]):
     def __len__(self) -> int:
         return -(-self.n // self.size)
 
-    def __getitem__(self, index):
+    def __getitem__(self, index: int) -> int:
         if isinstance(index, slice):
             return [self[j] for j in range(*index.indices(len(self)))]
         if index < 0:
@@ -178,8 +182,9 @@ def check_manifest(out: Path, manifest: dict, ctx: Context) -> None:
         raise ValueError(f"--out: {folder} holds shards of a run with other settings; remove it or change --out")
 
 
-def run_shards(out: Path, n: int, shard_size: int, ctx: Context, produce, *, max_shards: int | None = None,
-               progress=None) -> tuple[int, int]:
+def run_shards(out: Path, n: int, shard_size: int, ctx: Context, produce: Callable[[range], Any], *,
+               max_shards: int | None = None,
+               progress: Callable[[int], Any] | None = None) -> tuple[int, int]:
     """Produce this rank's missing shards with ``produce(indices) -> tensor``; returns (done, total) shards.
 
     ``max_shards`` stops this rank after that many new shards (a time-limited job resumes on the next run).
@@ -228,7 +233,7 @@ def remove_shards(out: Path) -> None:
     folder.rmdir()
 
 
-def all_reduce_stats(stats, ctx: Context):
+def all_reduce_stats(stats: FeatureStats, ctx: Context) -> FeatureStats:
     """Sum FeatureStats (n, sum, outer_sum) across ranks, in float64."""
     if ctx.world == 1:
         return stats

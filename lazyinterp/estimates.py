@@ -12,12 +12,13 @@ import contextlib
 import hashlib
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from .covariance import DEFAULT_RANK, FULL_RANK_MAX_DIM, Covariance
+from .devices import DeviceLike
 from .predictors import Predictor, check_predictor, coefficients, model_cache
 from .schedules import check_positive
 
@@ -121,7 +122,7 @@ def _sigma_from_slope(k: float, a: float, b: float) -> float:
     return math.sqrt(k * a * a / (b * (1 - k * b)))
 
 
-def _in_linear_regime(probe, snr: float) -> tuple[float, Any]:
+def _in_linear_regime(probe: Callable[[float], tuple], snr: float) -> tuple[float, Any]:
     r"""σ from ``probe(r) -> (k, a, b, extra, jump)``, the posterior slope at r = β/α, with
     σ² = kα²/(β(1 − kβ)); ``jump`` is how far the probe moved its centre (RMS per coordinate; 0 for a fixed one).
 
@@ -191,7 +192,8 @@ def _check_probe_arguments(shape: Any, probes: Any, snr: float = PROBE_SNR) -> t
 
 @torch.no_grad()
 def estimate_moments(predictor: Predictor, shape: tuple[int, ...], *, snr: float = PROBE_SNR, probes: int = 8,
-                     generator: torch.Generator | None = None, device=None, dtype=torch.float32,
+                     generator: torch.Generator | None = None, device: DeviceLike | None = None,
+                     dtype: torch.dtype = torch.float32,
                      require_sigma: bool = True) -> tuple[Tensor, float | None]:
     r"""(E[X], σ) with σ² = tr Cov(X)/D, from the model's posterior mean at a low SNR r = β/α.
 
@@ -238,7 +240,8 @@ def estimate_moments(predictor: Predictor, shape: tuple[int, ...], *, snr: float
 
 @torch.no_grad()
 def estimate_mean(predictor: Predictor, shape: tuple[int, ...], *, probes: int = 8,
-                  generator: torch.Generator | None = None, device=None, dtype=torch.float32) -> Tensor:
+                  generator: torch.Generator | None = None, device: DeviceLike | None = None,
+                  dtype: torch.dtype = torch.float32) -> Tensor:
     r"""E[X] from the model alone.
 
     On a Gaussian base evaluated at t = 0 (:func:`reads_mean_directly`), η_X(0, x) = E[X] for every x (I_0 is
@@ -259,7 +262,7 @@ def estimate_mean(predictor: Predictor, shape: tuple[int, ...], *, probes: int =
 @torch.no_grad()
 def estimate_sigma(predictor: Predictor, shape: tuple[int, ...], *, mean: Tensor | None = None,
                    snr: float = PROBE_SNR, probes: int = 8, generator: torch.Generator | None = None,
-                   device=None, dtype=torch.float32) -> float:
+                   device: DeviceLike | None = None, dtype: torch.dtype = torch.float32) -> float:
     r"""σ with σ² = tr Cov(X)/D, from the model's posterior mean at a low SNR r = β/α.
 
     For X ~ N(μ, σ² I), η_X(t, x) − μ = k (x − β μ) with k = β σ² / (α² + β² σ²). Probing with x = βμ + αz
@@ -286,7 +289,7 @@ def estimate_sigma(predictor: Predictor, shape: tuple[int, ...], *, mean: Tensor
     return _in_linear_regime(probe, snr)[0]
 
 
-def data_mean(model: Predictor, sample_shape: tuple[int, ...], device, dtype) -> Tensor:
+def data_mean(model: Predictor, sample_shape: tuple[int, ...], device: DeviceLike, dtype: torch.dtype) -> Tensor:
     """E[X] estimated from the model (cached on it per shape); where it is not read at t = 0, σ comes with it."""
     cache = model_cache(model)
     key = ("mean", sample_shape)
@@ -303,7 +306,8 @@ def data_mean(model: Predictor, sample_shape: tuple[int, ...], device, dtype) ->
     return cache[key].to(device=device, dtype=dtype)
 
 
-def data_sigma(model: Predictor, sample_shape: tuple[int, ...], mean: Tensor | None, device, dtype,
+def data_sigma(model: Predictor, sample_shape: tuple[int, ...], mean: Tensor | None, device: DeviceLike,
+               dtype: torch.dtype,
                known_mean: Tensor | None = None) -> float:
     """σ for a lazy schedule, from the model (cached): √(tr Cov X / D) when centring, else the RMS √(E‖X‖²/D);
     about ``known_mean`` (the caller's E[X]) where one is given."""
@@ -341,7 +345,7 @@ _ESTIMATE_NOTE = (
 
 
 @contextlib.contextmanager
-def noted_as_estimate(batch: int):
+def noted_as_estimate(batch: int) -> Iterator[None]:
     """Adds :data:`_ESTIMATE_NOTE` to an error raised inside (once, on Python >= 3.11): the network fails on the
     estimate's own batch sizes, most often because per-sample conditioning was bound to the samples' batch."""
     try:
@@ -353,7 +357,7 @@ def noted_as_estimate(batch: int):
         raise
 
 
-def data_covariance(model: Predictor, sample_shape: tuple[int, ...], device, dtype,
+def data_covariance(model: Predictor, sample_shape: tuple[int, ...], device: DeviceLike, dtype: torch.dtype,
                     sampler: Callable[..., Tensor], batch_size: int = 256) -> Covariance:
     """Cov X of the model's own samples (cached on it per shape): full rank up to D = FULL_RANK_MAX_DIM, from
     max(2D, 2048) samples; above, from 2 × DEFAULT_RANK samples, isotropic noise plus at most DEFAULT_RANK spikes

@@ -18,7 +18,7 @@ from .fetch import atomic_path
 from .noise import NoiseStreams, sample_seed
 from .predictors import Model
 from .samplers import sample
-from .schedules import get_schedule
+from .schedules import Schedule, get_schedule
 
 
 @dataclass
@@ -37,7 +37,7 @@ class SamplerSpec:
     covariance: Any = None
     sde_noise: str = "independent"
 
-    def schedule_object(self):
+    def schedule_object(self) -> Schedule:
         sched = get_schedule(self.schedule)
         if self.sigma is not None and hasattr(sched, "resolve"):
             sched = sched.resolve(self.sigma)

@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -21,6 +21,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from .fetch import atomic_path
+
+if TYPE_CHECKING:
+    from .predictors import Model
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLED = {"mnist": ASSETS / "mnist_unet.safetensors"}
@@ -223,7 +226,8 @@ def resolve_model_path(name_or_path: str) -> Path:
 EVAL_CHUNK = 50
 
 
-def load_model(name_or_path: str | Path, device: torch.device | str = "cpu", chunk: int | None = EVAL_CHUNK):
+def load_model(name_or_path: str | Path, device: torch.device | str = "cpu", chunk: int | None = EVAL_CHUNK
+               ) -> tuple[Model, CheckpointInfo]:
     """A bundled model name or checkpoint path as an :class:`~lazyinterp.Model` ready for sampling.
 
     The network runs on fixed chunks of ``chunk`` samples so that samples do not depend on the batch size.

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .devices import check_device
+from .devices import DeviceLike, check_device
 
 Tensor = torch.Tensor
 
@@ -58,14 +58,14 @@ class _HashConstant:
         return used
 
 
-def _hashmix(value, constant: _HashConstant):
+def _hashmix(value: Tensor | np.ndarray, constant: _HashConstant) -> Tensor | np.ndarray:
     # value ^= h; h *= M; value *= h; value ^= value >> 16, in uint32 (on ints, or uint64 arrays of 32-bit values).
     h = constant.next()
     value = ((value ^ h) * constant.value) & _MASK32
     return value ^ (value >> _XSHIFT)
 
 
-def _mix(x, y):
+def _mix(x: Tensor | np.ndarray, y: Tensor | np.ndarray) -> Tensor | np.ndarray:
     result = (_MIX_L * x - _MIX_R * y) & _MASK32
     return result ^ (result >> _XSHIFT)
 
@@ -237,7 +237,8 @@ def queued_copy(tensor: Tensor, device: torch.device) -> Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-def check_keyed_args(seed, sample_shape, device, dtype) -> tuple[tuple[int, ...], torch.device, torch.dtype]:
+def check_keyed_args(seed: Any, sample_shape: Any, device: Any, dtype: Any
+                     ) -> tuple[tuple[int, ...], torch.device, torch.dtype]:
     """The checked (sample_shape, device, dtype) of a source of keyed draws, or an error naming the argument."""
     if isinstance(seed, bool) or not isinstance(seed, Integral):
         raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
@@ -268,7 +269,7 @@ class NoiseStreams:
     """
 
     def __init__(self, seed: int, indices: range | list[int], sample_shape: tuple[int, ...], *,
-                 device=None, dtype: torch.dtype = torch.float32, workers: int | None = None):
+                 device: DeviceLike | None = None, dtype: torch.dtype = torch.float32, workers: int | None = None):
         self.sample_shape = tuple(sample_shape)
         self.device = device
         self.dtype = dtype
@@ -337,7 +338,7 @@ class KeyedStreams:
     """
 
     def __init__(self, seed: int, indices: range | list[int], sample_shape: tuple[int, ...], *,
-                 device=None, dtype: torch.dtype = torch.float32):
+                 device: DeviceLike | None = None, dtype: torch.dtype = torch.float32):
         self.sample_shape, self.device, self.dtype = check_keyed_args(seed, sample_shape, device, dtype)
         self.size = math.prod(self.sample_shape)
         self._keys = sample_keys(seed, indices, self.device)

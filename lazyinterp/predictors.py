@@ -21,7 +21,7 @@ The 0/0 cases and how they are evaluated:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from numbers import Real
 from typing import Any, Literal, Protocol
 
@@ -30,6 +30,8 @@ import torch
 from .schedules import Schedule, as_time, check_positive, get_schedule
 
 Tensor = torch.Tensor
+# α, β, α̇ or β̇: a number, or a tensor of one value or of one per sample.
+Coefficient = Tensor | float
 Kind = Literal["velocity", "noise", "data", "score"]
 KINDS: tuple[str, ...] = ("velocity", "noise", "data", "score")
 _ALPHA_FLOOR = 1e-12
@@ -99,7 +101,8 @@ def _check_coefficients(like: Tensor, **coefs: Any) -> None:
 Terms = list[tuple[Tensor | float, Tensor]]
 
 
-def to_eta_terms(kind: str, output: Tensor, x: Tensor, alpha, beta, dalpha, dbeta) -> tuple[Terms, Terms]:
+def to_eta_terms(kind: str, output: Tensor, x: Tensor, alpha: Coefficient, beta: Coefficient, dalpha: Coefficient,
+                 dbeta: Coefficient) -> tuple[Terms, Terms]:
     r"""(η_Z, η_X) from a ``kind`` prediction at interpolant value ``x``, each as a linear combination of ``x``
     and ``output`` (the (coefficient, tensor) pairs of :func:`linear_combination`), so that a sampler can fold
     them into its own update instead of materialising both.
@@ -117,7 +120,8 @@ def to_eta_terms(kind: str, output: Tensor, x: Tensor, alpha, beta, dalpha, dbet
     return [(1.0, eta_z)], [(1.0, _safe_div(x - a * eta_z, b))]
 
 
-def to_eta(kind: str, output: Tensor, x: Tensor, alpha, beta, dalpha, dbeta) -> tuple[Tensor, Tensor]:
+def to_eta(kind: str, output: Tensor, x: Tensor, alpha: Coefficient, beta: Coefficient, dalpha: Coefficient,
+           dbeta: Coefficient) -> tuple[Tensor, Tensor]:
     r"""(η_Z, η_X) from a ``kind`` prediction at interpolant value ``x`` (:func:`to_eta_terms`, evaluated)."""
     # Checked here, at the public entry, not in to_eta_terms, which every network evaluation goes through.
     _check_coefficients(x, alpha=alpha, beta=beta, dalpha=dalpha, dbeta=dbeta)
@@ -148,7 +152,7 @@ def merge_terms(terms: Iterable[tuple[Tensor | float, Tensor]]) -> Terms:
     return [(coef, value) for coef, value in merged.values()]
 
 
-def _safe_div(num: Tensor, den) -> Tensor:
+def _safe_div(num: Tensor, den: Coefficient) -> Tensor:
     """num/den with the convention 0 where den == 0 (the exact limits listed in the module docstring)."""
     if isinstance(den, Tensor):
         zero = den == 0
@@ -156,7 +160,8 @@ def _safe_div(num: Tensor, den) -> Tensor:
     return num / den if den != 0 else torch.zeros_like(num)
 
 
-def from_eta(kind: str, eta_z: Tensor, eta_x: Tensor, alpha, beta, dalpha, dbeta) -> Tensor:
+def from_eta(kind: str, eta_z: Tensor, eta_x: Tensor, alpha: Coefficient, beta: Coefficient,
+             dalpha: Coefficient, dbeta: Coefficient) -> Tensor:
     """The ``kind`` prediction from (η_Z, η_X)."""
     check_kind(kind, "kind")
     _check_coefficients(eta_z, alpha=alpha, beta=beta, dalpha=dalpha, dbeta=dbeta)
@@ -194,7 +199,7 @@ def check_predictor(model: Any, argument: str = "model") -> Predictor:
     return model
 
 
-def coefficients(schedule: Schedule, t: Tensor | float):
+def coefficients(schedule: Schedule, t: Tensor | float) -> tuple[Coefficient, Coefficient, Coefficient, Coefficient]:
     """(α, β, α̇, β̇) at ``t``: Python floats for a scalar time, float64 tensors for a batch of times.
 
     Where a derivative is infinite (an end of vp or of a point mass) they are the one-sided limits.
@@ -236,7 +241,8 @@ class Model:
         nfe: the number of network evaluations made so far (reset it freely).
     """
 
-    def __init__(self, net, schedule: Schedule | str = "linear", predicts: str = "velocity", *,
+    def __init__(self, net: Callable[[Tensor, Tensor], Tensor], schedule: Schedule | str = "linear",
+                 predicts: str = "velocity", *,
                  t_min: float | None = None, net_dtype: torch.dtype | None = None, check_finite: bool = True,
                  chunk: int | None = None):
         if not callable(net):

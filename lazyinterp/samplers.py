@@ -20,7 +20,7 @@ from . import graphs
 from .brownian import BrownianPaths
 from .conversion import convert
 from .covariance import Covariance, CovarianceLazyDynamics
-from .devices import check_device
+from .devices import DeviceLike, check_device
 from .estimates import data_covariance, data_mean, data_sigma, noted_as_estimate
 from .grids import check_grid, check_grid_shift, make_grid
 from .noise import KeyedStreams, NoiseStreams, check_indices, normal_draws, resolve_seed
@@ -296,7 +296,7 @@ def check_solver_fits(solver: str, diffusion: Diffusion, with_covariance: bool) 
                          "drop covariance or use another solver")
 
 
-def check_known_mean(mean: Tensor, sample_shape: tuple[int, ...], device, dtype) -> Tensor:
+def check_known_mean(mean: Tensor, sample_shape: tuple[int, ...], device: DeviceLike, dtype: torch.dtype) -> Tensor:
     """``center`` given as E[X]: a finite floating tensor that broadcasts to one sample's shape, on the run's device
     and dtype; anything else raises."""
     if not mean.is_floating_point():
@@ -397,7 +397,7 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
            device: torch.device | str | None = None, dtype: torch.dtype | None = None,
            callback: Callback | None = None, known_start: bool | None = None, grid_shift: float = 1.0,
            cuda_graph: bool = False, covariance: Any = None, sde_noise: str = "independent",
-           return_info: bool = False):
+           return_info: bool = False) -> Tensor | tuple[Tensor, SampleInfo]:
     r"""Samples at t = 1 of dX = b^ε dt + √(2ε) dW under ``schedule``, from ``model`` converted exactly.
 
     Args:

@@ -446,7 +446,7 @@ class PointMass(LazySchedule):
         tt = max(tt, END_OFFSET)
         return -kappa / (1 - tt) + (1 - kappa) * (1 - 2 * tt) / (2 * tt * (1 - tt)), b
 
-    def optimal_diffusion(self, t):  # noqa: D102
+    def optimal_diffusion(self, t: Tensor | float) -> Tensor:  # noqa: D102
         self._require()
         tt = as_time(t)
         return torch.full_like(tt, self.sigma**2 / 2)

@@ -134,7 +134,7 @@ def am3_increment(h: float, h_prev: float | None, d_next: Tensor, d: Tensor, d_p
     return linear_combination(zip(am3_weights(h, h_prev), drifts, strict=True))
 
 
-def _guard(step: int, t: float, fn, *args):
+def _guard(step: int, t: float, fn: Callable[..., Tensor], *args: Any) -> Tensor:
     try:
         return fn(*args)
     except NonFiniteError as exc:

@@ -95,7 +95,7 @@ class GaussianMixture:
         root = self.eigvecs * self.eigvals.sqrt()[:, None, :]
         return self.means[comp] + torch.einsum("nij,nj->ni", root[comp], z)
 
-    def eta(self, x: Tensor, alpha, beta) -> tuple[Tensor, Tensor]:
+    def eta(self, x: Tensor, alpha: Tensor | float, beta: Tensor | float) -> tuple[Tensor, Tensor]:
         """(η_Z, η_X) at flattened x (B, D); α, β floats or (B,) tensors.
 
         In C_k's eigenbasis V_k (C_k = V_k Λ_k V_kᵀ) S_k is diagonal, so with p_k = V_kᵀ (x − β m_k):
