@@ -1,3 +1,4 @@
+"""``python -m lazyinterp``: the command line."""
 from lazyinterp.cli import main
 
 main()

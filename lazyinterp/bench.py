@@ -158,6 +158,7 @@ class SlicedW2:
         self.sorted_target = torch.sort(ref @ self.directions.T, dim=0).values  # (M, L)
 
     def __call__(self, x: Tensor) -> float:
+        """SW₂ of the n points ``x`` (any trailing shape, flattened) to the target sample."""
         x = x.reshape(x.shape[0], -1).to(torch.float64)
         if x.shape[0] != self.n:
             raise ValueError(f"samples: expected {self.n} points, got {x.shape[0]}")
@@ -717,12 +718,14 @@ class RunCache:
         return reference, samples, runs
 
     def start(self, fresh: bool) -> None:
+        """Create the folder and its manifest (after removing what it holds, with ``fresh``)."""
         if fresh:
             self.remove()
         self.folder.mkdir(parents=True, exist_ok=True)
         write_text(json.dumps(self.manifest, indent=1, sort_keys=True) + "\n", self.folder / "manifest.json")
 
     def save_reference(self, entry: dict, samples: Tensor) -> None:
+        """Keep the reference run and its samples (for the path errors of later runs)."""
         from safetensors.torch import save_file
 
         with atomic_path(self.folder / "reference.safetensors") as tmp:
@@ -730,9 +733,11 @@ class RunCache:
         write_text(json.dumps(entry) + "\n", self.folder / "reference.json")
 
     def save_run(self, entry: dict) -> None:
+        """Keep one finished (sampler, NFE) run."""
         write_text(json.dumps(_clean(entry)) + "\n", self._run_path(entry["sampler"], entry["nfe"]))
 
     def remove(self) -> None:
+        """Delete the folder and everything cached in it."""
         if self.folder.is_dir():
             for path in self.folder.iterdir():
                 path.unlink()
@@ -1179,11 +1184,13 @@ def plot_results(results: dict, path: Path | str) -> None:
 
 
 def write_json(results: dict, path: Path | str) -> None:
+    """Write ``results`` as JSON (no NaN or inf) to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
 
 
 def write_text(text: str, path: Path | str) -> None:
+    """Write ``text`` to ``path`` atomically: a reader sees the old file or the whole new one."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 

@@ -22,6 +22,7 @@ class FiniteFloatRange(click.FloatRange):
     """click's FloatRange without NaN or inf, which its bounds let through (every comparison with NaN is False)."""
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """The value as a float, refused unless finite."""
         import math
 
         number = click.FLOAT.convert(value, param, ctx)

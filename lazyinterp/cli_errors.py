@@ -16,6 +16,7 @@ class UserError(click.ClickException):
     """A one-line error shown without a traceback."""
 
     def show(self, file: IO[str] | None = None) -> None:  # noqa: D401
+        """Print the message as one ``error:`` line on stderr."""
         click.echo(f"error: {self.format_message()}", err=True)
 
 

@@ -101,6 +101,7 @@ class ConvertedModel:
         return f"ConvertedModel({self.source.name} -> {self.schedule.name})"
 
     def eta(self, x: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]:
+        """(η_Z, η_X) under the target schedule: η'(t, x) = η(τ(t), x / c(t))."""
         eta_z, eta_x = self.eta_terms(x, t)
         return linear_combination(eta_z), linear_combination(eta_x)
 

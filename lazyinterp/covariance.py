@@ -96,10 +96,12 @@ class Covariance:
 
     @property
     def dim(self) -> int:
+        """D, the number of entries of one sample."""
         return self.basis.shape[0]
 
     @property
     def rank(self) -> int:
+        """The number of eigenpairs kept; the other D − rank directions share ``rest``."""
         return self.basis.shape[1]
 
     @property
@@ -304,6 +306,7 @@ class CovarianceLazyDynamics:
 
     @property
     def schedule(self) -> Schedule:
+        """The scalar lazy VP schedule whose time variable and SNR the coordinates share."""
         return self.predictor.schedule
 
     def _split(self, values: Tensor) -> tuple[Tensor, float]:

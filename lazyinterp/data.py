@@ -94,6 +94,7 @@ def _fashion_arrays(root: Path) -> dict[str, np.ndarray]:
 
 
 def dataset_path(name: str) -> Path:
+    """Where the cached data set ``name`` lives: ``<cache>/data/<name>.npz``."""
     return cache_dir() / "data" / f"{name}.npz"
 
 

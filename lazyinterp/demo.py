@@ -70,6 +70,7 @@ def comparison_figure(path: Path, cells: dict[str, dict[int, torch.Tensor]], nfe
 
 
 def markdown_table(fids: dict[str, dict[int, float]], nfes: list[int], reference: float, n: int) -> str:
+    """The demo's FID table: one row per sampler, one column per NFE, the best of each column in bold."""
     head = "| sampler | " + " | ".join(f"NFE {k}" for k in nfes) + " |"
     lines = [f"FID-MNIST on {n} samples (lower is better); reference {REFERENCE[0]} at {REFERENCE[2]} NFE: "
              f"{reference:.2f}", "", head, "|---|" + "---|" * len(nfes)]

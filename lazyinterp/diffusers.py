@@ -435,6 +435,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         return self._shift
 
     def set_shift(self, shift: float) -> None:
+        """Set the SNR divisor of the grid (diffusers' ``shift``), a finite number > 0."""
         self._shift = _finite_number(shift, "shift", positive=True)
 
     @property

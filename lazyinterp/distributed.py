@@ -40,6 +40,7 @@ class Context:
 
     @property
     def is_main(self) -> bool:
+        """Rank 0, the process that writes outputs."""
         return self.rank == 0
 
     barriers: int = 0
@@ -121,6 +122,7 @@ def setup(device: str = "cpu") -> Context:
 
 
 def teardown(ctx: Context) -> None:
+    """Destroy the process group, if this context created it."""
     if ctx.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -154,10 +156,12 @@ def shard_ranges(n: int, shard_size: int) -> Shards:
 
 
 def shard_dir(out: Path) -> Path:
+    """The folder of ``out``'s shards: ``<out>.shards`` beside it."""
     return out.with_name(out.name + ".shards")
 
 
 def shard_path(out: Path, index: int, count: int) -> Path:
+    """The file of shard ``index`` of ``count``."""
     return shard_dir(out) / f"shard-{index:05d}-of-{count:05d}.npz"
 
 
@@ -227,6 +231,7 @@ def gather(out: Path, n: int, shard_size: int) -> np.ndarray:
 
 
 def remove_shards(out: Path) -> None:
+    """Delete the shards of ``out`` and their folder (once ``out`` is written)."""
     folder = shard_dir(out)
     for path in folder.glob("*"):
         path.unlink()

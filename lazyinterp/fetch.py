@@ -46,6 +46,7 @@ def cache_dir() -> Path:
 
 
 def sha256_file(path: Path) -> str:
+    """sha256 of a file's bytes, read in blocks of 1 MiB."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

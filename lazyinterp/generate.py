@@ -38,6 +38,7 @@ class SamplerSpec:
     sde_noise: str = "independent"
 
     def schedule_object(self) -> Schedule:
+        """The sampling schedule, resolved with ``sigma`` where that is given."""
         sched = get_schedule(self.schedule)
         if self.sigma is not None and hasattr(sched, "resolve"):
             sched = sched.resolve(self.sigma)

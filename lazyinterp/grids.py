@@ -150,6 +150,7 @@ def make_grid(grid: Any, steps: int | None, schedule: Schedule, model_schedule: 
 
 
 def check_steps(steps: Any) -> int:
+    """``steps`` as an int from 1 to :data:`MAX_STEPS`; TypeError or ValueError naming it otherwise."""
     if isinstance(steps, bool) or not isinstance(steps, int):
         raise TypeError(f"steps: expected an integer >= 1, got {type(steps).__name__}")
     if steps < 1:

@@ -165,6 +165,7 @@ class FeatureStats:
 
     @property
     def dim(self) -> int:
+        """The feature dimension."""
         return self.sum.shape[0]
 
     @classmethod
@@ -216,6 +217,7 @@ class FeatureStats:
         return self.merge(other)
 
     def copy(self) -> FeatureStats:
+        """An independent copy (the arrays are copied)."""
         return FeatureStats(self.n, self.sum.copy(), self.outer_sum.copy(), self.extractor)
 
     @property
@@ -415,6 +417,7 @@ def evaluate(samples: torch.Tensor,
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m lazyinterp.metrics [OUT.npz]``: recompute the reference statistics of the MNIST test set."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) > 1:
         raise SystemExit("usage: python -m lazyinterp.metrics [OUT.npz]")

@@ -42,6 +42,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
 
 
 class ResBlock(nn.Module):
+    """Pre-norm residual block: GroupNorm, SiLU, 3×3 conv, with the time embedding as a scale and shift."""
+
     def __init__(self, c_in: int, c_out: int, emb_dim: int, groups: int = 8):
         super().__init__()
         self.norm1 = nn.GroupNorm(min(groups, c_in), c_in)
@@ -54,6 +56,7 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.conv2.bias)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """h = conv(SiLU(norm(x))), h ← norm(h)(1 + scale) + shift, out = skip(x) + conv(SiLU(h))."""
         h = self.conv1(F.silu(self.norm1(x)))
         scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
         h = self.norm2(h) * (1 + scale) + shift
@@ -62,12 +65,15 @@ class ResBlock(nn.Module):
 
 
 class SelfAttention(nn.Module):
+    """Multi-head self-attention over the pixels of a feature map, residual."""
+
     def __init__(self, channels: int, heads: int = 4):
         super().__init__()
         self.norm = nn.GroupNorm(min(8, channels), channels)
         self.attn = nn.MultiheadAttention(channels, heads, batch_first=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x + attention(norm(x)) over the h·w positions."""
         b, c, h, w = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)
         out, _ = self.attn(tokens, tokens, tokens, need_weights=False)
@@ -76,12 +82,15 @@ class SelfAttention(nn.Module):
 
 @dataclass
 class UNetConfig:
+    """The UNet's shape: channels per level, residual blocks per level, attention at the bottom."""
+
     in_channels: int = 1
     channels: tuple[int, ...] = (32, 64, 128)
     blocks_per_level: int = 1
     attention_at_bottom: bool = True
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as JSON-ready values (the checkpoint's metadata)."""
         return {**asdict(self), "channels": list(self.channels)}
 
 
@@ -125,6 +134,7 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network's output at ``x`` and times ``t`` (one per sample), the shape of ``x``."""
         cfg = self.config
         emb = self.time_mlp(timestep_embedding(t, cfg.channels[0]).to(x.dtype))
         h = self.stem(x)

@@ -48,6 +48,7 @@ class NonFiniteError(FloatingPointError, ValueError):
 
 
 def check_kind(kind: str, argument: str = "predicts") -> str:
+    """``kind`` if it is one of :data:`KINDS`; a ValueError naming ``argument`` otherwise."""
     if not isinstance(kind, str) or kind not in KINDS:
         raise ValueError(f"{argument}: expected one of {', '.join(KINDS)}, got {kind!r}")
     return kind
@@ -188,7 +189,8 @@ class Predictor(Protocol):
 
     schedule: Schedule
 
-    def eta(self, x: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]: ...
+    def eta(self, x: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]:
+        """(E[Z | I_t = x], E[X | I_t = x]) for a batch ``x`` at time ``t``."""
 
 
 def check_predictor(model: Any, argument: str = "model") -> Predictor:
@@ -389,10 +391,12 @@ class CenteredModel:
         self.mean = mean
 
     def eta(self, x: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]:
+        """(η_Z, η_X) of the centred data X − μ: the inner model's at x + βμ, with μ taken off η_X."""
         eta_z, eta_x = self.eta_terms(x, t)
         return linear_combination(eta_z), linear_combination(eta_x)
 
     def eta_terms(self, x: Tensor, t: Tensor | float) -> tuple[Terms, Terms]:
+        """:meth:`eta` as (coefficient, tensor) terms, summed by the caller."""
         mean = self.mean.to(device=x.device, dtype=x.dtype)
         beta = _expand(self.schedule.beta(t), x)  # a float for one time (the schedule remembers it)
         eta_z, eta_x = eta_terms(self.inner, linear_combination([(beta, mean)], base=x), t)

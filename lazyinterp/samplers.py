@@ -86,9 +86,11 @@ class Diffusion:
 
     @property
     def is_ode(self) -> bool:
+        """ε = 0: the probability-flow ODE."""
         return self.epsilon is None and self.kappa == 0
 
     def schedule_has_finite_optimum(self, t: float) -> bool:
+        """ε* is finite at ``t``: everywhere but t = 0 of a Gaussian base."""
         return t > 0 or self.schedule.base == "point_mass"
 
     def user_epsilon(self, t: float) -> float:
@@ -105,6 +107,7 @@ class Diffusion:
         return self.schedule.scalar_optimal_diffusion(max(t, END_OFFSET))
 
     def kappa_at(self, t: float) -> float:
+        """κ(t) = ε(t)/ε*(t); 0 where ε* is infinite or 0, or ε is 0."""
         if self.epsilon is None and self.kappa == 0:
             return 0.0  # the ODE: no need for ε*
         eps_star = self._optimum(t)
@@ -116,6 +119,7 @@ class Diffusion:
         return eps / eps_star
 
     def epsilon_at(self, t: float) -> float:
+        """ε(t) = κ ε*(t), or the callable's value (also where ε* is infinite)."""
         if self.epsilon is not None and not self.schedule_has_finite_optimum(t):
             return self.user_epsilon(t)
         kappa = self.kappa_at(t)
@@ -163,6 +167,7 @@ class Dynamics:
 
     @property
     def schedule(self) -> Schedule:
+        """The schedule the dynamics run under (the converted predictor's)."""
         return self.predictor.schedule
 
     def _coefficients(self, t: float, kappa: float) -> tuple[str, float, float]:

@@ -379,6 +379,7 @@ class LazySchedule(Schedule):
 
     @property
     def resolved(self) -> bool:
+        """σ is set (not left to be estimated from a model)."""
         return self.sigma is not None
 
     def _unresolved_error(self) -> ValueError:
@@ -434,6 +435,7 @@ class PointMass(LazySchedule):
             self._snr_inverse = lambda r: _ratio_inverse((s * r) ** 2)
 
     def drift_coefficients(self, t: float, kappa: float) -> tuple[float, float]:
+        """(A, B) with b^ε(t, x) = A x + B η_X for ε = κ ε*."""
         # On this family A = −κ/(1 − t) + (1 − κ)(1 − 2t)/(2t(1 − t)) and B = (1 + κ)/(2(1 − t)):
         # closed forms that stay exact at t = 0 when κ = 1.
         self._require()

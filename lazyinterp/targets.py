@@ -76,14 +76,17 @@ class GaussianMixture:
 
     @property
     def dim(self) -> int:
+        """The dimension of the samples."""
         return self.means.shape[1]
 
     @property
     def mean(self) -> Tensor:
+        """E[X] = Σ_k w_k m_k."""
         return self.weights @ self.means
 
     @property
     def cov(self) -> Tensor:
+        """Cov X = Σ_k w_k (C_k + (m_k − μ)(m_k − μ)ᵀ)."""
         mu = self.mean
         centred = self.means - mu
         return (self.weights[:, None, None] * (self.covs + centred[:, :, None] * centred[:, None, :])).sum(0)

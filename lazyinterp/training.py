@@ -30,6 +30,8 @@ from .models import CheckpointInfo, UNet, UNetConfig, save_checkpoint
 
 @dataclass
 class TrainConfig:
+    """The training run: data, steps, batch size, optimiser, EMA, checkpoints and the network's shape."""
+
     data: str = "mnist"
     steps: int = 6000
     batch_size: int = 128
