@@ -117,6 +117,14 @@ def _warn_beyond_linear_regime(lowest_snr: float, sigma: float, snr: float) -> N
         "t_min if the network was trained below it, or pass sigma and center=E[X]", LowestSNRWarning, stacklevel=4)
 
 
+def _warn_unconfirmed(sigma: float, rounds: int) -> None:
+    warnings.warn(
+        f"sigma: no reading was confirmed by a second one at a lower SNR within {rounds} probes; the last, "
+        f"{sigma:.3g}, is used. The model's posterior is not linear at any SNR it was probed at (modes far apart, "
+        "or a model that does not reach the data's low-SNR regime); if the data's scale or mean is known, pass sigma "
+        "and center=E[X]", LowestSNRWarning, stacklevel=4)
+
+
 def _sigma_from_slope(k: float, a: float, b: float) -> float:
     """σ of the Gaussian whose posterior slope at (α, β) = (a, b) is k: σ² = kα²/(β(1 − kβ)), for 0 < kβ < 1."""
     return math.sqrt(k * a * a / (b * (1 - k * b)))
@@ -173,6 +181,7 @@ def _in_linear_regime(probe: Callable[[float], tuple], snr: float) -> tuple[floa
         r = snr / sigma
     if found is None:
         raise _NoSigma(f"could not estimate sigma from the model (slope {k:.3g} at snr {r:.3g}); pass sigma")
+    _warn_unconfirmed(found[0], _PROBE_ROUNDS)
     return found
 
 

@@ -252,3 +252,29 @@ def test_given_sigma_and_mean_sample_data_whose_modes_the_probes_cannot_both_see
     distances = torch.cdist(x, means)
     assert 0.5 < float((distances[:, 1] < 5).double().mean()) < 0.7
     assert float((distances.min(dim=1).values < 5).double().mean()) > 0.9
+
+
+def test_a_reading_that_no_lower_probe_confirms_is_returned_with_a_warning():
+    """Data that read wider at every lower SNR (as modes far apart do, each lower probe seeing more of them) never
+    give two agreeing readings; the search stops after its rounds with the last reading and a LowestSNRWarning
+    instead of silently. A probe whose reading its lower check confirms returns without one."""
+    from lazyinterp.estimates import _in_linear_regime
+
+    def gaussian_slope(sigma: float, r: float) -> tuple:
+        a = 1 / math.sqrt(1 + r * r)
+        b = r * a
+        return b * sigma**2 / (a * a + b * b * sigma**2), a, b, None, 0.0
+
+    probed = []
+
+    def widening(r: float) -> tuple:
+        probed.append(r)
+        return gaussian_slope(0.05 / math.sqrt(r), r)  # σ̂ doubles at every 4x lower SNR
+
+    with pytest.warns(li.LowestSNRWarning, match="no reading was confirmed by a second one at a lower SNR"):
+        sigma, _ = _in_linear_regime(widening, 0.1)
+    assert len(probed) == 8 and sigma == pytest.approx(0.05 / math.sqrt(probed[-1]), rel=1e-9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sigma, _ = _in_linear_regime(lambda r: gaussian_slope(3.0, r), 0.1)
+    assert sigma == pytest.approx(3.0, rel=1e-9)
