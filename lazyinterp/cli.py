@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from .cli_errors import UserError, as_option_message, friendly_errors
+from .cli_errors import UserError, as_option_message, friendly_errors, one_line_warning
 
 if TYPE_CHECKING:
     from .distributed import Context
@@ -33,13 +34,16 @@ class FiniteFloatRange(click.FloatRange):
 
 class OneLineErrorGroup(click.Group):
     """A command group whose usage errors (a bad option value, an unknown option or command) print one line,
-    ``error: <what was wrong>``, instead of click's usage block, and exit with status 2."""
+    ``error: <what was wrong>``, instead of click's usage block, and exit with status 2; warnings print one line
+    each, ``warning: <message>``."""
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:  # noqa: D102
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
         try:
-            result = super().main(*args, standalone_mode=False, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = one_line_warning
+                result = super().main(*args, standalone_mode=False, **kwargs)
         except click.ClickException as exc:
             # A bare ``lazyinterp`` (or a group without its command) shows the help, which is not an error line.
             shows_help = isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ()))

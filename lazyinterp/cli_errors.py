@@ -20,6 +20,12 @@ class UserError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
+def one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                     file: IO[str] | None = None, line: str | None = None) -> None:
+    """Show a warning as one line on stderr, ``warning: <message>``, without Python's file, line and source."""
+    click.echo(f"warning: {' '.join(str(message).split())}", err=True)
+
+
 def out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` reports a failed allocation: Python's MemoryError, torch's OutOfMemoryError (a GPU) or the
     RuntimeError of torch's CPU allocator."""

@@ -2,7 +2,7 @@ import errno
 
 import pytest
 
-from lazyinterp.cli_errors import UserError, as_option_message, friendly_errors, one_line_message
+from lazyinterp.cli_errors import UserError, as_option_message, friendly_errors, one_line_message, one_line_warning
 
 
 @pytest.mark.parametrize("exc, expected", [
@@ -58,3 +58,29 @@ def test_friendly_errors_leave_programming_errors_alone(exc):
 
     with pytest.raises(type(exc)):
         friendly_errors(command)()
+
+
+def test_a_warning_during_a_command_is_one_line_and_the_command_goes_on():
+    """The library's warnings (a σ estimate it could not confirm, say) print as ``warning: <message>``, one line
+    whatever the message's own line breaks, without Python's file, line and source; the command then finishes."""
+    import warnings
+
+    import click
+    from click.testing import CliRunner
+
+    import lazyinterp as li
+    from lazyinterp.cli import OneLineErrorGroup
+
+    @click.group(cls=OneLineErrorGroup)
+    def group() -> None:
+        pass
+
+    @group.command()
+    def run() -> None:
+        warnings.warn("sigma: read at SNR 0.1\n  and not confirmed", li.LowestSNRWarning, stacklevel=1)
+        click.echo("done")
+
+    result = CliRunner().invoke(group, ["run"])
+    assert result.exit_code == 0
+    assert result.output == "warning: sigma: read at SNR 0.1 and not confirmed\ndone\n"
+    assert warnings.showwarning is not one_line_warning  # restored after the command
