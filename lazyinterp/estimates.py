@@ -117,9 +117,9 @@ def _warn_beyond_linear_regime(lowest_snr: float, sigma: float, snr: float) -> N
         "t_min if the network was trained below it, or pass sigma and center=E[X]", LowestSNRWarning, stacklevel=4)
 
 
-def _warn_unconfirmed(sigma: float, rounds: int) -> None:
+def _warn_unconfirmed(sigma: float) -> None:
     warnings.warn(
-        f"sigma: no reading was confirmed by a second one at a lower SNR within {rounds} probes; the last, "
+        f"sigma: no reading was confirmed by a second one at a lower SNR within {_PROBE_ROUNDS} probes; the last, "
         f"{sigma:.3g}, is used. The model's posterior is not linear at any SNR it was probed at (modes far apart, "
         "or a model that does not reach the data's low-SNR regime); if the data's scale or mean is known, pass sigma "
         "and center=E[X]", LowestSNRWarning, stacklevel=4)
@@ -143,7 +143,8 @@ def _in_linear_regime(probe: Callable[[float], tuple], snr: float) -> tuple[floa
     lowest SNR leaves more than 4× above ``snr`` (the probe clamped to its t_min) is returned at once, with a
     :class:`LowestSNRWarning`: no lower probe exists to check it against. A probe that moved its centre by more
     than 4 of the data's marginal widths √(σ̂² + 1/r²) sat outside the data, where the posterior sees only its
-    nearest part, and is read again around the new centre at r = ``snr``/jump.
+    nearest part, and is read again around the new centre at r = ``snr``/jump. A search that ends without two
+    agreeing readings returns its last one with a :class:`LowestSNRWarning`.
     """
     r, found, candidate = snr, None, None
     unresolved = _UNRESOLVED_FRACTION * snr * snr / (1 + snr * snr)
@@ -181,7 +182,7 @@ def _in_linear_regime(probe: Callable[[float], tuple], snr: float) -> tuple[floa
         r = snr / sigma
     if found is None:
         raise _NoSigma(f"could not estimate sigma from the model (slope {k:.3g} at snr {r:.3g}); pass sigma")
-    _warn_unconfirmed(found[0], _PROBE_ROUNDS)
+    _warn_unconfirmed(found[0])
     return found
 
 

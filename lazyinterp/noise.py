@@ -339,10 +339,8 @@ class KeyedStreams:
 
     def __init__(self, seed: int, indices: range | list[int], sample_shape: tuple[int, ...], *,
                  device: DeviceLike | None = None, dtype: torch.dtype = torch.float32):
-        self.sample_shape, self.device, self.dtype = check_keyed_args(seed, sample_shape, device, dtype)
-        self.size = math.prod(self.sample_shape)
-        self._keys = sample_keys(seed, indices, self.device)
-        self._drawn = 0
+        sample_shape, device, dtype = check_keyed_args(seed, sample_shape, device, dtype)
+        self._start(sample_keys(seed, indices, device), sample_shape, device, dtype)
 
     @classmethod
     def from_keys(cls, keys: Tensor, sample_shape: tuple[int, ...], dtype: torch.dtype = torch.float32
@@ -352,13 +350,18 @@ class KeyedStreams:
         can compute them, with the keys as its input)."""
         if not isinstance(keys, Tensor) or keys.dtype != torch.int64 or keys.ndim != 1:
             raise TypeError(f"keys: expected a 1-d int64 tensor, got {keys!r:.80}")
-        streams = cls.__new__(cls)
         # The keys stand in for (seed, indices), so the seed checked here is a placeholder.
-        streams.sample_shape, streams.device, streams.dtype = check_keyed_args(0, sample_shape, keys.device, dtype)
-        streams.size = math.prod(streams.sample_shape)
-        streams._keys = keys
-        streams._drawn = 0
+        sample_shape, device, dtype = check_keyed_args(0, sample_shape, keys.device, dtype)
+        streams = cls.__new__(cls)
+        streams._start(keys, sample_shape, device, dtype)
         return streams
+
+    def _start(self, keys: Tensor, sample_shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> None:
+        """Checked settings and the per-sample keys, before the first draw."""
+        self.sample_shape, self.device, self.dtype = sample_shape, device, dtype
+        self.size = math.prod(sample_shape)
+        self._keys = keys
+        self._drawn = 0
 
     @property
     def keys(self) -> Tensor:
