@@ -12,7 +12,6 @@ from lazyinterp.bench import (
     SAMPLERS,
     SDE_REFERENCE_STEPS,
     SamplerDef,
-    SlicedW2,
     bench,
     check_mode_scale,
     diffusers_sample,
@@ -164,26 +163,6 @@ def test_sde_reference_grid_is_dyadic_and_close_to_the_snr_matched_grid(sigma):
     assert torch.equal(torch.round(grid * 2.0**20) / 2.0**20, grid)  # on the Brownian paths' nodes
     assert len(grid) == len(snr)
     assert torch.allclose(torch.diff(grid), torch.diff(snr), rtol=0.13, atol=0)
-
-
-def test_sliced_w2_is_near_zero_for_the_target_and_large_otherwise():
-    target = gmm_2d()
-    n = 2000
-    sw = SlicedW2(target, n)
-    fresh = sw(target.sample(n, torch.Generator().manual_seed(11)))
-    gaussian = sw(torch.randn(n, 2, generator=torch.Generator().manual_seed(11), dtype=torch.float64))
-    assert fresh < 0.15 and gaussian > 1.0, (fresh, gaussian)
-
-
-def test_sliced_w2_matches_closed_form_between_gaussians():
-    """Between N(0, I) and N(m, s² I) in R^D every projection is a pair of 1-D Gaussians, so
-    SW₂² = E_θ (θ·m)² + (1 − s)² = ‖m‖²/D + (1 − s)²."""
-    mean, s = torch.tensor([3.0, 0.0], dtype=torch.float64), 0.5
-    target = li.GaussianMixture.gaussian(mean, torch.tensor(s * s, dtype=torch.float64))
-    n = 4000
-    x = torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    exact = math.sqrt(9.0 / 2 + (1 - s) ** 2)
-    assert SlicedW2(target, n)(x) == pytest.approx(exact, rel=0.1)
 
 
 def test_mode_scale_multiplies_the_component_covariances_and_keeps_the_rest():

@@ -100,7 +100,8 @@ def test_blended_grid_beats_both_grids_it_blends_on_a_wide_mixture():
     """gmm-2d with every length doubled (σ ≈ 3.7, w ≈ 0.89): at 2 NFE the default lazy VP sampler on the blended
     grid is closer to the target than on the linear schedule's grid or on its own uniform grid (sliced W2 0.134
     against 0.167 and 0.151 of the doubled scale when measured)."""
-    from lazyinterp.bench import SlicedW2, gmm_2d
+    from lazyinterp.bench import gmm_2d
+    from lazyinterp.metrics import SlicedW2
     from lazyinterp.targets import GaussianMixture
 
     base = gmm_2d()
@@ -122,7 +123,8 @@ def test_default_lazy_grid_is_the_linear_schedules_whatever_the_model_was_traine
     """The conversion is exact, so only the grid can make a VP noise network and a rectified-flow velocity network
     of the same data sample differently: by default both visit the SNRs t/(1 − t) of the linear uniform grid. On
     their own uniform grids the VP model was twice as far from the mixture at 2 NFE (sliced W2 0.23 against 0.11)."""
-    from lazyinterp.bench import SlicedW2, gmm_2d
+    from lazyinterp.bench import gmm_2d
+    from lazyinterp.metrics import SlicedW2
 
     target = gmm_2d()
     z = torch.randn(4000, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
@@ -150,7 +152,7 @@ def test_lazy_samples_scale_with_the_data_beyond_the_grid_range(scale):
     and samples a mixture 100× smaller or larger as well as the mixture itself, where the model's uniform grid
     crowds its nodes at one end (sliced W2 / σ at 4 NFE: 0.058 at scales 0.01 and 100, 0.050 at 1; on the model's
     grid 0.63 and 0.38)."""
-    from lazyinterp.bench import SlicedW2
+    from lazyinterp.metrics import SlicedW2
 
     base = make_mixture()
     scaled = li.GaussianMixture(base.weights, base.means * scale, base.covs * scale**2)

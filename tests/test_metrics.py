@@ -5,9 +5,11 @@ import pytest
 import scipy.linalg
 import torch
 
+import lazyinterp as li
 from lazyinterp import metrics
+from lazyinterp.bench import gmm_2d
 from lazyinterp.data import load, to_model_units
-from lazyinterp.metrics import FeatureStats, frechet_distance
+from lazyinterp.metrics import FeatureStats, SlicedW2, frechet_distance
 
 N_SANITY = 2000
 
@@ -318,3 +320,23 @@ def test_fid_needs_two_samples_and_valid_arguments():
         metrics.fid_mnist(torch.zeros(2, 1, 28, 28), reference={"mean": 0})
     with pytest.raises(ValueError, match="batch_size"):
         metrics.features_and_probs(torch.zeros(2, 1, 28, 28), batch_size=0)
+
+
+def test_sliced_w2_is_near_zero_for_the_target_and_large_otherwise():
+    target = gmm_2d()
+    n = 2000
+    sw = SlicedW2(target, n)
+    fresh = sw(target.sample(n, torch.Generator().manual_seed(11)))
+    gaussian = sw(torch.randn(n, 2, generator=torch.Generator().manual_seed(11), dtype=torch.float64))
+    assert fresh < 0.15 and gaussian > 1.0, (fresh, gaussian)
+
+
+def test_sliced_w2_matches_closed_form_between_gaussians():
+    """Between N(0, I) and N(m, s² I) in R^D every projection is a pair of 1-D Gaussians, so
+    SW₂² = E_θ (θ·m)² + (1 − s)² = ‖m‖²/D + (1 − s)²."""
+    mean, s = torch.tensor([3.0, 0.0], dtype=torch.float64), 0.5
+    target = li.GaussianMixture.gaussian(mean, torch.tensor(s * s, dtype=torch.float64))
+    n = 4000
+    x = torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = math.sqrt(9.0 / 2 + (1 - s) ** 2)
+    assert SlicedW2(target, n)(x) == pytest.approx(exact, rel=0.1)

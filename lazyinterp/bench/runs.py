@@ -1,0 +1,78 @@
+"""One sampler run over all samples, in batches, shared among the ranks of a torch.distributed job."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from tqdm import tqdm
+
+from ..distributed import Context
+from ..noise import sample_seed
+from ..predictors import Model, NonFiniteError
+from ..samplers import sample
+from .peers import diffusers_sample, diffusers_scheduler, flow_matching_sample, linear_velocity
+from .samplers import SamplerDef, li_kwargs
+from .workloads import Workload
+
+Tensor = torch.Tensor
+
+
+def run_batch(spec: SamplerDef, plan: dict, model: Model, noise: Tensor, indices: range, seed: int,
+              velocity: Callable) -> tuple[Tensor, int]:
+    """Samples for one batch and the network evaluations they cost per sample (estimation excluded)."""
+    model.nfe = 0
+    if spec.kind == "li":
+        kwargs = li_kwargs(spec, plan)
+        base_point = spec.options["schedule"] == "point-mass"
+        x, info = sample(model, None if base_point else noise, shape=tuple(noise.shape), device=noise.device,
+                         generator=sample_seed(seed, 1 << 62), indices=indices, return_info=True, **kwargs)
+        return x, model.nfe - info.estimation_nfe
+    if spec.kind == "diffusers":
+        return diffusers_sample(diffusers_scheduler(spec.options), velocity, noise, plan["steps"]), model.nfe
+    return flow_matching_sample(velocity, noise, plan["steps"]), model.nfe
+
+
+def _batches(n: int, batch_size: int) -> list[range]:
+    return [range(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
+
+
+class RunFailed(RuntimeError):
+    """A sampler could not run (a network NaN, or σ that cannot be estimated) on some rank."""
+
+
+@torch.no_grad()
+def run_sampler(spec: SamplerDef, plan: dict, workload: Workload, noise: Tensor, batch_size: int, seed: int,
+                progress: bool = False, desc: str = "", ctx: Context | None = None) -> tuple[Tensor, set[int], float]:
+    """All ``n`` samples of one (sampler, plan), the per-sample NFE seen in each batch, and wall seconds.
+
+    Under torch.distributed each rank runs a contiguous share of the batches and every rank gets all samples
+    back in order. Sample i depends only on its noise (seed, i), so the result is the same for any split.
+    """
+    ctx = ctx or Context()
+    velocity = linear_velocity(workload.model)
+    batches = _batches(noise.shape[0], batch_size)
+    share = ctx.part(len(batches))
+    mine = batches[share.start:share.stop]
+    out, seen, error = [], set(), None
+    start = time.perf_counter()
+    with tqdm(total=sum(len(idx) for idx in mine), disable=not progress or len(mine) < 2 or not ctx.is_main,
+              desc=desc, leave=False, unit="sample", dynamic_ncols=True, file=sys.stderr) as bar:
+        try:
+            for idx in mine:
+                x, used = run_batch(spec, plan, workload.model, noise[idx.start:idx.stop], idx, seed, velocity)
+                out.append(x.detach())
+                seen.add(int(used))
+                bar.update(len(idx))
+        except (NonFiniteError, ValueError) as exc:
+            error = str(exc).splitlines()[0] or type(exc).__name__
+    # Every rank learns of a failure anywhere, so that none waits in a collective the others skip.
+    reports = ctx.all_gather_object((error, sorted(seen)))
+    errors = [e for e, _ in reports if e is not None]
+    if errors:
+        raise RunFailed(errors[0])
+    local = torch.cat(out) if out else noise[:0]
+    x = ctx.all_gather_rows(local)
+    return x, set().union(*(set(s) for _, s in reports)), time.perf_counter() - start
