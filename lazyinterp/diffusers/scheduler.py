@@ -1,20 +1,5 @@
-r"""Use with 🤗 diffusers: a pipeline scheduler and :class:`~lazyinterp.Model` adapters.
-
-This module imports ``diffusers`` (the optional ``lazyinterp[diffusers]`` extra); ``import lazyinterp`` never does.
-
-* :class:`LazyScheduler` — a drop-in scheduler for flow-matching pipelines (SD3, FLUX and others built on
-  ``FlowMatchEulerDiscreteScheduler``) that samples the pipeline's transformer under any lazyinterp schedule,
-  diffusion coefficient and solver, by the exact conversion of theory §3.
-* :func:`flow_transformer_model` — a diffusers flow transformer (SD3, FLUX) with fixed conditioning as an
-  :class:`~lazyinterp.Model`, so :func:`lazyinterp.sample` drives it directly.
-* :func:`ddpm_model` and :func:`ddpm_schedule` — a DDPM-style UNet (ε-, v- or x₀-prediction on discrete
-  ``alphas_cumprod``) as an :class:`~lazyinterp.Model` on a continuous VP schedule.
-* :func:`sigmas_to_grid` and :func:`grid_to_sigmas` — between diffusers' ``sigmas`` and lazyinterp time grids.
-
-Conventions. diffusers' flow models write x_σ = (1 − σ) x_data + σ ε and predict ``output = ε − x_data``; in
-lazyinterp's time τ = 1 − σ this is the linear schedule with velocity v = E[X − Z | I_τ] = −output, and the
-pipelines' ``timesteps`` are 1000 σ.
-"""
+"""A diffusers pipeline scheduler that samples under any lazyinterp schedule, diffusion and solver, and the
+conversions between diffusers' ``sigmas`` and lazyinterp time grids."""
 
 from __future__ import annotations
 
@@ -31,22 +16,21 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchE
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from .brownian import BrownianPaths
-from .conversion import convert, time_change
-from .covariance import Covariance, CovarianceLazyDynamics
-from .devices import DeviceLike, check_device
-from .estimates import PROBE_SNR
-from .grids import MAX_STEPS, check_grid
-from .noise import KeyedStreams, NoiseStreams, normal_draws, resolve_seed
-from .predictors import (
+from ..brownian import BrownianPaths
+from ..conversion import convert, time_change
+from ..covariance import Covariance, CovarianceLazyDynamics
+from ..devices import check_device
+from ..estimates import PROBE_SNR
+from ..grids import MAX_STEPS, check_grid
+from ..noise import KeyedStreams, NoiseStreams, normal_draws, resolve_seed
+from ..predictors import (
     CenteredModel,
-    Model,
     NonFiniteError,
     coefficients,
     linear_combination,
     to_eta,
 )
-from .samplers import (
+from ..samplers import (
     COVARIANCE_AB2_FROM_STEPS,
     PC_DEFAULT_FROM_STEPS,
     SDE_NOISES,
@@ -58,16 +42,12 @@ from .samplers import (
     resolve_covariance,
     resolve_diffusion,
 )
-from .schedules import SCHEDULES, LazySchedule, Schedule, as_time, get_schedule, linear
-from .solvers import EXPONENTIAL_SOLVERS, ODE_SOLVERS, ab2_increment, am3_increment, exponential_terms, log_snr
+from ..schedules import SCHEDULES, LazySchedule, Schedule, get_schedule, linear
+from ..solvers import EXPONENTIAL_SOLVERS, ODE_SOLVERS, ab2_increment, am3_increment, exponential_terms, log_snr
 
 Tensor = torch.Tensor
 _F64 = torch.float64
 
-__all__ = [
-    "LazyScheduler", "LazySchedulerOutput", "ddpm_model", "ddpm_schedule", "flow_transformer_model",
-    "grid_to_sigmas", "sigmas_to_grid",
-]
 
 # The solvers ``step`` implements (li.sample's names; its aliases such as "em" resolve to them).
 _SOLVERS = ("euler", "heun", "ab2", "ab2-pc", "exponential", "exponential-2m")
@@ -950,327 +930,3 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return (prev, data)
         return LazySchedulerOutput(prev_sample=prev, pred_original_sample=data)
-
-
-# Model adapters ---------------------------------------------------------------------------------------------------
-
-# Keyword arguments of diffusers transformers and UNets that carry no batch dimension.
-_UNBATCHED = frozenset({"txt_ids", "img_ids", "joint_attention_kwargs", "cross_attention_kwargs",
-                        "attention_kwargs", "skip_layers"})
-
-
-def _fit_batch(name: str, value: Any, batch: int) -> Any:
-    """``value`` with batch size ``batch``: as is, or expanded from 1. Non-tensors and id tensors pass."""
-    if name in _UNBATCHED or not isinstance(value, Tensor) or value.ndim == 0:
-        return value
-    if value.shape[0] == batch:
-        return value
-    if value.shape[0] == 1:
-        return value.expand(batch, *value.shape[1:])
-    raise ValueError(f"{name}: batch size {value.shape[0]} does not match the latents' batch {batch}; give one "
-                     "conditioning per sample or a single one (li.sample's mean and sigma estimates probe with their "
-                     "own batch: pass center=False and a sigma, or a single conditioning)")
-
-
-def _is_flux(transformer: Any) -> bool:
-    return "flux" in type(transformer).__name__.lower()
-
-
-def _module_dtype(module: Any, default: torch.dtype = torch.float32) -> torch.dtype:
-    dtype = getattr(module, "dtype", None)
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    param = next(iter(module.parameters()), None) if isinstance(module, torch.nn.Module) else None
-    return param.dtype if param is not None and param.is_floating_point() else default
-
-
-def _pack_flux(latents: Tensor) -> Tensor:
-    """(B, C, H, W) → (B, H/2·W/2, 4C) in 2×2 patches, as ``FluxPipeline._pack_latents``."""
-    batch, channels, height, width = latents.shape
-    out = latents.reshape(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return out.reshape(batch, (height // 2) * (width // 2), channels * 4)
-
-
-def _unpack_flux(latents: Tensor, height: int, width: int) -> Tensor:
-    """The inverse of :func:`_pack_flux`, as ``FluxPipeline._unpack_latents``."""
-    batch, _, c4 = latents.shape
-    out = latents.reshape(batch, height // 2, width // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return out.reshape(batch, c4 // 4, height, width)
-
-
-def _flux_image_ids(height: int, width: int, device: DeviceLike, dtype: torch.dtype) -> Tensor:
-    """Position ids (row, column) of the packed patches, as ``FluxPipeline._prepare_latent_image_ids``."""
-    ids = torch.zeros(height, width, 3)
-    ids[..., 1] = torch.arange(height)[:, None]
-    ids[..., 2] = torch.arange(width)[None, :]
-    return ids.reshape(height * width, 3).to(device=device, dtype=dtype)
-
-
-def flow_transformer_model(transformer: Any, *, guidance_scale: float = 1.0, negative_kwargs: dict | None = None,
-                           timestep_scale: float | None = None, **fixed_kwargs: Any) -> Model:
-    r"""A diffusers flow transformer with fixed conditioning as an :class:`~lazyinterp.Model` (linear, velocity).
-
-    The network is called as ``transformer(hidden_states=x, timestep=σ·scale, **fixed_kwargs)`` with σ = 1 − t,
-    and lazyinterp's velocity is v = −output (diffusers predicts ε − x_data). SD3 and most transformers take
-    ``timestep`` = 1000 σ; FLUX pipelines divide by 1000, so FLUX transformers get σ (``timestep_scale`` defaults
-    to 1 for FLUX classes and 1000 otherwise).
-
-    FLUX works on packed latents (B, H/2·W/2, 4C) with ``img_ids`` and ``txt_ids``. Either pass packed noise with
-    those ids (as the pipeline builds them), or pass unpacked (B, C, H, W) noise: it is packed for the call and
-    unpacked after, with ids made as ``FluxPipeline`` makes them. ``txt_ids`` default to zeros.
-
-    Classifier-free guidance: with ``guidance_scale`` w > 1 and ``negative_kwargs`` (e.g. the negative
-    ``encoder_hidden_states`` and ``pooled_projections``), output = u + w (c − u), computed in one batched call
-    [negative, positive] as the SD3 pipeline does. FLUX-dev's distilled guidance is just the fixed ``guidance``
-    argument (a number, or a (B,) tensor as the pipeline passes it).
-
-    Conditioning tensors with a batch dimension are used as is when it matches the latents' batch and
-    expanded when it is 1. ``li.sample``'s mean and σ estimates (centring and ``sigma=None``) call the model
-    on 8 probes, so use one conditioning for them, or pass ``center=False`` and an explicit sigma.
-
-    Args:
-        transformer: e.g. ``SD3Transformer2DModel`` or ``FluxTransformer2DModel``.
-        guidance_scale: the CFG weight w (1 disables it).
-        negative_kwargs: the keyword arguments that differ for the unconditional branch.
-        timestep_scale: the multiplier from σ to the transformer's ``timestep``.
-        **fixed_kwargs: the transformer's other inputs (``encoder_hidden_states``, ``pooled_projections``, …).
-    """
-    if not callable(transformer):
-        raise TypeError(f"transformer: expected a callable module, got {type(transformer).__name__}")
-    if isinstance(guidance_scale, bool) or not (isinstance(guidance_scale, (int, float))
-                                                and math.isfinite(guidance_scale)):
-        raise ValueError(f"guidance_scale: expected a finite number, got {guidance_scale!r}")
-    cfg = guidance_scale != 1.0
-    if cfg and not negative_kwargs:
-        raise ValueError("negative_kwargs: classifier-free guidance (guidance_scale != 1) needs the negative "
-                         "conditioning")
-    flux = _is_flux(transformer)
-    scale = float(timestep_scale) if timestep_scale is not None else (1.0 if flux else 1000.0)
-    neg = dict(negative_kwargs or {})
-    missing = sorted(set(neg) - set(fixed_kwargs))
-    if missing:
-        raise ValueError(f"negative_kwargs: {', '.join(missing)} have no positive counterpart in the keyword "
-                         "arguments")
-
-    def call(hidden: Tensor, timestep: Tensor, kwargs: dict) -> Tensor:
-        out = transformer(hidden_states=hidden, timestep=timestep, return_dict=False, **kwargs)
-        return out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
-
-    def net(x: Tensor, t: Tensor) -> Tensor:
-        dtype = _module_dtype(transformer)
-        batch = x.shape[0]
-        hidden = x.to(dtype)
-        kwargs = {k: _fit_batch(k, val, batch) for k, val in fixed_kwargs.items()}
-        if isinstance(kwargs.get("guidance"), (int, float)):
-            kwargs["guidance"] = torch.full((batch,), float(kwargs["guidance"]), device=hidden.device)
-        packed = None
-        if flux and hidden.ndim == 4:
-            _, channels, height, width = hidden.shape
-            hidden = _pack_flux(hidden)
-            packed = (height, width)
-            if "img_ids" not in kwargs:
-                kwargs["img_ids"] = _flux_image_ids(height // 2, width // 2, hidden.device, dtype)
-        if flux and "img_ids" not in kwargs:
-            raise ValueError("img_ids: packed FLUX latents (B, H/2*W/2, 4C) need their img_ids (as the pipeline "
-                             "makes them); or pass unpacked (B, C, H, W) latents")
-        if flux and "txt_ids" not in kwargs and isinstance(kwargs.get("encoder_hidden_states"), Tensor):
-            kwargs["txt_ids"] = torch.zeros(kwargs["encoder_hidden_states"].shape[1], 3, device=hidden.device,
-                                            dtype=dtype)
-        # Float64 on the CPU: accelerators such as MPS have no float64.
-        sigma = ((1 - t.detach().to("cpu", _F64)) * scale).to(device=hidden.device, dtype=dtype)
-        if cfg:
-            both = dict(kwargs)
-            for k, val in neg.items():
-                val = _fit_batch(k, val, batch)
-                both[k] = torch.cat([val, kwargs[k]]) if isinstance(val, Tensor) and k not in _UNBATCHED else val
-            for k, val in kwargs.items():
-                if k not in neg and isinstance(val, Tensor) and k not in _UNBATCHED and val.ndim > 0:
-                    both[k] = torch.cat([val, val])
-            out = call(torch.cat([hidden, hidden]), torch.cat([sigma, sigma]), both)
-            uncond, cond = out.chunk(2)
-            out = uncond + guidance_scale * (cond - uncond)
-        else:
-            out = call(hidden, sigma, kwargs)
-        if packed is not None:
-            out = _unpack_flux(out, *packed)
-        return -out
-
-    return Model(net, "linear", "velocity", net_dtype=torch.float32)
-
-
-def _alphas_cumprod(scheduler_or_betas: Any) -> Tensor:
-    abar = getattr(scheduler_or_betas, "alphas_cumprod", None)
-    if abar is None:
-        if isinstance(scheduler_or_betas, (SchedulerMixin, ConfigMixin)):
-            raise ValueError("scheduler_or_betas: the scheduler has no alphas_cumprod (a DDPM-style scheduler is "
-                             "needed, e.g. DDPMScheduler or DDIMScheduler)")
-        try:
-            betas = torch.as_tensor(np.asarray(scheduler_or_betas, dtype=np.float64) if not isinstance(
-                scheduler_or_betas, Tensor) else scheduler_or_betas, dtype=_F64).flatten()
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise TypeError("scheduler_or_betas: expected a DDPM-style scheduler or a 1-D sequence of betas") from exc
-        if not (bool(torch.isfinite(betas).all()) and float(betas.min()) > 0 and float(betas.max()) <= 1):
-            raise ValueError("scheduler_or_betas: betas must lie in (0, 1]")
-        abar = torch.cumprod(1 - betas, 0)
-    return torch.as_tensor(abar).detach().to(device="cpu", dtype=_F64).flatten()
-
-
-def ddpm_schedule(alphas_cumprod: Any) -> Schedule:
-    r"""The continuous VP schedule of a discrete DDPM ``alphas_cumprod`` ᾱ_n, n = 0..T−1.
-
-    Time: index n sits at t_n = (T − 1 − n)/T, so t = 0 is the noisiest index T − 1 and t = 1 is one index past
-    0: the clean end, where ᾱ = 1 exactly (DDIM's ``set_alpha_to_one`` final step). The continuous index is
-    u(t) = T − 1 − T t ∈ [−1, T − 1], and α = √(1 − ᾱ), β = √ᾱ.
-
-    * Between integer indices the log-SNR λ = log(ᾱ/(1 − ᾱ)) is linear in u, so the schedule passes through every
-      ᾱ_n exactly.
-    * On the clean piece u ∈ [−1, 0], where λ runs to +∞, α is linear in u instead: α = (1 + u) α(index 0), so
-      α_1 = 0 exactly with a finite α̇ (a linear 1 − ᾱ would make α̇ infinite there).
-    * A zero-terminal-SNR schedule (ᾱ_{T−1} = 0) is treated alike on its noisiest piece: β is linear in u there,
-      so β_0 = 0 exactly.
-
-    α̇, β̇ are exact piecewise (one-sided at the integer nodes), and r⁻¹ is in closed form.
-
-    The schedule is built with ``check=False``: for usual DDPM betas β_0 = √ᾱ_{T−1} is small but not 0
-    (about 6e-3 for linear betas 1e-4..0.02), which breaks the β(0) = 0 boundary check. As for
-    :func:`lazyinterp.vp`, samplers start from pure noise α_0 Z at t = 0 and conversions clamp the matched time.
-    The SNR's monotonicity is checked here instead (ᾱ must decrease strictly).
-
-    The schedule has ``index(t)``, the continuous index u(t), and ``num_train_timesteps`` T.
-    """
-    try:
-        abar = torch.as_tensor(alphas_cumprod).detach().to(device="cpu", dtype=_F64).flatten()
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise TypeError(f"alphas_cumprod: expected a 1-D sequence of numbers, got {type(alphas_cumprod).__name__}"
-                        ) from exc
-    n_steps = abar.numel()
-    if n_steps < 3:
-        raise ValueError("alphas_cumprod: expected at least 3 values")
-    if not (bool(torch.isfinite(abar).all()) and float(abar.min()) >= 0 and float(abar.max()) < 1):
-        raise ValueError("alphas_cumprod: values must lie in [0, 1)")
-    if not bool((torch.diff(abar) < 0).all()):
-        raise ValueError("alphas_cumprod: must decrease strictly with the index")
-    big = float(n_steps)
-    zero_terminal = float(abar[-1]) == 0.0
-    # λ is interpolated on [0, last]; beyond `last` (the zero-terminal piece) β is.
-    last = n_steps - 2 if zero_terminal else n_steps - 1
-    lam = torch.log(abar[: last + 1]) - torch.log1p(-abar[: last + 1])
-    slopes = torch.diff(lam)  # per unit index, negative
-    alpha_clean = math.sqrt(1 - float(abar[0]))  # α at index 0
-    beta_noisy = math.sqrt(float(abar[-2]))  # β at index T − 2
-
-    def index(t: Tensor | float) -> Tensor:
-        return (big - 1) - big * as_time(t)
-
-    def pieces(t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(α, β, α̇, β̇) at t, piece by piece."""
-        u = (big - 1) - big * t
-        i0 = u.clamp(0.0, float(last)).floor().clamp(max=last - 1).long()
-        lam_u = lam[i0] + (u.clamp(0.0, float(last)) - i0) * slopes[i0]
-        a_bar = torch.sigmoid(lam_u)
-        alpha, beta = torch.sqrt(torch.sigmoid(-lam_u)), torch.sqrt(a_bar)
-        dlam = -big * slopes[i0]
-        dalpha, dbeta = -0.5 * alpha * a_bar * dlam, 0.5 * beta * (1 - a_bar) * dlam
-        clean = u < 0
-        a_c = (1 + u).clamp(min=0.0) * alpha_clean
-        b_c = torch.sqrt(1 - a_c * a_c)
-        alpha, beta = torch.where(clean, a_c, alpha), torch.where(clean, b_c, beta)
-        dalpha = torch.where(clean, torch.full_like(u, -big * alpha_clean), dalpha)
-        dbeta = torch.where(clean, big * alpha_clean * a_c / b_c, dbeta)
-        if zero_terminal:
-            noisy = u > last
-            b_n = (big - 1 - u).clamp(min=0.0) * beta_noisy
-            a_n = torch.sqrt(1 - b_n * b_n)
-            alpha, beta = torch.where(noisy, a_n, alpha), torch.where(noisy, b_n, beta)
-            dbeta = torch.where(noisy, torch.full_like(u, big * beta_noisy), dbeta)
-            dalpha = torch.where(noisy, -big * beta_noisy * b_n / a_n, dalpha)
-        return alpha, beta, dalpha, dbeta
-
-    def snr_inverse(r: Tensor) -> Tensor:
-        lam_r = 2 * torch.log(r)
-        j = torch.searchsorted(-lam, -lam_r)
-        i0 = (j - 1).clamp(0, last - 1)
-        u = i0 + (lam_r - lam[i0]) / slopes[i0]
-        u = torch.where(lam_r > lam[0], 1 / (alpha_clean * torch.sqrt(1 + r * r)) - 1, u)
-        if zero_terminal:
-            u = torch.where(lam_r < lam[last], (big - 1) - r / torch.sqrt(1 + r * r) / beta_noisy, u)
-        u = torch.where(torch.isinf(r), torch.full_like(u, -1.0), u)
-        return ((big - 1) - u.clamp(-1.0, big - 1)) / big
-
-    sched = Schedule(lambda t: pieces(t)[0], lambda t: pieces(t)[1], dalpha=lambda t: pieces(t)[2],
-                     dbeta=lambda t: pieces(t)[3], snr_inverse=snr_inverse, name=f"ddpm({n_steps})", check=False)
-    sched.index = index
-    sched.num_train_timesteps = n_steps
-    return sched
-
-
-def ddpm_model(unet: Any, scheduler_or_betas: Any, prediction_type: str | None = None, class_labels: Any = None,
-               **unet_kwargs: Any) -> Model:
-    r"""A DDPM-style UNet as an :class:`~lazyinterp.Model` on :func:`ddpm_schedule` of its ``alphas_cumprod``.
-
-    The network is called as ``unet(x, u, class_labels=..., **unet_kwargs)`` with the float timestep
-    u(t) = T − 1 − T t (index n at t = (T − 1 − n)/T). It is never asked beyond index 0 (``model.t_max`` is the
-    time of index 0): on the clean piece up to t = 1 its index-0 predictions are held, and the exact ODE
-    solution with held (η_Z, η_X), x_t = α_t η_Z + β_t η_X, ends at the index-0 data prediction, as DDIM's last
-    step with ``set_alpha_to_one`` does. The prediction maps to lazyinterp's (α = √(1 − ᾱ) is the noise and
-    β = √ᾱ the data coefficient):
-
-    * ``"epsilon"``: η_Z = output (``predicts="noise"``);
-    * ``"v_prediction"``: diffusers' v = √ᾱ ε − √(1 − ᾱ) x₀ = β η_Z − α η_X, so with α² + β² = 1,
-      η_X = β x − α v (``predicts="data"``, which stays well conditioned where β is small);
-    * ``"sample"``: η_X = output.
-
-    UNets with a learned variance (2C output channels for C input channels) give their first C channels.
-
-    Schedules whose noisiest index is not pure noise (β_0 = √ᾱ_{T−1} > 0, e.g. linear betas) cover SNRs from
-    r_0 = β_0/α_0 only. A target that starts at SNR 0 (lazy VP, cosine, point mass) matches target times below
-    r'⁻¹(r_0) to t = 0 of the model, where the conversion is not exact: an O(β_0) error at the start, the size of
-    DDPM's own pure-noise start. A target restricted to [r_0, ∞] (e.g. α = cos θ, β = sin θ with θ from
-    atan r_0 to π/2) avoids it; zero-terminal-SNR schedules have r_0 = 0.
-
-    Args:
-        unet: e.g. ``UNet2DModel``; anything called as above returning ``.sample`` or a tuple.
-        scheduler_or_betas: a DDPM-style scheduler (its ``alphas_cumprod``) or the betas.
-        prediction_type: as above; default the scheduler's ``config.prediction_type``, else ``"epsilon"``.
-        class_labels: fixed class labels (one per sample, or one for all).
-        **unet_kwargs: other fixed inputs (e.g. ``encoder_hidden_states`` for a conditional UNet).
-    """
-    if not callable(unet):
-        raise TypeError(f"unet: expected a callable module, got {type(unet).__name__}")
-    if prediction_type is None:
-        prediction_type = getattr(getattr(scheduler_or_betas, "config", None), "prediction_type", None) or "epsilon"
-    kinds = {"epsilon": "noise", "v_prediction": "data", "sample": "data"}
-    if prediction_type not in kinds:
-        raise ValueError(f"prediction_type: expected one of {', '.join(kinds)}, got {prediction_type!r}")
-    schedule = ddpm_schedule(_alphas_cumprod(scheduler_or_betas))
-    top = float(schedule.num_train_timesteps - 1)
-    t_clean = top / schedule.num_train_timesteps  # the time of index 0
-    fixed = dict(unet_kwargs)
-    if class_labels is not None:
-        fixed["class_labels"] = torch.as_tensor(class_labels)
-
-    def net(x: Tensor, t: Tensor) -> Tensor:
-        dtype = _module_dtype(unet)
-        batch = x.shape[0]
-        kwargs = {k: _fit_batch(k, val, batch) for k, val in fixed.items()}
-        if "class_labels" in kwargs:
-            kwargs["class_labels"] = kwargs["class_labels"].to(x.device)
-        timestep = schedule.index(t).clamp(0.0, top).to(device=x.device, dtype=torch.float32)
-        out = unet(x.to(dtype), timestep, return_dict=False, **kwargs)
-        out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
-        if out.shape[1] == 2 * x.shape[1] and out.shape[2:] == x.shape[2:]:
-            out = out[:, : x.shape[1]]
-        out = out.to(x.dtype)
-        if prediction_type != "v_prediction":
-            return out
-        shape = (batch, *([1] * (x.ndim - 1)))
-        tt = as_time(t)
-        a, b = (c.to(device=x.device, dtype=x.dtype).view(shape) for c in (schedule.alpha(tt), schedule.beta(tt)))
-        return b * x - a * out
-
-    model = Model(net, schedule, kinds[prediction_type])
-    # Beyond index 0 the network was never trained. Holding its index-0 predictions keeps η_Z continuous up to
-    # t = 1; otherwise a data prediction's η_Z jumps there to 0 (the α = 0 convention), and a Heun corrector at
-    # t = 1 turns that jump into a first-order error.
-    model.t_max = min(model.t_max, t_clean)
-    return model
