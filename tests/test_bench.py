@@ -14,6 +14,7 @@ from lazyinterp.bench import (
     SamplerDef,
     bench,
     check_mode_scale,
+    code_identity,
     diffusers_sample,
     gmm_2d,
     linear_velocity,
@@ -383,3 +384,20 @@ def test_overhead_measurement_tells_a_cheap_network_from_a_costly_one():
     for name in direct_costly:
         assert 0 < direct_costly[name] < 0.1, direct_costly
         assert direct_cheaper[name] > 3 * direct_costly[name], (direct_cheaper, direct_costly)
+
+
+def test_the_code_identity_changes_with_any_source_file_subpackages_included(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "sub" / "b.py").write_text("y = 2\n")
+    (tmp_path / "notes.txt").write_text("not source")
+    before = code_identity(tmp_path)
+    (tmp_path / "notes.txt").write_text("changed, still not source")
+    assert code_identity(tmp_path) == before
+    (tmp_path / "sub" / "b.py").write_text("y = 3\n")
+    changed = code_identity(tmp_path)
+    assert changed != before
+    # The same bytes under another name are another code base.
+    (tmp_path / "sub" / "b.py").rename(tmp_path / "sub" / "c.py")
+    assert code_identity(tmp_path) not in (before, changed)
+    assert len(code_identity()) == 64 and code_identity() == code_identity()

@@ -127,7 +127,7 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
             Brownian paths (``sde_path_error``; default: for the mixtures, whose exact model makes the
             reference's SDE_REFERENCE_STEPS − 1 evaluations cheap).
         mode_scale: the mixtures only: multiply every component's covariance by this (1 is the workload as
-            described above; larger is closer to one Gaussian, smaller closer to point masses).
+            described in :mod:`lazyinterp.bench`; larger is closer to one Gaussian, smaller closer to point masses).
         finish: called with the complete results before the cached runs are removed (e.g. to write outputs).
     """
     ctx = ctx or Context(device=torch.device(device))

@@ -77,9 +77,10 @@ class RunCache:
             self.folder.rmdir()
 
 
-def code_identity() -> str:
-    """sha256 of lazyinterp's own source files: runs cached by other code are never resumed."""
-    package = Path(__file__).resolve().parents[1]
+def code_identity(package: Path | str | None = None) -> str:
+    """sha256 of the source files under ``package`` (default lazyinterp's own, subpackages included), each with
+    its relative path: runs cached by other code are never resumed."""
+    package = Path(__file__).resolve().parents[1] if package is None else Path(package)
     digest = hashlib.sha256()
     for path in sorted(package.rglob("*.py")):
         digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
