@@ -386,6 +386,17 @@ def test_overhead_measurement_tells_a_cheap_network_from_a_costly_one():
         assert direct_cheaper[name] > 3 * direct_costly[name], (direct_cheaper, direct_costly)
 
 
+def test_the_overhead_of_each_requested_sde_noise_is_measured_and_named_by_it():
+    from lazyinterp.bench import measure_overhead
+
+    model = li.Model(lambda x, t: -x, "linear", "velocity")
+    result = measure_overhead(model, (3,), torch.float64, batch=5, steps=4, repeats=1,
+                              sde_noises=("independent", "brownian"))
+    assert set(result) == {"lazy-vp-euler", "point-mass-sde", "point-mass-sde-brownian", "point-mass-sde-exp2m",
+                           "point-mass-sde-exp2m-brownian"}
+    assert all(math.isfinite(v) for v in result.values()), result
+
+
 def test_the_code_identity_changes_with_any_source_file_subpackages_included(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "a.py").write_text("x = 1\n")

@@ -29,10 +29,11 @@ def _synchronize(device: torch.device) -> None:
 def measure_overhead(model: Model, sample_shape: tuple[int, ...], dtype: torch.dtype, *, seed: int = 0,
                      batch: int = OVERHEAD_BATCH, steps: int = OVERHEAD_STEPS, repeats: int = OVERHEAD_REPEATS,
                      device: torch.device | str = "cpu", cuda_graph: bool = False,
-                     direct: bool = False) -> dict[str, float]:
+                     direct: bool = False, sde_noises: tuple[str, ...] = OVERHEAD_SDE_NOISES) -> dict[str, float]:
     r"""T_sample / T_net − 1 for lazy VP Euler and the point-mass SDE (Euler–Maruyama and the 2M step, each with
-    the host's and with keyed noise, :data:`OVERHEAD_SDE_NOISES`): the time ``li.sample`` spends beyond the network
-    (schedule maths, conversion, noise draws, state updates, checks) as a fraction of network time.
+    every noise of ``sde_noises``, by default the host's and keyed noise, :data:`OVERHEAD_SDE_NOISES`; results are
+    named ``<sampler>-<noise>`` but for the host's): the time ``li.sample`` spends beyond the network (schedule
+    maths, conversion, noise draws, state updates, checks) as a fraction of network time.
 
     T_sample is the wall time of ``li.sample`` for one batch; T_net that of the same number of network calls on a
     batch of the same shape, back to back. Each synchronises the device once, at the end, so on an accelerator
@@ -85,7 +86,7 @@ def measure_overhead(model: Model, sample_shape: tuple[int, ...], dtype: torch.d
     for name in OVERHEAD_SAMPLERS:
         spec = next(s for s in SAMPLERS if s.name == name)
         kwargs = li_kwargs(spec, spec.plan(steps))
-        for sde_noise in OVERHEAD_SDE_NOISES if spec.stochastic else ("independent",):
+        for sde_noise in sde_noises if spec.stochastic else ("independent",):
             label = name if sde_noise == "independent" else f"{name}-{sde_noise}"
             runs.append((label, spec, {**kwargs, "sde_noise": sde_noise}))
     result = {}
