@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .checks import check_int
 from .devices import DeviceLike
 from .noise import check_keyed_args, keyed_normals, mix64, queued_copy, sample_keys, signed64
 
@@ -71,8 +72,7 @@ class BrownianPaths:
 
     def __init__(self, seed: int, indices: range | Sequence[int], sample_shape: tuple[int, ...], *,
                  device: DeviceLike | None = None, dtype: torch.dtype = torch.float32, depth: int = DEFAULT_DEPTH):
-        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= 52:
-            raise ValueError(f"depth: expected an integer from 1 to 52, got {depth!r}")
+        depth = check_int(depth, "depth", 1, 52)
         self.sample_shape, self.device, self.dtype = check_keyed_args(seed, sample_shape, device, dtype)
         self.size = math.prod(self.sample_shape)
         self.depth = depth

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .checks import check_int, check_shape
 from .predictors import Predictor, eta_terms, linear_combination
 from .schedules import Schedule
 
@@ -52,14 +53,6 @@ def _check_floor(floor: Any) -> float:
     return float(floor)
 
 
-def _check_shape(shape: Any) -> tuple[int, ...]:
-    """The shape of one sample as a tuple of positive ints, else a TypeError naming shape."""
-    sizes = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else None
-    if not sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
-        raise TypeError(f"shape: expected the shape of one sample, a tuple of positive ints, got {shape!r}")
-    return sizes
-
-
 @dataclass(frozen=True)
 class Covariance:
     r"""Σ = U diag(λ) Uᵀ + λ_⊥ (I − U Uᵀ) over samples of shape ``shape`` (flattened to D entries).
@@ -79,7 +72,7 @@ class Covariance:
     _placed: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
-        if not isinstance(self.shape, tuple) or _check_shape(self.shape) != self.shape:
+        if not isinstance(self.shape, tuple) or check_shape(self.shape, "shape") != self.shape:
             raise TypeError(f"shape: expected the shape of one sample, a tuple of positive ints, got {self.shape!r}")
         if not isinstance(self.basis, Tensor) or self.basis.ndim != 2:
             raise TypeError("basis: expected a (D, r) tensor")
@@ -121,7 +114,7 @@ class Covariance:
         # A covariance is symmetric; a clearly asymmetric matrix is a different object passed by mistake.
         if float((m - m.T).abs().max()) > SYMMETRY_TOLERANCE * max(float(m.abs().max()), 1e-300):
             raise ValueError("covariance: expected a symmetric matrix")
-        shape = (m.shape[0],) if shape is None else _check_shape(shape)
+        shape = (m.shape[0],) if shape is None else check_shape(shape, "shape")
         floor = _check_floor(floor)
         # The same matrix passed to every batch of a job is decomposed once: eigh is O(D³), the digest O(D²).
         key = (cls, hashlib.blake2b(m.contiguous().numpy().tobytes(), digest_size=16).digest(), m.shape[0], shape,
@@ -282,8 +275,7 @@ def _sample_spectrum(flat: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _check_rank(rank: Any, dim: int) -> int:
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= dim:
-        raise ValueError(f"rank: expected an integer from 1 to {dim}, got {rank!r}")
+    return check_int(rank, "rank", 1, dim)
     return rank
 
 

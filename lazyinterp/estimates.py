@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
+from .checks import check_int, check_positive, check_shape
 from .covariance import DEFAULT_RANK, FULL_RANK_MAX_DIM, Covariance
 from .devices import DeviceLike
 from .predictors import Predictor, check_predictor, coefficients, model_cache
-from .schedules import check_positive
 
 Tensor = torch.Tensor
 
@@ -188,14 +188,8 @@ def _in_linear_regime(probe: Callable[[float], tuple], snr: float) -> tuple[floa
 
 def _check_probe_arguments(shape: Any, probes: Any, snr: float = PROBE_SNR) -> tuple[int, ...]:
     """The sample ``shape`` as a tuple of positive ints; ``probes`` an int >= 1 and ``snr`` positive, or errors."""
-    try:
-        sizes = tuple(shape)
-    except TypeError:
-        raise TypeError(f"shape: expected the shape of one sample (a tuple of ints), got {shape!r}") from None
-    if not sizes or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in sizes):
-        raise ValueError(f"shape: expected the shape of one sample, positive ints, got {shape!r}")
-    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
-        raise ValueError(f"probes: expected an integer >= 1, got {probes!r}")
+    sizes = check_shape(shape, "shape")
+    check_int(probes, "probes")
     check_positive(snr, "snr")
     return sizes
 

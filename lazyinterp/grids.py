@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from .schedules import LazySchedule, Schedule, check_positive, get_schedule, remembered
+from .checks import check_positive
+from .schedules import LazySchedule, Schedule, get_schedule, remembered
 
 Tensor = torch.Tensor
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checks import check_int, check_shape
 from .devices import DeviceLike, check_device
 
 Tensor = torch.Tensor
@@ -242,13 +243,11 @@ def check_keyed_args(seed: Any, sample_shape: Any, device: Any, dtype: Any
     """The checked (sample_shape, device, dtype) of a source of keyed draws, or an error naming the argument."""
     if isinstance(seed, bool) or not isinstance(seed, Integral):
         raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
-    if not isinstance(sample_shape, (tuple, list, torch.Size)) or \
-            not all(isinstance(n, Integral) and not isinstance(n, bool) and n >= 1 for n in sample_shape):
-        raise ValueError(f"sample_shape: expected a tuple of positive ints, got {sample_shape!r}")
+    sample_shape = check_shape(sample_shape, "sample_shape", min_dims=0)
     device = check_device(device if device is not None else "cpu")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
-    return tuple(int(n) for n in sample_shape), device, dtype
+    return sample_shape, device, dtype
 
 
 @cache
@@ -294,8 +293,7 @@ class NoiseStreams:
         One call per sample instead of one per sample and draw: an SDE takes all its increments up front, so the
         per-step cost does not grow with the batch. The values are a function of (seed, i, count) alone.
         """
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise ValueError(f"count: expected an integer >= 0, got {count!r}")
+        count = check_int(count, "count", 0)
         return self._draw((count, *self.sample_shape), 1)
 
     def _draw(self, shape: tuple[int, ...], dim: int) -> Tensor:
@@ -378,8 +376,7 @@ class KeyedStreams:
     def draw_block(self, count: int) -> Tensor:
         """The next ``count`` draws at once, shape (count, batch, *sample_shape), equal to ``count`` calls of
         :meth:`draw`."""
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise ValueError(f"count: expected an integer >= 0, got {count!r}")
+        count = check_int(count, "count", 0)
         steps = torch.arange(self._drawn, self._drawn + count, dtype=torch.int64, device=self.device)
         step_keys = mix64(steps ^ signed64(_STEP_TAG))
         stream_keys = mix64(step_keys.unsqueeze(1) ^ self._keys.unsqueeze(0)).flatten()

@@ -27,7 +27,8 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from .schedules import Schedule, as_time, check_positive, get_schedule
+from .checks import check_positive
+from .schedules import Schedule, as_time, get_schedule
 
 Tensor = torch.Tensor
 # α, β, α̇ or β̇: a number, or a tensor of one value or of one per sample.

@@ -18,6 +18,7 @@ import torch
 
 from . import graphs
 from .brownian import BrownianPaths
+from .checks import check_shape
 from .conversion import convert
 from .covariance import Covariance, CovarianceLazyDynamics
 from .devices import DeviceLike, check_device
@@ -509,12 +510,7 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         shape = tuple(noise.shape)
     elif shape is None:
         raise ValueError("noise, shape: give the starting noise or the batch shape")
-    try:
-        shape = tuple(int(s) for s in shape)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"shape: expected a tuple of ints, got {shape!r}") from exc
-    if len(shape) < 2 or min(shape) < 1:
-        raise ValueError(f"shape: expected (batch, ...) with positive sizes, got {shape}")
+    shape = check_shape(shape, "shape", min_dims=2, what="(batch, ...)")
     batch, sample_shape = shape[0], shape[1:]
     device = check_device(device if device is not None else (noise.device if noise is not None else "cpu"))
     dtype = _check_dtype(dtype if dtype is not None else (noise.dtype if noise is not None else torch.float32))

@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 import torch
 
+from .checks import check_positive
+
 Tensor = torch.Tensor
 ScheduleFn = Callable[[Tensor], Tensor]
 Base = Literal["gaussian", "point_mass"]
@@ -330,15 +332,6 @@ def vp(beta_min: float = 0.1, beta_max: float = 20.0) -> Schedule:
 
     return Schedule(alpha, beta, dalpha=dalpha, dbeta=dbeta, snr_inverse=snr_inverse,
                     name=f"vp({bmin:g},{bmax:g})", check=False)
-
-
-def check_positive(value: Any, name: str, expected: str = "a positive number") -> float:
-    """``value`` as a float, or TypeError / ValueError naming ``name`` unless it is a positive, finite number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name}: expected a positive finite number, got {value}")
-    return float(value)
 
 
 def _check_sigma(sigma: float) -> float:

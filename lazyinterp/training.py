@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .checks import check_int
 from .devices import check_device
 from .models import CheckpointInfo, UNet, UNetConfig, save_checkpoint
 
@@ -57,12 +58,7 @@ def available_cpus() -> int:
 def check_config(cfg: TrainConfig) -> None:
     """A ValueError or TypeError naming the first field of ``cfg`` that cannot train."""
     def integer(name: str, low: int, high: int | None = None) -> None:
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name}: expected an integer, got {type(value).__name__}")
-        if value < low or (high is not None and value > high):
-            bound = f"from {low} to {high}" if high is not None else f">= {low}"
-            raise ValueError(f"{name}: expected an integer {bound}, got {value}")
+        check_int(getattr(cfg, name), name, low, high)
 
     for name, low in (("steps", 1), ("batch_size", 1), ("warmup", 0), ("checkpoint_every", 1), ("limit_data", 0)):
         integer(name, low)

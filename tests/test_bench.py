@@ -71,15 +71,17 @@ def test_parse_nfe():
             parse_nfe(bad)
 
 
-@pytest.mark.parametrize("arguments, name", [
-    ({"workload": "cifar"}, "workload"), ({"n": 1}, "n"), ({"n": True}, "n"), ({"n": 2.5}, "n"),
-    ({"reference_nfe": 1}, "reference_nfe"), ({"reference_nfe": MAX_REFERENCE_NFE + 1}, "reference_nfe"),
-    ({"batch_size": 0}, "batch_size"), ({"batch_size": "all"}, "batch_size"), ({"max_runs": 0}, "max_runs"),
-    ({"chunk": 0}, "chunk"), ({"chunk": 1.0}, "chunk"),
+@pytest.mark.parametrize("arguments, name, error", [
+    ({"workload": "cifar"}, "workload", ValueError), ({"n": 1}, "n", ValueError), ({"n": True}, "n", TypeError),
+    ({"n": 2.5}, "n", TypeError), ({"reference_nfe": 1}, "reference_nfe", ValueError),
+    ({"reference_nfe": MAX_REFERENCE_NFE + 1}, "reference_nfe", ValueError),
+    ({"batch_size": 0}, "batch_size", ValueError),
+    ({"batch_size": "all"}, "batch_size", TypeError), ({"max_runs": 0}, "max_runs", ValueError),
+    ({"chunk": 0}, "chunk", ValueError), ({"chunk": 1.0}, "chunk", TypeError),
 ])
-def test_run_bench_names_an_argument_out_of_bounds_before_sampling(tmp_path, arguments, name):
+def test_run_bench_names_an_argument_out_of_bounds_before_sampling(tmp_path, arguments, name, error):
     arguments = {"workload": "gmm-2d", **arguments}
-    with pytest.raises(ValueError, match=f"^{name}: "):
+    with pytest.raises(error, match=f"^{name}: "):
         run_bench(nfe=[1], samplers=["linear-euler"], progress=False, work_dir=tmp_path, **arguments)
     assert list(tmp_path.iterdir()) == []
 

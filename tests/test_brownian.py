@@ -58,8 +58,8 @@ def test_bad_arguments_are_refused():
         paths.values([float("nan")])
     with pytest.raises(ValueError, match="grid: expected an increasing grid"):
         paths.increments([0.0, 0.5, 0.5, 1.0])
-    for depth in (0, 53, 2.0, True):
-        with pytest.raises(ValueError, match="depth: expected an integer from 1 to 52"):
+    for depth, error in ((0, ValueError), (53, ValueError), (2.0, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="depth: expected an integer from 1 to 52"):
             BrownianPaths(0, range(2), (3,), depth=depth)
     with pytest.raises(TypeError, match="times: expected a 1-D sequence of times"):
         paths.values("x")
@@ -75,8 +75,8 @@ def test_bad_arguments_are_refused():
         (dict(indices=[-1]), ValueError, "indices: expected non-negative"),
         (dict(indices=[0.5, 1.0]), TypeError, "indices: expected a range or a sequence of non-negative integers"),
         (dict(indices=3), TypeError, "indices: expected a range or a sequence of non-negative integers"),
-        (dict(sample_shape=(0,)), ValueError, "sample_shape: expected a tuple of positive ints"),
-        (dict(sample_shape="ab"), ValueError, "sample_shape: expected a tuple of positive ints"),
+        (dict(sample_shape=(0,)), ValueError, "sample_shape: expected the shape of one sample, positive sizes"),
+        (dict(sample_shape="ab"), TypeError, "sample_shape: expected the shape of one sample, a tuple of integers"),
         (dict(device="nope"), ValueError, "device: expected a torch device"),
         (dict(dtype=torch.int64), TypeError, "dtype: expected a floating-point torch.dtype"),
     ]:

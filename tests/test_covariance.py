@@ -284,8 +284,9 @@ def test_covariance_errors():
             Covariance.from_matrix(torch.eye(2), floor=floor)
         with pytest.raises(error, match="floor: expected a finite number >= 0"):
             Covariance.from_samples(torch.randn(8, 2), rank=1, floor=floor)
-    for shape in (4, (2.0,), (0, 2), ()):
-        with pytest.raises(TypeError, match="shape: expected the shape of one sample"):
+    for shape, error in ((4, TypeError), ((2.0,), TypeError), ((True, 2), TypeError), ((0, 2), ValueError),
+                         ((), ValueError)):
+        with pytest.raises(error, match="shape: expected the shape of one sample"):
             Covariance.from_matrix(torch.eye(2), shape)
     with pytest.raises(ValueError, match=r"basis: expected shape \(D, r\) with D = 3"):
         Covariance.from_matrix(torch.eye(2), (3,))

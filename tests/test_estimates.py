@@ -184,9 +184,10 @@ def test_a_model_with_no_gaussian_reading_asks_for_sigma():
                          ids=lambda f: f.__name__)
 @pytest.mark.parametrize("shape, kwargs, error, needle", [
     ((3,), {"probes": 0}, ValueError, "probes"),
-    ((3,), {"probes": 2.0}, ValueError, "probes"),
+    ((3,), {"probes": 2.0}, TypeError, "probes"),
     ((0, 3), {}, ValueError, "shape"),
-    ((True,), {}, ValueError, "shape"),
+    ((True,), {}, TypeError, "shape"),
+    ((3.0,), {}, TypeError, "shape"),
     (5, {}, TypeError, "shape"),
 ])
 def test_estimators_refuse_bad_shapes_and_probe_counts(estimate, shape, kwargs, error, needle):

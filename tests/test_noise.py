@@ -38,9 +38,9 @@ def test_float32_and_float64_blocks_share_the_noise():
     torch.testing.assert_close(a.float(), b)
 
 
-@pytest.mark.parametrize("count", [-1, 1.5, True])
-def test_block_count_is_validated(count):
-    with pytest.raises(ValueError, match="count"):
+@pytest.mark.parametrize("count, error", [(-1, ValueError), (1.5, TypeError), (True, TypeError)])
+def test_block_count_is_validated(count, error):
+    with pytest.raises(error, match="count: expected an integer >= 0"):
         NoiseStreams(0, range(2), (3,)).draw_block(count)
 
 
@@ -193,7 +193,9 @@ def test_keyed_streams_refuse_bad_arguments():
         (dict(indices=[-1]), ValueError, "indices: expected non-negative"),
         (dict(indices=[0.5, 1.0]), TypeError, "indices: expected a range or a sequence of non-negative integers"),
         (dict(indices=3), TypeError, "indices: expected a range or a sequence of non-negative integers"),
-        (dict(sample_shape=(2, 0)), ValueError, "sample_shape: expected a tuple of positive ints"),
+        (dict(sample_shape=(2, 0)), ValueError, "sample_shape: expected the shape of one sample, positive sizes"),
+        (dict(sample_shape=(2, 1.0)), TypeError, "sample_shape: expected the shape of one sample, a tuple of integers"),
+        (dict(sample_shape=3), TypeError, "sample_shape: expected the shape of one sample, a tuple of integers"),
         (dict(device="nope"), ValueError, "device: expected a torch device"),
         (dict(dtype=torch.int32), TypeError, "dtype: expected a floating-point torch.dtype"),
     ]:

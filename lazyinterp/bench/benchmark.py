@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ..checks import check_int
 from ..distributed import Context
 from ..grids import MAX_STEPS
 from ..noise import NoiseStreams
@@ -75,21 +76,16 @@ def _versions() -> dict[str, str]:
 
 def check_run_arguments(workload: str, *, n: int | None = None, reference_nfe: int = 1000,
                         batch_size: int | None = None, max_runs: int | None = None, chunk: int | None = None) -> None:
-    """The bounds :func:`run_bench` holds its arguments to (None: the default), as a ValueError naming the
-    argument; checked before anything is loaded or sampled."""
+    """The bounds :func:`run_bench` holds its arguments to (None: the default), as a ValueError (or a TypeError,
+    for a value that is not an integer) naming the argument; checked before anything is loaded or sampled."""
     if workload not in WORKLOADS:
         raise ValueError(f"workload: unknown workload {workload!r}; expected one of {', '.join(WORKLOADS)}")
-
-    def integer(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    if n is not None and not (integer(n) and n >= 2):
-        raise ValueError(f"n: expected an integer >= 2, got {n!r}")
-    if not (integer(reference_nfe) and 2 <= reference_nfe <= MAX_REFERENCE_NFE):
-        raise ValueError(f"reference_nfe: expected an integer from 2 to {MAX_REFERENCE_NFE}, got {reference_nfe!r}")
+    if n is not None:
+        check_int(n, "n", 2)
+    check_int(reference_nfe, "reference_nfe", 2, MAX_REFERENCE_NFE)
     for name, value in (("batch_size", batch_size), ("max_runs", max_runs), ("chunk", chunk)):
-        if value is not None and not (integer(value) and value >= 1):
-            raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+        if value is not None:
+            check_int(value, name)
 
 
 def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NFE, n: int | None = None,

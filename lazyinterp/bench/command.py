@@ -83,7 +83,7 @@ def bench(workload: str, nfe: str, n: int | None, seed: int, samplers: str | Non
         check_mode_scale(mode_scale, workload)
         parse_nfe(nfe)
         select_samplers(samplers)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise UserError(as_option_message(exc, BENCH_OPTIONS)) from None
     outputs = [(p, o) for p, o in ((json_path, "--json"), (markdown_path, "--markdown"), (plot_path, "--plot"))
                if p is not None]

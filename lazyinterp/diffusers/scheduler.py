@@ -17,6 +17,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
 from ..brownian import BrownianPaths
+from ..checks import check_int
 from ..conversion import convert, time_change
 from ..covariance import Covariance, CovarianceLazyDynamics
 from ..devices import check_device
@@ -518,11 +519,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         if sigmas is None:
             if num_inference_steps is None:
                 raise ValueError("num_inference_steps, sigmas: give the number of steps or the sigmas")
-            if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) \
-                    or not 1 <= num_inference_steps <= MAX_STEPS:
-                raise ValueError(f"num_inference_steps: expected an integer from 1 to {MAX_STEPS}, "
-                                 f"got {num_inference_steps!r}")
-            n = int(num_inference_steps)
+            n = check_int(num_inference_steps, "num_inference_steps", 1, MAX_STEPS)
             raw = torch.linspace(1.0, 1.0 / n, n, dtype=_F64)
         else:
             raw = _as_sigmas(sigmas)
