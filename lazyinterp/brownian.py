@@ -111,9 +111,7 @@ class BrownianPaths:
             raise ValueError("grid: expected an increasing grid of at least 2 times")
         if not (bool(torch.isfinite(grid).all()) and float(grid[0]) >= 0.0 and float(grid[-1]) <= 1.0):
             raise ValueError("grid: expected times in [0, 1]")
-        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-            raise ValueError(f"block: expected a positive integer, got {block!r}")
-        return self._blocks(grid.tolist(), block)
+        return self._blocks(grid.tolist(), check_int(block, "block"))
 
     def _blocks(self, times: list[float], block: int):
         start, previous = 0, None

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checks import check_int
 from .fetch import WheelAsset, atomic_path, read_wheel_member
 from .targets import GaussianMixture
 
@@ -124,8 +125,7 @@ def features_and_probs(images: torch.Tensor, batch_size: int = 500) -> tuple[np.
     (``x_uint8 / 127.5 - 1``); values outside are clamped to the pixel range.
     """
     images = _check_images(images)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    batch_size = check_int(batch_size, "batch_size")
     model = classifier(images.device)
     feats, probs = [], []
     with torch.no_grad():

@@ -276,9 +276,7 @@ class NoiseStreams:
         if workers is None:
             on_host = device is None or torch.device(device).type == "cpu"
             workers = 1 if on_host else min(8, os.cpu_count() or 1)
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers: expected a positive integer or None, got {workers!r}")
-        self.workers = workers
+        self.workers = check_int(workers, "workers")
 
     def __len__(self) -> int:
         return len(self._generators)

@@ -27,7 +27,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from .checks import check_positive
+from .checks import check_int, check_positive
 from .schedules import Schedule, as_time, get_schedule
 
 Tensor = torch.Tensor
@@ -265,9 +265,7 @@ class Model:
         self.t_max = high_snr if self._singular_velocity(1.0) else 1.0
         self.net_dtype = _parameter_dtype(net) if net_dtype is None else net_dtype
         self.check_finite = check_finite
-        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-            raise ValueError(f"chunk: expected a positive integer or None, got {chunk!r}")
-        self.chunk = chunk
+        self.chunk = None if chunk is None else check_int(chunk, "chunk")
         self.nfe = 0
         self._cache: dict = {}
 

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from . import graphs
+from .checks import check_int
 from .grids import MAX_STEPS, check_steps
 from .predictors import NonFiniteError, linear_combination, merge_terms
 from .schedules import Schedule, remembered
@@ -76,10 +77,7 @@ def count_nfe(solver: str, steps: int, last_step: str = "euler", known_start: bo
 
 def steps_for_nfe(solver: str, nfe: int, last_step: str = "euler", known_start: bool = False) -> int | None:
     """The number of steps at which ``solver`` costs exactly ``nfe`` evaluations (:func:`count_nfe`), or None."""
-    if isinstance(nfe, bool) or not isinstance(nfe, int):
-        raise TypeError(f"nfe: expected an integer >= 0, got {type(nfe).__name__}")
-    if nfe < 0:
-        raise ValueError(f"nfe: expected an integer >= 0, got {nfe}")
+    nfe = check_int(nfe, "nfe", 0)
     for steps in range(1, min(nfe + 3, MAX_STEPS + 1)):
         if count_nfe(solver, steps, last_step, known_start) == nfe:
             return steps

@@ -67,8 +67,10 @@ def test_bad_arguments_are_refused():
         paths.increments([[0.0, 1.0]])
     with pytest.raises(ValueError, match=r"grid: expected times in \[0, 1\]"):
         paths.increment_blocks([0.0, 0.5, 1.5])  # refused when called, not when first read
-    with pytest.raises(ValueError, match="block: expected a positive integer"):
+    with pytest.raises(ValueError, match="block: expected an integer >= 1"):
         paths.increment_blocks([0.0, 1.0], block=0)
+    with pytest.raises(TypeError, match="block: expected an integer >= 1"):
+        paths.increment_blocks([0.0, 1.0], block=1.5)
     for kwargs, error, message in [
         (dict(seed="a"), TypeError, "seed: expected an int"),
         (dict(seed=1.5), TypeError, "seed: expected an int"),

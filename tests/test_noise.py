@@ -57,9 +57,9 @@ def test_parallel_draws_equal_serial_draws():
     assert NoiseStreams(5, range(7), (3,)).workers == 1  # the CPU's cores run the network
 
 
-@pytest.mark.parametrize("workers", [0, -2, 1.5, True])
-def test_workers_are_validated(workers):
-    with pytest.raises(ValueError, match="workers"):
+@pytest.mark.parametrize("workers, error", [(0, ValueError), (-2, ValueError), (1.5, TypeError), (True, TypeError)])
+def test_workers_are_validated(workers, error):
+    with pytest.raises(error, match="workers: expected an integer >= 1"):
         NoiseStreams(0, range(2), (3,), workers=workers)
 
 

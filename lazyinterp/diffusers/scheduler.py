@@ -323,9 +323,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                              "(sigma 1) to data (sigma 0)")
         if sum(bool(flag) for flag in (use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)) > 1:
             raise ValueError("use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas: set at most one of them")
-        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) \
-                or num_train_timesteps < 1:
-            raise ValueError(f"num_train_timesteps: expected a positive integer, got {num_train_timesteps!r}")
+        check_int(num_train_timesteps, "num_train_timesteps")
         target, config_name, config_sigma = self._target_schedule(schedule, sigma)
         # The default last step is settled per run, in set_timesteps (a one-step SDE run takes Euler's).
         probe_diffusion, self._solver, self._last_step = check_settings(target, diffusion, solver, last_step,
