@@ -10,6 +10,7 @@ model-only estimates of E[X], σ and Σ (:mod:`lazyinterp.estimates`).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -573,6 +574,10 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
         solver = "euler"
     elif solver_is_default:
         solver = default_solver_for_steps(solver, len(grid) - 1)
+    elif solver in EXPONENTIAL_SOLVERS and len(grid) == 2:
+        warnings.warn(f"solver: one {solver} step returns the model's posterior mean at t = 0, which is E[X] for "
+                      "every sample (the start holds no signal of the data); use two steps or more, or euler",
+                      stacklevel=2)
     if last_step_is_default:
         last_step = default_last_step(diffusion_spec.is_ode, len(grid) - 1)
     known_start = bool(known_start) and float(grid[0]) == 0.0

@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -1037,3 +1038,14 @@ def test_a_one_step_sde_run_takes_euler_maruyama_over_the_exponential_default(mi
     torch.testing.assert_close(run(one, "exponential-2m"), mixture.mean.expand(64, 2), rtol=0, atol=1e-6)
     torch.testing.assert_close(run(three), run(three, "exponential-2m"), rtol=0, atol=0)
     assert not torch.allclose(run(three), run(three, "euler"), atol=1e-3)
+
+
+def test_one_exponential_step_from_pure_noise_warns_that_it_returns_the_mean():
+    scheduler = LazyScheduler(schedule="lazy-vp", sigma=0.9, solver="exponential")
+    with pytest.warns(UserWarning, match="solver: one exponential step from pure noise returns the model's posterior"):
+        scheduler.set_timesteps(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scheduler.set_timesteps(2)
+        scheduler.set_timesteps(sigmas=[0.5])  # one step that starts with signal in the latents
+        LazyScheduler(schedule="point-mass", diffusion="optimal").set_timesteps(1)  # the default takes Euler

@@ -426,10 +426,15 @@ def test_a_one_step_sde_takes_euler_maruyama_where_the_default_is_exponential(sc
     z = torch.randn(2000, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
     start = dict(shape=(2000, 3)) if schedule == "point-mass" else dict(noise=z)
     kw = dict(schedule=schedule, diffusion=diffusion, generator=0, dtype=F64, **start)
-    one = li.sample(model, steps=1, **kw)
-    torch.testing.assert_close(one, li.sample(model, steps=1, solver="euler", **kw), rtol=0, atol=0)
-    torch.testing.assert_close(li.sample(model, steps=1, solver="exponential-2m", **kw), torch.ones(2000, 3, dtype=F64),
-                               rtol=0, atol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default and the explicit Euler step do not warn
+        one = li.sample(model, steps=1, **kw)
+        torch.testing.assert_close(one, li.sample(model, steps=1, solver="euler", **kw), rtol=0, atol=0)
+        li.sample(model, steps=2, solver="exponential-2m", **kw)
+    # Asked for explicitly, the exponential step is taken, and it warns that every sample is E[X].
+    with pytest.warns(UserWarning, match="solver: one exponential-2m step returns the model's posterior mean"):
+        collapsed = li.sample(model, steps=1, solver="exponential-2m", **kw)
+    torch.testing.assert_close(collapsed, torch.ones(2000, 3, dtype=F64), rtol=0, atol=1e-12)
     if schedule == "lazy-vp":
         torch.testing.assert_close(one, 0.5 * z + 1.0, rtol=0, atol=1e-12)
     else:  # Euler–Maruyama from the point with ε = κε*: N(μ, κσ²)
