@@ -32,7 +32,7 @@ from .schedules import Schedule
 Tensor = torch.Tensor
 
 # Eigenvalues are floored at this fraction of the mean eigenvalue: a direction with (almost) no variance would make
-# C⁻¹ blow up at t = 0, and the floor changes FID-MNIST by under 1% between 1e-3 and 1e-1 (README).
+# C⁻¹ blow up at t = 0, and the floor changes FID-MNIST by under 1% between 1e-3 and 1e-1 (docs/levers.md).
 EIGENVALUE_FLOOR = 1e-2
 # Up to this dimension an estimate from samples is full rank; above, isotropic plus spikes (spiked_from_samples).
 FULL_RANK_MAX_DIM = 4096

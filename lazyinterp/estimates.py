@@ -367,8 +367,8 @@ def data_covariance(model: Predictor, sample_shape: tuple[int, ...], device: Dev
     max(2D, 2048) samples; above, from 2 × DEFAULT_RANK samples, isotropic noise plus at most DEFAULT_RANK spikes
     (:meth:`Covariance.spiked_from_samples`: with N ≪ D the plain top eigenpairs are mostly sampling noise).
 
-    Measured on MNIST (README): a covariance from the model's posterior mean at a low SNR, like σ's estimate, was
-    further from the data's and lost FID; the samples' covariance matches the data's trace to 0.1%.
+    Measured on MNIST (docs/levers.md): a covariance from the model's posterior mean at a low SNR, like σ's
+    estimate, was further from the data's and lost FID; the samples' covariance matches the data's trace to 0.1%.
     """
     cache = model_cache(model)
     key = ("covariance", sample_shape, torch.device(device).type)

@@ -127,7 +127,8 @@ def make_workload(name: str, n: int, model_name: str = "mnist", device: torch.de
                   chunk: int | None = None, mode_scale: float = 1.0) -> Workload:
     """The workload ``name``; ``device`` runs the mnist network (the mixtures' exact models stay on the CPU) in
     fixed chunks of ``chunk`` samples (default :data:`lazyinterp.models.EVAL_CHUNK`). ``mode_scale`` multiplies
-    the mixtures' component covariances: how tight the modes are decides which schedule suits Euler (README)."""
+    the mixtures' component covariances: how tight the modes are decides which schedule suits Euler
+    (docs/findings.md)."""
     if name not in WORKLOADS:
         raise ValueError(f"workload: unknown workload {name!r}; expected one of {', '.join(WORKLOADS)}")
     mode_scale = check_mode_scale(mode_scale, name)
