@@ -11,6 +11,8 @@ import math
 import operator
 from typing import Any
 
+import torch
+
 
 def check_positive(value: Any, name: str, expected: str = "a positive number") -> float:
     """``value`` as a float, or TypeError / ValueError naming ``name`` unless it is a positive, finite number."""
@@ -24,7 +26,7 @@ def check_positive(value: Any, name: str, expected: str = "a positive number") -
 def _as_index(value: Any) -> int | None:
     """``value`` as an int if it is an integer (Python, NumPy or a one-element integer tensor), else None; bools,
     which Python counts as integers, are not."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    if type(value).__name__ in ("bool", "bool_") or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
         return None
     try:
         return operator.index(value)

@@ -13,7 +13,8 @@ def test_every_kind_of_integer_is_an_int(value):
     assert check_int(value, "n") == 3 and type(check_int(value, "n")) is int
 
 
-@pytest.mark.parametrize("value", [True, np.bool_(True), 3.0, np.float64(3.0), torch.tensor(3.0), "3", None, [3]])
+@pytest.mark.parametrize("value", [True, np.bool_(True), torch.tensor(True), 3.0, np.float64(3.0), torch.tensor(3.0),
+                                   "3", None, [3]])
 def test_a_value_that_is_not_an_integer_is_a_type_error_naming_the_argument(value):
     with pytest.raises(TypeError, match="^count: expected an integer >= 0, got "):
         check_int(value, "count", 0)
