@@ -178,6 +178,7 @@ CONFIGS = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:solver. one exponential")  # asked for on purpose: the run returns E[X]
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("steps", [1, 2, 5, 8])
@@ -1022,6 +1023,7 @@ def test_a_one_step_sde_run_keeps_its_noise():
     torch.testing.assert_close(run(3), run(3, "denoise"), rtol=0, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore:solver. one exponential")  # asked for on purpose: the run returns E[X]
 def test_a_one_step_sde_run_takes_euler_maruyama_over_the_exponential_default(mixture):
     """As in li.sample: the default exponential steps end at η_X, which one step from the start makes E[X] for every
     sample, so a one-step run with the default solver steps by Euler–Maruyama; from two steps the default is the
