@@ -1,4 +1,4 @@
-"""Lazy schedules on trained models of 2-D targets: thin curves (the two moons) and clusters (eight Gaussians).
+"""Lazy schedules on trained models of 2-D targets: thin curves (the two moons) and clusters of three widths.
 
 The benchmark's mixtures have exact models; this study trains one per target. A small MLP learns the
 linear-schedule velocity by flow matching, 4000 Adam steps on 2 CPU cores (about 20 s). The targets:
@@ -7,7 +7,8 @@ linear-schedule velocity by flow matching, 4000 Adam steps on 2 CPU cores (about
   0.1, centred;
 * ``eight-gaussians``: eight equal components N(m_k, 0.25² I) with m_k on the circle of radius 2, the proportions
   of FFJORD's "8gaussians" (std 0.5 at radius 4): the components hold 3% of the variance;
-* ``eight-gaussians-tight``: the same with std 0.1 (0.5% of the variance): clusters that act like points.
+* ``eight-gaussians-tight``: the same with std 0.1 (0.5% of the variance): clusters that act like points;
+* ``gmm-2d``: samples of the benchmark's ``gmm-2d`` mixture (2%), whose exact model ``lazyinterp bench`` uses.
 
 Every sampler starts from the same noise (n = 16000) and is scored by the sliced W2 distance to 48000 fresh target
 samples (64 fixed directions) and by the mean distance to a converged solution from the same noise (linear Heun,
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 
 import lazyinterp as li
+from lazyinterp.bench import gmm_2d
 from lazyinterp.fetch import atomic_path, save_figure
 
 NFES = (1, 2, 3, 4, 6, 8, 12, 16)
@@ -54,7 +56,13 @@ def eight_gaussians(std: float) -> Callable[[int, torch.Generator], torch.Tensor
     return draw
 
 
-TARGETS = {"moons": moons, "eight-gaussians": eight_gaussians(0.25), "eight-gaussians-tight": eight_gaussians(0.1)}
+def bench_gmm_2d(n: int, generator: torch.Generator) -> torch.Tensor:
+    """n samples of the benchmark's gmm-2d mixture, in float32."""
+    return gmm_2d().sample(n, generator).float()
+
+
+TARGETS = {"moons": moons, "eight-gaussians": eight_gaussians(0.25), "eight-gaussians-tight": eight_gaussians(0.1),
+           "gmm-2d": bench_gmm_2d}
 
 
 class VelocityMLP(torch.nn.Module):
