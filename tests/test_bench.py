@@ -415,21 +415,3 @@ def test_the_code_identity_changes_with_any_source_file_subpackages_included(tmp
     assert code_identity(tmp_path) not in (before, changed)
     assert len(code_identity()) == 64 and code_identity() == code_identity()
 
-
-def test_the_overhead_study_script_writes_its_table(tmp_path):
-    """docs/studies/overhead.py, which the GPU tables of docs/overhead.md come from, on the CPU at a tiny batch."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "docs" / "studies" / "overhead.py"
-    out = tmp_path / "overhead"
-    done = subprocess.run([sys.executable, str(script), "--device", "cpu", "--batches", "2", "--repeats", "1",
-                           "--out", str(out)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    results = json.loads(out.with_suffix(".json").read_text())
-    assert [(row["batch"], row["mode"]) for row in results["rows"]] == [(2, "eager"), (2, "direct")]
-    names = set(results["rows"][0]["fractions"])
-    assert {"lazy-vp-euler", "point-mass-sde-keyed", "point-mass-sde-brownian", "point-mass-sde-exp2m"} <= names
-    table = out.with_suffix(".md").read_text()
-    assert "| 2 | eager |" in table and "| 2 | direct |" in table

@@ -144,28 +144,34 @@ def samplers(model: li.Model) -> dict[str, tuple[str, Callable[[torch.Tensor, in
     return out
 
 
-def run(name: str, seed: int) -> dict:
-    """Train on the target ``name``, sample every sampler at every NFE from the same noise, and score."""
+def run(name: str, seed: int, samples: int = SAMPLES, iterations: int = 4000) -> dict:
+    """Train on the target ``name`` for ``iterations`` steps, sample every sampler at every NFE from the same noise
+    (``samples`` of it), and score."""
     data = TARGETS[name]
-    torch.set_grad_enabled(True)
     start = time.perf_counter()
-    net = train(data, seed)
+    with torch.enable_grad():
+        net = train(data, seed, iterations)
     seconds = time.perf_counter() - start
-    torch.set_grad_enabled(False)
+    with torch.no_grad():
+        return _sample_and_score(name, seed, samples, net, seconds)
+
+
+def _sample_and_score(name: str, seed: int, samples: int, net: torch.nn.Module, seconds: float) -> dict:
+    data = TARGETS[name]
     model = li.Model(net, "linear", "velocity")
-    z = torch.randn(SAMPLES, 2, generator=torch.Generator().manual_seed(seed + 1))
-    target = data(TARGET_POINTS, torch.Generator().manual_seed(seed + 2))
+    z = torch.randn(samples, 2, generator=torch.Generator().manual_seed(seed + 1))
+    repeat = -(-TARGET_POINTS // samples)
+    target = data(repeat * samples, torch.Generator().manual_seed(seed + 2))
     directions = torch.randn(DIRECTIONS, 2, generator=torch.Generator().manual_seed(seed + 3))
     directions /= directions.norm(dim=1, keepdim=True)
     sorted_target = torch.sort(target @ directions.T, dim=0).values
-    repeat = TARGET_POINTS // SAMPLES
 
     def sliced_w2(x: torch.Tensor) -> float:
         projected = torch.sort(x.float() @ directions.T, dim=0).values.repeat_interleave(repeat, dim=0)
         return float(((projected - sorted_target) ** 2).mean().sqrt())
 
     reference = li.sample(model, z, steps=500, solver="heun")
-    floor = sliced_w2(data(SAMPLES, torch.Generator().manual_seed(seed + 4)))
+    floor = sliced_w2(data(samples, torch.Generator().manual_seed(seed + 4)))
     rows = {}
     for sampler, (family, draw) in samplers(model).items():
         values, paths = [], []
@@ -175,7 +181,7 @@ def run(name: str, seed: int) -> dict:
             paths.append(None if "SDE" in sampler else float((x - reference).norm(dim=1).mean()))
         rows[sampler] = {"family": family, "value": values, "path_error": paths}
         print(sampler, " ".join(f"{v:.4g}" for v in values), flush=True)
-    return {"target": name, "seed": seed, "train_seconds": round(seconds, 1), "nfe": list(NFES), "n": SAMPLES,
+    return {"target": name, "seed": seed, "train_seconds": round(seconds, 1), "nfe": list(NFES), "n": samples,
             "reference": {"sampler": "linear Heun, 500 steps", "value": sliced_w2(reference)}, "noise_floor": floor,
             "samplers": rows}
 

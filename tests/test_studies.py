@@ -1,0 +1,47 @@
+"""The study scripts of docs/studies, which write the measurements the docs quote, still run (at tiny sizes)."""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+STUDIES = Path(__file__).resolve().parents[1] / "docs" / "studies"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"study_{name}", STUDIES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_overhead_study_script_writes_its_table(tmp_path):
+    """docs/studies/overhead.py, which the GPU tables of docs/overhead.md come from, on the CPU at a tiny batch."""
+    script = STUDIES / "overhead.py"
+    out = tmp_path / "overhead"
+    done = subprocess.run([sys.executable, str(script), "--device", "cpu", "--batches", "2", "--repeats", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert [(row["batch"], row["mode"]) for row in results["rows"]] == [(2, "eager"), (2, "direct")]
+    names = set(results["rows"][0]["fractions"])
+    assert {"lazy-vp-euler", "point-mass-sde-keyed", "point-mass-sde-brownian", "point-mass-sde-exp2m"} <= names
+    table = out.with_suffix(".md").read_text()
+    assert "| 2 | eager |" in table and "| 2 | direct |" in table
+
+
+def test_the_trained_2d_study_trains_samples_and_scores_every_sampler_at_exact_nfe():
+    """Each sampler asserts inside the study that it cost exactly the NFE it is listed at."""
+    study = load("trained_2d")
+    results = study.run("moons", seed=0, samples=300, iterations=30)
+    assert results["target"] == "moons" and results["n"] == 300 and results["nfe"] == list(study.NFES)
+    rows = results["samplers"]
+    assert {"linear Euler", "lazy VP Euler", "point-mass SDE, li.sample's default solver"} <= set(rows)
+    for name, row in rows.items():
+        assert len(row["value"]) == len(study.NFES) and all(math.isfinite(v) for v in row["value"]), name
+        assert (row["path_error"][0] is None) == ("SDE" in name), name
+    table = study.markdown(results)
+    assert table.startswith("### moons, trained velocity MLP")
+    assert "Lazy VP Euler at N against linear Euler at 2N" in table
