@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 STUDIES = Path(__file__).resolve().parents[1] / "docs" / "studies"
 
 
@@ -32,6 +34,10 @@ def test_the_overhead_study_script_writes_its_table(tmp_path):
     assert "| 2 | eager |" in table and "| 2 | direct |" in table
 
 
+# A network trained for 30 steps has no consistent low-SNR reading of σ, which li.sample reports; diffusers' DPM-Solver
+# warns about numpy 2 on its own.
+@pytest.mark.filterwarnings("ignore::lazyinterp.LowestSNRWarning")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers.*")
 def test_the_trained_2d_study_trains_samples_and_scores_every_sampler_at_exact_nfe():
     """Each sampler asserts inside the study that it cost exactly the NFE it is listed at."""
     study = load("trained_2d")
