@@ -63,3 +63,10 @@ def check_shape(value: Any, name: str, *, min_dims: int = 1, what: str = "the sh
         dims = f"at least {min_dims} " if min_dims > 1 else ""
         raise ValueError(f"{name}: expected {what}, {dims}positive sizes, got {tuple(sizes)}")
     return tuple(sizes)
+
+
+def check_float_dtype(dtype: Any, name: str = "dtype") -> torch.dtype:
+    """``dtype`` if it is a floating-point torch.dtype; a TypeError naming ``name`` otherwise."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{name}: expected a floating-point torch.dtype, got {dtype!r}")
+    return dtype

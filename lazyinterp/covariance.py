@@ -139,7 +139,7 @@ class Covariance:
         shape = tuple(samples.shape[1:])
         if rank is None:
             return cls.from_matrix(torch.cov(flat.T).reshape(flat.shape[1], flat.shape[1]), shape, floor=floor)
-        rank = _check_rank(rank, min(flat.shape[1], flat.shape[0] - 1))
+        rank = check_int(rank, "rank", 1, min(flat.shape[1], flat.shape[0] - 1))
         sample_values, rows = _sample_spectrum(flat)
         top = sample_values[:rank]
         dim = flat.shape[1]
@@ -162,7 +162,7 @@ class Covariance:
         flat = _flat_samples(samples)
         shape = tuple(samples.shape[1:])
         count, dim = flat.shape
-        max_rank = _check_rank(max_rank, min(dim, count - 1))
+        max_rank = check_int(max_rank, "max_rank", 1, min(dim, count - 1))
         sample_values, rows = _sample_spectrum(flat)
         total = float(sample_values.sum())
         if not total > 0:
@@ -190,7 +190,7 @@ class Covariance:
 
     def truncated(self, rank: int, *, floor: float = EIGENVALUE_FLOOR) -> Covariance:
         """The top ``rank`` eigenpairs, the others replaced by their mean (the trace is kept)."""
-        rank = _check_rank(rank, self.dim)
+        rank = check_int(rank, "rank", 1, self.dim)
         order = torch.argsort(self.eigenvalues, descending=True)
         top = order[:rank]
         others = self.eigenvalues[order[rank:]]
@@ -272,11 +272,6 @@ def _sample_spectrum(flat: Tensor) -> tuple[Tensor, Tensor]:
     centred = (flat - flat.mean(dim=0)) / math.sqrt(flat.shape[0] - 1)
     _, singular, rows = torch.linalg.svd(centred, full_matrices=False)
     return singular ** 2, rows
-
-
-def _check_rank(rank: Any, dim: int) -> int:
-    return check_int(rank, "rank", 1, dim)
-    return rank
 
 
 class CovarianceLazyDynamics:

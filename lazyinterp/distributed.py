@@ -139,7 +139,7 @@ class Shards(Sequence[range]):
     def __len__(self) -> int:
         return -(-self.n // self.size)
 
-    def __getitem__(self, index: int) -> int:
+    def __getitem__(self, index: int | slice) -> range | list[range]:
         if isinstance(index, slice):
             return [self[j] for j in range(*index.indices(len(self)))]
         if index < 0:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .checks import check_positive
+from .checks import check_int, check_positive
 from .schedules import LazySchedule, Schedule, get_schedule, remembered
 
 Tensor = torch.Tensor
@@ -152,10 +152,7 @@ def make_grid(grid: Any, steps: int | None, schedule: Schedule, model_schedule: 
 
 def check_steps(steps: Any) -> int:
     """``steps`` as an int from 1 to :data:`MAX_STEPS`; TypeError or ValueError naming it otherwise."""
-    if isinstance(steps, bool) or not isinstance(steps, int):
-        raise TypeError(f"steps: expected an integer >= 1, got {type(steps).__name__}")
-    if steps < 1:
-        raise ValueError(f"steps: expected an integer >= 1, got {steps}")
+    steps = check_int(steps, "steps")
     if steps > MAX_STEPS:
         raise ValueError(f"steps: expected at most {MAX_STEPS} intervals, got {steps}")
     return steps

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checks import check_int, check_shape
+from .checks import check_float_dtype, check_int, check_shape
 from .devices import DeviceLike, check_device
 
 Tensor = torch.Tensor
@@ -245,9 +245,7 @@ def check_keyed_args(seed: Any, sample_shape: Any, device: Any, dtype: Any
         raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
     sample_shape = check_shape(sample_shape, "sample_shape", min_dims=0)
     device = check_device(device if device is not None else "cpu")
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
-    return sample_shape, device, dtype
+    return sample_shape, device, check_float_dtype(dtype)
 
 
 @cache

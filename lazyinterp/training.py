@@ -57,13 +57,10 @@ def available_cpus() -> int:
 
 def check_config(cfg: TrainConfig) -> None:
     """A ValueError or TypeError naming the first field of ``cfg`` that cannot train."""
-    def integer(name: str, low: int, high: int | None = None) -> None:
-        check_int(getattr(cfg, name), name, low, high)
-
     for name, low in (("steps", 1), ("batch_size", 1), ("warmup", 0), ("checkpoint_every", 1), ("limit_data", 0)):
-        integer(name, low)
+        check_int(getattr(cfg, name), name, low)
     # More threads than CPUs only oversubscribes them, and a huge count crashes torch's thread pool.
-    integer("threads", 0, available_cpus())
+    check_int(cfg.threads, "threads", 0, available_cpus())
     float32_max = float(torch.finfo(torch.float32).max)
     if isinstance(cfg.lr, bool) or not isinstance(cfg.lr, (int, float)) or not 0 < cfg.lr <= float32_max:
         raise ValueError(f"lr: expected a positive number a float32 parameter can take, got {cfg.lr!r}")

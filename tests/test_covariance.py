@@ -278,6 +278,8 @@ def test_covariance_errors():
         Covariance.from_samples(torch.randn(3, 4), rank=3)
     with pytest.raises(ValueError, match="rank: expected"):
         Covariance.from_matrix(torch.eye(2)).truncated(0)
+    with pytest.raises(ValueError, match="^max_rank: expected an integer from 1 to 2, got 5$"):
+        Covariance.spiked_from_samples(torch.randn(3, 4), max_rank=5)
     for floor, error in ((-0.1, ValueError), (math.nan, ValueError), (math.inf, ValueError), (True, TypeError),
                          ("0.01", TypeError)):
         with pytest.raises(error, match="floor: expected a finite number >= 0"):
