@@ -19,7 +19,7 @@ import torch
 
 from . import graphs
 from .brownian import BrownianPaths
-from .checks import check_shape
+from .checks import check_float_dtype, check_shape
 from .conversion import convert
 from .covariance import Covariance, CovarianceLazyDynamics
 from .devices import DeviceLike, check_device
@@ -246,12 +246,6 @@ class SampleInfo:
     estimation_nfe: int = 0
 
 
-def _check_dtype(dtype: Any) -> torch.dtype:
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
-    return dtype
-
-
 def check_covariance_applies(schedule: Schedule, is_ode: bool) -> None:
     """Covariance-matched coordinates exist for the lazy VP probability-flow ODE only; anything else is refused."""
     if not (getattr(schedule, "family", None) == "lazy_vp" and is_ode):
@@ -281,6 +275,14 @@ def default_solver_for_steps(solver: str, steps: int) -> str:
     single step from t = 0 is E[X] for every sample, so a one-step run takes Euler(–Maruyama) instead (exact on
     Gaussian data for the lazy VP SDE)."""
     return "euler" if steps == 1 and solver in EXPONENTIAL_SOLVERS else solver
+
+
+def warn_one_exponential_step(solver: str, stacklevel: int = 3) -> None:
+    """Warn that a run of one exponential step from pure noise returns η_X there, E[X] for every sample: the reason
+    :func:`default_solver_for_steps` takes Euler instead (``stacklevel`` 3 names the caller of the function that
+    calls this)."""
+    warnings.warn(f"solver: one {solver} step from pure noise returns the model's posterior mean there, which is E[X] "
+                  "for every sample; use two steps or more, or euler", stacklevel=stacklevel)
 
 
 def _is_lazy_sde(schedule: Schedule, diffusion: Diffusion) -> bool:
@@ -514,7 +516,7 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
     shape = check_shape(shape, "shape", min_dims=2, what="(batch, ...)")
     batch, sample_shape = shape[0], shape[1:]
     device = check_device(device if device is not None else (noise.device if noise is not None else "cpu"))
-    dtype = _check_dtype(dtype if dtype is not None else (noise.dtype if noise is not None else torch.float32))
+    dtype = check_float_dtype(dtype if dtype is not None else (noise.dtype if noise is not None else torch.float32))
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph: needs a CUDA device, got {device}")
     indices = check_indices(range(batch) if indices is None else indices, batch)
@@ -575,9 +577,7 @@ def sample(model: Model | Predictor, noise: Tensor | None = None, *, shape: tupl
     elif solver_is_default:
         solver = default_solver_for_steps(solver, len(grid) - 1)
     elif solver in EXPONENTIAL_SOLVERS and len(grid) == 2:
-        warnings.warn(f"solver: one {solver} step returns the model's posterior mean at t = 0, which is E[X] for "
-                      "every sample (the start holds no signal of the data); use two steps or more, or euler",
-                      stacklevel=2)
+        warn_one_exponential_step(solver)
     if last_step_is_default:
         last_step = default_last_step(diffusion_spec.is_ode, len(grid) - 1)
     known_start = bool(known_start) and float(grid[0]) == 0.0

@@ -432,7 +432,8 @@ def test_a_one_step_sde_takes_euler_maruyama_where_the_default_is_exponential(sc
         torch.testing.assert_close(one, li.sample(model, steps=1, solver="euler", **kw), rtol=0, atol=0)
         li.sample(model, steps=2, solver="exponential-2m", **kw)
     # Asked for explicitly, the exponential step is taken, and it warns that every sample is E[X].
-    with pytest.warns(UserWarning, match="solver: one exponential-2m step returns the model's posterior mean"):
+    message = "solver: one exponential-2m step from pure noise returns the model's posterior mean"
+    with pytest.warns(UserWarning, match=message):
         collapsed = li.sample(model, steps=1, solver="exponential-2m", **kw)
     torch.testing.assert_close(collapsed, torch.ones(2000, 3, dtype=F64), rtol=0, atol=1e-12)
     if schedule == "lazy-vp":

@@ -42,6 +42,7 @@ from ..samplers import (
     default_solver_for_steps,
     resolve_covariance,
     resolve_diffusion,
+    warn_one_exponential_step,
 )
 from ..schedules import SCHEDULES, LazySchedule, Schedule, get_schedule, linear
 from ..solvers import EXPONENTIAL_SOLVERS, ODE_SOLVERS, ab2_increment, am3_increment, exponential_terms, log_snr
@@ -541,8 +542,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         elif self._default_sde_solver is not None:
             self._solver = default_solver_for_steps(self._default_sde_solver, n)
         elif self._solver in EXPONENTIAL_SOLVERS and n == 1 and float(model_sigmas[0]) == 1.0:
-            warnings.warn(f"solver: one {self._solver} step from pure noise returns the model's posterior mean there, "
-                          "which is E[X] for every sample; use two steps or more, or euler", stacklevel=2)
+            warn_one_exponential_step(self._solver)
 
         # Model sigmas at the nodes: 1 − τ(t_k). SNR-matched nodes give 1 − σ_k back, except where a target's SNR
         # range is narrower than the linear one (vp at t = 0), which time_change clamps.
