@@ -437,11 +437,24 @@ class SlicedW2:
                  points: int = TARGET_POINTS):
         gen = torch.Generator().manual_seed(seed)
         dirs = torch.randn(directions, target.dim, generator=gen, dtype=torch.float64)
-        self.directions = dirs / dirs.norm(dim=1, keepdim=True)
+        self._fix(target.sample(max(1, math.ceil(points / n)) * n, gen), n, dirs)
+
+    @classmethod
+    def from_points(cls, reference: torch.Tensor, n: int, directions: torch.Tensor) -> SlicedW2:
+        """SW₂ of sets of ``n`` points to the target sample ``reference`` (a multiple of ``n`` points, any trailing
+        shape) along ``directions`` (L, D), normalised here: for targets known only by their samples."""
+        if reference.shape[0] % n:
+            raise ValueError(f"reference: expected a multiple of n = {n} points, got {reference.shape[0]}")
+        metric = cls.__new__(cls)
+        metric._fix(reference, n, directions.to(torch.float64))
+        return metric
+
+    def _fix(self, reference: torch.Tensor, n: int, directions: torch.Tensor) -> None:
+        self.directions = directions / directions.norm(dim=1, keepdim=True)
         self.n = n
-        self.k = max(1, math.ceil(points / n))
-        ref = target.sample(self.k * n, gen)
-        self.sorted_target = torch.sort(ref @ self.directions.T, dim=0).values  # (M, L)
+        self.k = reference.shape[0] // n
+        flat = reference.reshape(reference.shape[0], -1).to(torch.float64)
+        self.sorted_target = torch.sort(flat @ self.directions.T, dim=0).values  # (M, L)
 
     def __call__(self, x: torch.Tensor) -> float:
         """SW₂ of the n points ``x`` (any trailing shape, flattened) to the target sample."""

@@ -340,3 +340,18 @@ def test_sliced_w2_matches_closed_form_between_gaussians():
     x = torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     exact = math.sqrt(9.0 / 2 + (1 - s) ** 2)
     assert SlicedW2(target, n)(x) == pytest.approx(exact, rel=0.1)
+
+
+def test_sliced_w2_from_points_is_the_same_metric_for_targets_known_by_samples():
+    target = gmm_2d()
+    n = 500
+    built = SlicedW2(target, n)
+    # The constructor's own target sample and directions, handed over in float32 and unnormalised.
+    gen = torch.Generator().manual_seed(2024)
+    dirs = torch.randn(128, 2, generator=gen, dtype=torch.float64)
+    reference = target.sample(built.k * n, gen)
+    direct = SlicedW2.from_points(reference.float(), n, 3.0 * dirs.float())
+    x = target.sample(n, torch.Generator().manual_seed(5))
+    assert direct.k == built.k and direct(x) == pytest.approx(built(x), rel=1e-6)
+    with pytest.raises(ValueError, match="reference: expected a multiple of n = 500 points, got 501"):
+        SlicedW2.from_points(reference[:501], n, dirs)

@@ -34,6 +34,7 @@ import torch
 import lazyinterp as li
 from lazyinterp.bench import gmm_2d
 from lazyinterp.fetch import atomic_path, save_figure
+from lazyinterp.metrics import SlicedW2
 
 NFES = (1, 2, 3, 4, 6, 8, 12, 16)
 SAMPLES, TARGET_POINTS, DIRECTIONS = 16000, 48000, 64
@@ -160,15 +161,9 @@ def _sample_and_score(name: str, seed: int, samples: int, net: torch.nn.Module, 
     data = TARGETS[name]
     model = li.Model(net, "linear", "velocity")
     z = torch.randn(samples, 2, generator=torch.Generator().manual_seed(seed + 1))
-    repeat = -(-TARGET_POINTS // samples)
-    target = data(repeat * samples, torch.Generator().manual_seed(seed + 2))
+    target = data(-(-TARGET_POINTS // samples) * samples, torch.Generator().manual_seed(seed + 2))
     directions = torch.randn(DIRECTIONS, 2, generator=torch.Generator().manual_seed(seed + 3))
-    directions /= directions.norm(dim=1, keepdim=True)
-    sorted_target = torch.sort(target @ directions.T, dim=0).values
-
-    def sliced_w2(x: torch.Tensor) -> float:
-        projected = torch.sort(x.float() @ directions.T, dim=0).values.repeat_interleave(repeat, dim=0)
-        return float(((projected - sorted_target) ** 2).mean().sqrt())
+    sliced_w2 = SlicedW2.from_points(target, samples, directions)
 
     reference = li.sample(model, z, steps=500, solver="heun")
     floor = sliced_w2(data(samples, torch.Generator().manual_seed(seed + 4)))
