@@ -180,9 +180,10 @@ def test_mode_scale_multiplies_the_component_covariances_and_keeps_the_rest():
     assert scale_modes(base, 1.0) is base
 
 
-@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), True, "2"])
-def test_mode_scale_refuses_what_is_not_a_positive_number(bad):
-    with pytest.raises(ValueError, match="mode_scale"):
+@pytest.mark.parametrize("bad, error", [(0.0, ValueError), (-1.0, ValueError), (float("nan"), ValueError),
+                                        (float("inf"), ValueError), (True, TypeError), ("2", TypeError)])
+def test_mode_scale_refuses_what_is_not_a_positive_number(bad, error):
+    with pytest.raises(error, match="^mode_scale: expected a positive"):
         check_mode_scale(bad)
 
 

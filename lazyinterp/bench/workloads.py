@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .. import distributed
+from ..checks import check_positive
 from ..distributed import Context
 from ..fetch import sha256_file
 from ..metrics import SLICED_DIRECTIONS, SlicedW2
@@ -97,12 +98,10 @@ def scale_modes(target: GaussianMixture, scale: float) -> GaussianMixture:
 def check_mode_scale(mode_scale: Any, workload: str | None = None) -> float:
     """``mode_scale`` as a float, refused unless finite and positive, and unless 1 for ``workload`` "mnist", which
     has no modes to scale."""
-    if isinstance(mode_scale, bool) or not isinstance(mode_scale, (int, float)) \
-            or not math.isfinite(mode_scale) or mode_scale <= 0:
-        raise ValueError(f"mode_scale: expected a finite number > 0, got {mode_scale!r}")
+    mode_scale = check_positive(mode_scale, "mode_scale")
     if workload == "mnist" and mode_scale != 1.0:
         raise ValueError("mode_scale: only the mixture workloads (gmm-2d, gmm-64d) have modes to scale")
-    return float(mode_scale)
+    return mode_scale
 
 
 def _gmm_workload(name: str, n: int, mode_scale: float = 1.0) -> Workload:
