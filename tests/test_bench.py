@@ -23,6 +23,7 @@ from lazyinterp.bench import (
     run_bench,
     scale_modes,
     sde_reference_grid,
+    summary,
 )
 
 HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
@@ -122,6 +123,12 @@ def test_gmm2d_bench_writes_valid_outputs(tmp_path):
         assert (r["path_error"] is None) == r["stochastic"]
     table = out_md.read_text()
     assert "| lazy VP Euler, uniform grid | ours |" in table and "**" in table
+    # The summary: lazy Euler at 1 and 2 NFE against linear Euler at 2 and 4, as in the rows themselves.
+    assert [e["n"] for e in data["summary"]["euler_vs_linear_euler_2n"]] == [1, 2]
+    for e in data["summary"]["euler_vs_linear_euler_2n"]:
+        assert e["linear_value"] == value[("linear-euler", 2 * e["n"])]
+        assert e["lazy_value"] == min(value[(name, e["n"])] for name in ("lazy-vp-euler", "lazy-vp-euler-model-grid"))
+    assert "Lazy Euler at N NFE" in table
     assert "Reference: linear Heun at 40 NFE" in table
     assert table in result.stdout
     assert out_png.read_bytes()[:8] == PNG_MAGIC
@@ -416,3 +423,42 @@ def test_the_code_identity_changes_with_any_source_file_subpackages_included(tmp
     assert code_identity(tmp_path) not in (before, changed)
     assert len(code_identity()) == 64 and code_identity() == code_identity()
 
+
+
+def test_euler_rows_are_the_deterministic_one_evaluation_euler_samplers():
+    schedules = {s.name: s.euler_schedule for s in SAMPLERS}
+    assert schedules["linear-euler"] == "linear"
+    assert schedules["lazy-vp-euler-alpha"] == schedules["lazy-vp-cov-euler-denoise"] == "lazy-vp"
+    for name in ("linear-ab2", "lazy-vp-ab2", "lazy-vp-heun", "point-mass-sde", "fm-euler", "linear-em-clipped"):
+        assert schedules[name] is None, name
+
+
+def _row(sampler, family, nfe, value, path_error=None):
+    return {"sampler": sampler, "label": sampler.upper(), "family": family, "nfe": nfe, "value": value,
+            "path_error": path_error}
+
+
+def test_summary_sets_the_best_of_ours_against_the_rest_and_lazy_euler_against_linear_euler_at_twice_the_nfe():
+    results = {"nfe": [1, 2, 4], "results": [
+        _row("fm-euler", "peer", 1, 2.0), _row("fm-euler", "peer", 2, 1.0), _row("fm-euler", "peer", 4, 0.5),
+        _row("linear-euler", "baseline", 1, 4.0, 3.0), _row("linear-euler", "baseline", 2, 0.8, 0.6),
+        _row("linear-euler", "baseline", 4, 0.4, 0.3),
+        _row("lazy-vp-euler", "ours", 1, 1.0, 0.7), _row("lazy-vp-euler", "ours", 2, 0.6, 0.5),
+        _row("lazy-vp-cov-euler", "ours", 1, 1.2, 0.9), _row("lazy-vp-cov-euler", "ours", 2, 0.5, 0.2),
+        _row("lazy-vp-ab2", "ours", 1, 0.1), _row("lazy-vp-ab2", "ours", 4, 0.2),
+    ]}
+    data = summary(results)
+    best = {b["nfe"]: (b["ours"], b["ours_value"], b["rest"], b["rest_value"], b["ratio"]) for b in data["best"]}
+    assert best[1] == ("lazy-vp-ab2", 0.1, "fm-euler", 2.0, pytest.approx(0.05))
+    assert best[2] == ("lazy-vp-cov-euler", 0.5, "linear-euler", 0.8, pytest.approx(0.625))
+    assert best[4] == ("lazy-vp-ab2", 0.2, "linear-euler", 0.4, pytest.approx(0.5))
+    # AB2 is not Euler; N = 4 has no linear Euler at 8 and no lazy Euler row.
+    euler = {e["n"]: e for e in data["euler_vs_linear_euler_2n"]}
+    assert set(euler) == {1, 2}
+    assert (euler[1]["lazy"], euler[1]["lazy_value"], euler[1]["linear_value"]) == ("lazy-vp-euler", 1.0, 0.8)
+    assert euler[1]["ratio"] == pytest.approx(1.25) and euler[1]["linear_path_error"] == 0.6
+    assert (euler[2]["lazy"], euler[2]["lazy_path_error"], euler[2]["linear_value"]) == ("lazy-vp-cov-euler", 0.2, 0.4)
+    report = markdown_report({**results, "workload": "w", "metric_label": "m", "n": 1, "seed": 0,
+                              "reference": {"nfe": 10, "steps": 5, "value": 0.1}})
+    assert "| 2 | LAZY-VP-COV-EULER | 0.5 | 0.2 | 0.4 | 0.3 | 1.25 |" in report
+    assert "| 1 | LAZY-VP-AB2 | 0.1 | FM-EULER | 2 | 0.05 |" in report

@@ -52,6 +52,11 @@ Solver++ and UniPC N, and flow_matching's midpoint rule 2 per step. Every run is
 evaluation counter (minus the one-off evaluations that estimate E[X] and σ for the lazy schedules, reported as
 ``estimation_nfe``); a (sampler, K) pair that cannot reach K exactly is listed in ``skipped``.
 
+**Summary** (:func:`~lazyinterp.bench.report.summary`, the JSON's ``summary`` and the Markdown under the value
+table): at each NFE the lowest value of ours against the lowest of the peers and baselines; and at each N the best
+deterministic Euler-type row on the lazy VP schedule (:attr:`SamplerDef.euler_schedule`) at N NFE against linear
+Euler at 2N, values and path errors.
+
 **Peers** are driven through their own packages (the ``bench`` extra: ``diffusers``, ``flow_matching``).
 diffusers writes x_σ = (1 − σ) x_data + σ ε with the model predicting ε − x_data = −v(1 − σ, x), and its
 ``timesteps`` are 1000 σ; the model is evaluated at σ = timestep/1000, as diffusers pipelines do (DPM-Solver++
@@ -72,7 +77,7 @@ from .cache import RunCache, code_identity, default_work_dir
 from .command import bench
 from .overhead import OVERHEAD_SAMPLERS, OVERHEAD_SDE_NOISES, measure_overhead
 from .peers import PEER_PACKAGES, diffusers_sample, flow_matching_sample, linear_velocity
-from .report import markdown_report, plot_results, write_json, write_text
+from .report import markdown_report, plot_results, summary, write_json, write_text
 from .runs import RunFailed, run_batch, run_sampler
 from .samplers import (
     FAMILIES,
@@ -106,5 +111,6 @@ __all__ = [
     "SlicedW2", "Workload", "bench", "check_mode_scale", "check_run_arguments", "code_identity", "default_work_dir",
     "diffusers_sample", "flow_matching_sample", "gmm_2d", "gmm_64d", "linear_velocity", "make_workload",
     "markdown_report", "measure_overhead", "parse_nfe", "plot_results", "run_batch", "run_bench", "run_sampler",
-    "scale_modes", "sde_reference_grid", "select_samplers", "solves_reference_sde", "write_json", "write_text",
+    "scale_modes", "sde_reference_grid", "select_samplers", "solves_reference_sde", "summary", "write_json",
+    "write_text",
 ]

@@ -21,7 +21,7 @@ from ..solvers import count_nfe
 from .cache import RunCache, code_identity, default_work_dir
 from .overhead import OVERHEAD_BATCH, OVERHEAD_REPEATS, OVERHEAD_STEPS, measure_overhead
 from .peers import PEER_PACKAGES, import_peers, peer_available
-from .report import format_value, json_safe
+from .report import format_value, json_safe, summary
 from .runs import RunFailed, run_sampler
 from .samplers import (
     MAX_REFERENCE_NFE,
@@ -293,6 +293,7 @@ def run_bench(workload: str = "gmm-2d", *, nfe: str | Iterable[int] = DEFAULT_NF
             out["overhead_cuda_graph"] = measure_overhead(mdl, wl.sample_shape, wl.dtype, seed=seed,
                                                           device=noise.device, cuda_graph=True)
         out["overhead_setup"] = {"batch": OVERHEAD_BATCH, "steps": OVERHEAD_STEPS, "repeats": OVERHEAD_REPEATS}
+    out["summary"] = summary(out)
     out["seconds"] = round(time.perf_counter() - started, 2)
     out = json_safe(out)
     if finish is not None and ctx.is_main:

@@ -8,6 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from ..fetch import atomic_path, save_figure
+from .samplers import SAMPLERS
+
+# The schedules whose Euler rows the summary sets against linear Euler at twice the NFE.
+LAZY_SCHEDULES = ("lazy-vp",)
 
 
 def format_value(value: float | None) -> str:
@@ -40,6 +44,71 @@ def _table(results: dict, key: str) -> list[str]:
     return lines
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b is not None and b > 0 else None
+
+
+def summary(results: dict) -> dict[str, list[dict[str, Any]]]:
+    """What the tables say about ours against the rest, from ``results`` alone.
+
+    ``best``: per NFE, the lowest value among ours and among the peers and baselines, with ``ratio`` = ours / rest.
+    ``euler_vs_linear_euler_2n``: per N, the best deterministic Euler-type sampler on a lazy schedule at N NFE
+    against linear Euler at 2N NFE (value and path error each); ``ratio`` < 1 means the lazy one is better.
+    """
+    rows = results["results"]
+    best = []
+    for k in results["nfe"]:
+        at_k = [r for r in rows if r["nfe"] == k and r.get("value") is not None]
+        ours = min((r for r in at_k if r["family"] == "ours"), key=lambda r: r["value"], default=None)
+        rest = min((r for r in at_k if r["family"] in ("peer", "baseline")), key=lambda r: r["value"], default=None)
+        if ours is None or rest is None:
+            continue
+        best.append({"nfe": k, "ours": ours["sampler"], "ours_value": ours["value"], "rest": rest["sampler"],
+                     "rest_value": rest["value"], "ratio": _ratio(ours["value"], rest["value"])})
+    by_name = {s.name: s for s in SAMPLERS}
+    lazy = [r for r in rows if r["sampler"] in by_name and r.get("value") is not None
+            and by_name[r["sampler"]].euler_schedule in LAZY_SCHEDULES]
+    linear = {r["nfe"]: r for r in rows if r["sampler"] == "linear-euler" and r.get("value") is not None}
+    euler = []
+    for k in results["nfe"]:
+        best_lazy = min((r for r in lazy if r["nfe"] == k), key=lambda r: r["value"], default=None)
+        twice = linear.get(2 * k)
+        if best_lazy is None or twice is None:
+            continue
+        euler.append({"n": k, "lazy": best_lazy["sampler"], "lazy_value": best_lazy["value"],
+                      "lazy_path_error": best_lazy.get("path_error"), "linear_value": twice["value"],
+                      "linear_path_error": twice.get("path_error"),
+                      "ratio": _ratio(best_lazy["value"], twice["value"])})
+    return {"best": best, "euler_vs_linear_euler_2n": euler}
+
+
+def _summary_lines(results: dict) -> list[str]:
+    data = summary(results)
+    labels = {r["sampler"]: r["label"] for r in results["results"]}
+    lines: list[str] = []
+    if data["best"]:
+        lines += ["", "Best of ours against the best peer or baseline at each NFE (ratio = ours / theirs):", "",
+                  "| NFE | best of ours | value | best peer or baseline | value | ratio |",
+                  "|---:|---|---:|---|---:|---:|"]
+        lines += [f"| {b['nfe']} | {labels[b['ours']]} | {format_value(b['ours_value'])} | {labels[b['rest']]} | "
+                  f"{format_value(b['rest_value'])} | {format_ratio(b['ratio'])} |" for b in data["best"]]
+    if data["euler_vs_linear_euler_2n"]:
+        lines += ["", "Lazy Euler at N NFE (the best Euler-type lazy VP row) against linear Euler at 2N "
+                  "(ratio = lazy / linear, values):", "",
+                  "| N | lazy Euler at N | value | path error | linear Euler at 2N: value | path error | ratio |",
+                  "|---:|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {e['n']} | {labels[e['lazy']]} | {format_value(e['lazy_value'])} | "
+                  f"{format_value(e['lazy_path_error'])} | {format_value(e['linear_value'])} | "
+                  f"{format_value(e['linear_path_error'])} | {format_ratio(e['ratio'])} |"
+                  for e in data["euler_vs_linear_euler_2n"]]
+    return lines
+
+
+def format_ratio(value: float | None) -> str:
+    """Two decimals, or a dash."""
+    return "–" if value is None else f"{value:.2f}"
+
+
 def percentages(fractions: dict[str, float]) -> str:
     """"name 1.23%, ..." for a {name: fraction} mapping."""
     return ", ".join(f"{k} {100 * v:.2f}%" for k, v in fractions.items())
@@ -59,6 +128,7 @@ def markdown_report(results: dict) -> str:
                      f"{format_value(ref['noise_floor'])} ± {format_value(ref.get('noise_floor_std'))}")
     lines += [ref_line + ".", ""]
     lines += _table(results, "value")
+    lines += _summary_lines(results)
     if any(r.get("path_error") is not None for r in results["results"]):
         lines += ["", f"Path error: mean ‖x − x_ref‖₂ per sample to the reference ({ref['nfe']}-NFE linear Heun) "
                   "from the same noise; ODE samplers only.", ""]

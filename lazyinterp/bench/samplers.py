@@ -32,6 +32,15 @@ class SamplerDef:
     stochastic: bool = False
 
     @property
+    def euler_schedule(self) -> str | None:
+        """The schedule of a deterministic Euler-type sampler of li.sample (Euler in its own time variable or in α,
+        one evaluation a step), else None: the rows that the report's "Euler at N against linear Euler at 2N"
+        compares."""
+        if self.kind != "li" or self.stochastic or self.options.get("solver", "euler") not in ("euler", "euler-alpha"):
+            return None
+        return self.options["schedule"]
+
+    @property
     def known_start(self) -> bool:
         """li.sample's default for this sampler: the lazy schedules centre, so their drift at t = 0 is free."""
         return self.kind == "li" and default_known_start(self.options["schedule"])
