@@ -16,6 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("diffusers")
 
 from diffusers import (  # noqa: E402
+    CogView4Pipeline,
+    CogView4Transformer2DModel,
     DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
     FlowMatchHeunDiscreteScheduler,
@@ -24,6 +26,8 @@ from diffusers import (  # noqa: E402
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     UNet2DModel,
+    WanPipeline,
+    WanTransformer3DModel,
 )
 
 import lazyinterp as li  # noqa: E402
@@ -406,6 +410,130 @@ def test_default_solver_is_li_samples_and_stays_a_default_in_the_config(tmp_path
     explicit.save_pretrained(tmp_path / "explicit")
     loaded = LazyScheduler.from_pretrained(tmp_path / "explicit")
     assert loaded.solver == "ab2" and loaded.config.solver == "ab2"
+
+
+# Custom timesteps --------------------------------------------------------------------------------------------------
+
+CUSTOM_TIMESTEPS = {
+    # CogView4 passes both: the sigmas (dynamically shifted, linear time shift) drive the solver, and the network
+    # sees the unshifted timesteps.
+    "timesteps and sigmas": (dict(use_dynamic_shifting=True, base_shift=0.25, max_shift=0.75,
+                                  base_image_seq_len=256, time_shift_type="linear"), True, 0.7),
+    # Timesteps alone give the sigmas, shifted, and are seen by the network as given.
+    "timesteps alone, shift 3": (dict(shift=3.0), False, None),
+}
+
+
+def labelled_steps(scheduler, base, mixture, z):
+    """``scheduler`` stepped on the exact flow model of ``mixture`` by a network that reads its noise level from
+    the timestep label as ``base`` (FlowMatchEulerDiscreteScheduler) pairs them: σ = base.sigmas[k] at
+    base.timesteps[k], and 0 at label 0."""
+    noise_level = {float(t): float(s) for t, s in zip(base.timesteps, base.sigmas[:-1], strict=True)} | {0.0: 0.0}
+    x = z.clone()
+    for t in scheduler.timesteps:
+        x = scheduler.step(-mixture.predict(x, 1 - noise_level[float(t)], "linear"), t, x).prev_sample
+    return x
+
+
+@pytest.mark.filterwarnings("ignore:.timesteps. were passed without")
+@pytest.mark.parametrize("case", list(CUSTOM_TIMESTEPS))
+@pytest.mark.parametrize("steps", [1, 4, 7])
+def test_custom_timesteps_label_the_nodes_as_flow_match_euler_does(case, steps, mixture):
+    """Custom timesteps reach the network as given, as FlowMatchEulerDiscreteScheduler passes them, while the
+    solver steps between the (shifted) sigmas: linear Euler is that scheduler, and lazy VP on N(0, I) latents with
+    a network that reads σ from the label returns its initial latents."""
+    config, with_sigmas, mu = CUSTOM_TIMESTEPS[case]
+    labels = np.linspace(1000, 1, steps).astype(np.int64).astype(np.float32)
+    args = dict(timesteps=labels, mu=mu) | (dict(sigmas=labels / 1000) if with_sigmas else {})
+    base = FlowMatchEulerDiscreteScheduler(**config)
+    base.set_timesteps(**args)
+    z = torch.randn(3, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    ref = z.clone()
+    for t in base.timesteps:
+        ref = base.step(-mixture.predict(ref, 1 - float(base.sigmas[base.step_index or 0]), "linear"), t,
+                        ref).prev_sample
+    ours = LazyScheduler.from_config(base.config, schedule="linear", diffusion="ode", solver="euler")
+    ours.set_timesteps(**args)
+    torch.testing.assert_close(ours.timesteps, base.timesteps, rtol=0, atol=0)
+    torch.testing.assert_close(ours.sigmas, base.sigmas, rtol=0, atol=1e-7)
+    torch.testing.assert_close(labelled_steps(ours, base, mixture, z), ref, rtol=1e-6, atol=1e-6)
+    standard = li.GaussianMixture.gaussian(torch.zeros(2, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    for solver in ("euler", "ab2", "heun"):
+        lazy_vp = LazyScheduler.from_config(base.config, schedule="lazy-vp", sigma=1.0, solver=solver)
+        lazy_vp.set_timesteps(**args)
+        torch.testing.assert_close(labelled_steps(lazy_vp, base, standard, z), z, rtol=1e-6, atol=1e-6)
+
+
+def test_custom_timesteps_errors():
+    sched = LazyScheduler()
+    with pytest.raises(ValueError, match="sigmas, timesteps: expected the same length, got 2 and 3"):
+        sched.set_timesteps(sigmas=[1.0, 0.5], timesteps=[1000.0, 500.0, 1.0])
+    with pytest.raises(ValueError, match="timesteps: expected finite values"):
+        sched.set_timesteps(sigmas=[1.0, 0.5], timesteps=[1000.0, math.nan])
+    with pytest.raises(TypeError, match="timesteps: expected a 1-D sequence of numbers, got str"):
+        sched.set_timesteps(timesteps="1000")
+
+
+# Other flow pipelines ----------------------------------------------------------------------------------------------
+
+class SameSigmas(FlowMatchEulerDiscreteScheduler):
+    """FlowMatchEulerDiscreteScheduler on LazyScheduler's default sigmas linspace(1, 1/N, N) when a pipeline passes
+    only N, so that the two can be compared in pipelines that do (Wan)."""
+
+    def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None):
+        if sigmas is None and timesteps is None:
+            sigmas, num_inference_steps = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps), None
+        super().set_timesteps(num_inference_steps, device, sigmas=sigmas, mu=mu, timesteps=timesteps)
+
+
+def other_pipeline(kind: str, scheduler) -> tuple:
+    """A tiny CogView4 (which passes timesteps and sigmas) or Wan (which passes only N, on 5-D video latents)
+    pipeline, with its call arguments."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(5)
+    if kind == "cogview4":
+        transformer = CogView4Transformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+                                                 attention_head_dim=4, num_attention_heads=4, text_embed_dim=32,
+                                                 time_embed_dim=8, condition_dim=4, rope_axes_dim=(2, 2)).eval()
+        pipe = CogView4Pipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler,
+                                transformer=transformer)
+        embeds = torch.randn(1, 16, 32, generator=g)
+        args = dict(prompt_embeds=embeds, negative_prompt_embeds=embeds, latents=torch.randn(1, 4, 4, 4, generator=g))
+    else:
+        transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                            in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
+                                            num_layers=1, rope_max_seq_len=32).eval()
+        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=transformer)
+        args = dict(prompt_embeds=torch.randn(1, 5, 16, generator=g), num_frames=1,
+                    latents=torch.randn(1, 4, 1, 4, 4, generator=g))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, dict(guidance_scale=1.0, height=32, width=32, output_type="latent", **args)
+
+
+OTHER_BASE = {"cogview4": lambda: FlowMatchEulerDiscreteScheduler(
+                  base_shift=0.25, max_shift=0.75, base_image_seq_len=256, use_dynamic_shifting=True,
+                  time_shift_type="linear"),
+              "wan": lambda: SameSigmas(shift=3.0)}
+
+
+@pytest.mark.parametrize("kind", ["cogview4", "wan"])
+@pytest.mark.parametrize("steps", [1, 4])
+def test_other_flow_pipelines_run_the_scheduler(kind, steps):
+    """In CogView4 and Wan pipelines, linear Euler is FlowMatchEulerDiscreteScheduler on the same sigmas, and the
+    lazy defaults (ODE and point-mass SDE) return finite latents of the pipeline's shape and dtype."""
+    def final(scheduler):
+        pipe, args = other_pipeline(kind, scheduler)
+        with torch.no_grad():
+            out = pipe(num_inference_steps=steps, **args)
+        return (out.images if kind == "cogview4" else out.frames), args["latents"]
+
+    base = OTHER_BASE[kind]()
+    ref, _ = final(base)
+    ours, _ = final(LazyScheduler.from_config(base.config, schedule="linear", diffusion="ode", solver="euler"))
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    for config in (dict(), dict(schedule="point-mass")):
+        out, start = final(LazyScheduler.from_config(base.config, **config))
+        assert out.shape == start.shape and out.dtype == start.dtype and bool(torch.isfinite(out).all())
 
 
 # Exactness on Gaussian latents --------------------------------------------------------------------------------------

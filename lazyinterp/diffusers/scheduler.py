@@ -74,6 +74,38 @@ def _as_sigmas(sigmas: Any) -> Tensor:
     return s.clamp(max=1.0)
 
 
+def _as_timesteps(timesteps: Any) -> np.ndarray:
+    if isinstance(timesteps, (bool, str, bytes)):
+        raise TypeError(f"timesteps: expected a 1-D sequence of numbers, got {type(timesteps).__name__}")
+    try:
+        values = np.asarray(timesteps.detach().cpu() if isinstance(timesteps, Tensor) else timesteps,
+                            dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"timesteps: expected a 1-D sequence of numbers, got {type(timesteps).__name__}") from exc
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError(f"timesteps: expected a non-empty 1-D sequence, got shape {values.shape}")
+    if not np.isfinite(values).all():
+        raise ValueError("timesteps: expected finite values")
+    return values
+
+
+def _label(sigmas: Tensor, node_sigmas: Tensor, labels: np.ndarray, train_steps: int) -> Tensor:
+    """The network's timesteps at ``sigmas``: ``labels`` at the nodes' (shifted) sigmas, linear in σ between them,
+    through (0, 0) below the last node and (1, ``train_steps``) above the first."""
+    xs = node_sigmas.tolist()[::-1]
+    ys = labels.astype(np.float64).tolist()[::-1]
+    xs, ys = [0.0] + xs, [0.0] + ys
+    if xs[-1] < 1.0:
+        xs, ys = xs + [1.0], ys + [float(train_steps)]
+    out = np.interp(sigmas.numpy(), np.asarray(xs), np.asarray(ys))
+    # Exactly the given values at the nodes, whatever the float rounding of the interpolation.
+    for i, s in enumerate(sigmas.tolist()):
+        hit = [j for j, x in enumerate(xs) if x == s]
+        if hit:
+            out[i] = ys[hit[-1]]
+    return torch.as_tensor(out, dtype=torch.float32)
+
+
 def sigmas_to_grid(sigmas: Any, schedule: Schedule | str) -> Tensor:
     r"""The time grid of ``schedule`` at the same SNR points as diffusers' flow ``sigmas``, ending at t = 1.
 
@@ -200,12 +232,16 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
     (``shift``, ``use_dynamic_shifting`` with ``mu``, ``shift_terminal``, Karras/exponential/beta sigmas); with
     only ``num_inference_steps = N`` the unshifted sigmas are linspace(1, 1/N, N), as FLUX passes (no step is spent
     on 0.001 → 0). Each sigma σ_k is an SNR point: the node is the target time t_k = r'⁻¹(r_lin(1 − σ_k)), and the
-    last node is t = 1 (see :func:`sigmas_to_grid`). Custom ``timesteps`` are read as 1000 σ. :attr:`sigmas` holds
-    the model sigmas 1 − τ(t_k) at the N + 1 nodes and :attr:`grid` the target times t_k.
+    last node is t = 1 (see :func:`sigmas_to_grid`). :attr:`sigmas` holds the model sigmas 1 − τ(t_k) at the N + 1
+    nodes and :attr:`grid` the target times t_k. Custom ``timesteps`` are treated as diffusers treats them: without
+    ``sigmas`` they give σ = timesteps / 1000 before the shift, and with ``sigmas`` (as CogView4 passes them) only
+    label the nodes; either way the network sees them as given at the nodes, and between nodes (the σ probe, Heun's
+    last corrector) a piecewise-linear interpolation of them in σ, through (0, 0).
 
     **Coordinates.** The pipeline calls the transformer on its latents at the exposed ``timesteps``, so the
     latents are kept in the model's coordinates x = y/c_k (+ τ_k μ when centring, below) and ``timesteps`` are the
-    model times 1000 (1 − τ(t_k)) at which the converted predictor evaluates the network. ``step`` maps the
+    model times 1000 (1 − τ(t_k)) at which the converted predictor evaluates the network (or the custom timesteps
+    that label those sigmas). ``step`` maps the
     latents to the target state y = c_k (x − τ_k μ), takes the step under the target schedule and returns the next
     latents x_{k+1} = y_{k+1}/c_{k+1} + τ_{k+1} μ. At t = 1, c = 1 and τ = 1, so the final latents are the sample.
     A higher-precision copy of the state is kept between steps and used while the pipeline leaves the latents it
@@ -502,19 +538,22 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             device: where :attr:`timesteps` live.
             sigmas: custom diffusers sigmas (N values, decreasing, noise first, without the final 0).
             mu: the dynamic shift (required when ``use_dynamic_shifting``).
-            timesteps: custom timesteps, read as 1000 σ (give these or ``sigmas``, not both).
+            timesteps: custom timesteps the network sees at the nodes; without ``sigmas`` also the sigmas,
+                as 1000 σ before the shift.
 
         Raises:
-            ValueError: neither steps nor sigmas/timesteps, both sigmas and timesteps, lengths that disagree, a
-                missing ``mu``, sigmas outside (0, 1] or not decreasing, or a device this machine lacks.
+            ValueError: neither steps nor sigmas/timesteps, lengths that disagree, a missing ``mu``, sigmas outside
+                (0, 1] or not decreasing, timesteps that are not finite, or a device this machine lacks.
         """
         cfg = self.config
         if device is not None:
             device = check_device(device)
-        if sigmas is not None and timesteps is not None:
-            raise ValueError("sigmas, timesteps: pass one of them (timesteps are read as 1000 * sigma)")
-        if timesteps is not None:
-            sigmas = np.asarray(timesteps, dtype=np.float64) / cfg.num_train_timesteps
+        labels = None if timesteps is None else _as_timesteps(timesteps)
+        if labels is not None and sigmas is not None and len(labels) != len(_as_sigmas(sigmas)):
+            raise ValueError(f"sigmas, timesteps: expected the same length, got {len(_as_sigmas(sigmas))} and "
+                             f"{len(labels)}")
+        if labels is not None and sigmas is None:
+            sigmas = labels.astype(np.float64) / cfg.num_train_timesteps
         if sigmas is None:
             if num_inference_steps is None:
                 raise ValueError("num_inference_steps, sigmas: give the number of steps or the sigmas")
@@ -565,12 +604,15 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             if self._solver == "heun" and not (k == n - 1 and denoise):
                 plan.append(("corr", k))
         self._plan = plan
-        entry_sigmas = [self._entry_sigma(role, node) for role, node in plan]
-        self.timesteps = (torch.tensor(entry_sigmas, dtype=_F64) * cfg.num_train_timesteps).to(
-            dtype=torch.float32, device=device)
+        entry_sigmas = torch.tensor([self._entry_sigma(role, node) for role, node in plan], dtype=_F64)
+        if labels is None:
+            self.timesteps = (entry_sigmas * cfg.num_train_timesteps).to(dtype=torch.float32, device=device)
+            # The probe's τ as the network sees it, through the float32 timestep.
+            self._probe_tau = 1 - float(self.timesteps[1]) / cfg.num_train_timesteps if probe else None
+        else:
+            self.timesteps = _label(entry_sigmas, model_sigmas, labels, cfg.num_train_timesteps).to(device=device)
+            self._probe_tau = 1 - float(entry_sigmas[1]) if probe else None
         self.sigmas = node_sigmas.to(torch.float32)
-        # The probe's τ as the network sees it, through the float32 timestep.
-        self._probe_tau = 1 - float(self.timesteps[1]) / cfg.num_train_timesteps if probe else None
         self._begin_index = None
         self._reset_run()
 
