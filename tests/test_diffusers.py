@@ -771,6 +771,9 @@ def test_errors_name_the_argument():
         LazyScheduler(schedule="lazy-vp", sigma=-1.0)
     with pytest.raises(ValueError, match="invert_sigmas"):
         LazyScheduler(invert_sigmas=True)
+    with pytest.raises(ValueError, match="stochastic_sampling: FlowMatchEuler's re-noising"):
+        LazyScheduler.from_config(FlowMatchEulerDiscreteScheduler(stochastic_sampling=True).config)
+    assert LazyScheduler.from_config(FlowMatchEulerDiscreteScheduler().config).config.stochastic_sampling is False
     with pytest.raises(ValueError, match="sde_noise: expected one of independent, keyed, brownian"):
         LazyScheduler(schedule="point-mass", diffusion="optimal", sde_noise="pink")
     for sde_noise in ("keyed", "brownian"):
@@ -809,6 +812,8 @@ def test_errors_name_the_argument():
     sched.set_timesteps(2)
     with pytest.raises(ValueError, match="timestep"):
         sched.step(torch.zeros(1, 2), 123.0, torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="per_token_timesteps: a noise level per token is not supported"):
+        sched.step(torch.zeros(1, 2), sched.timesteps[0], torch.zeros(1, 2), per_token_timesteps=torch.ones(1, 2))
 
 
 def test_import_lazyinterp_does_not_import_diffusers():

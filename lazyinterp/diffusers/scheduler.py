@@ -331,6 +331,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             ``FlowMatchEulerDiscreteScheduler``; they shape the sigmas before the SNR matching.
         invert_sigmas: must be False (Mochi's inverted convention is not supported).
         use_flow_sigmas: read by FLUX pipelines; when True they pass only ``num_inference_steps``.
+        stochastic_sampling: must be False (kept in the config, which some pipelines read); ``diffusion`` gives
+            SDEs that keep the marginals.
         covariance: a :class:`~lazyinterp.Covariance` or (D, D) tensor for covariance-matched lazy VP (above).
         sde_noise: ``"independent"``, ``"keyed"`` or ``"brownian"``, as in ``li.sample`` (Noise, above).
 
@@ -351,10 +353,15 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                  max_image_seq_len: int = 4096, time_shift_type: str = "exponential",
                  shift_terminal: float | None = None, use_karras_sigmas: bool = False,
                  use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False, invert_sigmas: bool = False,
-                 use_flow_sigmas: bool = False, covariance: Any = None, sde_noise: str = "independent"):
+                 use_flow_sigmas: bool = False, covariance: Any = None, sde_noise: str = "independent",
+                 stochastic_sampling: bool = False):
         if sde_noise not in SDE_NOISES:
             raise ValueError(f"sde_noise: expected one of {', '.join(SDE_NOISES)}, got {sde_noise!r}")
         self._sde_noise = sde_noise
+        if stochastic_sampling:
+            raise ValueError("stochastic_sampling: FlowMatchEuler's re-noising from the data prediction does not keep "
+                             "the marginals; pass stochastic_sampling=False, and diffusion='optimal' or a number "
+                             "for an SDE that does")
         if invert_sigmas:
             raise ValueError("invert_sigmas: inverted sigmas are not supported; flow models here go from noise "
                              "(sigma 1) to data (sigma 0)")
@@ -878,7 +885,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                                                       and torch.equal(sample, ret)))
 
     def step(self, model_output: Tensor, timestep: Any, sample: Tensor, generator: Any = None,
-             return_dict: bool = True) -> LazySchedulerOutput | tuple:
+             return_dict: bool = True, per_token_timesteps: Tensor | None = None) -> LazySchedulerOutput | tuple:
         """One model evaluation's worth of sampling: returns the latents for the next evaluation.
 
         Args:
@@ -887,6 +894,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             sample: the latents the transformer was called on.
             generator: a torch.Generator (or one per sample) for SDE noise; see the class docstring.
             return_dict: return a :class:`LazySchedulerOutput` instead of a tuple.
+            per_token_timesteps: must be None; one noise level per token (LTX conditioning) has no single
+                conversion to another schedule.
 
         Returns:
             The next latents in ``model_output``'s dtype (and the data prediction), the final sample after the
@@ -894,6 +903,9 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         """
         if self._plan is None:
             raise ValueError("set_timesteps: call it before step")
+        if per_token_timesteps is not None:
+            raise ValueError("per_token_timesteps: a noise level per token is not supported; the schedule "
+                             "conversion needs one noise level per sample")
         if not isinstance(model_output, Tensor) or not isinstance(sample, Tensor):
             raise TypeError("model_output, sample: expected tensors")
         if model_output.shape != sample.shape:
