@@ -472,6 +472,9 @@ def test_custom_timesteps_errors():
         sched.set_timesteps(sigmas=[1.0, 0.5], timesteps=[1000.0, math.nan])
     with pytest.raises(TypeError, match="timesteps: expected a 1-D sequence of numbers, got str"):
         sched.set_timesteps(timesteps="1000")
+    for bad in ([1500.0, 500.0], [500.0, 900.0], [1000.0, 0.0]):
+        with pytest.raises(ValueError, match=r"timesteps: expected values in \(0, 1000\], strictly decreasing"):
+            sched.set_timesteps(timesteps=bad)
 
 
 # Other flow pipelines ----------------------------------------------------------------------------------------------

@@ -561,6 +561,11 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                              f"{len(labels)}")
         if labels is not None and sigmas is None:
             sigmas = labels.astype(np.float64) / cfg.num_train_timesteps
+            try:
+                _as_sigmas(sigmas)
+            except ValueError as exc:
+                raise ValueError(f"timesteps: expected values in (0, {cfg.num_train_timesteps}], strictly "
+                                 f"decreasing, got {labels.tolist()}") from exc
         if sigmas is None:
             if num_inference_steps is None:
                 raise ValueError("num_inference_steps, sigmas: give the number of steps or the sigmas")
