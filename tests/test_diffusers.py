@@ -29,6 +29,7 @@ from diffusers import (  # noqa: E402
     WanPipeline,
     WanTransformer3DModel,
 )
+from diffusers.pipelines.cogview4.pipeline_cogview4 import calculate_shift as cogview4_shift  # noqa: E402
 
 import lazyinterp as li  # noqa: E402
 from lazyinterp.diffusers import (  # noqa: E402
@@ -410,6 +411,31 @@ def test_default_solver_is_li_samples_and_stays_a_default_in_the_config(tmp_path
     explicit.save_pretrained(tmp_path / "explicit")
     loaded = LazyScheduler.from_pretrained(tmp_path / "explicit")
     assert loaded.solver == "ab2" and loaded.config.solver == "ab2"
+
+
+@pytest.mark.parametrize("solver", ["euler", None])
+@pytest.mark.parametrize("steps", [1, 3, 6])
+def test_cogview4_latents_equal_li_sample_with_its_timestep_map(solver, steps):
+    """CogView4 feeds its transformer the unshifted timesteps 1000 s while the latents sit at the shifted
+    σ = μ/(μ + 1/s − 1): li.sample on the adapter with that map as ``timestep_fn`` gives the pipeline's latents."""
+    scheduler = LazyScheduler.from_config(OTHER_BASE["cogview4"]().config, schedule="lazy-vp", sigma=0.8,
+                                          solver=solver)
+    pipe, args = other_pipeline("cogview4", scheduler)
+    with torch.no_grad():
+        out = pipe(num_inference_steps=steps, **args).images
+    mu = cogview4_shift(4, 256, 0.25, 0.75)  # 32×32 pixels: 4×4 latents, 2×2 patches
+    size = torch.tensor([[32.0, 32.0]])
+    model = flow_transformer_model(pipe.transformer, encoder_hidden_states=args["prompt_embeds"], original_size=size,
+                                   target_size=size, crop_coords=torch.zeros(1, 2),
+                                   timestep_fn=lambda sigma: 1000 * sigma / (sigma + mu * (1 - sigma)))
+    z = args["latents"]
+    mean = model.eta(z, 0.0)[1]
+    with torch.no_grad():
+        ref = li.sample(li.CenteredModel(model, mean), z, grid=scheduler.grid, schedule=scheduler._target,
+                        solver=solver, center=False)
+    torch.testing.assert_close(out, ref + mean, rtol=1e-5, atol=2e-5)
+    with pytest.raises(TypeError, match="timestep_fn: expected a function of sigma, given without timestep_scale"):
+        flow_transformer_model(pipe.transformer, timestep_fn=lambda s: s, timestep_scale=1.0)
 
 
 # Custom timesteps --------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ DDPM-style UNets on a continuous VP schedule."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -71,13 +72,17 @@ def _flux_image_ids(height: int, width: int, device: DeviceLike, dtype: torch.dt
 
 
 def flow_transformer_model(transformer: Any, *, guidance_scale: float = 1.0, negative_kwargs: dict | None = None,
-                           timestep_scale: float | None = None, **fixed_kwargs: Any) -> Model:
+                           timestep_scale: float | None = None,
+                           timestep_fn: Callable[[Tensor], Tensor] | None = None, **fixed_kwargs: Any) -> Model:
     r"""A diffusers flow transformer with fixed conditioning as an :class:`~lazyinterp.Model` (linear, velocity).
 
     The network is called as ``transformer(hidden_states=x, timestep=σ·scale, **fixed_kwargs)`` with σ = 1 − t,
     and lazyinterp's velocity is v = −output (diffusers predicts ε − x_data). SD3 and most transformers take
     ``timestep`` = 1000 σ; FLUX pipelines divide by 1000, so FLUX transformers get σ (``timestep_scale`` defaults
-    to 1 for FLUX classes and 1000 otherwise).
+    to 1 for FLUX classes and 1000 otherwise). A transformer whose timestep is not proportional to σ takes
+    ``timestep_fn``, σ ↦ timestep: CogView4's pipeline passes the unshifted timesteps 1000 s while the latents sit
+    at σ = μ/(μ + 1/s − 1) (its linear time shift with the pipeline's ``mu``), so there
+    ``timestep_fn=lambda sigma: 1000 * sigma / (sigma + mu * (1 - sigma))``.
 
     FLUX works on packed latents (B, H/2·W/2, 4C) with ``img_ids`` and ``txt_ids``. Either pass packed noise with
     those ids (as the pipeline builds them), or pass unpacked (B, C, H, W) noise: it is packed for the call and
@@ -97,6 +102,7 @@ def flow_transformer_model(transformer: Any, *, guidance_scale: float = 1.0, neg
         guidance_scale: the CFG weight w (1 disables it).
         negative_kwargs: the keyword arguments that differ for the unconditional branch.
         timestep_scale: the multiplier from σ to the transformer's ``timestep``.
+        timestep_fn: instead of ``timestep_scale``, a function from σ (a float64 CPU tensor) to the timesteps.
         **fixed_kwargs: the transformer's other inputs (``encoder_hidden_states``, ``pooled_projections``, …).
     """
     if not callable(transformer):
@@ -109,6 +115,8 @@ def flow_transformer_model(transformer: Any, *, guidance_scale: float = 1.0, neg
         raise ValueError("negative_kwargs: classifier-free guidance (guidance_scale != 1) needs the negative "
                          "conditioning")
     flux = _is_flux(transformer)
+    if timestep_fn is not None and (timestep_scale is not None or not callable(timestep_fn)):
+        raise TypeError("timestep_fn: expected a function of sigma, given without timestep_scale")
     scale = float(timestep_scale) if timestep_scale is not None else (1.0 if flux else 1000.0)
     neg = dict(negative_kwargs or {})
     missing = sorted(set(neg) - set(fixed_kwargs))
@@ -141,7 +149,9 @@ def flow_transformer_model(transformer: Any, *, guidance_scale: float = 1.0, neg
             kwargs["txt_ids"] = torch.zeros(kwargs["encoder_hidden_states"].shape[1], 3, device=hidden.device,
                                             dtype=dtype)
         # Float64 on the CPU: accelerators such as MPS have no float64.
-        sigma = ((1 - t.detach().to("cpu", _F64)) * scale).to(device=hidden.device, dtype=dtype)
+        noise_level = 1 - t.detach().to("cpu", _F64)
+        label = scale * noise_level if timestep_fn is None else torch.as_tensor(timestep_fn(noise_level))
+        timestep = label.to(device=hidden.device, dtype=dtype)
         if cfg:
             both = dict(kwargs)
             for k, val in neg.items():
@@ -150,11 +160,11 @@ def flow_transformer_model(transformer: Any, *, guidance_scale: float = 1.0, neg
             for k, val in kwargs.items():
                 if k not in neg and isinstance(val, Tensor) and k not in _UNBATCHED and val.ndim > 0:
                     both[k] = torch.cat([val, val])
-            out = call(torch.cat([hidden, hidden]), torch.cat([sigma, sigma]), both)
+            out = call(torch.cat([hidden, hidden]), torch.cat([timestep, timestep]), both)
             uncond, cond = out.chunk(2)
             out = uncond + guidance_scale * (cond - uncond)
         else:
-            out = call(hidden, sigma, kwargs)
+            out = call(hidden, timestep, kwargs)
         if packed is not None:
             out = _unpack_flux(out, *packed)
         return -out
