@@ -23,6 +23,8 @@ from diffusers import (  # noqa: E402
     FlowMatchHeunDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     UNet2DModel,
@@ -516,8 +518,8 @@ class SameSigmas(FlowMatchEulerDiscreteScheduler):
 
 
 def other_pipeline(kind: str, scheduler) -> tuple:
-    """A tiny CogView4 (which passes timesteps and sigmas) or Wan (which passes only N, on 5-D video latents)
-    pipeline, with its call arguments."""
+    """A tiny CogView4 (which passes timesteps and sigmas), Wan (which passes only N, on 5-D video latents) or
+    Qwen-Image (packed latents, dynamic shift) pipeline, with its call arguments."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(5)
     if kind == "cogview4":
@@ -528,6 +530,14 @@ def other_pipeline(kind: str, scheduler) -> tuple:
                                 transformer=transformer)
         embeds = torch.randn(1, 16, 32, generator=g)
         args = dict(prompt_embeds=embeds, negative_prompt_embeds=embeds, latents=torch.randn(1, 4, 4, 4, generator=g))
+    elif kind == "qwenimage":
+        transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
+                                                  attention_head_dim=16, num_attention_heads=2,
+                                                  joint_attention_dim=16, axes_dims_rope=(4, 6, 6)).eval()
+        pipe = QwenImagePipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None,
+                                 transformer=transformer)
+        args = dict(prompt_embeds=torch.randn(1, 7, 16, generator=g), prompt_embeds_mask=torch.ones(1, 7).long(),
+                    latents=torch.randn(1, 4, 16, generator=g))
     else:
         transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
                                             in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
@@ -536,26 +546,31 @@ def other_pipeline(kind: str, scheduler) -> tuple:
         args = dict(prompt_embeds=torch.randn(1, 5, 16, generator=g), num_frames=1,
                     latents=torch.randn(1, 4, 1, 4, 4, generator=g))
     pipe.set_progress_bar_config(disable=True)
-    return pipe, dict(guidance_scale=1.0, height=32, width=32, output_type="latent", **args)
+    guidance = {"true_cfg_scale": 1.0} if kind == "qwenimage" else {"guidance_scale": 1.0}
+    return pipe, dict(height=32, width=32, output_type="latent", **guidance, **args)
 
 
 OTHER_BASE = {"cogview4": lambda: FlowMatchEulerDiscreteScheduler(
                   base_shift=0.25, max_shift=0.75, base_image_seq_len=256, use_dynamic_shifting=True,
                   time_shift_type="linear"),
-              "wan": lambda: SameSigmas(shift=3.0)}
+              "wan": lambda: SameSigmas(shift=3.0),
+              "qwenimage": lambda: FlowMatchEulerDiscreteScheduler(
+                  use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+                  max_image_seq_len=8192)}
 
 
 @pytest.mark.filterwarnings("ignore:sigma. the model's response at the probe")  # a random network has no σ
-@pytest.mark.parametrize("kind", ["cogview4", "wan"])
+@pytest.mark.parametrize("kind", ["cogview4", "wan", "qwenimage"])
 @pytest.mark.parametrize("steps", [1, 4])
 def test_other_flow_pipelines_run_the_scheduler(kind, steps):
-    """In CogView4 and Wan pipelines, linear Euler is FlowMatchEulerDiscreteScheduler on the same sigmas, and the
-    lazy defaults (ODE and point-mass SDE) return finite latents of the pipeline's shape and dtype."""
+    """In CogView4, Wan and Qwen-Image pipelines, linear Euler is FlowMatchEulerDiscreteScheduler on the same
+    sigmas, and the lazy defaults (ODE and point-mass SDE) return finite latents of the pipeline's shape and
+    dtype."""
     def final(scheduler):
         pipe, args = other_pipeline(kind, scheduler)
         with torch.no_grad():
             out = pipe(num_inference_steps=steps, **args)
-        return (out.images if kind == "cogview4" else out.frames), args["latents"]
+        return (out.frames if kind == "wan" else out.images), args["latents"]
 
     base = OTHER_BASE[kind]()
     ref, _ = final(base)
