@@ -37,3 +37,20 @@ def all_schedules():
 
 def gaussian_schedules():
     return [s for s in all_schedules() if s.base == "gaussian"]
+
+
+# Tiny random SD3 and FLUX transformers and their conditioning, for the tests of lazyinterp.diffusers. The imports wait
+# for the first test that asks, so the rest of the suite neither needs nor loads diffusers.
+@pytest.fixture(scope="session")
+def sd3():
+    return pytest.importorskip("diffusers_support").tiny_sd3()
+
+
+@pytest.fixture(scope="session")
+def flux():
+    return pytest.importorskip("diffusers_support").tiny_flux()
+
+
+@pytest.fixture(scope="session")
+def embeds():
+    return pytest.importorskip("diffusers_support").tiny_embeds()
