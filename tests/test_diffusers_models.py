@@ -94,8 +94,10 @@ def test_cogview4_latents_equal_li_sample_with_its_timestep_map(solver, steps):
         ref = li.sample(li.CenteredModel(model, mean), z, grid=scheduler.grid, schedule=scheduler._target,
                         solver=solver, center=False)
     torch.testing.assert_close(out, ref + mean, rtol=1e-5, atol=2e-5)
-    with pytest.raises(TypeError, match="timestep_fn: expected a function of sigma, given without timestep_scale"):
+    with pytest.raises(ValueError, match="timestep_fn, timestep_scale: give one of them"):
         flow_transformer_model(pipe.transformer, timestep_fn=lambda s: s, timestep_scale=1.0)
+    with pytest.raises(TypeError, match="timestep_fn: expected a function of sigma, got float"):
+        flow_transformer_model(pipe.transformer, timestep_fn=1000.0)
 
 
 # DDPM UNets ---------------------------------------------------------------------------------------------------------

@@ -115,8 +115,10 @@ def flow_transformer_model(transformer: Any, *, guidance_scale: float = 1.0, neg
         raise ValueError("negative_kwargs: classifier-free guidance (guidance_scale != 1) needs the negative "
                          "conditioning")
     flux = _is_flux(transformer)
-    if timestep_fn is not None and (timestep_scale is not None or not callable(timestep_fn)):
-        raise TypeError("timestep_fn: expected a function of sigma, given without timestep_scale")
+    if timestep_fn is not None and not callable(timestep_fn):
+        raise TypeError(f"timestep_fn: expected a function of sigma, got {type(timestep_fn).__name__}")
+    if timestep_fn is not None and timestep_scale is not None:
+        raise ValueError("timestep_fn, timestep_scale: give one of them")
     scale = float(timestep_scale) if timestep_scale is not None else (1.0 if flux else 1000.0)
     neg = dict(negative_kwargs or {})
     missing = sorted(set(neg) - set(fixed_kwargs))
