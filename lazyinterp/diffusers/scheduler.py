@@ -57,14 +57,19 @@ _SOLVERS = ("euler", "heun", "ab2", "ab2-pc", "exponential", "exponential-2m")
 
 # Grids ------------------------------------------------------------------------------------------------------------
 
-def _as_sigmas(sigmas: Any) -> Tensor:
-    if isinstance(sigmas, (bool, str, bytes)):
-        raise TypeError(f"sigmas: expected a 1-D sequence of numbers, got {type(sigmas).__name__}")
+def _numbers(value: Any, name: str) -> Tensor:
+    """``value`` (a sequence, array or tensor of numbers) as a float64 CPU tensor of its shape, or a TypeError."""
+    if isinstance(value, (bool, str, bytes)):
+        raise TypeError(f"{name}: expected a 1-D sequence of numbers, got {type(value).__name__}")
     try:
-        s = torch.as_tensor(np.asarray(sigmas, dtype=np.float64) if not isinstance(sigmas, Tensor) else sigmas,
-                            dtype=_F64).detach().cpu().flatten()
+        return torch.as_tensor(np.asarray(value, dtype=np.float64) if not isinstance(value, Tensor) else value,
+                               dtype=_F64).detach().cpu()
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise TypeError(f"sigmas: expected a 1-D sequence of numbers, got {type(sigmas).__name__}") from exc
+        raise TypeError(f"{name}: expected a 1-D sequence of numbers, got {type(value).__name__}") from exc
+
+
+def _as_sigmas(sigmas: Any) -> Tensor:
+    s = _numbers(sigmas, "sigmas").flatten()
     if s.numel() < 1:
         raise ValueError("sigmas: expected at least one sigma")
     if not bool(torch.isfinite(s).all()) or float(s.min()) <= 0 or float(s.max()) > 1 + 1e-6:
@@ -75,13 +80,8 @@ def _as_sigmas(sigmas: Any) -> Tensor:
 
 
 def _as_timesteps(timesteps: Any) -> np.ndarray:
-    if isinstance(timesteps, (bool, str, bytes)):
-        raise TypeError(f"timesteps: expected a 1-D sequence of numbers, got {type(timesteps).__name__}")
-    try:
-        values = np.asarray(timesteps.detach().cpu() if isinstance(timesteps, Tensor) else timesteps,
-                            dtype=np.float32)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"timesteps: expected a 1-D sequence of numbers, got {type(timesteps).__name__}") from exc
+    # float32, as diffusers holds timesteps.
+    values = _numbers(timesteps, "timesteps").numpy().astype(np.float32)
     if values.ndim != 1 or values.size == 0:
         raise ValueError(f"timesteps: expected a non-empty 1-D sequence, got shape {values.shape}")
     if not np.isfinite(values).all():
@@ -556,23 +556,21 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         if device is not None:
             device = check_device(device)
         labels = None if timesteps is None else _as_timesteps(timesteps)
-        if labels is not None and sigmas is not None and len(labels) != len(_as_sigmas(sigmas)):
-            raise ValueError(f"sigmas, timesteps: expected the same length, got {len(_as_sigmas(sigmas))} and "
-                             f"{len(labels)}")
-        if labels is not None and sigmas is None:
-            sigmas = labels.astype(np.float64) / cfg.num_train_timesteps
+        raw = None if sigmas is None else _as_sigmas(sigmas)
+        if raw is not None and labels is not None and len(labels) != raw.numel():
+            raise ValueError(f"sigmas, timesteps: expected the same length, got {raw.numel()} and {len(labels)}")
+        if raw is None and labels is not None:
             try:
-                _as_sigmas(sigmas)
+                raw = _as_sigmas(labels.astype(np.float64) / cfg.num_train_timesteps)
             except ValueError as exc:
                 raise ValueError(f"timesteps: expected values in (0, {cfg.num_train_timesteps}], strictly "
                                  f"decreasing, got {labels.tolist()}") from exc
-        if sigmas is None:
+        if raw is None:
             if num_inference_steps is None:
                 raise ValueError("num_inference_steps, sigmas: give the number of steps or the sigmas")
             n = check_int(num_inference_steps, "num_inference_steps", 1, MAX_STEPS)
             raw = torch.linspace(1.0, 1.0 / n, n, dtype=_F64)
         else:
-            raw = _as_sigmas(sigmas)
             if num_inference_steps is not None and num_inference_steps != raw.numel():
                 raise ValueError(f"num_inference_steps: {num_inference_steps} does not match len(sigmas) = "
                                  f"{raw.numel()}")
