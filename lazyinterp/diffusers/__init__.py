@@ -3,8 +3,9 @@ r"""Use with 🤗 diffusers: a pipeline scheduler and :class:`~lazyinterp.Model`
 This package imports ``diffusers`` (the optional ``lazyinterp[diffusers]`` extra); ``import lazyinterp`` never does.
 
 * :class:`LazyScheduler` — a drop-in scheduler for flow-matching pipelines (SD3, FLUX and others built on
-  ``FlowMatchEulerDiscreteScheduler``) that samples the pipeline's transformer under any lazyinterp schedule,
-  diffusion coefficient and solver, by the exact conversion of theory §3.
+  ``FlowMatchEulerDiscreteScheduler``) and for DDPM-style UNet pipelines (Stable Diffusion 1.x/2.x, SDXL, DDPM,
+  DDIM) that samples the pipeline's network under any lazyinterp schedule, diffusion coefficient and solver, by the
+  exact conversion of theory §3.
 * :func:`flow_transformer_model` — a diffusers flow transformer (SD3, FLUX) with fixed conditioning as an
   :class:`~lazyinterp.Model`, so :func:`lazyinterp.sample` drives it directly.
 * :func:`ddpm_model` and :func:`ddpm_schedule` — a DDPM-style UNet (ε-, v- or x₀-prediction on discrete

@@ -19,6 +19,9 @@ from ..schedules import Schedule, as_time
 Tensor = torch.Tensor
 _F64 = torch.float64
 
+# diffusers' prediction types of DDPM-style models, and the lazyinterp prediction each is read as.
+_DDPM_KINDS = {"epsilon": "noise", "v_prediction": "data", "sample": "data"}
+
 # Keyword arguments of diffusers transformers and UNets that carry no batch dimension.
 _UNBATCHED = frozenset({"txt_ids", "img_ids", "joint_attention_kwargs", "cross_attention_kwargs",
                         "attention_kwargs", "skip_layers"})
@@ -315,12 +318,9 @@ def ddpm_model(unet: Any, scheduler_or_betas: Any, prediction_type: str | None =
         raise TypeError(f"unet: expected a callable module, got {type(unet).__name__}")
     if prediction_type is None:
         prediction_type = getattr(getattr(scheduler_or_betas, "config", None), "prediction_type", None) or "epsilon"
-    kinds = {"epsilon": "noise", "v_prediction": "data", "sample": "data"}
-    if prediction_type not in kinds:
-        raise ValueError(f"prediction_type: expected one of {', '.join(kinds)}, got {prediction_type!r}")
+    kind = ddpm_prediction_kind(prediction_type)
     schedule = ddpm_schedule(_alphas_cumprod(scheduler_or_betas))
     top = float(schedule.num_train_timesteps - 1)
-    t_clean = top / schedule.num_train_timesteps  # the time of index 0
     fixed = dict(unet_kwargs)
     if class_labels is not None:
         fixed["class_labels"] = torch.as_tensor(class_labels)
@@ -336,17 +336,39 @@ def ddpm_model(unet: Any, scheduler_or_betas: Any, prediction_type: str | None =
         out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
         if out.shape[1] == 2 * x.shape[1] and out.shape[2:] == x.shape[2:]:
             out = out[:, : x.shape[1]]
-        out = out.to(x.dtype)
-        if prediction_type != "v_prediction":
-            return out
-        shape = (batch, *([1] * (x.ndim - 1)))
-        tt = as_time(t)
-        a, b = (c.to(device=x.device, dtype=x.dtype).view(shape) for c in (schedule.alpha(tt), schedule.beta(tt)))
-        return b * x - a * out
+        return ddpm_output_to_prediction(out.to(x.dtype), x, t, schedule, prediction_type)
 
-    model = Model(net, schedule, kinds[prediction_type])
-    # Beyond index 0 the network was never trained. Holding its index-0 predictions keeps η_Z continuous up to
-    # t = 1; otherwise a data prediction's η_Z jumps there to 0 (the α = 0 convention), and a Heun corrector at
-    # t = 1 turns that jump into a first-order error.
-    model.t_max = min(model.t_max, t_clean)
+    model = Model(net, schedule, kind)
+    model.t_max = ddpm_time_range(model)[1]
     return model
+
+
+def ddpm_prediction_kind(prediction_type: Any) -> str:
+    """The lazyinterp prediction kind that a DDPM ``prediction_type`` is read as: ``"epsilon"`` → ``"noise"``,
+    ``"v_prediction"`` and ``"sample"`` → ``"data"`` (see :func:`ddpm_model`); a ValueError naming
+    ``prediction_type`` for any other."""
+    if prediction_type not in _DDPM_KINDS:
+        raise ValueError(f"prediction_type: expected one of {', '.join(_DDPM_KINDS)}, got {prediction_type!r}")
+    return _DDPM_KINDS[prediction_type]
+
+
+def ddpm_output_to_prediction(out: Tensor, x: Tensor, t: Tensor | float, schedule: Schedule,
+                              prediction_type: str) -> Tensor:
+    r"""A DDPM network's ``out`` at (x, t) as the prediction of :func:`ddpm_prediction_kind`: itself, except for
+    ``"v_prediction"``, where diffusers' v = √ᾱ ε − √(1 − ᾱ) x₀ = β η_Z − α η_X gives η_X = β x − α v
+    (α² + β² = 1)."""
+    if prediction_type != "v_prediction":
+        return out
+    tt = as_time(t)
+    shape = (x.shape[0], *([1] * (x.ndim - 1))) if tt.ndim else ()
+    a, b = (c.to(device=x.device, dtype=x.dtype).reshape(shape) for c in (schedule.alpha(tt), schedule.beta(tt)))
+    return b * x - a * out
+
+
+def ddpm_time_range(model: Model) -> tuple[float, float]:
+    """(t_min, t_max) at which a DDPM network on ``model.schedule`` is evaluated: the model's own, with t_max at
+    most the time of index 0. Beyond index 0 the network was never trained; holding its index-0 predictions keeps
+    η_Z continuous up to t = 1, where a data prediction's η_Z would otherwise jump to 0 (the α = 0 convention) and
+    a Heun corrector at t = 1 would turn that jump into a first-order error."""
+    steps = model.schedule.num_train_timesteps
+    return model.t_min, min(model.t_max, (steps - 1) / steps)

@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
 
 from ..brownian import BrownianPaths
@@ -26,6 +27,7 @@ from ..grids import MAX_STEPS, check_grid
 from ..noise import KeyedStreams, NoiseStreams, normal_draws, resolve_seed
 from ..predictors import (
     CenteredModel,
+    Model,
     NonFiniteError,
     coefficients,
     linear_combination,
@@ -46,6 +48,7 @@ from ..samplers import (
 )
 from ..schedules import SCHEDULES, LazySchedule, Schedule, get_schedule, linear
 from ..solvers import EXPONENTIAL_SOLVERS, ODE_SOLVERS, ab2_increment, am3_increment, exponential_terms, log_snr
+from .models import ddpm_output_to_prediction, ddpm_prediction_kind, ddpm_schedule, ddpm_time_range
 
 Tensor = torch.Tensor
 _F64 = torch.float64
@@ -161,21 +164,96 @@ class LazySchedulerOutput(BaseOutput):
     pred_original_sample: torch.Tensor | None = None
 
 
+# The prediction types of flow-matching configs; DDPM-style ones are those of ddpm_prediction_kind.
+_FLOW_PREDICTIONS = (None, "flow_prediction")
+# Schedulers of DDPM-style models (discrete alphas_cumprod), whose configs default to ε-prediction.
+_DDPM_FAMILY = frozenset(entry.name for entry in KarrasDiffusionSchedulers) | {"LCMScheduler", "TCDScheduler"}
+
+
+class _FlowSource:
+    """A flow-matching transformer: the linear schedule in diffusers' convention, ``output = ε − x_data = −v`` at
+    the timestep T σ, σ = 1 − τ."""
+
+    is_flow = True
+    predicts = "velocity"
+    t_min, t_max = 0.0, 1.0
+
+    def __init__(self, train_steps: int):
+        self.schedule = linear()
+        self.train_steps = train_steps
+
+    def prediction(self, output: Tensor, x: Tensor, t: Any) -> Tensor:
+        return -output
+
+    def timesteps(self, sigmas: Tensor) -> Tensor:
+        """The network's timesteps at model sigmas σ = 1 − τ."""
+        return (sigmas * self.train_steps).to(torch.float32)
+
+    def time_of(self, timestep: float) -> float:
+        """The model time τ of a timestep."""
+        return 1 - timestep / self.train_steps
+
+
+class _DDPMSource:
+    """A DDPM-style UNet (ε-, v- or x₀-prediction) on :func:`~lazyinterp.diffusers.ddpm_schedule` of its
+    ``alphas_cumprod``, read as :func:`~lazyinterp.diffusers.ddpm_model` reads it: the timestep is the continuous
+    index u(τ) = T − 1 − T τ, and the network is evaluated within its [t_min, t_max] (never beyond index 0)."""
+
+    is_flow = False
+
+    def __init__(self, alphas_cumprod: Tensor, prediction_type: str):
+        self.schedule = ddpm_schedule(alphas_cumprod)
+        self.prediction_type = prediction_type
+        self.predicts = ddpm_prediction_kind(prediction_type)
+        self.train_steps = self.schedule.num_train_timesteps
+        self.t_min, self.t_max = ddpm_time_range(Model(lambda x, t: x, self.schedule, self.predicts))
+
+    def prediction(self, output: Tensor, x: Tensor, t: Any) -> Tensor:
+        return ddpm_output_to_prediction(output, x, t, self.schedule, self.prediction_type)
+
+    def timesteps(self, sigmas: Tensor) -> Tensor:
+        """The network's timesteps at model sigmas σ = 1 − τ: u(τ) with τ kept in [t_min, t_max]."""
+        tau = (1 - sigmas).clamp(self.t_min, self.t_max)
+        return self.schedule.index(tau).clamp(0.0, self.train_steps - 1.0).to(torch.float32)
+
+    def time_of(self, timestep: float) -> float:
+        """The model time τ of a timestep (index)."""
+        return (self.train_steps - 1 - timestep) / self.train_steps
+
+
+def _ddpm_alphas_cumprod(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
+                         trained_betas: Any, rescale_betas_zero_snr: bool) -> Tensor:
+    """ᾱ of a DDPM-style config, computed by diffusers itself (every beta schedule and the zero-SNR rescaling)."""
+    try:
+        helper = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
+                               beta_schedule=beta_schedule, trained_betas=trained_betas,
+                               rescale_betas_zero_snr=rescale_betas_zero_snr)
+    except NotImplementedError as exc:
+        raise ValueError(f"beta_schedule: {beta_schedule!r} is not a beta schedule diffusers implements") from exc
+    return helper.alphas_cumprod
+
+
 class _Recorded:
-    """The flow model's output at the point where the pipeline evaluated it, as a predictor under ``schedule``.
+    """The network's output at the point where the pipeline evaluated it, as a predictor under the source's
+    schedule.
 
     The conversion passes the model time τ and the input x = y/c; the network saw the pipeline's latents,
     which agree with x except at a point-mass start (c = 0, where the conversion passes 0). The latents the
     network actually saw are used, so that (x, output) stay a consistent pair.
     """
 
-    def __init__(self, schedule: Schedule):
-        self.schedule = schedule
+    def __init__(self, source: _FlowSource | _DDPMSource):
+        self.source = source
+        self.schedule = source.schedule
         self.x: Tensor | None = None
-        self.v: Tensor | None = None
+        self.output: Tensor | None = None
 
     def eta(self, x: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]:
-        return to_eta("velocity", self.v, self.x, *coefficients(self.schedule, t))
+        source = self.source
+        if not source.is_flow:  # the network saw a time inside its range; its prediction holds beyond it
+            t = min(max(float(t), source.t_min), source.t_max)
+        prediction = source.prediction(self.output, self.x, t)
+        return to_eta(source.predicts, prediction, self.x, *coefficients(self.schedule, t))
 
 
 @dataclass
@@ -187,6 +265,7 @@ class _Lane:
     grid: list[float]
     tau: list[float]
     scale: list[float]
+    data_scale: list[float]
     alpha0: float
     recorded: _Recorded
     dynamics: Dynamics | CovarianceLazyDynamics
@@ -219,9 +298,16 @@ def _latents_seed(x: Tensor) -> int:
 
 
 class LazyScheduler(SchedulerMixin, ConfigMixin):
-    r"""A diffusers scheduler that samples a flow-matching transformer under a lazyinterp schedule.
+    r"""A diffusers scheduler that samples a pipeline's network under a lazyinterp schedule: a flow-matching
+    transformer (SD3, FLUX, …) or a DDPM-style UNet (Stable Diffusion 1.x/2.x, SDXL, DDPM and DDIM pipelines).
 
     Usage: ``pipe.scheduler = LazyScheduler.from_config(pipe.scheduler.config, schedule="lazy-vp")``.
+
+    **Which model.** The config's ``prediction_type`` says it: none or ``"flow_prediction"`` (FlowMatch configs,
+    and DPMSolver's and UniPC's flow configs, whose ``flow_shift`` is read as ``shift``) is a flow model, as below;
+    ``"epsilon"``, ``"v_prediction"`` or ``"sample"`` (DDPM-family configs; Stable Diffusion's, which name none,
+    are ε) is a DDPM-style model, read as :func:`~lazyinterp.diffusers.ddpm_model` reads it (see "DDPM-style
+    models" below). An EDM config (``sigma_data``) is refused.
 
     **The model.** The pipeline's transformer is a flow model on the linear schedule in diffusers' convention,
     x_σ = (1 − σ) x_data + σ ε with ``output = ε − x_data``: lazyinterp's velocity is v = −output at time
@@ -239,11 +325,11 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
     last corrector) a piecewise-linear interpolation of them in σ, through (0, 0).
 
     **Coordinates.** The pipeline calls the transformer on its latents at the exposed ``timesteps``, so the
-    latents are kept in the model's coordinates x = y/c_k (+ τ_k μ when centring, below) and ``timesteps`` are the
-    model times 1000 (1 − τ(t_k)) at which the converted predictor evaluates the network (or the custom timesteps
-    that label those sigmas). ``step`` maps the
-    latents to the target state y = c_k (x − τ_k μ), takes the step under the target schedule and returns the next
-    latents x_{k+1} = y_{k+1}/c_{k+1} + τ_{k+1} μ. At t = 1, c = 1 and τ = 1, so the final latents are the sample.
+    latents are kept in the model's coordinates x = y/c_k (+ β_k μ when centring, below, with β_k = τ_k the data's
+    coefficient at the model time) and ``timesteps`` are the model times 1000 (1 − τ(t_k)) at which the converted
+    predictor evaluates the network (or the custom timesteps that label those sigmas). ``step`` maps the
+    latents to the target state y = c_k (x − β_k μ), takes the step under the target schedule and returns the next
+    latents x_{k+1} = y_{k+1}/c_{k+1} + β_{k+1} μ. At t = 1, c = 1 and β = 1, so the final latents are the sample.
     A higher-precision copy of the state is kept between steps and used while the pipeline leaves the latents it
     got back untouched (inpainting pipelines that edit them are followed).
 
@@ -255,14 +341,15 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
     **Centring** (``center``, default on for the lazy schedules as in ``li.sample``). The lazy schedules are lazy
     for centred data, so the sampler runs on X − μ and adds μ back. μ is each sample's own E[X] estimate, free
     at the first evaluation: at σ = 1 (τ = 0), η_X(0, x) = x + v = x − output is E[X] for every input
-    (per prompt under conditioning and guidance). It needs a run that starts at σ = 1; otherwise the default
-    does not centre and ``center=True`` raises.
+    (per prompt under conditioning and guidance); for a DDPM-style model it comes from probes ("DDPM-style
+    models"). It needs a run that starts at σ = 1; otherwise the default does not centre and ``center=True``
+    raises.
 
-    **sigma=None** (lazy schedules). σ is estimated per sample from the model, at the cost of one extra
-    evaluation inserted after the first: the latents are moved to the linear-schedule point at
-    :func:`lazyinterp.estimate_sigma`'s SNR r_p, τ_p = r_p/(1 + r_p), x_p = (1 − τ_p) Z + τ_p μ (probe noise
-    u = (1 − τ_p) Z from the initial latents), and with k = ⟨u, η_X(τ_p, x_p) − μ⟩/‖u‖²,
-    σ² = k α²/(β(1 − kβ)) at α = 1 − τ_p, β = τ_p (exact for Gaussian data; the mean
+    **sigma=None** (lazy schedules). σ is estimated per sample from the model; for a flow model at the cost of one
+    extra evaluation inserted after the first (a DDPM-style model's probes are below): the latents are moved to
+    the linear-schedule point at :func:`lazyinterp.estimate_sigma`'s SNR r_p, τ_p = r_p/(1 + r_p),
+    x_p = (1 − τ_p) Z + τ_p μ (probe noise u = (1 − τ_p) Z from the initial latents), and with
+    k = ⟨u, η_X(τ_p, x_p) − μ⟩/‖u‖², σ² = k α²/(β(1 − kβ)) at α = 1 − τ_p, β = τ_p (exact for Gaussian data; the mean
     eigenvalue of the covariance in the linear regime otherwise, as :func:`lazyinterp.estimate_sigma`). Without
     centring σ is the RMS √(σ² + mean μ²). Where the probe's response admits no σ (k ≤ 0 or kβ ≥ 1, as from an
     untrained model) σ = 1 is used, with a warning. The first step then runs from the stored first evaluation.
@@ -293,6 +380,28 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
     the config keeps ``solver=None`` for it, so a reloaded or re-targeted config takes the default of its own
     schedule and diffusion (:attr:`solver` is the one in use).
     The arithmetic is that of :func:`lazyinterp.sample` with the same grid, so the two agree to float precision.
+
+    **DDPM-style models.** The network is :func:`~lazyinterp.diffusers.ddpm_model`'s: the continuous VP schedule
+    of the config's ``alphas_cumprod`` (``beta_schedule``, ``beta_start``, ``beta_end``, ``trained_betas``,
+    ``rescale_betas_zero_snr``, computed by diffusers), its output read by ``prediction_type``, and the timestep the
+    continuous index u = T − 1 − T τ (a float; never beyond index 0). The nodes are li.sample's default grid, the
+    SNRs of the linear schedule's uniform grid (each divided by ``shift``); the native scheduler's own spacing
+    settings (``timestep_spacing``, Karras sigmas, …) do not apply. Custom ``timesteps`` are indices n (nodes at
+    ᾱ_n's SNR, which the network then sees exactly) and custom ``sigmas`` the noise levels √((1 − ᾱ)/ᾱ) of
+    k-diffusion and ``EulerDiscreteScheduler``; the noisiest index T − 1 (or its noise level, or more) is the start
+    t = 0, as in the default grid. The initial latents are the noise Z (y_0 = α'_0 Z), as DDIM takes
+    them for the noisiest index. The first evaluation of such a model is not at SNR 0, so it does not give E[X]:
+    E[X] and σ come from two antithetic probes at :func:`lazyinterp.estimate_sigma`'s SNR r_p instead, at the
+    initial latents w and at −w (k = ⟨(η_X(w) − η_X(−w))/2, w⟩/‖w‖², μ = ((η_X(w) + η_X(−w))/2)/(1 − kβ_p),
+    σ² = kα_p²/(β_p(1 − kβ_p)); exact for Gaussian latents, per sample and per prompt, in
+    :attr:`estimated_sigma` and :attr:`estimated_mean`). They are the first two :attr:`timesteps` when σ is
+    estimated, when centring (by default only then: with σ given, ``center=True`` asks for them) or for a point-mass
+    target, whose first evaluation must see the state 0. With the mean known the drift at t = 0 is known too, so
+    the first node is not evaluated (li.sample's ``known_start``): N steps cost N + 1 evaluations. ``add_noise``
+    (UNet image-to-image pipelines) is :meth:`scale_noise`, √(1 − ᾱ) noise + √ᾱ sample; ``step`` takes DDIM
+    pipelines' ``eta`` (0 only: the SDEs are ``diffusion``) and ``use_clipped_model_output``. The latents equal
+    li.sample's on ``ddpm_model`` of the same UNet with the estimated σ and E[X] (``center=estimated_mean[i]``);
+    a run that evaluates the first node (no probes) passes the network Z there, where li.sample passes α_0 Z.
 
     **Covariance** (``covariance``, ODE on ``"lazy-vp"`` only). Lazy VP coordinates matched to a covariance Σ of
     the latents instead of a scalar σ, as ``li.sample(covariance=...)`` (:mod:`lazyinterp.covariance`): exact in
@@ -335,6 +444,12 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             SDEs that keep the marginals.
         covariance: a :class:`~lazyinterp.Covariance` or (D, D) tensor for covariance-matched lazy VP (above).
         sde_noise: ``"independent"``, ``"keyed"`` or ``"brownian"``, as in ``li.sample`` (Noise, above).
+        prediction_type: ``None`` or ``"flow_prediction"`` for a flow model; ``"epsilon"``, ``"v_prediction"`` or
+            ``"sample"`` for a DDPM-style one (above).
+        beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr: a DDPM-style model's betas, as
+            in ``DDPMScheduler``.
+        flow_shift: DPMSolver's and UniPC's name for the shift of a flow model; used when ``shift`` is 1.
+        sigma_data: must be None (EDM-preconditioned models are ``li.ve_denoiser_model``'s).
 
     Raises:
         ValueError: an unknown schedule, diffusion, solver or last step, a sigma for a non-lazy schedule, a
@@ -342,7 +457,10 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             on the lazy VP ODE.
     """
 
-    _compatibles: list[str] = []
+    # The configs this scheduler is made from: their keys that it does not take (a native sampler's own grid and
+    # step settings, e.g. timestep_spacing, solver_order) are dropped by from_config without a warning.
+    _compatibles: list[str] = sorted(_DDPM_FAMILY) + ["FlowMatchEulerDiscreteScheduler",
+                                                       "FlowMatchHeunDiscreteScheduler"]
     order = 1
 
     @register_to_config
@@ -354,7 +472,24 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                  shift_terminal: float | None = None, use_karras_sigmas: bool = False,
                  use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False, invert_sigmas: bool = False,
                  use_flow_sigmas: bool = False, covariance: Any = None, sde_noise: str = "independent",
-                 stochastic_sampling: bool = False):
+                 stochastic_sampling: bool = False, prediction_type: str | None = None,
+                 beta_start: float = 0.0001, beta_end: float = 0.02, beta_schedule: str = "linear",
+                 trained_betas: Any = None, rescale_betas_zero_snr: bool = False, flow_shift: float | None = None,
+                 sigma_data: float | None = None):
+        if sigma_data is not None:
+            raise ValueError("sigma_data: this is an EDM-preconditioned model's config; wrap its denoiser with "
+                             "li.ve_denoiser_model and sample it with li.sample")
+        if prediction_type in _FLOW_PREDICTIONS:
+            self._source: _FlowSource | _DDPMSource = _FlowSource(check_int(num_train_timesteps,
+                                                                           "num_train_timesteps"))
+        else:
+            ddpm_prediction_kind(prediction_type)  # names prediction_type if it is none of diffusers' kinds
+            abar = _ddpm_alphas_cumprod(check_int(num_train_timesteps, "num_train_timesteps", 3), beta_start,
+                                        beta_end, beta_schedule, trained_betas, bool(rescale_betas_zero_snr))
+            self._source = _DDPMSource(abar, prediction_type)
+        if flow_shift is not None and shift == 1.0:
+            # DPMSolver's and UniPC's name for the shift of flow models (Wan, SANA).
+            shift = flow_shift
         if sde_noise not in SDE_NOISES:
             raise ValueError(f"sde_noise: expected one of {', '.join(SDE_NOISES)}, got {sde_noise!r}")
         self._sde_noise = sde_noise
@@ -367,7 +502,6 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                              "(sigma 1) to data (sigma 0)")
         if sum(bool(flag) for flag in (use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas)) > 1:
             raise ValueError("use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas: set at most one of them")
-        check_int(num_train_timesteps, "num_train_timesteps")
         target, config_name, config_sigma = self._target_schedule(schedule, sigma)
         # The default last step is settled per run, in set_timesteps (a one-step SDE run takes Euler's).
         probe_diffusion, self._solver, self._last_step = check_settings(target, diffusion, solver, last_step,
@@ -396,11 +530,12 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         # Values normalised here are explicit settings now, not defaults to be dropped on reload. A default solver
         # stays None, so that a reloaded or re-targeted config (from_config(config, diffusion="optimal")) picks
         # the default of its own schedule and diffusion rather than inheriting ab2.
-        defaults = [k for k in self.config.get("_use_default_values", []) if k not in ("schedule", "sigma")]
+        defaults = [k for k in self.config.get("_use_default_values", [])
+                    if k not in ("schedule", "sigma", "shift")]
         # A covariance is data, not configuration: it is not saved (pass it again to from_config).
         self.register_to_config(schedule=config_name, sigma=config_sigma, diffusion=config_diffusion,
                                 solver=None if solver is None else self._solver, covariance=None,
-                                _use_default_values=defaults)
+                                shift=shift, flow_shift=None, _use_default_values=defaults)
         self._shift = _finite_number(shift, "shift", positive=True)
         self.init_noise_sigma = 1.0
         train = torch.linspace(1.0, 1.0 / num_train_timesteps, num_train_timesteps, dtype=torch.float32)
@@ -408,10 +543,33 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = train * num_train_timesteps
         self.num_inference_steps: int | None = None
         self._model_sigmas: Tensor | None = None
-        self._linear = target if target.name == "linear" else linear()
+        # Sharing the object with a linear target makes the conversion the identity (τ = t, c = 1 exactly).
+        if self._source.is_flow and target.name == "linear":
+            self._source.schedule = target
         self._begin_index: int | None = None
         self._plan: list[tuple[str, int]] | None = None
+        self._known_start = False
         self._reset_run()
+
+    @classmethod
+    def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
+        """diffusers' ``from_config``, reading first what kind of model the config describes.
+
+        diffusers drops the values a config holds at their defaults before they reach ``__init__``, and
+        ``DDPMScheduler()`` or a Stable Diffusion ``scheduler_config.json`` leave ``prediction_type`` at its
+        default, "epsilon". So the prediction type (and an EDM config's ``sigma_data``) is read from the config as
+        given, with "epsilon" for a DDPM-family ``_class_name`` that names none; keyword arguments still win.
+        """
+        if isinstance(config, dict):
+            if "prediction_type" not in kwargs:
+                prediction = config.get("prediction_type")
+                if prediction is None and config.get("_class_name") in _DDPM_FAMILY:
+                    prediction = "epsilon"
+                if prediction is not None:
+                    kwargs["prediction_type"] = prediction
+            if "sigma_data" not in kwargs and config.get("sigma_data") is not None:
+                kwargs["sigma_data"] = config["sigma_data"]
+        return super().from_config(config, return_unused_kwargs, **kwargs)
 
     @staticmethod
     def _check_covariance(covariance: Any) -> Covariance | None:
@@ -513,6 +671,10 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         self._edited = False  # the pipeline changed the latents this step returned
         self._deferred: tuple | None = None
         self._probe_mean: Tensor | None = None
+        self._probe_direction: Tensor | None = None
+        self._probe_plus: Tensor | None = None
+        self._center = False
+        self.estimated_mean: Tensor | None = None
         # Per evaluation, (its index in timesteps, whether the transformer returned NaN or inf, on its device).
         self._nonfinite: list[tuple[int, Tensor]] = []
         self.estimated_sigma: Tensor | None = None
@@ -555,6 +717,9 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         cfg = self.config
         if device is not None:
             device = check_device(device)
+        if not self._source.is_flow:
+            self._set_ddpm_timesteps(num_inference_steps, device, sigmas, timesteps)
+            return
         labels = None if timesteps is None else _as_timesteps(timesteps)
         raw = None if sigmas is None else _as_sigmas(sigmas)
         if raw is not None and labels is not None and len(labels) != raw.numel():
@@ -580,6 +745,71 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         if mu is not None:
             mu = _finite_number(mu, "mu")
         model_sigmas = _as_sigmas(self._shifted_sigmas(raw, mu))
+        plan = self._set_grid(model_sigmas)
+        entry_sigmas = torch.tensor([self._entry_sigma(role, node) for role, node in plan], dtype=_F64)
+        probe = plan[1][0] == "probe" if len(plan) > 1 else False
+        if labels is None:
+            self.timesteps = (entry_sigmas * cfg.num_train_timesteps).to(dtype=torch.float32, device=device)
+            # The probe's τ as the network sees it, through the float32 timestep.
+            self._probe_tau = 1 - float(self.timesteps[1]) / cfg.num_train_timesteps if probe else None
+        else:
+            self.timesteps = _label(entry_sigmas, model_sigmas, labels, cfg.num_train_timesteps).to(device=device)
+            self._probe_tau = 1 - float(entry_sigmas[1]) if probe else None
+        self.sigmas = self._node_sigmas.to(torch.float32)
+        self._begin_index = None
+        self._reset_run()
+
+    def _set_ddpm_timesteps(self, num_inference_steps: int | None, device: torch.device | None, sigmas: Any,
+                            timesteps: Any) -> None:
+        """:meth:`set_timesteps` for a DDPM-style model: the nodes' SNRs from N (the linear schedule's uniform
+        grid, each SNR divided by ``shift``, as ``li.sample``'s ``grid="linear"``), from custom ``timesteps``
+        (indices n, at ᾱ_n's SNR) or from custom ``sigmas`` (noise levels √((1 − ᾱ)/ᾱ), SNR 1/σ)."""
+        source = self._source
+        if sigmas is not None and timesteps is not None:
+            raise ValueError("sigmas, timesteps: give one of them for a DDPM-style model")
+        if timesteps is not None:
+            index = _numbers(timesteps, "timesteps")
+            top = source.train_steps - 1
+            if index.ndim != 1 or index.numel() == 0 or not bool(torch.isfinite(index).all()) \
+                    or float(index.min()) < 0 or float(index.max()) > top or not bool((torch.diff(index) < 0).all()):
+                raise ValueError(f"timesteps: expected indices in [0, {top}], strictly decreasing, got "
+                                 f"{index.tolist()}")
+            raw = 1 / (1 + source.schedule.snr(source.time_of(index)))
+            # The noisiest index is the model's start, t = 0 of every target, as in the default grid.
+            raw[index == top] = 1.0
+        elif sigmas is not None:
+            noise = _numbers(sigmas, "sigmas").flatten()
+            if noise.numel() == 0 or not bool(torch.isfinite(noise).all()) or float(noise.min()) <= 0 \
+                    or not bool((torch.diff(noise) < 0).all()):
+                raise ValueError(f"sigmas: expected positive, finite, strictly decreasing noise levels "
+                                 f"√((1 − ᾱ)/ᾱ) without the final 0, got {noise.tolist()}")
+            raw = noise / (1 + noise)
+            top_noise = source.schedule.alpha(0.0) / source.schedule.beta(0.0)
+            raw[noise >= top_noise * (1 - 1e-6)] = 1.0
+        else:
+            if num_inference_steps is None:
+                raise ValueError("num_inference_steps, sigmas: give the number of steps, the timesteps or the "
+                                 "sigmas")
+            n = check_int(num_inference_steps, "num_inference_steps", 1, MAX_STEPS)
+            raw = torch.linspace(1.0, 1.0 / n, n, dtype=_F64)
+        if num_inference_steps is not None and num_inference_steps != raw.numel():
+            raise ValueError(f"num_inference_steps: {num_inference_steps} does not match the {raw.numel()} "
+                             "given timesteps or sigmas")
+        shift = self._shift
+        # σ' = sσ/(1 + (s − 1)σ) divides the SNR (1 − σ)/σ by s.
+        plan = self._set_grid(_as_sigmas(shift * raw / (1 + (shift - 1) * raw)))
+        entry_sigmas = torch.tensor([self._entry_sigma(role, node) for role, node in plan], dtype=_F64)
+        self.timesteps = source.timesteps(entry_sigmas).to(device=device)
+        self._probe_tau = source.time_of(float(self.timesteps[0])) if plan[0][0] == "probe+" else None
+        node_tau = 1 - self._node_sigmas
+        # Noise levels as k-diffusion and EulerDiscreteScheduler write them, σ = α/β (the data's at SNR 1/σ).
+        self.sigmas = (source.schedule.alpha(node_tau) / source.schedule.beta(node_tau)).to(torch.float32)
+        self._begin_index = None
+        self._reset_run()
+
+    def _set_grid(self, model_sigmas: Tensor) -> list[tuple[str, int]]:
+        """The nodes, solver and evaluation plan for these model sigmas: sets :attr:`num_inference_steps`, the
+        node sigmas 1 − τ(t_k) and the plan, a list of (role, node) per network evaluation."""
         model_sigmas[model_sigmas >= 1 - 1e-7] = 1.0
         n = model_sigmas.numel()
         self._model_sigmas = model_sigmas
@@ -593,49 +823,66 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         elif self._solver in EXPONENTIAL_SOLVERS and n == 1 and float(model_sigmas[0]) == 1.0:
             warn_one_exponential_step(self._solver)
 
-        # Model sigmas at the nodes: 1 − τ(t_k). SNR-matched nodes give 1 − σ_k back, except where a target's SNR
-        # range is narrower than the linear one (vp at t = 0), which time_change clamps.
-        if self._target_resolved:
-            grid = sigmas_to_grid(model_sigmas, self._target)
-            tau, _ = time_change(self._recorded_schedule(), self._target, grid)
+        # Model sigmas at the nodes: 1 − τ(t_k). SNR-matched nodes give 1 − σ_k back for a flow model, except where a
+        # target's SNR range is narrower than the linear one (vp at t = 0), which time_change clamps. Per-sample σ
+        # (estimated) does not move them: the nodes are SNR points.
+        flow = self._source.is_flow
+        if self._target_resolved or not flow:
+            target = self._target if self._target_resolved else self._target.resolve(1.0)
+            tau, _ = time_change(self._recorded_schedule(), target, sigmas_to_grid(model_sigmas, target))
             node_sigmas = 1 - tau
         else:
             node_sigmas = torch.cat([model_sigmas, torch.zeros(1, dtype=_F64)])
         self._node_sigmas = node_sigmas
 
-        probe = not self._target_resolved
+        starts_at_top = float(model_sigmas[0]) == 1.0
+        if flow:
+            # The σ probe follows the first evaluation, which gives E[X] exactly (τ = 0).
+            probe, moments, known_start = not self._target_resolved, False, False
+        else:
+            # A DDPM model's first evaluation is not at SNR 0, so E[X] and σ come from two antithetic probes at
+            # the start instead; a point-mass target's first evaluation must see the state 0 (c = 0), which the
+            # pipeline's initial latents are not, so it starts with them too. With the mean known the drift at
+            # t = 0 is too, and the first node is not evaluated (li.sample's known_start).
+            probe = False
+            centre = self._default_center(starts_at_top)
+            moments = starts_at_top and (not self._target_resolved or centre or self._target.base == "point_mass")
+            known_start = moments and centre
+        self._known_start = known_start
         self._last_step = self.config.last_step or default_last_step(not self._is_sde, n)
         denoise = self._last_step == "denoise"
-        plan: list[tuple[str, int]] = []
+        plan: list[tuple[str, int]] = [("probe+", 0), ("probe-", 0)] if moments else []
         for k in range(n):
-            plan.append(("pred", k))
+            if not (k == 0 and known_start):
+                plan.append(("pred", k))
             if k == 0 and probe:
                 plan.append(("probe", 0))
             if self._solver == "heun" and not (k == n - 1 and denoise):
                 plan.append(("corr", k))
         self._plan = plan
-        entry_sigmas = torch.tensor([self._entry_sigma(role, node) for role, node in plan], dtype=_F64)
-        if labels is None:
-            self.timesteps = (entry_sigmas * cfg.num_train_timesteps).to(dtype=torch.float32, device=device)
-            # The probe's τ as the network sees it, through the float32 timestep.
-            self._probe_tau = 1 - float(self.timesteps[1]) / cfg.num_train_timesteps if probe else None
-        else:
-            self.timesteps = _label(entry_sigmas, model_sigmas, labels, cfg.num_train_timesteps).to(device=device)
-            self._probe_tau = 1 - float(entry_sigmas[1]) if probe else None
-        self.sigmas = node_sigmas.to(torch.float32)
-        self._begin_index = None
-        self._reset_run()
+        return plan
+
+    def _default_center(self, starts_at_top: bool) -> bool:
+        """Whether the run centres: ``center`` if given, else on for a lazy target in a run from the top, where
+        E[X] is available (free for a flow model, from the σ probes for a DDPM one, which it then needs anyway)."""
+        if self._center_arg is not None:
+            return self._center_arg
+        lazy = isinstance(self._target, LazySchedule) and starts_at_top
+        return lazy and (self._source.is_flow or not self._target_resolved)
 
     def _entry_sigma(self, role: str, node: int) -> float:
         if role == "probe":
             # li.estimate_sigma's SNR r_p (β/α of the linear schedule), so both estimate alike (li.estimate_sigma
             # probes again only where σ̂ is more than 4× from 1).
             return 1 / (1 + PROBE_SNR)
+        if role in ("probe+", "probe-"):
+            source = self._source
+            tau = float(source.schedule.snr_inverse(torch.tensor(PROBE_SNR, dtype=_F64)))
+            return 1 - min(max(tau, source.t_min), source.t_max)
         return float(self._node_sigmas[node + 1 if role == "corr" else node])
 
     def _recorded_schedule(self) -> Schedule:
-        # Sharing the object with a linear target makes the conversion the identity (τ = t, c = 1 exactly).
-        return self._linear
+        return self._source.schedule
 
     def index_for_timestep(self, timestep: Any, schedule_timesteps: Tensor | None = None) -> int:
         """The first node evaluation (not a Heun corrector or the σ probe) at ``timestep``."""
@@ -647,7 +894,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         raise ValueError(f"timestep: {value} is not one of this scheduler's node timesteps")
 
     def scale_noise(self, sample: Tensor, timestep: Any, noise: Tensor | None = None) -> Tensor:
-        """The forward process x_σ = σ noise + (1 − σ) sample at ``timestep`` (image-to-image, inpainting)."""
+        """The forward process at ``timestep`` (image-to-image, inpainting): x_σ = σ noise + (1 − σ) sample for a
+        flow model, √(1 − ᾱ) noise + √ᾱ sample for a DDPM one."""
         if self._plan is None:
             raise ValueError("set_timesteps: call it before scale_noise")
         if noise is None:
@@ -657,10 +905,20 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             indices = [self.index_for_timestep(t) for t in times]
         else:
             indices = [self._step_index if self._step_index is not None else self._begin_index] * times.numel()
-        sig = torch.tensor([self._entry_sigma(*self._plan[i]) for i in indices], dtype=sample.dtype,
-                           device=sample.device)
-        sig = sig.view(-1, *([1] * (sample.ndim - 1)))
-        return sig * noise + (1.0 - sig) * sample
+        sigmas = [self._entry_sigma(*self._plan[i]) for i in indices]
+        if self._source.is_flow:
+            noise_coef = data_coef = torch.tensor(sigmas, dtype=sample.dtype, device=sample.device)
+            data_coef = 1.0 - data_coef
+        else:
+            tau = (1 - torch.tensor(sigmas, dtype=_F64)).clamp(self._source.t_min, self._source.t_max)
+            noise_coef, data_coef = (c.to(dtype=sample.dtype, device=sample.device) for c in
+                                     (self._source.schedule.alpha(tau), self._source.schedule.beta(tau)))
+        shape = (-1, *([1] * (sample.ndim - 1)))
+        return noise_coef.view(shape) * noise + data_coef.view(shape) * sample
+
+    def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Any) -> Tensor:
+        """DDPM schedulers' name for :meth:`scale_noise` (image-to-image pipelines of UNet models call it)."""
+        return self.scale_noise(original_samples, timesteps, noise)
 
     # Stepping --------------------------------------------------------------------------------------------------
     def _build_lanes(self, shape: tuple[int, ...], sigmas: list[float] | None) -> None:
@@ -671,23 +929,28 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         lanes = []
         for index, target in targets:
             grid = sigmas_to_grid(self._model_sigmas, target)
-            source_schedule = self._recorded_schedule()
-            tau, scale = time_change(source_schedule, target, grid)
-            recorded = _Recorded(source_schedule)
+            tau, scale = time_change(self._recorded_schedule(), target, grid)
+            recorded = _Recorded(self._source)
             mean = None if self._mean is None else self._mean[index]
             source = recorded if mean is None else CenteredModel(recorded, mean)
             if covariance is not None:
-                dynamics = CovarianceLazyDynamics(convert(source, target), covariance)
+                dynamics = CovarianceLazyDynamics(convert(source, target), covariance, self._known_start)
             else:
-                dynamics = Dynamics(convert(source, target), resolve_diffusion(self._diffusion_arg, target))
+                dynamics = Dynamics(convert(source, target), resolve_diffusion(self._diffusion_arg, target),
+                                    self._known_start)
             lanes.append(_Lane(index=index, schedule=target, grid=grid.tolist(), tau=tau.tolist(),
-                               scale=scale.tolist(), alpha0=float(target.alpha(0.0)), recorded=recorded,
-                               dynamics=dynamics))
+                               scale=scale.tolist(), data_scale=self._data_scale(tau),
+                               alpha0=float(target.alpha(0.0)), recorded=recorded, dynamics=dynamics))
         self._lanes = lanes
+
+    def _data_scale(self, tau: Tensor) -> list[float]:
+        """β of the model at the nodes' times τ_k, the weight of E[X] in its state (τ_k itself for a flow)."""
+        return tau.tolist() if self._source.is_flow else self._source.schedule.beta(tau).tolist()
 
     def _to_state(self, x: Tensor, node: int) -> Tensor:
         """Pipeline latents at ``node`` → target state y = c (x − τ μ); y_0 = α'_0 Z at a t = 0 start. With a
-        covariance the target state is (A/α) c (x − τ μ), and Σ^{1/2} Z at the start."""
+        covariance the target state is (A/α) c (x − τ μ), and Σ^{1/2} Z at the start. The initial latents are
+        the noise Z, for a DDPM model too (whose noisiest state α_0 Z + β_0 X they stand for as in DDIM)."""
         y = torch.empty_like(x)
         for lane in self._lanes:
             xs = x[lane.index]
@@ -696,7 +959,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                 y[lane.index] = lane.dynamics.start(xs) if matched else lane.alpha0 * xs
                 continue
             if self._mean is not None:
-                xs = xs - lane.tau[node] * self._mean[lane.index]
+                xs = xs - lane.data_scale[node] * self._mean[lane.index]
             xs = lane.scale[node] * xs
             y[lane.index] = lane.dynamics.from_scalar_state(xs, lane.grid[node]) if matched else xs
         return y
@@ -708,32 +971,36 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             ys = y[lane.index]
             if isinstance(lane.dynamics, CovarianceLazyDynamics):
                 ys = lane.dynamics.to_scalar_state(ys, lane.grid[node])
-            xs = ys / lane.scale[node]
+            # At a point-mass start (c = 0) the model's state is 0, as the conversion passes it.
+            xs = ys / lane.scale[node] if lane.scale[node] != 0 else torch.zeros_like(ys)
             if self._mean is not None:
-                xs = xs + lane.tau[node] * self._mean[lane.index]
+                xs = xs + lane.data_scale[node] * self._mean[lane.index]
             x[lane.index] = xs
         return x
 
-    def _record(self, x_in: Tensor, v: Tensor) -> None:
+    def _record(self, x_in: Tensor, output: Tensor) -> None:
         for lane in self._lanes:
             lane.recorded.x = x_in[lane.index]
-            lane.recorded.v = v[lane.index]
+            lane.recorded.output = output[lane.index]
 
-    def _start(self, x_in: Tensor, v: Tensor, node: int, generator: Any) -> None:
-        """First evaluation: the mean estimate, the centring decision and the SDE noise streams."""
+    def _start(self, x_in: Tensor, v: Tensor | None, node: int, generator: Any) -> None:
+        """First evaluation: the centring decision, a flow model's mean estimate and the SDE noise streams."""
         starts_clean = node == 0 and float(self._node_sigmas[0]) == 1.0
-        center = self._center_arg
-        if center is None:
-            center = isinstance(self._target, LazySchedule) and starts_clean
-        elif center and not starts_clean:
-            raise ValueError("center: centring takes E[X] from the evaluation at sigma = 1, so the run must start "
-                             "there (not image-to-image or custom sigmas below 1); pass center=False")
+        center = self._default_center(starts_clean)
+        flow = self._source.is_flow
+        if center and not starts_clean:
+            where = "the evaluation at sigma = 1" if flow else "probes at the start of the run"
+            raise ValueError(f"center: centring takes E[X] from {where}, so the run must start at sigma = 1 (not "
+                             "image-to-image or custom sigmas below 1); pass center=False")
         if not self._target_resolved and not starts_clean:
             raise ValueError("sigma: estimating sigma needs a run that starts at sigma = 1; pass sigma")
-        # At τ = 0 the linear schedule gives η_X(0, x) = x + v = E[X] for any x.
-        mean = x_in + v if (center or not self._target_resolved) else None
-        self._mean = mean if center else None
-        self._probe_mean = mean
+        self._center = center
+        if flow:
+            # At τ = 0 the linear schedule gives η_X(0, x) = x + v = E[X] for any x.
+            mean = x_in + v if (center or not self._target_resolved) else None
+            self._mean = mean if center else None
+            self._probe_mean = mean
+            self.estimated_mean = mean
         if self._is_sde:
             batch, shape = x_in.shape[0], tuple(x_in.shape[1:])
             kw = {"device": x_in.device, "dtype": x_in.dtype}
@@ -755,6 +1022,38 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                 # The same blocks of draws as li.sample takes over the same number of steps.
                 self._draws = [normal_draws(streams(s, indices, shape, **kw), self.num_inference_steps)
                                for s, indices in by_seed]
+
+    def _estimate_moments(self, plus: Tensor, minus: Tensor) -> list[float] | None:
+        r"""A DDPM model's E[X] and σ per sample, from η_X at the antithetic probes x = ±w at τ_p (w the initial
+        latents, α_p, β_p the model's coefficients there). For Gaussian data η_X(x) = μ + k(x − β_p μ), so
+        k = ⟨(η₊ − η₋)/2, w⟩/‖w‖², μ = ((η₊ + η₋)/2)/(1 − kβ_p) and σ² = kα_p²/(β_p(1 − kβ_p)), exact for
+        isotropic Gaussian data (σ² the mean eigenvalue of the covariance in the linear regime otherwise).
+        Sets the mean when centring; returns the σ when it is to be estimated (else None)."""
+        a, b = (float(c) for c in coefficients(self._source.schedule, self._probe_tau)[:2])
+        w = self._probe_direction.flatten(1)
+        slope = (((plus - minus) / 2).flatten(1) * w).sum(1) / (w * w).sum(1)
+        level = (plus + minus) / 2
+        valid = torch.isfinite(slope) & (slope > 0) & (slope * b < 1)
+        # Where the model's response admits no σ (an untrained network) the level is E[X]'s reading.
+        gain = torch.where(valid, 1 - slope * b, torch.ones_like(slope))
+        mean = level / gain.view(-1, *([1] * (level.ndim - 1)))
+        self.estimated_mean = mean
+        self._mean = mean if self._center else None
+        if self._target_resolved:
+            return None
+        sigmas = []
+        for i, (k, ok) in enumerate(zip(slope.tolist(), valid.tolist(), strict=True)):
+            if not ok:
+                warnings.warn(f"sigma: the model's response at the probes (slope {k:.3g}) gives no sigma for "
+                              f"sample {i}; using 1, the scale of latents normalised to unit variance (pass sigma "
+                              "to choose)", RuntimeWarning, stacklevel=4)
+                sigmas.append(1.0)
+                continue
+            var = k * a * a / (b * (1 - k * b))
+            if self._mean is None:
+                var += float((mean[i] ** 2).mean())
+            sigmas.append(math.sqrt(var))
+        return sigmas
 
     def _estimate_sigma(self, x_in: Tensor, v: Tensor) -> list[float]:
         r"""Per-sample σ from the probe at τ_p: k = ⟨u, η_X − μ⟩/‖u‖², σ² = k α²/(β(1 − kβ))."""
@@ -888,17 +1187,23 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                                                       and torch.equal(sample, ret)))
 
     def step(self, model_output: Tensor, timestep: Any, sample: Tensor, generator: Any = None,
-             return_dict: bool = True, per_token_timesteps: Tensor | None = None) -> LazySchedulerOutput | tuple:
+             return_dict: bool = True, per_token_timesteps: Tensor | None = None, eta: float | None = None,
+             use_clipped_model_output: bool | None = None,
+             variance_noise: Tensor | None = None) -> LazySchedulerOutput | tuple:
         """One model evaluation's worth of sampling: returns the latents for the next evaluation.
 
         Args:
-            model_output: the transformer's output ε − x_data at (``sample``, ``timestep``), guidance applied.
+            model_output: the network's output at (``sample``, ``timestep``), guidance applied: ε − x_data for a
+                flow model, else its ``prediction_type``.
             timestep: the entry of :attr:`timesteps` the pipeline evaluated.
-            sample: the latents the transformer was called on.
+            sample: the latents the network was called on.
             generator: a torch.Generator (or one per sample) for SDE noise; see the class docstring.
             return_dict: return a :class:`LazySchedulerOutput` instead of a tuple.
             per_token_timesteps: must be None; one noise level per token (LTX conditioning) has no single
                 conversion to another schedule.
+            eta: DDIM's, which pipelines pass: 0 or None (the SDE is ``diffusion``).
+            use_clipped_model_output: accepted from DDIM pipelines; nothing is clipped here.
+            variance_noise: must be None (SDE noise comes from the per-sample streams).
 
         Returns:
             The next latents in ``model_output``'s dtype (and the data prediction), the final sample after the
@@ -909,14 +1214,26 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         if per_token_timesteps is not None:
             raise ValueError("per_token_timesteps: a noise level per token is not supported; the schedule "
                              "conversion needs one noise level per sample")
+        if eta is not None and _finite_number(eta, "eta") != 0:
+            raise ValueError(f"eta: DDIM's stochastic step is not taken here, got {eta!r}; pass eta=0 and give the "
+                             "scheduler diffusion='optimal' (or a number) for an SDE that keeps the marginals")
+        if variance_noise is not None:
+            raise ValueError("variance_noise: not taken; SDE noise comes from per-sample streams (pass generator)")
         if not isinstance(model_output, Tensor) or not isinstance(sample, Tensor):
             raise TypeError("model_output, sample: expected tensors")
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output: shape {tuple(model_output.shape)} does not match the sample's "
                              f"{tuple(sample.shape)}")
         if self._step_index is None:
-            self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
-            if not (0 <= self._step_index < len(self._plan)) or self._plan[self._step_index][0] != "pred":
+            first = float(torch.as_tensor(timestep).flatten()[0])
+            if self._begin_index is not None:
+                self._step_index = self._begin_index
+            elif abs(float(self.timesteps[0]) - first) <= 1e-3:
+                self._step_index = 0  # a DDPM model's run may open with the σ probes
+            else:
+                self._step_index = self.index_for_timestep(timestep)
+            if not (0 <= self._step_index < len(self._plan)) or \
+                    self._plan[self._step_index][0] not in ("pred", "probe+"):
                 raise ValueError(f"begin_index: {self._step_index} is not the start of a step of this schedule")
         i = self._step_index
         if i >= len(self._plan):
@@ -932,15 +1249,18 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             self._raise_if_nonfinite()
         cdtype = torch.promote_types(sample.dtype, torch.float32)
         x_in = sample.detach().to(cdtype)
-        v = -model_output.detach().to(cdtype)
+        output = model_output.detach().to(cdtype)
+        v = -output
         unchanged = self._unchanged(sample)
 
         with torch.no_grad():
+            if role in ("probe+", "probe-"):
+                return self._moment_probe(role, x_in, output, model_output.dtype, return_dict, generator)
             if self._lanes is None and role == "pred":
                 self._start(x_in, v, node, generator)
                 if not self._target_resolved:
                     # The first evaluation waits for σ: the network is sent to the probe point first.
-                    self._deferred = (x_in, v)
+                    self._deferred = (x_in, output)
                     tau = self._probe_tau
                     probe = (1 - tau) * x_in + tau * self._probe_mean
                     return self._finish(probe, None, model_output.dtype, return_dict, y=None)
@@ -949,15 +1269,19 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                 sigmas = self._estimate_sigma(x_in, v)
                 self.estimated_sigma = torch.tensor(sigmas, dtype=_F64)
                 self._build_lanes(tuple(x_in.shape), sigmas)
-                x_in, v = self._deferred
+                x_in, output = self._deferred
+                v = -output
                 self._deferred = None
                 role, unchanged = "pred", False
             state_node = node + 1 if role == "corr" else node
             y = self._y if unchanged and self._y is not None else self._to_state(x_in, state_node)
-            self._record(x_in, v)
+            self._record(x_in, output)
             data = torch.empty_like(x_in)
             for lane in self._lanes:
-                data[lane.index] = x_in[lane.index] + (1 - lane.tau[state_node]) * v[lane.index]
+                if self._source.is_flow:
+                    data[lane.index] = x_in[lane.index] + (1 - lane.tau[state_node]) * v[lane.index]
+                else:
+                    data[lane.index] = lane.recorded.eta(x_in[lane.index], lane.tau[state_node])[1]
             # A pipeline that edits the latents (inpainting) has the last word on the state: ab2-pc does not
             # correct such a step, as the correction would undo the edit.
             self._edited = not unchanged
@@ -967,6 +1291,29 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                 y, next_node = self._corr(y, node), node + 1
             x_next = self._to_latents(y, next_node)
         return self._finish(x_next, data, model_output.dtype, return_dict, y=y)
+
+    def _moment_probe(self, role: str, x_in: Tensor, output: Tensor, dtype: torch.dtype, return_dict: bool,
+                      generator: Any) -> LazySchedulerOutput | tuple:
+        """A DDPM model's probes at τ_p: the first at the initial latents w, the second at −w; then the state at
+        t = 0, and with the mean known the first step from it (:meth:`_estimate_moments`)."""
+        probe = _Recorded(self._source)
+        probe.x, probe.output = x_in, output
+        eta_x = probe.eta(x_in, self._probe_tau)[1]
+        if role == "probe+":
+            self._start(x_in, None, 0, generator)
+            self._probe_direction, self._probe_plus = x_in, eta_x
+            return self._finish(-x_in, None, dtype, return_dict, y=None)
+        sigmas = self._estimate_moments(self._probe_plus, eta_x)
+        if sigmas is not None:
+            self.estimated_sigma = torch.tensor(sigmas, dtype=_F64)
+        self._build_lanes(tuple(x_in.shape), sigmas)
+        y = self._to_state(self._probe_direction, 0)
+        self._edited = False
+        if self._known_start:
+            y, node = self._pred(y, 0)
+        else:
+            node = 0
+        return self._finish(self._to_latents(y, node), None, dtype, return_dict, y=y)
 
     def _raise_if_nonfinite(self) -> None:
         flags = torch.stack([flag for _, flag in self._nonfinite]).cpu()

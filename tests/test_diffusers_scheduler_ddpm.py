@@ -1,0 +1,298 @@
+"""LazyScheduler on DDPM-style models (ε-, v- and x₀-prediction on discrete alphas_cumprod): which configs select
+them, exactness on Gaussian latents, and li.sample's samples inside real DDPM, DDIM and Stable Diffusion
+pipelines on tiny models, offline."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("diffusers")
+from diffusers import (  # noqa: E402
+    DDIMPipeline,
+    DDIMScheduler,
+    DDPMPipeline,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EDMEulerScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
+from diffusers.models.unets.unet_2d import UNet2DOutput  # noqa: E402
+
+import lazyinterp as li  # noqa: E402
+from lazyinterp.diffusers import LazyScheduler, ddpm_model, ddpm_schedule  # noqa: E402
+
+F64 = torch.float64
+
+# One config per prediction type: ε on Stable Diffusion's scaled-linear betas (noisiest SNR 0.068, so the first
+# instants of a lazy target are clamped to it), v on zero-terminal-SNR betas (SNR 0 at the start) and x₀ on
+# DDPM's linear betas.
+CONFIGS = {
+    "epsilon": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="epsilon"),
+    "v_prediction": dict(rescale_betas_zero_snr=True, prediction_type="v_prediction"),
+    "sample": dict(prediction_type="sample"),
+}
+# Stable Diffusion 1.x's scheduler_config.json as published: no prediction_type (ε by default).
+SD_CONFIG_JSON = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+                  "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+                  "clip_sample": False}
+
+
+def gaussian_output(x: torch.Tensor, timestep: torch.Tensor, sched, prediction_type: str, mean: float,
+                    std: float) -> torch.Tensor:
+    """The exact output of a DDPM network for X ~ N(mean, std² I) at the float timestep (index) it is given:
+    with x = βX + αZ, η_X = μ + βσ²(x − βμ)/(β²σ² + α²) and η_Z = α(x − βμ)/(β²σ² + α²)."""
+    t = (sched.num_train_timesteps - 1 - timestep.double().flatten()) / sched.num_train_timesteps
+    t = t.expand(x.shape[0]).clamp(0.0, 1.0)
+    a, b = (c.reshape(-1, *([1] * (x.ndim - 1))) for c in (sched.alpha(t), sched.beta(t)))
+    xd = x.double()
+    den = b * b * std**2 + a * a
+    eta_x = mean + b * std**2 * (xd - b * mean) / den
+    eta_z = a * (xd - b * mean) / den
+    out = {"epsilon": eta_z, "sample": eta_x, "v_prediction": b * eta_z - a * eta_x}[prediction_type]
+    return out.to(x.dtype)
+
+
+def drive(scheduler: LazyScheduler, net, z: torch.Tensor, steps: int) -> torch.Tensor:
+    """``scheduler`` stepped as a DDPM pipeline steps it, from latents ``z``."""
+    scheduler.set_timesteps(steps)
+    x = z.clone()
+    for t in scheduler.timesteps:
+        x = scheduler.step(net(x, t), t, x).prev_sample
+    return x
+
+
+# Configs ------------------------------------------------------------------------------------------------------------
+
+def test_configs_say_whether_the_model_is_a_flow_or_a_ddpm_one():
+    """diffusers drops config values left at their defaults before __init__, so a DDPMScheduler() config or
+    Stable Diffusion's json (no prediction_type) used to reach LazyScheduler as a flow model and sample garbage.
+    The prediction type is now read from the config as given."""
+    for config, kind in [
+        (DDPMScheduler().config, "epsilon"),
+        (DDIMScheduler(prediction_type="v_prediction").config, "v_prediction"),
+        (EulerDiscreteScheduler(prediction_type="sample").config, "sample"),
+        (SD_CONFIG_JSON, "epsilon"),
+        (PNDMScheduler.from_config(SD_CONFIG_JSON).config, "epsilon"),
+    ]:
+        sched = LazyScheduler.from_config(config)
+        assert sched.config.prediction_type == kind and not sched._source.is_flow
+    for config in (FlowMatchEulerDiscreteScheduler(shift=3.0).config,
+                   DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                               flow_shift=3.0).config):
+        sched = LazyScheduler.from_config(config)
+        assert sched._source.is_flow and sched.shift == 3.0  # DPMSolver's and UniPC's flow_shift is the shift
+    assert LazyScheduler.from_config(DDPMScheduler().config, prediction_type="v_prediction").config.prediction_type \
+        == "v_prediction"
+    with pytest.raises(ValueError, match="sigma_data: this is an EDM-preconditioned model's config"):
+        LazyScheduler.from_config(EDMEulerScheduler().config)
+    with pytest.raises(ValueError, match="prediction_type: expected one of epsilon, v_prediction, sample"):
+        LazyScheduler(prediction_type="velocity")
+    with pytest.raises(ValueError, match="beta_schedule: 'cubic' is not a beta schedule"):
+        LazyScheduler(prediction_type="epsilon", beta_schedule="cubic")
+
+
+def test_ddpm_config_round_trips(tmp_path):
+    sched = LazyScheduler.from_config(SD_CONFIG_JSON, schedule="point-mass")
+    sched.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "scheduler_config.json").read_text())
+    assert saved["prediction_type"] == "epsilon" and saved["beta_schedule"] == "scaled_linear"
+    loaded = LazyScheduler.from_pretrained(tmp_path)
+    assert not loaded._source.is_flow and loaded.config.schedule == "point-mass"
+    torch.testing.assert_close(loaded._source.schedule.beta(torch.tensor([0.3], dtype=F64)),
+                               sched._source.schedule.beta(torch.tensor([0.3], dtype=F64)), rtol=0, atol=0)
+
+
+# Closed forms -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prediction_type", list(CONFIGS))
+def test_one_lazy_step_is_exact_on_gaussian_latents(prediction_type):
+    """Gaussian latents N(μ, σ²I): the two probes read μ and σ exactly, and with them one lazy VP step (Euler, or
+    AB2's first step) returns σZ + μ to rounding, for each prediction type; several steps stay exact up to the
+    float32 timestep the network reads (the zero drift of the lazy schedule)."""
+    config = CONFIGS[prediction_type]
+    sched = ddpm_schedule(DDIMScheduler(**config).alphas_cumprod)
+    z = torch.randn(5, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    for mean, std in ((0.7, 1.6), (-2.0, 0.3)):
+        def net(x, t, mean=mean, std=std):
+            return gaussian_output(x, t, sched, prediction_type, mean, std)
+
+        for solver in (None, "euler"):
+            scheduler = LazyScheduler(solver=solver, **config)
+            out = drive(scheduler, net, z, 1)
+            assert len(scheduler.timesteps) == 2  # the probes; with the mean known, t = 0 needs no evaluation
+            torch.testing.assert_close(scheduler.estimated_sigma, torch.full((5,), std, dtype=F64), rtol=1e-12,
+                                       atol=0)
+            torch.testing.assert_close(scheduler.estimated_mean, torch.full_like(z, mean), rtol=0, atol=1e-12)
+            torch.testing.assert_close(out, std * z + mean, rtol=0, atol=1e-12 * std)
+            out = drive(LazyScheduler(solver=solver, **config), net, z, 4)
+            torch.testing.assert_close(out, std * z + mean, rtol=0, atol=1e-6 * std)
+
+
+def test_add_noise_is_ddpm_forward_process_at_the_given_index():
+    """Custom timesteps are indices n, at ᾱ_n's SNR; the network sees exactly them, and add_noise there is
+    DDPMScheduler's √ᾱ_n x₀ + √(1 − ᾱ_n) ε."""
+    config = CONFIGS["epsilon"]
+    scheduler = LazyScheduler(sigma=1.0, center=False, **config)
+    scheduler.set_timesteps(timesteps=[999, 700, 420, 100, 5])
+    assert scheduler.timesteps.tolist() == [999.0, 700.0, 420.0, 100.0, 5.0]
+    x0, eps = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(3)).unbind(0)
+    for i, n in enumerate([999, 700, 420, 100, 5]):
+        scheduler.set_begin_index(i)
+        expected = DDPMScheduler(**config).add_noise(x0[None], eps[None], torch.tensor([n]))
+        torch.testing.assert_close(scheduler.add_noise(x0[None], eps[None], torch.tensor([float(n)])), expected,
+                                   rtol=0, atol=1e-6)
+    # Noise levels √((1 − ᾱ)/ᾱ), as EulerDiscreteScheduler takes them, select the same nodes.
+    abar = DDPMScheduler(**config).alphas_cumprod.double()
+    scheduler.set_timesteps(sigmas=((1 - abar) / abar).sqrt()[[999, 700, 420, 100, 5]].tolist())
+    torch.testing.assert_close(scheduler.timesteps, torch.tensor([999.0, 700.0, 420.0, 100.0, 5.0]), rtol=0,
+                               atol=1e-3)
+    # The noisiest index is the start: σ and E[X] are read there by default, and the first node is not evaluated.
+    estimating = LazyScheduler(**config)
+    estimating.set_timesteps(timesteps=[999, 500, 100])
+    assert estimating.timesteps[2:].tolist() == [500.0, 100.0] and len(estimating.timesteps) == 4
+    estimating.set_timesteps(sigmas=((1 - abar) / abar).sqrt()[[999, 500, 100]].tolist())
+    assert estimating.timesteps[2:].tolist() == [500.0, 100.0]
+    for bad, match in (([700, 999], "timesteps: expected indices in"), ([1000, 3], "timesteps: expected indices in")):
+        with pytest.raises(ValueError, match=match):
+            scheduler.set_timesteps(timesteps=bad)
+    with pytest.raises(ValueError, match="sigmas: expected positive, finite, strictly decreasing noise levels"):
+        scheduler.set_timesteps(sigmas=[3.0, 0.0])
+
+
+# Pipelines ----------------------------------------------------------------------------------------------------------
+
+class PerturbedGaussianUNet(UNet2DConditionModel):
+    """A tiny conditional UNet's class and config whose output is the exact Gaussian one plus a small multiple of
+    the random UNet's: a denoiser that is not Gaussian, smooth in the timestep (fed to the random part as n/100,
+    whose sinusoidal embedding would otherwise oscillate every few indices)."""
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, return_dict=True, **kwargs):
+        timestep = torch.as_tensor(timestep, dtype=torch.float32).flatten().expand(sample.shape[0])
+        exact = gaussian_output(sample, timestep, self.lazy_schedule, self.prediction_type, 0.3, 0.8)
+        noise = super().forward(sample, timestep / 100, encoder_hidden_states, return_dict=False)[0]
+        return (exact + 0.2 * noise,)
+
+
+def stable_diffusion(prediction_type: str, scheduler) -> StableDiffusionPipeline:
+    torch.manual_seed(0)
+    unet = PerturbedGaussianUNet(block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4,
+                                 out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                 norm_num_groups=2).eval()
+    unet.lazy_schedule = ddpm_schedule(DDIMScheduler(**CONFIGS[prediction_type]).alphas_cumprod)
+    unet.prediction_type = prediction_type
+    pipe = StableDiffusionPipeline(vae=None, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("setting", [dict(), dict(solver="euler"), dict(solver="heun"), dict(solver="ab2-pc"),
+                                     dict(solver="exponential-2m"), dict(schedule="point-mass")])
+@pytest.mark.parametrize("steps", [1, 3, 6])
+def test_stable_diffusion_latents_equal_li_sample(prediction_type, setting, steps):
+    """In StableDiffusionPipeline (a conditional UNet, prompt embeddings, output_type="latent") LazyScheduler's
+    latents are li.sample's on ddpm_model of the same UNet, from the same initial latents, with the σ and E[X]
+    the scheduler estimated for each sample (and, for the point-mass SDE, the noise seed it recorded)."""
+    if setting.get("solver") == "ab2-pc" and steps == 1:
+        pytest.skip("one step of ab2-pc is AB2's (Euler's) step")
+    base = DDIMScheduler(**CONFIGS[prediction_type], timestep_spacing="leading", steps_offset=1)
+    pipe = stable_diffusion(prediction_type, LazyScheduler.from_config(base.config, **setting))
+    embeds = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(2))
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = pipe(prompt_embeds=embeds, num_inference_steps=steps, guidance_scale=1.0, height=64, width=64,
+                   latents=z.clone(), output_type="latent", generator=torch.Generator().manual_seed(5)).images
+    scheduler = pipe.scheduler
+    kind = setting.get("schedule", "lazy-vp")
+    for i in range(2):
+        model = ddpm_model(pipe.unet, base, encoder_hidden_states=embeds[i: i + 1])
+        target = li.SCHEDULES[kind](float(scheduler.estimated_sigma[i]))
+        kw = {k: v for k, v in setting.items() if k != "schedule"}
+        if kind == "point-mass":
+            kw.update(shape=(1, 4, 8, 8), generator=scheduler.noise_seeds[0], indices=[i])
+        else:
+            kw["noise"] = z[i: i + 1]
+        with torch.no_grad():
+            ref = li.sample(model, steps=steps, schedule=target, center=scheduler.estimated_mean[i], **kw)
+        torch.testing.assert_close(out[i: i + 1], ref, rtol=0, atol=2e-4)
+    assert not torch.allclose(out[0], out[1])
+
+
+def test_ddpm_and_ddim_pipelines_run_the_scheduler():
+    """DDPMPipeline (a generator passed to step) and DDIMPipeline (eta and use_clipped_model_output passed to
+    step) run it; DDIM's eta > 0 is refused with a pointer to the SDEs that keep the marginals."""
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4).eval()
+    sched = ddpm_schedule(DDPMScheduler().alphas_cumprod)
+
+    class GaussianUNet(torch.nn.Module):
+        """The exact ε of N(0.1, 0.3² I) pixels, called as DDPM pipelines call a UNet."""
+
+        config, dtype, device = unet.config, torch.float32, torch.device("cpu")
+
+        def forward(self, sample, timestep):
+            t = torch.as_tensor(timestep, dtype=torch.float32).flatten()
+            return UNet2DOutput(sample=gaussian_output(sample, t, sched, "epsilon", 0.1, 0.3))
+
+    # The point-mass SDE with an Euler last step is exact in law on Gaussian data (the default denoising one
+    # shrinks the spread at few steps).
+    for settings in (dict(), dict(schedule="point-mass", last_step="euler"),
+                     dict(sigma=0.3, center=False, solver="heun")):
+        pipe = DDPMPipeline(unet=GaussianUNet(), scheduler=LazyScheduler.from_config(DDPMScheduler().config,
+                                                                                       **settings))
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(batch_size=64, num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+                      output_type="np").images
+        pixels = 2 * torch.as_tensor(images) - 1  # the pipeline's (x/2 + 1/2) clipped to [0, 1]
+        assert abs(float(pixels.mean()) - 0.1) < 0.02 and abs(float(pixels.std()) - 0.3) < 0.02
+    ddim = DDIMPipeline(unet=GaussianUNet(), scheduler=DDIMScheduler())
+    ddim.scheduler = LazyScheduler.from_config(ddim.scheduler.config)
+    ddim.set_progress_bar_config(disable=True)
+    images = ddim(batch_size=4, num_inference_steps=1, eta=0.0, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (4, 8, 8, 1)
+    assert math.isclose(float(ddim.scheduler.estimated_sigma[0]), 0.3, rel_tol=1e-5)
+    with pytest.raises(ValueError, match="eta: DDIM's stochastic step is not taken here"):
+        ddim(batch_size=1, num_inference_steps=2, eta=1.0, output_type="np")
+
+
+def test_stable_diffusion_xl_runs_the_scheduler_with_guidance():
+    """StableDiffusionXLPipeline (text-time conditioning, classifier-free guidance) runs it from an
+    EulerDiscreteScheduler config: finite latents for 1 to 4 steps, every timestep evaluated once."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                                projection_class_embeddings_input_dim=80, cross_attention_dim=32,
+                                norm_num_groups=2).eval()
+    base = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                  timestep_spacing="leading", steps_offset=1)
+    pipe = StableDiffusionXLPipeline(vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                     tokenizer_2=None, unet=unet, scheduler=LazyScheduler.from_config(base.config))
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    pipe.unet.register_forward_hook(lambda module, args, output: calls.append(float(args[1])))
+    embeds, pooled = torch.randn(2, 5, 32), torch.randn(2, 32)
+    for steps in range(1, 5):
+        calls.clear()
+        out = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=torch.zeros_like(embeds),
+                   negative_pooled_prompt_embeds=torch.zeros_like(pooled), num_inference_steps=steps,
+                   guidance_scale=5.0, height=64, width=64, output_type="latent").images
+        assert out.shape == (2, 4, 8, 8) and bool(torch.isfinite(out).all())
+        assert calls == pipe.scheduler.timesteps.tolist()
