@@ -21,6 +21,7 @@ from diffusers import (  # noqa: E402
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     PNDMScheduler,
+    StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -296,3 +297,30 @@ def test_stable_diffusion_xl_runs_the_scheduler_with_guidance():
                    guidance_scale=5.0, height=64, width=64, output_type="latent").images
         assert out.shape == (2, 4, 8, 8) and bool(torch.isfinite(out).all())
         assert calls == pipe.scheduler.timesteps.tolist()
+
+
+def test_image_to_image_starts_from_add_noise_at_the_pipelines_node():
+    """StableDiffusionImg2ImgPipeline (with σ given: the probes need a run from the start) begins at the node its
+    strength picks, from add_noise's √ᾱ x₀ + √(1 − ᾱ) ε there, and evaluates the remaining nodes once each; with
+    σ left to the scheduler it stops with a one-line error."""
+    base = DDIMScheduler(**CONFIGS["epsilon"])
+    pipe = stable_diffusion("epsilon", LazyScheduler.from_config(base.config, sigma=1.0))
+    pipe = StableDiffusionImg2ImgPipeline(**pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    pipe.unet.register_forward_hook(lambda module, args, output: seen.append((float(args[1]), args[0].clone())))
+    image = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    embeds = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(2))
+    out = pipe(prompt_embeds=embeds, image=image, strength=0.6, num_inference_steps=5, guidance_scale=1.0,
+               output_type="latent", generator=torch.Generator().manual_seed(6)).images
+    assert bool(torch.isfinite(out).all())
+    assert [t for t, _ in seen] == pipe.scheduler.timesteps[2:].tolist()  # 5 − int(0.6 · 5) = 2 nodes skipped
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    # The node's index is fractional: ᾱ there is the schedule's, log-SNR linear between the integer indices.
+    abar = float(ddpm_schedule(base.alphas_cumprod).beta(torch.tensor((999 - seen[0][0]) / 1000)) ** 2)
+    start = math.sqrt(abar) * image + math.sqrt(1 - abar) * noise
+    torch.testing.assert_close(seen[0][1], start, rtol=0, atol=1e-5)
+    pipe.scheduler = LazyScheduler.from_config(base.config)
+    with pytest.raises(ValueError, match="sigma: estimating sigma needs a run that starts at sigma = 1"):
+        pipe(prompt_embeds=embeds, image=image, strength=0.6, num_inference_steps=5, guidance_scale=1.0,
+             output_type="latent")
