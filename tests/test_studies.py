@@ -51,3 +51,24 @@ def test_the_trained_2d_study_trains_samples_and_scores_every_sampler_at_exact_n
     table = study.markdown(results)
     assert table.startswith("### moons, trained velocity MLP")
     assert "Lazy VP Euler at N against linear Euler at 2N" in table
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers.*")
+def test_the_ddpm_schedulers_study_counts_network_calls_and_scores_every_scheduler(tmp_path):
+    """docs/studies/ddpm_schedulers.py at a tiny size: each scheduler's run is checked inside the study to make
+    exactly the NFE it is listed at; LazyScheduler has no one-call run (its probes cost two)."""
+    pytest.importorskip("diffusers")
+    study = load("ddpm_schedulers")
+    results = study.run(64)
+    assert set(results) == {"gmm-2d", "gmm-64d"}
+    for rows in results.values():
+        assert {"DDIM", "UniPC", "LazyScheduler, lazy VP Euler"} <= set(rows)
+        for label, row in rows.items():
+            values = row["values"]
+            assert len(values) == len(study.NFES)
+            assert (values[0] is None) == (row["family"] == "lazyinterp"), label
+            assert all(math.isfinite(v) for v in values if v is not None), label
+    table = study.markdown(results, 64)
+    assert table.count("| DDIM | diffusers |") == 2 and "| – |" in table
+    study.plot(results, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 0

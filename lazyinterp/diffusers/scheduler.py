@@ -1235,6 +1235,11 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             if not (0 <= self._step_index < len(self._plan)) or \
                     self._plan[self._step_index][0] not in ("pred", "probe+"):
                 raise ValueError(f"begin_index: {self._step_index} is not the start of a step of this schedule")
+            if self._step_index > 0 and self._plan[0][0] == "probe+":
+                # Pipelines that start mid-way index the timesteps by node, which the probes would offset.
+                raise ValueError("begin_index: this run opens with the two probes that read sigma and E[X] "
+                                 "(estimated sigma, centring, or a point-mass target), so it cannot start mid-way "
+                                 "(image-to-image); pass sigma and center=False with a Gaussian-base schedule")
         i = self._step_index
         if i >= len(self._plan):
             raise ValueError("step: the schedule is finished; call set_timesteps again")
