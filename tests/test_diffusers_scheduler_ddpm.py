@@ -336,3 +336,28 @@ def test_a_run_that_opens_with_probes_cannot_start_mid_way():
     x = torch.randn(1, 3)
     with pytest.raises(ValueError, match="begin_index: this run opens with the two probes"):
         scheduler.step(torch.zeros_like(x), scheduler.timesteps[2], x)
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_guided_stable_diffusion_latents_equal_li_sample_with_the_same_guidance(steps):
+    """Under classifier-free guidance the pipeline combines u + w (c − u) before ``step``, and ddpm_model with the
+    same ``guidance_scale`` and negative embeddings does the same inside li.sample: the latents agree."""
+    base = DDIMScheduler(**CONFIGS["epsilon"])
+    pipe = stable_diffusion("epsilon", LazyScheduler.from_config(base.config))
+    embeds, negative = torch.randn(2, 2, 5, 32, generator=torch.Generator().manual_seed(2)).unbind(0)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=steps,
+                   guidance_scale=5.0, height=64, width=64, latents=z.clone(), output_type="latent").images
+    scheduler = pipe.scheduler
+    for i in range(2):
+        model = ddpm_model(pipe.unet, base, encoder_hidden_states=embeds[i: i + 1], guidance_scale=5.0,
+                           negative_kwargs={"encoder_hidden_states": negative[i: i + 1]})
+        with torch.no_grad():
+            ref = li.sample(model, z[i: i + 1], steps=steps, schedule=li.lazy_vp(float(scheduler.estimated_sigma[i])),
+                            center=scheduler.estimated_mean[i])
+        torch.testing.assert_close(out[i: i + 1], ref, rtol=0, atol=2e-4)
+    with torch.no_grad():  # the guidance is seen, by the probes too (one step evaluates nothing else)
+        plain = pipe(prompt_embeds=embeds, num_inference_steps=steps, guidance_scale=1.0, height=64, width=64,
+                     latents=z.clone(), output_type="latent").images
+    assert float((plain - out).abs().max()) > 1e-2

@@ -110,24 +110,13 @@ def flow_transformer_model(transformer: Any, *, guidance_scale: float = 1.0, neg
     """
     if not callable(transformer):
         raise TypeError(f"transformer: expected a callable module, got {type(transformer).__name__}")
-    if isinstance(guidance_scale, bool) or not (isinstance(guidance_scale, (int, float))
-                                                and math.isfinite(guidance_scale)):
-        raise ValueError(f"guidance_scale: expected a finite number, got {guidance_scale!r}")
-    cfg = guidance_scale != 1.0
-    if cfg and not negative_kwargs:
-        raise ValueError("negative_kwargs: classifier-free guidance (guidance_scale != 1) needs the negative "
-                         "conditioning")
+    cfg, neg = _check_guidance(guidance_scale, negative_kwargs, fixed_kwargs)
     flux = _is_flux(transformer)
     if timestep_fn is not None and not callable(timestep_fn):
         raise TypeError(f"timestep_fn: expected a function of sigma, got {type(timestep_fn).__name__}")
     if timestep_fn is not None and timestep_scale is not None:
         raise ValueError("timestep_fn, timestep_scale: give one of them")
     scale = float(timestep_scale) if timestep_scale is not None else (1.0 if flux else 1000.0)
-    neg = dict(negative_kwargs or {})
-    missing = sorted(set(neg) - set(fixed_kwargs))
-    if missing:
-        raise ValueError(f"negative_kwargs: {', '.join(missing)} have no positive counterpart in the keyword "
-                         "arguments")
 
     def call(hidden: Tensor, timestep: Tensor, kwargs: dict) -> Tensor:
         out = transformer(hidden_states=hidden, timestep=timestep, return_dict=False, **kwargs)
@@ -157,24 +146,45 @@ def flow_transformer_model(transformer: Any, *, guidance_scale: float = 1.0, neg
         noise_level = 1 - t.detach().to("cpu", _F64)
         label = scale * noise_level if timestep_fn is None else torch.as_tensor(timestep_fn(noise_level))
         timestep = label.to(device=hidden.device, dtype=dtype)
-        if cfg:
-            both = dict(kwargs)
-            for k, val in neg.items():
-                val = _fit_batch(k, val, batch)
-                both[k] = torch.cat([val, kwargs[k]]) if isinstance(val, Tensor) and k not in _UNBATCHED else val
-            for k, val in kwargs.items():
-                if k not in neg and isinstance(val, Tensor) and k not in _UNBATCHED and val.ndim > 0:
-                    both[k] = torch.cat([val, val])
-            out = call(torch.cat([hidden, hidden]), torch.cat([timestep, timestep]), both)
-            uncond, cond = out.chunk(2)
-            out = uncond + guidance_scale * (cond - uncond)
-        else:
-            out = call(hidden, timestep, kwargs)
+        out = _guided(call, hidden, timestep, kwargs, neg, guidance_scale) if cfg else call(hidden, timestep, kwargs)
         if packed is not None:
             out = _unpack_flux(out, *packed)
         return -out
 
     return Model(net, "linear", "velocity", net_dtype=torch.float32)
+
+
+def _check_guidance(guidance_scale: Any, negative_kwargs: dict | None, fixed_kwargs: dict) -> tuple[bool, dict]:
+    """Whether classifier-free guidance is on, and the negative keyword arguments, checked against the fixed ones."""
+    if isinstance(guidance_scale, bool) or not (isinstance(guidance_scale, (int, float))
+                                                and math.isfinite(guidance_scale)):
+        raise ValueError(f"guidance_scale: expected a finite number, got {guidance_scale!r}")
+    cfg = guidance_scale != 1.0
+    if cfg and not negative_kwargs:
+        raise ValueError("negative_kwargs: classifier-free guidance (guidance_scale != 1) needs the negative "
+                         "conditioning")
+    neg = dict(negative_kwargs or {})
+    missing = sorted(set(neg) - set(fixed_kwargs))
+    if missing:
+        raise ValueError(f"negative_kwargs: {', '.join(missing)} have no positive counterpart in the keyword "
+                         "arguments")
+    return cfg, neg
+
+
+def _guided(call: Callable[[Tensor, Tensor, dict], Tensor], hidden: Tensor, timestep: Tensor, kwargs: dict,
+            neg: dict, guidance_scale: float) -> Tensor:
+    """u + w (c − u) from one batched call [negative, positive], as the pipelines make it."""
+    batch = hidden.shape[0]
+    both = dict(kwargs)
+    for k, val in neg.items():
+        val = _fit_batch(k, val, batch)
+        both[k] = torch.cat([val.to(hidden.device), kwargs[k]]) \
+            if isinstance(val, Tensor) and k not in _UNBATCHED else val
+    for k, val in kwargs.items():
+        if k not in neg and isinstance(val, Tensor) and k not in _UNBATCHED and val.ndim > 0:
+            both[k] = torch.cat([val, val])
+    uncond, cond = call(torch.cat([hidden, hidden]), torch.cat([timestep, timestep]), both).chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
 
 
 def _alphas_cumprod(scheduler_or_betas: Any) -> Tensor:
@@ -284,7 +294,7 @@ def ddpm_schedule(alphas_cumprod: Any) -> Schedule:
 
 
 def ddpm_model(unet: Any, scheduler_or_betas: Any, prediction_type: str | None = None, class_labels: Any = None,
-               **unet_kwargs: Any) -> Model:
+               *, guidance_scale: float = 1.0, negative_kwargs: dict | None = None, **unet_kwargs: Any) -> Model:
     r"""A DDPM-style UNet as an :class:`~lazyinterp.Model` on :func:`ddpm_schedule` of its ``alphas_cumprod``.
 
     The network is called as ``unet(x, u, class_labels=..., **unet_kwargs)`` with the float timestep
@@ -312,6 +322,10 @@ def ddpm_model(unet: Any, scheduler_or_betas: Any, prediction_type: str | None =
         scheduler_or_betas: a DDPM-style scheduler (its ``alphas_cumprod``) or the betas.
         prediction_type: as above; default the scheduler's ``config.prediction_type``, else ``"epsilon"``.
         class_labels: fixed class labels (one per sample, or one for all).
+        guidance_scale: the classifier-free guidance weight w (1 disables it): output = u + w (c − u) from one
+            batched call [negative, positive], as Stable Diffusion pipelines make it.
+        negative_kwargs: the inputs that differ for the unconditional branch (e.g. the negative
+            ``encoder_hidden_states``, or ``class_labels`` of the null class).
         **unet_kwargs: other fixed inputs (e.g. ``encoder_hidden_states`` for a conditional UNet).
     """
     if not callable(unet):
@@ -324,6 +338,14 @@ def ddpm_model(unet: Any, scheduler_or_betas: Any, prediction_type: str | None =
     fixed = dict(unet_kwargs)
     if class_labels is not None:
         fixed["class_labels"] = torch.as_tensor(class_labels)
+    cfg, neg = _check_guidance(guidance_scale, negative_kwargs, fixed)
+
+    def call(hidden: Tensor, timestep: Tensor, kwargs: dict) -> Tensor:
+        out = unet(hidden, timestep, return_dict=False, **kwargs)
+        out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
+        if out.shape[1] == 2 * hidden.shape[1] and out.shape[2:] == hidden.shape[2:]:
+            out = out[:, : hidden.shape[1]]
+        return out
 
     def net(x: Tensor, t: Tensor) -> Tensor:
         dtype = _module_dtype(unet)
@@ -332,10 +354,8 @@ def ddpm_model(unet: Any, scheduler_or_betas: Any, prediction_type: str | None =
         if "class_labels" in kwargs:
             kwargs["class_labels"] = kwargs["class_labels"].to(x.device)
         timestep = schedule.index(t).clamp(0.0, top).to(device=x.device, dtype=torch.float32)
-        out = unet(x.to(dtype), timestep, return_dict=False, **kwargs)
-        out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
-        if out.shape[1] == 2 * x.shape[1] and out.shape[2:] == x.shape[2:]:
-            out = out[:, : x.shape[1]]
+        hidden = x.to(dtype)
+        out = _guided(call, hidden, timestep, kwargs, neg, guidance_scale) if cfg else call(hidden, timestep, kwargs)
         return ddpm_output_to_prediction(out.to(x.dtype), x, t, schedule, prediction_type)
 
     model = Model(net, schedule, kind)

@@ -395,8 +395,9 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
     initial latents w and at −w (k = ⟨(η_X(w) − η_X(−w))/2, w⟩/‖w‖², μ = ((η_X(w) + η_X(−w))/2)/(1 − kβ_p),
     σ² = kα_p²/(β_p(1 − kβ_p)); exact for Gaussian latents, per sample and per prompt, in
     :attr:`estimated_sigma` and :attr:`estimated_mean`). They are the first two :attr:`timesteps` when σ is
-    estimated, when centring (by default only then: with σ given, ``center=True`` asks for them) or for a point-mass
-    target, whose first evaluation must see the state 0. With the mean known the drift at t = 0 is known too, so
+    estimated or the run centres (by default it centres only when σ is estimated; with σ given, ``center=True``
+    adds them), and for a point-mass target, whose first evaluation must see the state 0. A run that opens with
+    them cannot start mid-way (image-to-image). With the mean known the drift at t = 0 is known too, so
     the first node is not evaluated (li.sample's ``known_start``): N steps cost N + 1 evaluations. ``add_noise``
     (UNet image-to-image pipelines) is :meth:`scale_noise`, √(1 − ᾱ) noise + √ᾱ sample; ``step`` takes DDIM
     pipelines' ``eta`` (0 only: the SDEs are ``diffusion``) and ``use_clipped_model_output``. The latents equal
