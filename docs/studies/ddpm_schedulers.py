@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,9 +31,10 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
+from lazyinterp.bench.report import write_json, write_text
 from lazyinterp.bench.workloads import gmm_2d, gmm_64d
 from lazyinterp.diffusers import LazyScheduler, ddpm_schedule
-from lazyinterp.fetch import atomic_path, save_figure
+from lazyinterp.fetch import save_figure
 from lazyinterp.metrics import SlicedW2
 from lazyinterp.noise import NoiseStreams
 
@@ -157,10 +157,8 @@ def main() -> None:
     args = parser.parse_args()
     results = run(args.n)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(args.out.with_suffix(".json")) as tmp:
-        Path(tmp).write_text(json.dumps({"nfe": NFES, "n": args.n, "results": results}, indent=1))
-    with atomic_path(args.out.with_suffix(".md")) as tmp:
-        Path(tmp).write_text(markdown(results, args.n))
+    write_json({"nfe": NFES, "n": args.n, "results": results}, args.out.with_suffix(".json"))
+    write_text(markdown(results, args.n), args.out.with_suffix(".md"))
     plot(results, args.out.with_suffix(".png"))
     print(markdown(results, args.n))
 
