@@ -89,8 +89,8 @@ def sample(scheduler, net, z: torch.Tensor, steps: int) -> tuple[torch.Tensor, i
     return x, calls
 
 
+@torch.no_grad()
 def run(n: int) -> dict:
-    torch.set_grad_enabled(False)
     results = {}
     for name, make_mixture in WORKLOADS.items():
         mixture = make_mixture()

@@ -424,7 +424,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
     (:class:`lazyinterp.noise.KeyedStreams`), as ``li.sample(sde_noise="keyed")`` does.
 
     Args:
-        num_train_timesteps: the timestep scale (1000 σ).
+        num_train_timesteps: the timestep scale of a flow model (timestep = 1000 σ), or a DDPM model's T.
         schedule: the target schedule: a name in ``lazyinterp.SCHEDULES`` or a :class:`~lazyinterp.Schedule`
             (custom schedule objects work but are saved to the config by name only).
         sigma: σ of a lazy schedule; ``None`` estimates it per sample (above).
