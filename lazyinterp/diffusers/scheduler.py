@@ -408,7 +408,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
     the latents instead of a scalar σ, as ``li.sample(covariance=...)`` (:mod:`lazyinterp.covariance`): exact in
     one Euler step for any Gaussian latents. Pass a :class:`~lazyinterp.Covariance` (for large latents a low-rank
     one, e.g. ``li.Covariance.spiked_from_samples(latents)`` of encoded images) or a (D, D) matrix over the
-    latents as the pipeline holds them (packed for FLUX). The state is y = (A/α) c (x − τ μ) and starts at
+    latents as the pipeline holds them (packed for FLUX). The state is y = (A/α) c (x − β μ) and starts at
     Σ^{1/2} Z; σ, left to the scheduler, is √(tr Σ/D) and only sets the time variable. The default solver follows
     li.sample: Euler below 7 steps, then AB2, then AB2-AM3 from 12. The covariance is not saved to the config.
 
@@ -908,8 +908,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             indices = [self._step_index if self._step_index is not None else self._begin_index] * times.numel()
         sigmas = [self._entry_sigma(*self._plan[i]) for i in indices]
         if self._source.is_flow:
-            noise_coef = data_coef = torch.tensor(sigmas, dtype=sample.dtype, device=sample.device)
-            data_coef = 1.0 - data_coef
+            sig = torch.tensor(sigmas, dtype=sample.dtype, device=sample.device)
+            noise_coef, data_coef = sig, 1.0 - sig
         else:
             tau = (1 - torch.tensor(sigmas, dtype=_F64)).clamp(self._source.t_min, self._source.t_max)
             noise_coef, data_coef = (c.to(dtype=sample.dtype, device=sample.device) for c in
@@ -949,8 +949,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         return tau.tolist() if self._source.is_flow else self._source.schedule.beta(tau).tolist()
 
     def _to_state(self, x: Tensor, node: int) -> Tensor:
-        """Pipeline latents at ``node`` → target state y = c (x − τ μ); y_0 = α'_0 Z at a t = 0 start. With a
-        covariance the target state is (A/α) c (x − τ μ), and Σ^{1/2} Z at the start. The initial latents are
+        """Pipeline latents at ``node`` → target state y = c (x − β μ); y_0 = α'_0 Z at a t = 0 start. With a
+        covariance the target state is (A/α) c (x − β μ), and Σ^{1/2} Z at the start. The initial latents are
         the noise Z, for a DDPM model too (whose noisiest state α_0 Z + β_0 X they stand for as in DDIM)."""
         y = torch.empty_like(x)
         for lane in self._lanes:
@@ -966,7 +966,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         return y
 
     def _to_latents(self, y: Tensor, node: int) -> Tensor:
-        """Target state at ``node`` → pipeline latents x = y/c + τ μ (y first mapped by α/A with a covariance)."""
+        """Target state at ``node`` → pipeline latents x = y/c + β μ (y first mapped by α/A with a covariance)."""
         x = torch.empty_like(y)
         for lane in self._lanes:
             ys = y[lane.index]
