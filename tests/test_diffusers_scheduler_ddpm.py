@@ -209,6 +209,8 @@ def test_stable_diffusion_latents_equal_li_sample(prediction_type, setting, step
     the scheduler estimated for each sample (and, for the point-mass SDE, the noise seed it recorded)."""
     if setting.get("solver") == "ab2-pc" and steps == 1:
         pytest.skip("one step of ab2-pc is AB2's (Euler's) step")
+    if setting.get("solver") == "exponential-2m" and steps == 1:
+        pytest.skip("one exponential step from pure noise returns E[X] for every sample (and warns so)")
     base = DDIMScheduler(**CONFIGS[prediction_type], timestep_spacing="leading", steps_offset=1)
     pipe = stable_diffusion(prediction_type, LazyScheduler.from_config(base.config, **setting))
     embeds = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(2))
