@@ -363,3 +363,14 @@ def test_guided_stable_diffusion_latents_equal_li_sample_with_the_same_guidance(
         plain = pipe(prompt_embeds=embeds, num_inference_steps=steps, guidance_scale=1.0, height=64, width=64,
                      latents=z.clone(), output_type="latent").images
     assert float((plain - out).abs().max()) > 1e-2
+
+
+def test_a_network_whose_probes_admit_no_sigma_falls_back_to_one_with_a_warning():
+    """An ε network that always answers 0 reads η_X = x/β at the probes: slope 1/β_p, for which no σ exists
+    (kβ_p = 1). The scheduler warns, naming the sample, uses σ = 1 and finishes with finite latents."""
+    scheduler = LazyScheduler(**CONFIGS["epsilon"])
+    z = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(RuntimeWarning, match="sigma: the model's response at the probes") as caught:
+        out = drive(scheduler, lambda x, t: torch.zeros_like(x), z, 3)
+    assert [str(w.message).split("for sample ")[1][0] for w in caught] == ["0", "1"]
+    assert scheduler.estimated_sigma.tolist() == [1.0, 1.0] and bool(torch.isfinite(out).all())
