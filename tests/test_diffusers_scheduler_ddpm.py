@@ -374,3 +374,22 @@ def test_a_network_whose_probes_admit_no_sigma_falls_back_to_one_with_a_warning(
         out = drive(scheduler, lambda x, t: torch.zeros_like(x), z, 3)
     assert [str(w.message).split("for sample ")[1][0] for w in caught] == ["0", "1"]
     assert scheduler.estimated_sigma.tolist() == [1.0, 1.0] and bool(torch.isfinite(out).all())
+
+
+def test_probes_read_the_latents_the_pipeline_actually_passed():
+    """A pipeline that edits the latents it gets back (inpainting blends in the known region) changes the second
+    probe's input; the moments are read from the inputs the network saw, so they stay exact on Gaussian data."""
+    config = CONFIGS["epsilon"]
+    sched = ddpm_schedule(DDIMScheduler(**config).alphas_cumprod)
+    z = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    scheduler = LazyScheduler(**config)
+    scheduler.set_timesteps(2)
+    x = z.clone()
+    for i, t in enumerate(scheduler.timesteps):
+        x = scheduler.step(gaussian_output(x, t, sched, "epsilon", 0.7, 1.6), t, x).prev_sample
+        if i == 0:
+            torch.testing.assert_close(x, -z, rtol=0, atol=0)  # the second probe, as returned
+            x = -0.5 * z + 0.3  # as edited by the pipeline
+    torch.testing.assert_close(scheduler.estimated_sigma, torch.full((4,), 1.6, dtype=F64), rtol=1e-12, atol=0)
+    torch.testing.assert_close(scheduler.estimated_mean, torch.full_like(z, 0.7), rtol=0, atol=1e-12)
+    torch.testing.assert_close(x, 1.6 * z + 0.7, rtol=0, atol=1e-6)

@@ -393,7 +393,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
     them for the noisiest index. The first evaluation of such a model is not at SNR 0, so it does not give E[X]:
     E[X] and σ come from two antithetic probes at :func:`lazyinterp.estimate_sigma`'s SNR r_p instead, at the
     initial latents w and at −w (k = ⟨(η_X(w) − η_X(−w))/2, w⟩/‖w‖², μ = ((η_X(w) + η_X(−w))/2)/(1 − kβ_p),
-    σ² = kα_p²/(β_p(1 − kβ_p)); exact for Gaussian latents, per sample and per prompt, in
+    σ² = kα_p²/(β_p(1 − kβ_p)); read at the latents the pipeline actually passes, should it edit them;
+    exact for Gaussian latents, per sample and per prompt, in
     :attr:`estimated_sigma` and :attr:`estimated_mean`). They are the first two :attr:`timesteps` when σ is
     estimated or the run centres (by default it centres only when σ is estimated; with σ given, ``center=True``
     adds them), and for a point-mass target, whose first evaluation must see the state 0. A run that opens with
@@ -1024,20 +1025,25 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                 self._draws = [normal_draws(streams(s, indices, shape, **kw), self.num_inference_steps)
                                for s, indices in by_seed]
 
-    def _estimate_moments(self, plus: Tensor, minus: Tensor) -> list[float] | None:
-        r"""A DDPM model's E[X] and σ per sample, from η_X at the antithetic probes x = ±w at τ_p (w the initial
-        latents, α_p, β_p the model's coefficients there). For Gaussian data η_X(x) = μ + k(x − β_p μ), so
-        k = ⟨(η₊ − η₋)/2, w⟩/‖w‖², μ = ((η₊ + η₋)/2)/(1 − kβ_p) and σ² = kα_p²/(β_p(1 − kβ_p)), exact for
-        isotropic Gaussian data (σ² the mean eigenvalue of the covariance in the linear regime otherwise).
+    def _estimate_moments(self, plus: Tensor, minus: Tensor, x_minus: Tensor) -> list[float] | None:
+        r"""A DDPM model's E[X] and σ per sample, from η_X at the probes x₊ = w (the initial latents) and x₋ at
+        τ_p (α_p, β_p the model's coefficients there); x₋ = −w unless the pipeline edited the latents it got back.
+        For Gaussian data η_X(x) = μ + k(x − β_p μ), so k = ⟨η₊ − η₋, x₊ − x₋⟩/‖x₊ − x₋‖²,
+        μ = ((η₊ + η₋)/2 − k (x₊ + x₋)/2)/(1 − kβ_p) and σ² = kα_p²/(β_p(1 − kβ_p)), exact for isotropic Gaussian
+        data (σ² the mean eigenvalue of the covariance in the linear regime otherwise); with x₋ = −w the level is
+        the plain average, which cancels the odd part of a non-linear response.
         Sets the mean when centring; returns the σ when it is to be estimated (else None)."""
         a, b = (float(c) for c in coefficients(self._source.schedule, self._probe_tau)[:2])
-        w = self._probe_direction.flatten(1)
-        slope = (((plus - minus) / 2).flatten(1) * w).sum(1) / (w * w).sum(1)
-        level = (plus + minus) / 2
+        x_plus = self._probe_direction
+        step = (x_plus - x_minus).flatten(1)
+        slope = ((plus - minus).flatten(1) * step).sum(1) / (step * step).sum(1)
+        per_sample = (-1, *([1] * (plus.ndim - 1)))
+        level = (plus + minus) / 2 - slope.view(per_sample) * (x_plus + x_minus) / 2
         valid = torch.isfinite(slope) & (slope > 0) & (slope * b < 1)
         # Where the model's response admits no σ (an untrained network) the level is E[X]'s reading.
         gain = torch.where(valid, 1 - slope * b, torch.ones_like(slope))
-        mean = level / gain.view(-1, *([1] * (level.ndim - 1)))
+        level = torch.where(valid.view(per_sample), level, (plus + minus) / 2)
+        mean = level / gain.view(per_sample)
         self.estimated_mean = mean
         self._mean = mean if self._center else None
         if self._target_resolved:
@@ -1309,7 +1315,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             self._start(x_in, None, 0, generator)
             self._probe_direction, self._probe_plus = x_in, eta_x
             return self._finish(-x_in, None, dtype, return_dict, y=None)
-        sigmas = self._estimate_moments(self._probe_plus, eta_x)
+        sigmas = self._estimate_moments(self._probe_plus, eta_x, x_in)
         if sigmas is not None:
             self.estimated_sigma = torch.tensor(sigmas, dtype=_F64)
         self._build_lanes(tuple(x_in.shape), sigmas)
