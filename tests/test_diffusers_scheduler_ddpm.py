@@ -393,3 +393,30 @@ def test_probes_read_the_latents_the_pipeline_actually_passed():
     torch.testing.assert_close(scheduler.estimated_sigma, torch.full((4,), 1.6, dtype=F64), rtol=1e-12, atol=0)
     torch.testing.assert_close(scheduler.estimated_mean, torch.full_like(z, 0.7), rtol=0, atol=1e-12)
     torch.testing.assert_close(x, 1.6 * z + 0.7, rtol=0, atol=1e-6)
+
+
+def test_every_ddpm_family_config_gives_its_own_alphas_cumprod():
+    """Each DDPM-family scheduler's default config, and a config naming only its class, give LazyScheduler that
+    scheduler's ᾱ: Heun, KDPM2, LCM and TCD default to other betas than DDPM's, which diffusers would otherwise
+    drop as defaults and replace with LazyScheduler's."""
+    import diffusers
+
+    checked = []
+    for name in sorted(LazyScheduler._compatibles):
+        try:
+            native = getattr(diffusers, name)()
+        except ImportError:  # a scheduler whose optional dependency is missing (DPMSolverSDE needs torchsde)
+            continue
+        abar = getattr(native, "alphas_cumprod", None)
+        if abar is None or "sigma_data" in native.config:
+            continue
+        for config in (native.config, {"_class_name": name}):
+            scheduler = LazyScheduler.from_config(config)
+            assert not scheduler._source.is_flow, name
+            n = torch.arange(len(abar) - 1, dtype=F64)  # the noisiest index of a zero-SNR schedule is 0
+            got = scheduler._source.schedule.beta((len(abar) - 1 - n) / len(abar)) ** 2
+            torch.testing.assert_close(got, abar.double()[:-1], rtol=1e-6, atol=0, msg=name)
+        checked.append(name)
+    assert {"DDIMScheduler", "HeunDiscreteScheduler", "LCMScheduler", "TCDScheduler"} <= set(checked)
+    with pytest.raises(ValueError, match="sigma_data: this is an EDM-preconditioned model's config"):
+        LazyScheduler.from_config({"_class_name": "EDMEulerScheduler"})

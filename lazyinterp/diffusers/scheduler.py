@@ -4,11 +4,13 @@ conversions between diffusers' ``sigmas`` and lazyinterp time grids."""
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import diffusers
 import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -166,8 +168,20 @@ class LazySchedulerOutput(BaseOutput):
 
 # The prediction types of flow-matching configs; DDPM-style ones are those of ddpm_prediction_kind.
 _FLOW_PREDICTIONS = (None, "flow_prediction")
-# Schedulers of DDPM-style models (discrete alphas_cumprod), whose configs default to ε-prediction.
+# Schedulers of DDPM-style models (discrete alphas_cumprod).
 _DDPM_FAMILY = frozenset(entry.name for entry in KarrasDiffusionSchedulers) | {"LCMScheduler", "TCDScheduler"}
+# The config keys that describe the model rather than the sampler: read by from_config as the config gives them.
+_MODEL_KEYS = ("num_train_timesteps", "prediction_type", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+               "rescale_betas_zero_snr", "sigma_data")
+
+
+def _init_defaults(class_name: Any) -> dict[str, Any]:
+    """The ``__init__`` defaults of the diffusers scheduler class ``class_name`` (empty for any other name)."""
+    cls = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        return {}
+    return {name: param.default for name, param in inspect.signature(cls.__init__).parameters.items()
+            if param.default is not inspect.Parameter.empty}
 
 
 class _FlowSource:
@@ -559,18 +573,17 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
 
         diffusers drops the values a config holds at their defaults before they reach ``__init__``, and
         ``DDPMScheduler()`` or a Stable Diffusion ``scheduler_config.json`` leave ``prediction_type`` at its
-        default, "epsilon". So the prediction type (and an EDM config's ``sigma_data``) is read from the config as
-        given, with "epsilon" for a DDPM-family ``_class_name`` that names none; keyword arguments still win.
+        default, "epsilon"; ``HeunDiscreteScheduler()`` or an LCM config leave betas at defaults other than
+        these. So what describes the model (:data:`_MODEL_KEYS`: prediction type, betas, an EDM config's
+        ``sigma_data``) is read from the config as given, and where it is missing, from the defaults of the
+        diffusers class its ``_class_name`` names; keyword arguments still win.
         """
         if isinstance(config, dict):
-            if "prediction_type" not in kwargs:
-                prediction = config.get("prediction_type")
-                if prediction is None and config.get("_class_name") in _DDPM_FAMILY:
-                    prediction = "epsilon"
-                if prediction is not None:
-                    kwargs["prediction_type"] = prediction
-            if "sigma_data" not in kwargs and config.get("sigma_data") is not None:
-                kwargs["sigma_data"] = config["sigma_data"]
+            native = _init_defaults(config.get("_class_name"))
+            for key in _MODEL_KEYS:
+                value = config[key] if key in config else native.get(key)
+                if key not in kwargs and value is not None:
+                    kwargs[key] = value
         return super().from_config(config, return_unused_kwargs, **kwargs)
 
     @staticmethod
