@@ -395,6 +395,9 @@ def test_probes_read_the_latents_the_pipeline_actually_passed():
     torch.testing.assert_close(x, 1.6 * z + 0.7, rtol=0, atol=1e-6)
 
 
+# Building diffusers' own Karras-type schedulers warns about numpy 2 in diffusers' code, thousands of times.
+@pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
 def test_every_ddpm_family_config_gives_its_own_alphas_cumprod():
     """Each DDPM-family scheduler's default config, and a config naming only its class, give LazyScheduler that
     scheduler's ᾱ: Heun, KDPM2, LCM and TCD default to other betas than DDPM's, which diffusers would otherwise
