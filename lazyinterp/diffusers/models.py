@@ -119,8 +119,7 @@ def flow_transformer_model(transformer: Any, *, guidance_scale: float = 1.0, neg
     scale = float(timestep_scale) if timestep_scale is not None else (1.0 if flux else 1000.0)
 
     def call(hidden: Tensor, timestep: Tensor, kwargs: dict) -> Tensor:
-        out = transformer(hidden_states=hidden, timestep=timestep, return_dict=False, **kwargs)
-        return out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
+        return _output_tensor(transformer(hidden_states=hidden, timestep=timestep, return_dict=False, **kwargs))
 
     def net(x: Tensor, t: Tensor) -> Tensor:
         dtype = _module_dtype(transformer)
@@ -152,6 +151,11 @@ def flow_transformer_model(transformer: Any, *, guidance_scale: float = 1.0, neg
         return -out
 
     return Model(net, "linear", "velocity", net_dtype=torch.float32)
+
+
+def _output_tensor(out: Any) -> Tensor:
+    """A diffusers model's output tensor, from the tuple or output object it returns."""
+    return out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
 
 
 def _check_guidance(guidance_scale: Any, negative_kwargs: dict | None, fixed_kwargs: dict) -> tuple[bool, dict]:
@@ -341,8 +345,7 @@ def ddpm_model(unet: Any, scheduler_or_betas: Any, prediction_type: str | None =
     cfg, neg = _check_guidance(guidance_scale, negative_kwargs, fixed)
 
     def call(hidden: Tensor, timestep: Tensor, kwargs: dict) -> Tensor:
-        out = unet(hidden, timestep, return_dict=False, **kwargs)
-        out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
+        out = _output_tensor(unet(hidden, timestep, return_dict=False, **kwargs))
         if out.shape[1] == 2 * hidden.shape[1] and out.shape[2:] == hidden.shape[2:]:
             out = out[:, : hidden.shape[1]]
         return out

@@ -760,19 +760,16 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         if mu is not None:
             mu = _finite_number(mu, "mu")
         model_sigmas = _as_sigmas(self._shifted_sigmas(raw, mu))
-        plan = self._set_grid(model_sigmas)
-        entry_sigmas = torch.tensor([self._entry_sigma(role, node) for role, node in plan], dtype=_F64)
+        plan, entry_sigmas = self._set_grid(model_sigmas)
         probe = plan[1][0] == "probe" if len(plan) > 1 else False
         if labels is None:
-            self.timesteps = (entry_sigmas * cfg.num_train_timesteps).to(dtype=torch.float32, device=device)
+            self.timesteps = self._source.timesteps(entry_sigmas).to(device=device)
             # The probe's τ as the network sees it, through the float32 timestep.
-            self._probe_tau = 1 - float(self.timesteps[1]) / cfg.num_train_timesteps if probe else None
+            self._probe_tau = self._source.time_of(float(self.timesteps[1])) if probe else None
         else:
             self.timesteps = _label(entry_sigmas, model_sigmas, labels, cfg.num_train_timesteps).to(device=device)
             self._probe_tau = 1 - float(entry_sigmas[1]) if probe else None
         self.sigmas = self._node_sigmas.to(torch.float32)
-        self._begin_index = None
-        self._reset_run()
 
     def _set_ddpm_timesteps(self, num_inference_steps: int | None, device: torch.device | None, sigmas: Any,
                             timesteps: Any) -> None:
@@ -812,19 +809,17 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                              "given timesteps or sigmas")
         shift = self._shift
         # σ' = sσ/(1 + (s − 1)σ) divides the SNR (1 − σ)/σ by s.
-        plan = self._set_grid(_as_sigmas(shift * raw / (1 + (shift - 1) * raw)))
-        entry_sigmas = torch.tensor([self._entry_sigma(role, node) for role, node in plan], dtype=_F64)
+        plan, entry_sigmas = self._set_grid(_as_sigmas(shift * raw / (1 + (shift - 1) * raw)))
         self.timesteps = source.timesteps(entry_sigmas).to(device=device)
         self._probe_tau = source.time_of(float(self.timesteps[0])) if plan[0][0] == "probe+" else None
         node_tau = 1 - self._node_sigmas
         # Noise levels as k-diffusion and EulerDiscreteScheduler write them, σ = α/β (the data's at SNR 1/σ).
         self.sigmas = (source.schedule.alpha(node_tau) / source.schedule.beta(node_tau)).to(torch.float32)
-        self._begin_index = None
-        self._reset_run()
 
-    def _set_grid(self, model_sigmas: Tensor) -> list[tuple[str, int]]:
-        """The nodes, solver and evaluation plan for these model sigmas: sets :attr:`num_inference_steps`, the
-        node sigmas 1 − τ(t_k) and the plan, a list of (role, node) per network evaluation."""
+    def _set_grid(self, model_sigmas: Tensor) -> tuple[list[tuple[str, int]], Tensor]:
+        """The nodes, solver and evaluation plan for these model sigmas, for a new run: sets
+        :attr:`num_inference_steps`, the node sigmas 1 − τ(t_k) and the plan, a list of (role, node) per network
+        evaluation, and returns it with the model sigma of each entry."""
         model_sigmas[model_sigmas >= 1 - 1e-7] = 1.0
         n = model_sigmas.numel()
         self._model_sigmas = model_sigmas
@@ -875,7 +870,9 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             if self._solver == "heun" and not (k == n - 1 and denoise):
                 plan.append(("corr", k))
         self._plan = plan
-        return plan
+        self._begin_index = None
+        self._reset_run()
+        return plan, torch.tensor([self._entry_sigma(role, node) for role, node in plan], dtype=_F64)
 
     def _default_center(self, starts_at_top: bool) -> bool:
         """Whether the run centres: ``center`` if given, else on for a lazy target in a run from the top, where
