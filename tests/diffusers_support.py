@@ -34,6 +34,10 @@ SD3_CONFIG = dict(sample_size=32, patch_size=2, in_channels=4, num_layers=2, att
                   out_channels=4, pos_embed_max_size=96)
 FLUX_CONFIG = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
                    num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8))
+# A tiny unconditional DDPM UNet on 8×8 single-channel images.
+UNET_CONFIG = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                   down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                   norm_num_groups=4)
 # 64×64 "pixels" with the pipelines' VAE factor 8 give 8×8 latents: SD3 (B, 4, 8, 8); FLUX (B, 1, 8, 8), packed
 # to (B, 16, 4).
 SIZE = 64

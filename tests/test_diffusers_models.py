@@ -18,6 +18,7 @@ from diffusers import (  # noqa: E402
 from diffusers.pipelines.cogview4.pipeline_cogview4 import calculate_shift as cogview4_shift  # noqa: E402
 from diffusers_support import (
     OTHER_BASE,
+    UNET_CONFIG,
     li_model,
     noise,
     other_pipeline,
@@ -219,9 +220,7 @@ def test_ddpm_unet_on_a_lazy_schedule_agrees_with_ddim(prediction_type):
                        rescale_betas_zero_snr=zero_snr)
     native = DDIMScheduler(**ddim_config)
     torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4).eval()
+    unet = UNet2DModel(**UNET_CONFIG).eval()
     net = GaussianishUNet(unet, native.alphas_cumprod, prediction_type)
     z = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(1))
 

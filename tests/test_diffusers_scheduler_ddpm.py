@@ -28,6 +28,7 @@ from diffusers import (  # noqa: E402
     UNet2DModel,
 )
 from diffusers.models.unets.unet_2d import UNet2DOutput  # noqa: E402
+from diffusers_support import UNET_CONFIG  # noqa: E402
 
 import lazyinterp as li  # noqa: E402
 from lazyinterp.diffusers import LazyScheduler, ddpm_model, ddpm_schedule  # noqa: E402
@@ -238,9 +239,7 @@ def test_ddpm_and_ddim_pipelines_run_the_scheduler():
     """DDPMPipeline (a generator passed to step) and DDIMPipeline (eta and use_clipped_model_output passed to
     step) run it; DDIM's eta > 0 is refused with a pointer to the SDEs that keep the marginals."""
     torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4).eval()
+    unet = UNet2DModel(**UNET_CONFIG).eval()
     sched = ddpm_schedule(DDPMScheduler().alphas_cumprod)
 
     class GaussianUNet(torch.nn.Module):
