@@ -12,6 +12,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("diffusers")
 from diffusers import (  # noqa: E402
+    AutoencoderKL,
     DDIMPipeline,
     DDIMScheduler,
     DDPMPipeline,
@@ -22,6 +23,7 @@ from diffusers import (  # noqa: E402
     FlowMatchEulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -325,6 +327,53 @@ def test_image_to_image_starts_from_add_noise_at_the_pipelines_node():
     with pytest.raises(ValueError, match="begin_index: this run opens with the two probes"):
         pipe(prompt_embeds=embeds, image=image, strength=0.6, num_inference_steps=5, guidance_scale=1.0,
              output_type="latent")
+
+
+class GaussianInpaintUNet(UNet2DConditionModel):
+    """A tiny conditional UNet's class and config whose output is the exact ε of N(0.3, 0.8² I) latents, read from
+    the first four input channels (an inpainting UNet's other five carry the mask and the masked image)."""
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, return_dict=True, **kwargs):
+        timestep = torch.as_tensor(timestep, dtype=torch.float32).flatten().expand(sample.shape[0])
+        return (gaussian_output(sample[:, :4], timestep, self.lazy_schedule, "epsilon", 0.3, 0.8),)
+
+
+@pytest.mark.parametrize("in_channels", [4, 9])
+@pytest.mark.parametrize("setting", [dict(), dict(solver="euler"), dict(solver="heun"), dict(schedule="point-mass")])
+def test_inpainting_repaints_the_masked_region_as_text_to_image_does(in_channels, setting):
+    """StableDiffusionInpaintPipeline with a real (tiny, random) VAE. A 4-channel UNet's pipeline blends
+    add_noise(image) into the kept region after every step, the probes' included; a 9-channel one feeds the mask
+    and the masked image's latents to the UNet. The network here is exact and acts on each latent on its own, so
+    the probes still read σ and E[X] exactly from the inputs the network saw, and the repainted region is the
+    text-to-image run's from the same initial latents (the whole image with 9 channels)."""
+    base = DDIMScheduler(**CONFIGS["epsilon"])
+    torch.manual_seed(0)
+    unet = GaussianInpaintUNet(block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=in_channels,
+                               out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                               norm_num_groups=2).eval()
+    unet.lazy_schedule = ddpm_schedule(base.alphas_cumprod)
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=2).eval()
+    parts = dict(unet=unet, vae=vae, text_encoder=None, tokenizer=None, safety_checker=None, feature_extractor=None,
+                 requires_safety_checker=False)
+    inpaint = StableDiffusionInpaintPipeline(scheduler=LazyScheduler.from_config(base.config, **setting), **parts)
+    plain = StableDiffusionPipeline(scheduler=LazyScheduler.from_config(base.config, **setting), **parts)
+    embeds = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(2))
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 8:] = 1  # repaint the right half: latent columns 4 and on (the VAE halves the size)
+    common = dict(prompt_embeds=embeds, num_inference_steps=3, guidance_scale=1.0, height=16, width=16,
+                  latents=z.clone(), output_type="latent")
+    with torch.no_grad():
+        out = inpaint(image=image, mask_image=mask, **common).images
+        ref = plain(**common).images
+    repainted = slice(4, None) if in_channels == 4 else slice(None)
+    torch.testing.assert_close(out[..., repainted], ref[..., repainted], rtol=0, atol=1e-5)
+    torch.testing.assert_close(inpaint.scheduler.estimated_sigma.double(), torch.full((2,), 0.8, dtype=F64),
+                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(inpaint.scheduler.estimated_mean, torch.full_like(z, 0.3), rtol=0, atol=1e-5)
 
 
 def test_a_run_that_opens_with_probes_cannot_start_mid_way():
