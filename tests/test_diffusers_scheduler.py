@@ -14,8 +14,11 @@ from conftest import make_mixture
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("diffusers")
 from diffusers import (  # noqa: E402
+    AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
     FlowMatchHeunDiscreteScheduler,
+    StableDiffusion3InpaintPipeline,
+    StableDiffusion3Pipeline,
 )
 from diffusers_support import (
     BATCH,
@@ -559,8 +562,75 @@ def test_image_to_image_begin_index_and_scale_noise():
     sched = LazyScheduler(schedule="lazy-vp", sigma=None)
     sched.set_timesteps(4)
     sched.set_begin_index(2)
-    with pytest.raises(ValueError, match="sigma"):
+    with pytest.raises(ValueError, match="begin_index: this run opens with probes that read sigma"):
         sched.step(image, sched.timesteps[2], image)
+
+
+@pytest.fixture(scope="module")
+def sd3_inpainting():
+    """An exact SD3 transformer on 16-channel latents of N(0.3, 0.8² I) and a tiny random VAE: the parts of
+    StableDiffusion3InpaintPipeline and StableDiffusion3Pipeline, and an image with its right half masked."""
+    transformer = exact(ExactSD3, dict(SD3_CONFIG, in_channels=16, out_channels=16), mean=0.3, std=0.8).eval()
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=16, norm_num_groups=2,
+                        shift_factor=0.0).eval()
+    parts = dict(transformer=transformer, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                 tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 8:] = 1  # the right half: latent columns 4 and on (the VAE halves the size)
+    g = torch.Generator().manual_seed(3)
+    common = dict(prompt_embeds=torch.randn(2, 7, 32, generator=g),
+                  pooled_prompt_embeds=torch.randn(2, 64, generator=g), guidance_scale=1.0, height=16, width=16,
+                  output_type="latent", num_inference_steps=3)
+    return parts, dict(image=image, mask_image=mask), common
+
+
+def _inpaint(parts, scheduler, **kwargs):
+    pipe = StableDiffusion3InpaintPipeline(scheduler=scheduler, **parts)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return pipe(**kwargs).images, pipe
+
+
+@pytest.mark.parametrize("setting", [dict(), dict(solver="heun"), dict(schedule="point-mass")])
+def test_inpainting_at_full_strength_repaints_as_text_to_image_does(setting, sd3_inpainting):
+    """StableDiffusion3InpaintPipeline at strength 1 blends scale_noise(image) into the kept region after every
+    step, the σ probe's included. The transformer here is exact and acts on each latent on its own, so σ and E[X]
+    are still read exactly, and the repainted half is the text-to-image run's from the same initial latents."""
+    parts, inputs, common = sd3_inpainting
+    z = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    out, pipe = _inpaint(parts, lazy("sd3", **setting), strength=1.0, latents=z.clone(), **inputs, **common)
+    plain = StableDiffusion3Pipeline(scheduler=lazy("sd3", **setting), **parts)
+    plain.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ref = plain(latents=z.clone(), **common).images
+    torch.testing.assert_close(out[..., 4:], ref[..., 4:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(pipe.scheduler.estimated_sigma, torch.full((2,), 0.8, dtype=torch.float64),
+                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(pipe.scheduler.estimated_mean, torch.full_like(z, 0.3), rtol=0, atol=1e-5)
+
+
+def test_inpainting_part_way_starts_at_the_pipelines_node(sd3_inpainting):
+    """At the pipeline's default strength (0.6) the run starts part-way: linear Heun with a denoising last step
+    (two timesteps per node, ``order`` 2) gives FlowMatchHeunDiscreteScheduler's latents in the same pipeline, and
+    lazy VP with sigma given runs; with sigma left to the scheduler the probe needs the run's start, which the
+    error says along with what to pass."""
+    parts, inputs, common = sd3_inpainting
+    kwargs = dict(generator=torch.Generator().manual_seed(6), **inputs, **common)
+    native = FlowMatchHeunDiscreteScheduler()
+    native.sigma_min = 1 / 3  # its nodes linspace(1, σ_min, N) are then LazyScheduler's linspace(1, 1/N, N)
+    heun, _ = _inpaint(parts, native, **kwargs)
+    kwargs["generator"] = torch.Generator().manual_seed(6)
+    ours, pipe = _inpaint(parts, LazyScheduler(schedule="linear", solver="heun", last_step="denoise"), **kwargs)
+    assert pipe.scheduler.order == 2
+    torch.testing.assert_close(ours, heun, rtol=0, atol=1e-5)
+    kwargs["generator"] = torch.Generator().manual_seed(6)
+    lazy_vp, _ = _inpaint(parts, lazy("sd3", sigma=1.0), **kwargs)
+    assert bool(torch.isfinite(lazy_vp).all()) and float((lazy_vp - heun).abs().max()) > 1e-3
+    with pytest.raises(ValueError, match="begin_index: this run opens with probes that read sigma"):
+        _inpaint(parts, lazy("sd3"), **kwargs)
 
 
 def test_step_returns_the_model_dtype():

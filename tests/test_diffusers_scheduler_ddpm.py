@@ -324,7 +324,7 @@ def test_image_to_image_starts_from_add_noise_at_the_pipelines_node():
     start = math.sqrt(abar) * image + math.sqrt(1 - abar) * noise
     torch.testing.assert_close(seen[0][1], start, rtol=0, atol=1e-5)
     pipe.scheduler = LazyScheduler.from_config(base.config)
-    with pytest.raises(ValueError, match="begin_index: this run opens with the two probes"):
+    with pytest.raises(ValueError, match="begin_index: this run opens with probes that read sigma"):
         pipe(prompt_embeds=embeds, image=image, strength=0.6, num_inference_steps=5, guidance_scale=1.0,
              output_type="latent")
 
@@ -384,7 +384,7 @@ def test_a_run_that_opens_with_probes_cannot_start_mid_way():
     assert len(scheduler.timesteps) == 7  # two probes, then every node (not centred: no known start)
     scheduler.set_begin_index(2)
     x = torch.randn(1, 3)
-    with pytest.raises(ValueError, match="begin_index: this run opens with the two probes"):
+    with pytest.raises(ValueError, match="begin_index: this run opens with probes that read sigma"):
         scheduler.step(torch.zeros_like(x), scheduler.timesteps[2], x)
 
 

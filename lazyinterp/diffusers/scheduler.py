@@ -1249,14 +1249,16 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                 self._step_index = 0  # a DDPM model's run may open with the σ probes
             else:
                 self._step_index = self.index_for_timestep(timestep)
+            if self._step_index > 0 and any(role.startswith("probe") for role, _ in self._plan):
+                # Pipelines that start mid-way index the timesteps by node, which the probes would offset, and
+                # the probes need the run's start.
+                raise ValueError("begin_index: this run opens with probes that read sigma and E[X] (estimated "
+                                 "sigma, or for a DDPM-style model centring or a point-mass target), so it cannot "
+                                 "start mid-way (image-to-image, inpainting); pass sigma (and center=False) with a "
+                                 "Gaussian-base schedule")
             if not (0 <= self._step_index < len(self._plan)) or \
                     self._plan[self._step_index][0] not in ("pred", "probe+"):
                 raise ValueError(f"begin_index: {self._step_index} is not the start of a step of this schedule")
-            if self._step_index > 0 and self._plan[0][0] == "probe+":
-                # Pipelines that start mid-way index the timesteps by node, which the probes would offset.
-                raise ValueError("begin_index: this run opens with the two probes that read sigma and E[X] "
-                                 "(estimated sigma, centring, or a point-mass target), so it cannot start mid-way "
-                                 "(image-to-image); pass sigma and center=False with a Gaussian-base schedule")
         i = self._step_index
         if i >= len(self._plan):
             raise ValueError("step: the schedule is finished; call set_timesteps again")
