@@ -17,6 +17,7 @@ from diffusers import (  # noqa: E402
     AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
     FlowMatchHeunDiscreteScheduler,
+    FluxImg2ImgPipeline,
     StableDiffusion3InpaintPipeline,
     StableDiffusion3Pipeline,
 )
@@ -631,6 +632,39 @@ def test_inpainting_part_way_starts_at_the_pipelines_node(sd3_inpainting):
     assert bool(torch.isfinite(lazy_vp).all()) and float((lazy_vp - heun).abs().max()) > 1e-3
     with pytest.raises(ValueError, match="begin_index: this run opens with probes that read sigma"):
         _inpaint(parts, lazy("sd3"), **kwargs)
+
+
+def test_flux_image_to_image_equals_flow_match_euler_and_refuses_heun():
+    """FluxImg2ImgPipeline passes sigmas linspace(1, 1/N, N) and mu: linear Euler gives FlowMatchEuler's latents
+    from the node the strength picks. diffusers then counts len(timesteps) as the steps, which for Heun's two
+    timesteps per node would start at the wrong node (or past the end): refused, naming begin_index."""
+    transformer = exact(ExactFlux, FLUX_CONFIG, mean=0.3, std=0.8).eval()
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=1, norm_num_groups=2,
+                        shift_factor=0.0).eval()
+    g = torch.Generator().manual_seed(3)
+    kwargs = dict(image=torch.rand(1, 3, 16, 16, generator=g), prompt_embeds=torch.randn(1, 7, 32, generator=g),
+                  pooled_prompt_embeds=torch.randn(1, 32, generator=g), strength=0.6, num_inference_steps=5,
+                  height=16, width=16, output_type="latent")
+    def run(scheduler):
+        pipe = FluxImg2ImgPipeline(transformer=transformer, vae=vae, text_encoder=None, tokenizer=None,
+                                   text_encoder_2=None, tokenizer_2=None, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            return pipe(generator=torch.Generator().manual_seed(6), **kwargs).images
+
+    seen = []
+    handle = transformer.register_forward_hook(
+        lambda module, args, kw, output: seen.append(1000 * float(kw["timestep"][0])), with_kwargs=True)
+    ours = lazy("flux", schedule="linear")
+    outs = [run(base_scheduler("flux")), run(ours)]
+    handle.remove()
+    # The run starts at node 5 − int(0.6 · 5) = 2 and evaluates the three nodes left (FLUX feeds timestep / 1000).
+    assert seen[3:] == pytest.approx(ours.timesteps[2:].tolist(), abs=1e-3)
+    with pytest.raises(ValueError, match="begin_index: a pipeline that passes sigmas or timesteps"):
+        run(lazy("flux", solver="heun", sigma=1.0))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)
 
 
 def test_step_returns_the_model_dtype():

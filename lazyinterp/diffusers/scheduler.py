@@ -563,6 +563,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         if self._source.is_flow and target.name == "linear":
             self._source.schedule = target
         self._begin_index: int | None = None
+        self._custom_grid = False  # the last set_timesteps took sigmas or timesteps (not only a step count)
         self._plan: list[tuple[str, int]] | None = None
         self._known_start = False
         self._reset_run()
@@ -646,6 +647,14 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
 
     def set_begin_index(self, begin_index: int = 0) -> None:
         """Start at ``timesteps[begin_index]`` (image-to-image pipelines skip the noisiest nodes)."""
+        if begin_index and self._solver == "heun" and self._custom_grid:
+            # diffusers' retrieve_timesteps reports len(timesteps) as the step count when it passes sigmas or
+            # timesteps, so the pipeline's start, order · int(steps · (1 − strength)), counts Heun's two
+            # entries per node twice: past the run's end, or at a node the strength does not pick.
+            raise ValueError("begin_index: a pipeline that passes sigmas or timesteps (FLUX, and any call with "
+                             "custom sigmas) counts Heun's two timesteps per node as two steps, so its part-way "
+                             "start would skip the wrong nodes; use a solver with one timestep per node (the "
+                             "default, 'euler', 'ab2') for image-to-image there")
         self._begin_index = begin_index
 
     def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
@@ -732,6 +741,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         cfg = self.config
         if device is not None:
             device = check_device(device)
+        self._custom_grid = sigmas is not None or timesteps is not None
         if not self._source.is_flow:
             self._set_ddpm_timesteps(num_inference_steps, device, sigmas, timesteps)
             return
