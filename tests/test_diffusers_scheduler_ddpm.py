@@ -21,6 +21,8 @@ from diffusers import (  # noqa: E402
     EDMEulerScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    PixArtSigmaPipeline,
+    PixArtTransformer2DModel,
     PNDMScheduler,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
@@ -327,6 +329,41 @@ def test_image_to_image_starts_from_add_noise_at_the_pipelines_node():
     with pytest.raises(ValueError, match="begin_index: this run opens with probes that read sigma"):
         pipe(prompt_embeds=embeds, image=image, strength=0.6, num_inference_steps=5, guidance_scale=1.0,
              output_type="latent")
+
+
+class GaussianPixArt(PixArtTransformer2DModel):
+    """A tiny PixArt transformer's class and config (ε and a learned variance, 8 output channels) whose ε is the
+    exact one of N(0.3, 0.8² I) latents on DDPM's linear betas."""
+
+    def forward(self, hidden_states, timestep=None, **kwargs):
+        timestep = torch.as_tensor(timestep, dtype=torch.float32).flatten().expand(hidden_states.shape[0])
+        eps = gaussian_output(hidden_states, timestep, self.lazy_schedule, "epsilon", 0.3, 0.8)
+        return (torch.cat([eps, torch.randn_like(eps)], dim=1),)
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_pixart_sigma_pipeline_is_exact_on_gaussian_latents(steps):
+    """PixArtSigmaPipeline (a DiT with learned variance, DPMSolver's ε config, classifier-free guidance with a
+    null negative prompt): on exact Gaussian latents the probes read σ and E[X] and the lazy VP run returns
+    σZ + μ, as in li.sample."""
+    base = DPMSolverMultistepScheduler(prediction_type="epsilon")
+    torch.manual_seed(0)
+    transformer = GaussianPixArt(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                 num_layers=1, cross_attention_dim=16, sample_size=8, caption_channels=16,
+                                 norm_num_groups=2).eval()
+    transformer.lazy_schedule = ddpm_schedule(base.alphas_cumprod)
+    pipe = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                               scheduler=LazyScheduler.from_config(base.config))
+    pipe.set_progress_bar_config(disable=True)
+    embeds = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(1))
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = pipe(prompt_embeds=embeds, prompt_attention_mask=torch.ones(2, 6), negative_prompt=None,
+                   negative_prompt_embeds=torch.zeros_like(embeds), negative_prompt_attention_mask=torch.ones(2, 6),
+                   latents=z.clone(), num_inference_steps=steps, guidance_scale=4.5, height=64, width=64,
+                   use_resolution_binning=False, output_type="latent").images
+    torch.testing.assert_close(pipe.scheduler.estimated_sigma, torch.full((2,), 0.8, dtype=F64), rtol=1e-5, atol=0)
+    torch.testing.assert_close(out, 0.8 * z + 0.3, rtol=0, atol=1e-5)
 
 
 class GaussianInpaintUNet(UNet2DConditionModel):
