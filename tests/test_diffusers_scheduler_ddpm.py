@@ -13,6 +13,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("diffusers")
 from diffusers import (  # noqa: E402
     AutoencoderKL,
+    CogVideoXDDIMScheduler,
+    CogVideoXDPMScheduler,
+    CogVideoXPipeline,
+    CogVideoXTransformer3DModel,
     DDIMPipeline,
     DDIMScheduler,
     DDPMPipeline,
@@ -366,6 +370,44 @@ def test_pixart_sigma_pipeline_is_exact_on_gaussian_latents(steps):
     torch.testing.assert_close(out, 0.8 * z + 0.3, rtol=0, atol=1e-5)
 
 
+class GaussianCogVideoX(CogVideoXTransformer3DModel):
+    """A tiny CogVideoX transformer's class and config whose v is the exact one of N(0.3, 0.8² I) video latents."""
+
+    def forward(self, hidden_states, encoder_hidden_states=None, timestep=None, **kwargs):
+        timestep = torch.as_tensor(timestep, dtype=torch.float32).flatten().expand(hidden_states.shape[0])
+        return (gaussian_output(hidden_states, timestep, self.lazy_schedule, "v_prediction", 0.3, 0.8),)
+
+
+@pytest.mark.parametrize("native", [CogVideoXDDIMScheduler, CogVideoXDPMScheduler])
+def test_cogvideox_pipeline_reads_the_shifted_snr_and_is_exact_on_gaussian_latents(native):
+    """CogVideoX's schedulers shift ᾱ to ᾱ/(s + (1 − s) ᾱ) (``snr_shift_scale``, 3 for CogVideoX-2b) before the
+    zero-SNR rescaling; LazyScheduler made from their config reads the v-prediction transformer at that SNR, so on
+    exact Gaussian video latents (B, frames, C, H, W) under guidance the run returns σZ + μ."""
+    base = native(snr_shift_scale=3.0, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                  beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="trailing")
+    torch.manual_seed(0)
+    transformer = GaussianCogVideoX(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                    time_embed_dim=4, text_embed_dim=16, num_layers=1, sample_width=8,
+                                    sample_height=8, sample_frames=9, max_text_seq_length=6).eval()
+    transformer.lazy_schedule = ddpm_schedule(base.alphas_cumprod)
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                             scheduler=LazyScheduler.from_config(base.config))
+    pipe.set_progress_bar_config(disable=True)
+    embeds = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(1))
+    z = torch.randn(2, 3, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = pipe(prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds), latents=z.clone(),
+                   num_inference_steps=4, guidance_scale=6.0, height=64, width=64, num_frames=9,
+                   output_type="latent").frames
+    assert pipe.scheduler.config.snr_shift_scale == 3.0
+    torch.testing.assert_close(pipe.scheduler.estimated_sigma, torch.full((2,), 0.8, dtype=F64), rtol=1e-5, atol=0)
+    torch.testing.assert_close(out, 0.8 * z + 0.3, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="snr_shift_scale: CogVideoX's SNR shift"):
+        LazyScheduler(snr_shift_scale=3.0, prediction_type="flow_prediction")
+    with pytest.raises(ValueError, match="snr_shift_scale: expected a positive finite number"):
+        LazyScheduler(snr_shift_scale=0.0, prediction_type="epsilon")
+
+
 class GaussianInpaintUNet(UNet2DConditionModel):
     """A tiny conditional UNet's class and config whose output is the exact ε of N(0.3, 0.8² I) latents, read from
     the first four input channels (an inpainting UNet's other five carry the mask and the masked image)."""
@@ -486,7 +528,7 @@ def test_probes_read_the_latents_the_pipeline_actually_passed():
 def test_every_ddpm_family_config_gives_its_own_alphas_cumprod():
     """Each DDPM-family scheduler's default config, and a config naming only its class, give LazyScheduler that
     scheduler's ᾱ: Heun, KDPM2, LCM and TCD default to other betas than DDPM's, which diffusers would otherwise
-    drop as defaults and replace with LazyScheduler's."""
+    drop as defaults and replace with LazyScheduler's, and CogVideoX's schedulers shift the SNR by 3 by default."""
     import diffusers
 
     checked = []
@@ -505,6 +547,7 @@ def test_every_ddpm_family_config_gives_its_own_alphas_cumprod():
             got = scheduler._source.schedule.beta((len(abar) - 1 - n) / len(abar)) ** 2
             torch.testing.assert_close(got, abar.double()[:-1], rtol=1e-6, atol=0, msg=name)
         checked.append(name)
-    assert {"DDIMScheduler", "HeunDiscreteScheduler", "LCMScheduler", "TCDScheduler"} <= set(checked)
+    assert {"DDIMScheduler", "HeunDiscreteScheduler", "LCMScheduler", "TCDScheduler", "CogVideoXDDIMScheduler",
+            "CogVideoXDPMScheduler"} <= set(checked)
     with pytest.raises(ValueError, match="sigma_data: this is an EDM-preconditioned model's config"):
         LazyScheduler.from_config({"_class_name": "EDMEulerScheduler"})

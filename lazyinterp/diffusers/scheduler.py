@@ -14,6 +14,7 @@ import diffusers
 import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_ddim_cogvideox import CogVideoXDDIMScheduler
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
@@ -172,7 +173,7 @@ _FLOW_PREDICTIONS = (None, "flow_prediction")
 _DDPM_FAMILY = frozenset(entry.name for entry in KarrasDiffusionSchedulers) | {"LCMScheduler", "TCDScheduler"}
 # The config keys that describe the model rather than the sampler: read by from_config as the config gives them.
 _MODEL_KEYS = ("num_train_timesteps", "prediction_type", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-               "rescale_betas_zero_snr", "sigma_data")
+               "rescale_betas_zero_snr", "snr_shift_scale", "sigma_data")
 
 
 def _init_defaults(class_name: Any) -> dict[str, Any]:
@@ -236,12 +237,15 @@ class _DDPMSource:
 
 
 def _ddpm_alphas_cumprod(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
-                         trained_betas: Any, rescale_betas_zero_snr: bool) -> Tensor:
-    """ᾱ of a DDPM-style config, computed by diffusers itself (every beta schedule and the zero-SNR rescaling)."""
+                         trained_betas: Any, rescale_betas_zero_snr: bool, snr_shift_scale: float = 1.0) -> Tensor:
+    """ᾱ of a DDPM-style config, computed by diffusers itself (every beta schedule and the zero-SNR rescaling);
+    with CogVideoX's ``snr_shift_scale`` s, ᾱ/(s + (1 − s) ᾱ) before the rescaling, as its schedulers take it."""
+    kwargs = dict(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
+                  beta_schedule=beta_schedule, trained_betas=trained_betas,
+                  rescale_betas_zero_snr=rescale_betas_zero_snr)
     try:
-        helper = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-                               beta_schedule=beta_schedule, trained_betas=trained_betas,
-                               rescale_betas_zero_snr=rescale_betas_zero_snr)
+        helper = DDPMScheduler(**kwargs) if snr_shift_scale == 1.0 else \
+            CogVideoXDDIMScheduler(snr_shift_scale=snr_shift_scale, **kwargs)
     except NotImplementedError as exc:
         raise ValueError(f"beta_schedule: {beta_schedule!r} is not a beta schedule diffusers implements") from exc
     return helper.alphas_cumprod
@@ -395,29 +399,28 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
     schedule and diffusion (:attr:`solver` is the one in use).
     The arithmetic is that of :func:`lazyinterp.sample` with the same grid, so the two agree to float precision.
 
-    **DDPM-style models.** The network is :func:`~lazyinterp.diffusers.ddpm_model`'s: the continuous VP schedule
-    of the config's ``alphas_cumprod`` (``beta_schedule``, ``beta_start``, ``beta_end``, ``trained_betas``,
-    ``rescale_betas_zero_snr``, computed by diffusers), its output read by ``prediction_type``, and the timestep the
-    continuous index u = T − 1 − T τ (a float; never beyond index 0). The nodes are li.sample's default grid, the
-    SNRs of the linear schedule's uniform grid (each divided by ``shift``); the native scheduler's own spacing
-    settings (``timestep_spacing``, Karras sigmas, …) do not apply. Custom ``timesteps`` are indices n (nodes at
-    ᾱ_n's SNR, which the network then sees exactly) and custom ``sigmas`` the noise levels √((1 − ᾱ)/ᾱ) of
-    k-diffusion and ``EulerDiscreteScheduler``; the noisiest index T − 1 (or its noise level, or more) is the start
-    t = 0, as in the default grid. The initial latents are the noise Z (y_0 = α'_0 Z), as DDIM takes
-    them for the noisiest index. The first evaluation of such a model is not at SNR 0, so it does not give E[X]:
-    E[X] and σ come from two antithetic probes at :func:`lazyinterp.estimate_sigma`'s SNR r_p instead, at the
-    initial latents w and at −w (k = ⟨(η_X(w) − η_X(−w))/2, w⟩/‖w‖², μ = ((η_X(w) + η_X(−w))/2)/(1 − kβ_p),
-    σ² = kα_p²/(β_p(1 − kβ_p)); read at the latents the pipeline actually passes, should it edit them;
-    exact for Gaussian latents, per sample and per prompt, in
-    :attr:`estimated_sigma` and :attr:`estimated_mean`). They are the first two :attr:`timesteps` when σ is
-    estimated or the run centres (by default it centres only when σ is estimated; with σ given, ``center=True``
-    adds them), and for a point-mass target, whose first evaluation must see the state 0. A run that opens with
-    them cannot start mid-way (image-to-image). With the mean known the drift at t = 0 is known too, so
-    the first node is not evaluated (li.sample's ``known_start``): N steps cost N + 1 evaluations. ``add_noise``
-    (UNet image-to-image pipelines) is :meth:`scale_noise`, √(1 − ᾱ) noise + √ᾱ sample; ``step`` takes DDIM
-    pipelines' ``eta`` (0 only: the SDEs are ``diffusion``) and ``use_clipped_model_output``. The latents equal
-    li.sample's on ``ddpm_model`` of the same UNet with the estimated σ and E[X] (``center=estimated_mean[i]``);
-    a run that evaluates the first node (no probes) passes the network Z there, where li.sample passes α_0 Z.
+    **DDPM-style models.** The network is :func:`~lazyinterp.diffusers.ddpm_model`'s: the continuous VP schedule of
+    the config's ``alphas_cumprod`` (``beta_schedule``, ``beta_start``, ``beta_end``, ``trained_betas``,
+    ``rescale_betas_zero_snr`` and CogVideoX's ``snr_shift_scale``, computed by diffusers), its output read by
+    ``prediction_type``, and the timestep the continuous index u = T − 1 − T τ (a float; never beyond index 0). The
+    nodes are li.sample's default grid, the SNRs of the linear schedule's uniform grid (each divided by ``shift``);
+    the native scheduler's own spacing settings (``timestep_spacing``, Karras sigmas, …) do not apply. Custom
+    ``timesteps`` are indices n (nodes at ᾱ_n's SNR, which the network then sees exactly) and custom ``sigmas`` the
+    noise levels √((1 − ᾱ)/ᾱ) of k-diffusion and ``EulerDiscreteScheduler``; the noisiest index T − 1 (or its noise
+    level, or more) is the start t = 0, as in the default grid. The initial latents are the noise Z (y_0 = α'_0 Z),
+    as DDIM takes them for the noisiest index. The first evaluation of such a model is not at SNR 0, so it does not
+    give E[X]: E[X] and σ come from two antithetic probes at :func:`lazyinterp.estimate_sigma`'s SNR r_p instead, at
+    the initial latents w and at −w (k = ⟨(η_X(w) − η_X(−w))/2, w⟩/‖w‖², μ = ((η_X(w) + η_X(−w))/2)/(1 − kβ_p), σ² =
+    kα_p²/(β_p(1 − kβ_p)); read at the latents the pipeline actually passes, should it edit them; exact for Gaussian
+    latents, per sample and per prompt, in :attr:`estimated_sigma` and :attr:`estimated_mean`). They are the first
+    two :attr:`timesteps` when σ is estimated or the run centres (by default it centres only when σ is estimated;
+    with σ given, ``center=True`` adds them), and for a point-mass target, whose first evaluation must see the state
+    0. A run that opens with them cannot start mid-way (image-to-image). With the mean known the drift at t = 0 is
+    known too, so the first node is not evaluated (li.sample's ``known_start``): N steps cost N + 1 evaluations.
+    ``add_noise`` (UNet image-to-image pipelines) is :meth:`scale_noise`, √(1 − ᾱ) noise + √ᾱ sample; ``step`` takes
+    DDIM pipelines' ``eta`` (0 only: the SDEs are ``diffusion``) and ``use_clipped_model_output``. The latents equal
+    li.sample's on ``ddpm_model`` of the same UNet with the estimated σ and E[X] (``center=estimated_mean[i]``); a
+    run that evaluates the first node (no probes) passes the network Z there, where li.sample passes α_0 Z.
 
     **Covariance** (``covariance``, ODE on ``"lazy-vp"`` only). Lazy VP coordinates matched to a covariance Σ of
     the latents instead of a scalar σ, as ``li.sample(covariance=...)`` (:mod:`lazyinterp.covariance`): exact in
@@ -466,6 +469,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             in ``DDPMScheduler``.
         flow_shift: DPMSolver's and UniPC's name for the shift of a flow model; used when ``shift`` is 1.
         sigma_data: must be None (EDM-preconditioned models are ``li.ve_denoiser_model``'s).
+        snr_shift_scale: CogVideoX's shift s of a DDPM-style model's ᾱ, ᾱ/(s + (1 − s) ᾱ); 1 for none.
 
     Raises:
         ValueError: an unknown schedule, diffusion, solver or last step, a sigma for a non-lazy schedule, a
@@ -475,7 +479,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
 
     # The configs this scheduler is made from: their keys that it does not take (a native sampler's own grid and
     # step settings, e.g. timestep_spacing, solver_order) are dropped by from_config without a warning.
-    _compatibles: list[str] = sorted(_DDPM_FAMILY) + ["FlowMatchEulerDiscreteScheduler",
+    _compatibles: list[str] = sorted(_DDPM_FAMILY) + ["CogVideoXDDIMScheduler", "CogVideoXDPMScheduler",
+                                                       "FlowMatchEulerDiscreteScheduler",
                                                        "FlowMatchHeunDiscreteScheduler"]
     order = 1
 
@@ -491,17 +496,22 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                  stochastic_sampling: bool = False, prediction_type: str | None = None,
                  beta_start: float = 0.0001, beta_end: float = 0.02, beta_schedule: str = "linear",
                  trained_betas: Any = None, rescale_betas_zero_snr: bool = False, flow_shift: float | None = None,
-                 sigma_data: float | None = None):
+                 sigma_data: float | None = None, snr_shift_scale: float = 1.0):
         if sigma_data is not None:
             raise ValueError("sigma_data: this is an EDM-preconditioned model's config; wrap its denoiser with "
                              "li.ve_denoiser_model and sample it with li.sample")
+        snr_shift_scale = _finite_number(snr_shift_scale, "snr_shift_scale", positive=True)
         if prediction_type in _FLOW_PREDICTIONS:
+            if snr_shift_scale != 1.0:
+                raise ValueError("snr_shift_scale: CogVideoX's SNR shift of a DDPM-style model's alphas_cumprod; a "
+                                 "flow model takes shift")
             self._source: _FlowSource | _DDPMSource = _FlowSource(check_int(num_train_timesteps,
                                                                            "num_train_timesteps"))
         else:
             ddpm_prediction_kind(prediction_type)  # names prediction_type if it is none of diffusers' kinds
             abar = _ddpm_alphas_cumprod(check_int(num_train_timesteps, "num_train_timesteps", 3), beta_start,
-                                        beta_end, beta_schedule, trained_betas, bool(rescale_betas_zero_snr))
+                                        beta_end, beta_schedule, trained_betas, bool(rescale_betas_zero_snr),
+                                        snr_shift_scale)
             self._source = _DDPMSource(abar, prediction_type)
         if flow_shift is not None and shift == 1.0:
             # DPMSolver's and UniPC's name for the shift of flow models (Wan, SANA).
