@@ -112,6 +112,28 @@ def test_configs_say_whether_the_model_is_a_flow_or_a_ddpm_one():
         LazyScheduler(prediction_type="epsilon", beta_schedule="cubic")
 
 
+@pytest.mark.parametrize("name", ["RePaintScheduler", "IPNDMScheduler", "ScoreSdeVeScheduler", "KarrasVeScheduler",
+                                  "DDPMWuerstchenScheduler"])
+def test_configs_of_other_model_kinds_are_refused(name):
+    """A diffusers scheduler for another kind of model (RePaint's resampling, variance-exploding, Würstchen's cosine)
+    has a config with no prediction type, which read as a flow model's and sampled garbage without a word. Its
+    config in memory (no _class_name) and its json (with one) are refused, naming the config; a LazyScheduler's own
+    config, which names no prediction type either, still reads as a flow model."""
+    import diffusers
+
+    native = getattr(diffusers, name)()
+    with pytest.raises(ValueError, match="config: it names no prediction_type and is not a flow-matching config"):
+        LazyScheduler.from_config(native.config)
+    with pytest.raises(ValueError, match=f"config: {name} is for "):
+        LazyScheduler.from_config({"_class_name": name, **native.config})
+    assert LazyScheduler.from_config(LazyScheduler(schedule="linear").config)._source.is_flow
+    if name == "RePaintScheduler":  # an ε model on DDPM betas, given the prediction type explicitly
+        assert not LazyScheduler.from_config(native.config, prediction_type="epsilon")._source.is_flow
+    with pytest.raises(ValueError, match="prediction_type: expected one of epsilon, v_prediction, sample, got "
+                                         "'trigflow'"):
+        LazyScheduler.from_config(diffusers.SCMScheduler().config)
+
+
 def test_ddpm_config_round_trips(tmp_path):
     sched = LazyScheduler.from_config(SD_CONFIG_JSON, schedule="point-mass")
     sched.save_pretrained(tmp_path)

@@ -176,6 +176,22 @@ _MODEL_KEYS = ("num_train_timesteps", "prediction_type", "beta_start", "beta_end
                "rescale_betas_zero_snr", "snr_shift_scale", "sigma_data")
 
 
+_FLOW_KEYS = ("shift", "flow_shift", "use_dynamic_shifting")
+# diffusers schedulers whose model is neither a flow on the linear schedule nor a DDPM-style one: a config of theirs
+# names no prediction type, which would otherwise read as a flow model.
+_OTHER_MODELS = {
+    "ScoreSdeVeScheduler": "a variance-exploding score model; wrap it as a li.Model and use li.sample",
+    "KarrasVeScheduler": "a variance-exploding model; wrap its denoiser with li.ve_denoiser_model",
+    "IPNDMScheduler": "a model on IPNDM's own time parametrisation",
+    "DDPMWuerstchenScheduler": "a model on Würstchen's own continuous cosine schedule",
+    "RePaintScheduler": "RePaint's resampling, whose pipeline passes the image and mask to step",
+    "SCMScheduler": "a TrigFlow consistency model, whose pipeline takes consistency steps",
+    **{name: "a discrete (token) diffusion" for name in ("AmusedScheduler", "VQDiffusionScheduler",
+                                                          "DiscreteDDIMScheduler", "EntropyBoundScheduler",
+                                                          "BlockRefinementScheduler")},
+}
+
+
 def _init_defaults(class_name: Any) -> dict[str, Any]:
     """The ``__init__`` defaults of the diffusers scheduler class ``class_name`` (empty for any other name)."""
     cls = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
@@ -497,6 +513,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                  beta_start: float = 0.0001, beta_end: float = 0.02, beta_schedule: str = "linear",
                  trained_betas: Any = None, rescale_betas_zero_snr: bool = False, flow_shift: float | None = None,
                  sigma_data: float | None = None, snr_shift_scale: float = 1.0):
+        if prediction_type not in _FLOW_PREDICTIONS:
+            ddpm_prediction_kind(prediction_type)  # names prediction_type if it is none of diffusers' kinds
         if sigma_data is not None:
             raise ValueError("sigma_data: this is an EDM-preconditioned model's config; wrap its denoiser with "
                              "li.ve_denoiser_model and sample it with li.sample")
@@ -508,7 +526,6 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             self._source: _FlowSource | _DDPMSource = _FlowSource(check_int(num_train_timesteps,
                                                                            "num_train_timesteps"))
         else:
-            ddpm_prediction_kind(prediction_type)  # names prediction_type if it is none of diffusers' kinds
             abar = _ddpm_alphas_cumprod(check_int(num_train_timesteps, "num_train_timesteps", 3), beta_start,
                                         beta_end, beta_schedule, trained_betas, bool(rescale_betas_zero_snr),
                                         snr_shift_scale)
@@ -587,14 +604,26 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         default, "epsilon"; ``HeunDiscreteScheduler()`` or an LCM config leave betas at defaults other than
         these. So what describes the model (:data:`_MODEL_KEYS`: prediction type, betas, an EDM config's
         ``sigma_data``) is read from the config as given, and where it is missing, from the defaults of the
-        diffusers class its ``_class_name`` names; keyword arguments still win.
+        diffusers class its ``_class_name`` names; keyword arguments still win. A config of a diffusers scheduler
+        for another kind of model (variance-exploding, discrete, RePaint, …) is refused.
         """
         if isinstance(config, dict):
-            native = _init_defaults(config.get("_class_name"))
+            name = config.get("_class_name")
+            if isinstance(name, str) and name in _OTHER_MODELS:
+                raise ValueError(f"config: {name} is for {_OTHER_MODELS[name]}, not a flow-matching or DDPM-style "
+                                 "model that LazyScheduler reads")
+            native = _init_defaults(name)
             for key in _MODEL_KEYS:
                 value = config[key] if key in config else native.get(key)
                 if key not in kwargs and value is not None:
                     kwargs[key] = value
+            # A scheduler's own config in memory carries no _class_name; one with a model's betas or noise levels
+            # but neither a prediction type nor a flow shift is for another kind of model.
+            if kwargs.get("prediction_type") is None and not any(k in config for k in _FLOW_KEYS) and \
+                    any(k in config for k in ("beta_schedule", "trained_betas", "sigma_max", "scaler")):
+                raise ValueError("config: it names no prediction_type and is not a flow-matching config (no shift), "
+                                 "so it is for another kind of model (variance-exploding, RePaint, Würstchen, …); "
+                                 "pass prediction_type if it is a DDPM-style model")
         return super().from_config(config, return_unused_kwargs, **kwargs)
 
     @staticmethod
