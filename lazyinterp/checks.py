@@ -23,6 +23,20 @@ def check_positive(value: Any, name: str, expected: str = "a positive number") -
     return float(value)
 
 
+def check_number(value: Any, name: str, *, positive: bool = False) -> float:
+    """``value`` (any real number: Python, NumPy or a 0-d tensor) as a float, or a ValueError / TypeError naming
+    ``name`` unless it is finite (and positive, with ``positive``)."""
+    try:
+        if isinstance(value, (bool, str, bytes)):  # float("3") would pass
+            raise TypeError
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}") from None
+    if not math.isfinite(number) or (positive and number <= 0):
+        raise ValueError(f"{name}: expected a {'positive ' if positive else ''}finite number, got {value!r}")
+    return number
+
+
 def _as_index(value: Any) -> int | None:
     """``value`` as an int if it is an integer (Python, NumPy or a one-element integer tensor), else None; bools,
     which Python counts as integers, are not."""

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lazyinterp as li
-from lazyinterp.checks import check_int, check_positive, check_shape
+from lazyinterp.checks import check_int, check_number, check_positive, check_shape
 
 
 @pytest.mark.parametrize("value", [3, np.int64(3), np.int32(3), torch.tensor(3)])
@@ -26,6 +26,27 @@ def test_an_integer_out_of_range_is_a_value_error_with_the_bounds():
     with pytest.raises(ValueError, match="^depth: expected an integer from 1 to 52, got 53$"):
         check_int(53, "depth", 1, 52)
     assert check_int(52, "depth", 1, 52) == 52 and check_int(0, "count", 0) == 0
+
+
+@pytest.mark.parametrize("value", [2, 2.5, np.float32(2.5), np.int64(2), torch.tensor(2.5), torch.tensor([2.5])])
+def test_every_kind_of_real_number_is_a_number(value):
+    assert check_number(value, "mu") == float(value) and type(check_number(value, "mu")) is float
+
+
+@pytest.mark.parametrize("value", [True, "2", b"2", None, [2.0], torch.tensor([1.0, 2.0])])
+def test_a_value_that_is_not_a_number_is_a_type_error_naming_the_argument(value):
+    with pytest.raises(TypeError, match="^shift: expected a number, got "):
+        check_number(value, "shift")
+
+
+def test_a_number_that_is_not_finite_or_not_positive_is_a_value_error():
+    for value in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match="^mu: expected a finite number, got "):
+            check_number(value, "mu")
+    for value in (0, -1.5):
+        with pytest.raises(ValueError, match="^shift: expected a positive finite number, got "):
+            check_number(value, "shift", positive=True)
+    assert check_number(-1.5, "mu") == -1.5
 
 
 @pytest.mark.parametrize("value", [(2, 3), [2, 3], torch.Size([2, 3]), np.array([2, 3]), torch.tensor([2, 3]),

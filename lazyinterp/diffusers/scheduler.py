@@ -21,7 +21,7 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 
 from ..brownian import BrownianPaths
-from ..checks import check_int
+from ..checks import check_int, check_number
 from ..conversion import convert, time_change
 from ..covariance import Covariance, CovarianceLazyDynamics
 from ..devices import check_device
@@ -305,20 +305,6 @@ class _Lane:
     dynamics: Dynamics | CovarianceLazyDynamics
 
 
-def _finite_number(value: Any, name: str, *, positive: bool = False) -> float:
-    """``value`` (any real number: Python, NumPy or a 0-d tensor) as a float, or a ValueError / TypeError naming
-    ``name`` unless it is finite (and positive, with ``positive``)."""
-    try:
-        if isinstance(value, (bool, str, bytes)):  # float("3") would pass
-            raise TypeError
-        number = float(value)
-    except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"{name}: expected a number, got {type(value).__name__}") from None
-    if not math.isfinite(number) or (positive and number <= 0):
-        raise ValueError(f"{name}: expected a {'positive ' if positive else ''}finite number, got {value!r}")
-    return number
-
-
 def _generator_seed(generator: Any) -> int:
     """One draw from ``generator`` as li.sample takes it, also from an accelerator's generator."""
     if isinstance(generator, torch.Generator) and generator.device.type != "cpu":
@@ -518,7 +504,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         if sigma_data is not None:
             raise ValueError("sigma_data: this is an EDM-preconditioned model's config; wrap its denoiser with "
                              "li.ve_denoiser_model and sample it with li.sample")
-        snr_shift_scale = _finite_number(snr_shift_scale, "snr_shift_scale", positive=True)
+        snr_shift_scale = check_number(snr_shift_scale, "snr_shift_scale", positive=True)
         if prediction_type in _FLOW_PREDICTIONS:
             if snr_shift_scale != 1.0:
                 raise ValueError("snr_shift_scale: CogVideoX's SNR shift of a DDPM-style model's alphas_cumprod; a "
@@ -579,7 +565,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         self.register_to_config(schedule=config_name, sigma=config_sigma, diffusion=config_diffusion,
                                 solver=None if solver is None else self._solver, covariance=None,
                                 shift=shift, flow_shift=None, _use_default_values=defaults)
-        self._shift = _finite_number(shift, "shift", positive=True)
+        self._shift = check_number(shift, "shift", positive=True)
         self.init_noise_sigma = 1.0
         train = torch.linspace(1.0, 1.0 / num_train_timesteps, num_train_timesteps, dtype=torch.float32)
         self.sigmas = torch.cat([train, torch.zeros(1)])
@@ -672,7 +658,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
 
     def set_shift(self, shift: float) -> None:
         """Set the SNR divisor of the grid (diffusers' ``shift``), a finite number > 0."""
-        self._shift = _finite_number(shift, "shift", positive=True)
+        self._shift = check_number(shift, "shift", positive=True)
 
     @property
     def step_index(self) -> int | None:
@@ -807,7 +793,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("mu: required when use_dynamic_shifting is True (pipelines compute it from the image "
                              "size)")
         if mu is not None:
-            mu = _finite_number(mu, "mu")
+            mu = check_number(mu, "mu")
         model_sigmas = _as_sigmas(self._shifted_sigmas(raw, mu))
         plan, entry_sigmas = self._set_grid(model_sigmas)
         probe = plan[1][0] == "probe" if len(plan) > 1 else False
@@ -1280,7 +1266,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         if per_token_timesteps is not None:
             raise ValueError("per_token_timesteps: a noise level per token is not supported; the schedule "
                              "conversion needs one noise level per sample")
-        if eta is not None and _finite_number(eta, "eta") != 0:
+        if eta is not None and check_number(eta, "eta") != 0:
             raise ValueError(f"eta: DDIM's stochastic step is not taken here, got {eta!r}; pass eta=0 and give the "
                              "scheduler diffusion='optimal' (or a number) for an SDE that keeps the marginals")
         if variance_noise is not None:
