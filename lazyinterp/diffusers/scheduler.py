@@ -216,6 +216,10 @@ class _FlowSource:
     def prediction(self, output: Tensor, x: Tensor, t: Any) -> Tensor:
         return -output
 
+    def clamp(self, tau: Tensor | float) -> Tensor | float:
+        """τ as it is: the network is evaluated on all of [0, 1]."""
+        return tau
+
     def timesteps(self, sigmas: Tensor) -> Tensor:
         """The network's timesteps at model sigmas σ = 1 − τ."""
         return (sigmas * self.train_steps).to(torch.float32)
@@ -242,9 +246,15 @@ class _DDPMSource:
     def prediction(self, output: Tensor, x: Tensor, t: Any) -> Tensor:
         return ddpm_output_to_prediction(output, x, t, self.schedule, self.prediction_type)
 
+    def clamp(self, tau: Tensor | float) -> Tensor | float:
+        """τ kept in [t_min, t_max], where the network is evaluated."""
+        if isinstance(tau, Tensor):
+            return tau.clamp(self.t_min, self.t_max)
+        return min(max(float(tau), self.t_min), self.t_max)
+
     def timesteps(self, sigmas: Tensor) -> Tensor:
         """The network's timesteps at model sigmas σ = 1 − τ: u(τ) with τ kept in [t_min, t_max]."""
-        tau = (1 - sigmas).clamp(self.t_min, self.t_max)
+        tau = self.clamp(1 - sigmas)
         return self.schedule.index(tau).clamp(0.0, self.train_steps - 1.0).to(torch.float32)
 
     def time_of(self, timestep: float) -> float:
@@ -285,7 +295,7 @@ class _Recorded:
     def eta(self, x: Tensor, t: Tensor | float) -> tuple[Tensor, Tensor]:
         source = self.source
         if not source.is_flow:  # the network saw a time inside its range; its prediction holds beyond it
-            t = min(max(float(t), source.t_min), source.t_max)
+            t = source.clamp(float(t))
         prediction = source.prediction(self.output, self.x, t)
         return to_eta(source.predicts, prediction, self.x, *coefficients(self.schedule, t))
 
@@ -925,7 +935,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         if role in ("probe+", "probe-"):
             source = self._source
             tau = float(source.schedule.snr_inverse(torch.tensor(PROBE_SNR, dtype=_F64)))
-            return 1 - min(max(tau, source.t_min), source.t_max)
+            return 1 - source.clamp(tau)
         return float(self._node_sigmas[node + 1 if role == "corr" else node])
 
     def _recorded_schedule(self) -> Schedule:
@@ -957,7 +967,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             sig = torch.tensor(sigmas, dtype=sample.dtype, device=sample.device)
             noise_coef, data_coef = sig, 1.0 - sig
         else:
-            tau = (1 - torch.tensor(sigmas, dtype=_F64)).clamp(self._source.t_min, self._source.t_max)
+            tau = self._source.clamp(1 - torch.tensor(sigmas, dtype=_F64))
             noise_coef, data_coef = (c.to(dtype=sample.dtype, device=sample.device) for c in
                                      (self._source.schedule.alpha(tau), self._source.schedule.beta(tau)))
         shape = (-1, *([1] * (sample.ndim - 1)))
