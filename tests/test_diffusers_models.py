@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("diffusers")
 from diffusers import (  # noqa: E402
     DDIMScheduler,
+    EulerDiscreteScheduler,
     UNet2DModel,
 )
 from diffusers.pipelines.cogview4.pipeline_cogview4 import calculate_shift as cogview4_shift  # noqa: E402
@@ -28,6 +29,7 @@ from diffusers_support import (
 import lazyinterp as li  # noqa: E402
 from lazyinterp.diffusers import (  # noqa: E402
     LazyScheduler,
+    continuous_noise_schedule,
     ddpm_model,
     ddpm_schedule,
     flow_transformer_model,
@@ -160,6 +162,56 @@ def test_ddpm_schedule_nodes_timesteps_and_clean_end():
     torch.testing.assert_close(first, torch.tensor([999.0, 499.0]))
     torch.testing.assert_close(last, torch.tensor([0.0, 0.0]))
     assert labels.tolist() == [3, 3]
+
+
+# Stable Video Diffusion's scheduler: a v-prediction UNet on continuous noise levels, timestep ¼ ln σ.
+SVD_EULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction",
+                 timestep_type="continuous", sigma_min=0.002, sigma_max=700.0, use_karras_sigmas=True)
+
+
+def test_continuous_noise_schedule_is_log_linear_in_sigma_with_quarter_log_timesteps():
+    """σ(t) = α/β runs log-linearly from sigma_max at t = 0 to sigma_min at index 0, the timestep is ¼ ln σ(t)
+    (held at the ends of the range), and time_of_timestep inverts it; r⁻¹ is exact."""
+    sched = continuous_noise_schedule(0.002, 700.0)
+    t = torch.linspace(0, 0.999, 1001, dtype=torch.float64)
+    sigma = sched.alpha(t) / sched.beta(t)
+    expected = torch.exp(math.log(700.0) + (math.log(0.002) - math.log(700.0)) * t / 0.999)
+    torch.testing.assert_close(sigma, expected, rtol=1e-10, atol=0)  # α = √(1 − ᾱ) near ᾱ = 1
+    torch.testing.assert_close(sched.timestep(t), 0.25 * torch.log(expected), rtol=0, atol=1e-12)
+    torch.testing.assert_close(sched.time_of_timestep(sched.timestep(t)), t, rtol=0, atol=1e-12)
+    torch.testing.assert_close(sched.timestep(torch.tensor([1.0], dtype=torch.float64)),
+                               torch.tensor([0.25 * math.log(0.002)], dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(sched.snr_inverse(sched.snr(t)), t, rtol=0, atol=1e-10)
+    for low, high in ((0.0, 1.0), (2.0, 1.0), (math.nan, 1.0)):
+        with pytest.raises(ValueError, match="sigma_m"):
+            continuous_noise_schedule(low, high)
+
+
+def test_ddpm_model_on_continuous_timesteps_feeds_quarter_log_sigma_and_one_lazy_step_is_exact():
+    """ddpm_model of an EulerDiscreteScheduler with timestep_type="continuous" (v-prediction, SVD) calls the
+    network with ¼ ln σ; for the exact v of N(μ, s² I) one lazy VP Euler step maps Z to sZ + μ."""
+    mean, std = 0.3, 0.8
+    seen = []
+
+    def net(x, c_noise, return_dict=False):
+        seen.append(c_noise.clone())
+        sig = torch.exp(4 * c_noise.double()).reshape(-1, *([1] * (x.ndim - 1)))
+        b = 1 / torch.sqrt(1 + sig**2)
+        a = sig * b
+        xd = x.double()
+        den = b * b * std**2 + a * a
+        eta_x = mean + b * std**2 * (xd - b * mean) / den
+        eta_z = a * (xd - b * mean) / den
+        return ((b * eta_z - a * eta_x).to(x.dtype),)
+
+    model = ddpm_model(net, EulerDiscreteScheduler(**SVD_EULER))
+    z = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out = li.sample(model, z, steps=1, schedule="lazy-vp", solver="euler")
+    torch.testing.assert_close(out, std * z + mean, rtol=0, atol=1e-6)
+    c_noise = torch.cat(seen)
+    assert float(c_noise.min()) >= 0.25 * math.log(0.002) - 1e-6 and float(c_noise.max()) <= 0.25 * math.log(700) + 1e-6
+    model.raw(z, torch.tensor(0.0, dtype=torch.float64))
+    torch.testing.assert_close(seen[-1], torch.full((6,), 0.25 * math.log(700.0)), rtol=0, atol=1e-5)
 
 
 def test_adapters_name_arguments_of_the_wrong_type():

@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("diffusers")
 from diffusers import (  # noqa: E402
     AutoencoderKL,
+    AutoencoderKLTemporalDecoder,
     CogVideoXDDIMScheduler,
     CogVideoXDPMScheduler,
     CogVideoXPipeline,
@@ -32,8 +33,10 @@ from diffusers import (  # noqa: E402
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    StableVideoDiffusionPipeline,
     UNet2DConditionModel,
     UNet2DModel,
+    UNetSpatioTemporalConditionModel,
 )
 from diffusers.models.unets.unet_2d import UNet2DOutput  # noqa: E402
 from diffusers_support import UNET_CONFIG  # noqa: E402
@@ -428,6 +431,66 @@ def test_cogvideox_pipeline_reads_the_shifted_snr_and_is_exact_on_gaussian_laten
         LazyScheduler(snr_shift_scale=3.0, prediction_type="flow_prediction")
     with pytest.raises(ValueError, match="snr_shift_scale: expected a positive finite number"):
         LazyScheduler(snr_shift_scale=0.0, prediction_type="epsilon")
+
+
+class GaussianVideoUNet(UNetSpatioTemporalConditionModel):
+    """A tiny SVD UNet's class and config whose output is the exact v of N(0.3, 0.8² I) video latents (the first
+    four of its eight input channels; the rest carry the image's latents), read at the timestep ¼ ln σ."""
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, added_time_ids=None, return_dict=True):
+        noise = torch.exp(4 * torch.as_tensor(timestep, dtype=F64).flatten()).reshape(-1, 1, 1, 1, 1)
+        beta = 1 / torch.sqrt(1 + noise**2)
+        x, alpha = sample[:, :, :4].double(), noise * beta
+        den = beta**2 * 0.64 + alpha**2
+        eta_x = 0.3 + beta * 0.64 * (x - beta * 0.3) / den
+        eta_z = alpha * (x - beta * 0.3) / den
+        return ((beta * eta_z - alpha * eta_x).to(sample.dtype),)
+
+
+def test_stable_video_diffusion_reads_quarter_log_sigma_timesteps_and_is_exact_on_gaussian_latents():
+    """Stable Video Diffusion's scheduler config (EulerDiscreteScheduler, v-prediction, timestep_type
+    "continuous", σ from 0.002 to 700) describes a UNet whose timestep is ¼ ln σ, not an index. LazyScheduler
+    made from it (in memory, and from the json, which names only what differs from the defaults) feeds the UNet
+    ¼ ln σ within that range, and on exact Gaussian video latents returns σZ + μ. Custom timesteps, which would be
+    indices, are refused."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    unet = GaussianVideoUNet(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=8,
+                             out_channels=4, down_block_types=("CrossAttnDownBlockSpatioTemporal",
+                                                               "DownBlockSpatioTemporal"),
+                             up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+                             cross_attention_dim=32, num_attention_heads=8, projection_class_embeddings_input_dim=96,
+                             addition_time_embed_dim=32).eval()
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, projection_dim=32, num_hidden_layers=1,
+                                                             num_attention_heads=4, image_size=32,
+                                                             intermediate_size=37, patch_size=1)).eval()
+    vae = AutoencoderKLTemporalDecoder(block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
+                                       latent_channels=4).eval()
+    config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction",
+                  timestep_type="continuous", sigma_min=0.002, sigma_max=700.0, use_karras_sigmas=True)
+    json_config = {"_class_name": "EulerDiscreteScheduler", **config}
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    z = torch.randn(1, 3, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    seen = []
+    unet.register_forward_hook(lambda module, args, output: seen.append(float(args[1])))
+    for scheduler in (LazyScheduler.from_config(EulerDiscreteScheduler(**config).config),
+                      LazyScheduler.from_config(json_config)):
+        pipe = StableVideoDiffusionPipeline(vae=vae, image_encoder=encoder, unet=unet, scheduler=scheduler,
+                                            feature_extractor=CLIPImageProcessor(crop_size=32, size=32))
+        pipe.set_progress_bar_config(disable=True)
+        seen.clear()
+        with torch.no_grad():
+            out = pipe(image, height=32, width=32, num_frames=3, num_inference_steps=4, latents=z.clone(),
+                       output_type="latent", min_guidance_scale=2.0, max_guidance_scale=3.0).frames
+        assert seen == pytest.approx(scheduler.timesteps.tolist(), abs=1e-6)
+        assert 0.25 * math.log(0.002) - 1e-6 <= min(seen) and max(seen) <= 0.25 * math.log(700.0) + 1e-6
+        # The probes sit at li.estimate_sigma's SNR 0.1: σ = 10, timestep ¼ ln 10.
+        assert seen[0] == pytest.approx(0.25 * math.log(10.0), abs=1e-5)
+        torch.testing.assert_close(scheduler.estimated_sigma, torch.full((1,), 0.8, dtype=F64), rtol=1e-5, atol=0)
+        torch.testing.assert_close(out, 0.8 * z + 0.3, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="timesteps: a network on continuous noise levels"):
+        scheduler.set_timesteps(timesteps=[999, 500])
 
 
 class GaussianInpaintUNet(UNet2DConditionModel):

@@ -9,7 +9,8 @@ This package imports ``diffusers`` (the optional ``lazyinterp[diffusers]`` extra
 * :func:`flow_transformer_model` — a diffusers flow transformer (SD3, FLUX) with fixed conditioning as an
   :class:`~lazyinterp.Model`, so :func:`lazyinterp.sample` drives it directly.
 * :func:`ddpm_model` and :func:`ddpm_schedule` — a DDPM-style UNet (ε-, v- or x₀-prediction on discrete
-  ``alphas_cumprod``) as an :class:`~lazyinterp.Model` on a continuous VP schedule.
+  ``alphas_cumprod``) as an :class:`~lazyinterp.Model` on a continuous VP schedule;
+  :func:`continuous_noise_schedule` for a v-prediction UNet on continuous noise levels (Stable Video Diffusion).
 * :func:`sigmas_to_grid` and :func:`grid_to_sigmas` — between diffusers' ``sigmas`` and lazyinterp time grids.
 
 Conventions. diffusers' flow models write x_σ = (1 − σ) x_data + σ ε and predict ``output = ε − x_data``; in
@@ -20,10 +21,11 @@ The scheduler and the grid conversions are in :mod:`~lazyinterp.diffusers.schedu
 :mod:`~lazyinterp.diffusers.models`.
 """
 
-from .models import ddpm_model, ddpm_schedule, flow_transformer_model
+from .models import continuous_noise_schedule, ddpm_model, ddpm_schedule, flow_transformer_model
 from .scheduler import LazyScheduler, LazySchedulerOutput, grid_to_sigmas, sigmas_to_grid
 
 __all__ = [
-    "LazyScheduler", "LazySchedulerOutput", "ddpm_model", "ddpm_schedule", "flow_transformer_model",
+    "LazyScheduler", "LazySchedulerOutput", "continuous_noise_schedule", "ddpm_model", "ddpm_schedule",
+    "flow_transformer_model",
     "grid_to_sigmas", "sigmas_to_grid",
 ]

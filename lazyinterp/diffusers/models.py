@@ -229,7 +229,8 @@ def ddpm_schedule(alphas_cumprod: Any) -> Schedule:
     :func:`lazyinterp.vp`, samplers start from pure noise α_0 Z at t = 0 and conversions clamp the matched time.
     The SNR's monotonicity is checked here instead (ᾱ must decrease strictly).
 
-    The schedule has ``index(t)``, the continuous index u(t), and ``num_train_timesteps`` T.
+    The schedule has ``index(t)``, the continuous index u(t), ``num_train_timesteps`` T, and the network's timestep
+    ``timestep(t)`` (u(t) within [0, T − 1]) with its inverse ``time_of_timestep(u)``.
     """
     try:
         abar = torch.as_tensor(alphas_cumprod).detach().to(device="cpu", dtype=_F64).flatten()
@@ -294,7 +295,61 @@ def ddpm_schedule(alphas_cumprod: Any) -> Schedule:
                      dbeta=lambda t: pieces(t)[3], snr_inverse=snr_inverse, name=f"ddpm({n_steps})", check=False)
     sched.index = index
     sched.num_train_timesteps = n_steps
+    sched.timestep = lambda t: index(t).clamp(0.0, big - 1)
+    sched.time_of_timestep = lambda u: ((big - 1) - as_time(u)) / big
     return sched
+
+
+def continuous_noise_schedule(sigma_min: float, sigma_max: float, steps: int = 1000) -> Schedule:
+    r"""The VP schedule of a network on continuous noise levels σ = α/β in [``sigma_min``, ``sigma_max``] whose
+    timestep is c_noise = ¼ ln σ (EDM's, as ``EulerDiscreteScheduler(timestep_type="continuous")`` feeds a
+    v-prediction UNet: Stable Video Diffusion).
+
+    It is :func:`ddpm_schedule` of ᾱ_n = 1/(1 + σ_n²) with ln σ_n uniform from ln ``sigma_min`` (index 0) to
+    ln ``sigma_max`` (index T − 1): the log-SNR −2 ln σ is linear in the index, as that schedule interpolates it,
+    so σ(t) is exactly log-linear. ``timestep(t)`` is ¼ ln σ(t) and ``time_of_timestep`` its inverse.
+    """
+    for value, name in ((sigma_min, "sigma_min"), (sigma_max, "sigma_max")):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name}: expected a positive finite noise level, got {value!r}")
+    if not sigma_min < sigma_max:
+        raise ValueError(f"sigma_min, sigma_max: expected sigma_min < sigma_max, got {sigma_min!r} and {sigma_max!r}")
+    log_sigma = torch.linspace(math.log(sigma_min), math.log(sigma_max), steps, dtype=_F64)
+    sched = ddpm_schedule(torch.sigmoid(-2 * log_sigma))  # 1/(1 + σ²)
+    index, big = sched.index, float(steps)
+
+    def timestep(t: Tensor | float) -> Tensor:
+        u = index(t).clamp(0.0, big - 1)  # never beyond the trained range
+        return 0.25 * (math.log(sigma_min) + (math.log(sigma_max) - math.log(sigma_min)) * u / (big - 1))
+
+    def time_of_timestep(c_noise: Tensor | float) -> Tensor:
+        u = (4 * as_time(c_noise) - math.log(sigma_min)) / (math.log(sigma_max) - math.log(sigma_min)) * (big - 1)
+        return ((big - 1) - u) / big
+
+    sched.timestep, sched.time_of_timestep = timestep, time_of_timestep
+    sched.name = f"continuous({sigma_min:g}, {sigma_max:g})"
+    return sched
+
+
+def unet_schedule(scheduler_or_betas: Any) -> Schedule:
+    """The schedule a DDPM-style UNet is read on: :func:`continuous_noise_schedule` for a v-prediction scheduler
+    with ``timestep_type="continuous"`` (its ``sigma_min`` and ``sigma_max``, else its ᾱ's range), else
+    :func:`ddpm_schedule` of its ``alphas_cumprod`` (or of the betas given)."""
+    abar = _alphas_cumprod(scheduler_or_betas)
+    config = getattr(scheduler_or_betas, "config", None)
+    if config is not None and config.get("timestep_type") == "continuous" and \
+            config.get("prediction_type") == "v_prediction":
+        return continuous_noise_schedule(*noise_range(abar, config.get("sigma_min"), config.get("sigma_max")))
+    return ddpm_schedule(abar)
+
+
+def noise_range(alphas_cumprod: Tensor, sigma_min: float | None, sigma_max: float | None) -> tuple[float, float]:
+    """(sigma_min, sigma_max) of a continuous-noise config: as given, else the noise levels √((1 − ᾱ)/ᾱ) of
+    ``alphas_cumprod``'s first and last index (a zero-terminal last index: its neighbour's)."""
+    abar = alphas_cumprod[alphas_cumprod > 0]
+    low = float(torch.sqrt((1 - abar[0]) / abar[0])) if sigma_min is None else sigma_min
+    high = float(torch.sqrt((1 - abar[-1]) / abar[-1])) if sigma_max is None else sigma_max
+    return low, high
 
 
 def ddpm_model(unet: Any, scheduler_or_betas: Any, prediction_type: str | None = None, class_labels: Any = None,
@@ -313,7 +368,10 @@ def ddpm_model(unet: Any, scheduler_or_betas: Any, prediction_type: str | None =
       η_X = β x − α v (``predicts="data"``, which stays well conditioned where β is small);
     * ``"sample"``: η_X = output.
 
-    UNets with a learned variance (2C output channels for C input channels) give their first C channels.
+    UNets with a learned variance (2C output channels for C input channels) give their first C channels. A
+    v-prediction scheduler with ``timestep_type="continuous"`` (Stable Video Diffusion) describes a network on
+    continuous noise levels instead: the model is on :func:`continuous_noise_schedule` and the network is called with
+    the timestep ¼ ln σ (:func:`unet_schedule`).
 
     Schedules whose noisiest index is not pure noise (β_0 = √ᾱ_{T−1} > 0, e.g. linear betas) cover SNRs from
     r_0 = β_0/α_0 only. A target that starts at SNR 0 (lazy VP, cosine, point mass) matches target times below
@@ -337,8 +395,7 @@ def ddpm_model(unet: Any, scheduler_or_betas: Any, prediction_type: str | None =
     if prediction_type is None:
         prediction_type = getattr(getattr(scheduler_or_betas, "config", None), "prediction_type", None) or "epsilon"
     kind = ddpm_prediction_kind(prediction_type)
-    schedule = ddpm_schedule(_alphas_cumprod(scheduler_or_betas))
-    top = float(schedule.num_train_timesteps - 1)
+    schedule = unet_schedule(scheduler_or_betas)
     fixed = dict(unet_kwargs)
     if class_labels is not None:
         fixed["class_labels"] = torch.as_tensor(class_labels)
@@ -356,7 +413,7 @@ def ddpm_model(unet: Any, scheduler_or_betas: Any, prediction_type: str | None =
         kwargs = {k: _fit_batch(k, val, batch) for k, val in fixed.items()}
         if "class_labels" in kwargs:
             kwargs["class_labels"] = kwargs["class_labels"].to(x.device)
-        timestep = schedule.index(t).clamp(0.0, top).to(device=x.device, dtype=torch.float32)
+        timestep = schedule.timestep(t).to(device=x.device, dtype=torch.float32)
         hidden = x.to(dtype)
         out = _guided(call, hidden, timestep, kwargs, neg, guidance_scale) if cfg else call(hidden, timestep, kwargs)
         return ddpm_output_to_prediction(out.to(x.dtype), x, t, schedule, prediction_type)

@@ -51,7 +51,14 @@ from ..samplers import (
 )
 from ..schedules import SCHEDULES, LazySchedule, Schedule, get_schedule, linear
 from ..solvers import EXPONENTIAL_SOLVERS, ODE_SOLVERS, ab2_increment, am3_increment, exponential_terms, log_snr
-from .models import ddpm_output_to_prediction, ddpm_prediction_kind, ddpm_schedule, ddpm_time_range
+from .models import (
+    continuous_noise_schedule,
+    ddpm_output_to_prediction,
+    ddpm_prediction_kind,
+    ddpm_schedule,
+    ddpm_time_range,
+    noise_range,
+)
 
 Tensor = torch.Tensor
 _F64 = torch.float64
@@ -173,7 +180,7 @@ _FLOW_PREDICTIONS = (None, "flow_prediction")
 _DDPM_FAMILY = frozenset(entry.name for entry in KarrasDiffusionSchedulers) | {"LCMScheduler", "TCDScheduler"}
 # The config keys that describe the model rather than the sampler: read by from_config as the config gives them.
 _MODEL_KEYS = ("num_train_timesteps", "prediction_type", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-               "rescale_betas_zero_snr", "snr_shift_scale", "sigma_data")
+               "rescale_betas_zero_snr", "snr_shift_scale", "sigma_data", "timestep_type", "sigma_min", "sigma_max")
 
 
 _FLOW_KEYS = ("shift", "flow_shift", "use_dynamic_shifting")
@@ -231,13 +238,15 @@ class _FlowSource:
 
 class _DDPMSource:
     """A DDPM-style UNet (ε-, v- or x₀-prediction) on :func:`~lazyinterp.diffusers.ddpm_schedule` of its
-    ``alphas_cumprod``, read as :func:`~lazyinterp.diffusers.ddpm_model` reads it: the timestep is the continuous
-    index u(τ) = T − 1 − T τ, and the network is evaluated within its [t_min, t_max] (never beyond index 0)."""
+    ``alphas_cumprod`` (or on continuous noise levels), read as :func:`~lazyinterp.diffusers.ddpm_model` reads it:
+    the timestep is the schedule's (the continuous index u(τ) = T − 1 − T τ, or ¼ ln σ), and the network is
+    evaluated within its [t_min, t_max] (never beyond index 0)."""
 
     is_flow = False
 
-    def __init__(self, alphas_cumprod: Tensor, prediction_type: str):
-        self.schedule = ddpm_schedule(alphas_cumprod)
+    def __init__(self, schedule: Schedule, prediction_type: str, continuous: bool = False):
+        self.schedule = schedule
+        self.continuous = continuous  # timesteps ¼ ln σ rather than indices
         self.prediction_type = prediction_type
         self.predicts = ddpm_prediction_kind(prediction_type)
         self.train_steps = self.schedule.num_train_timesteps
@@ -254,12 +263,11 @@ class _DDPMSource:
 
     def timesteps(self, sigmas: Tensor) -> Tensor:
         """The network's timesteps at model sigmas σ = 1 − τ: u(τ) with τ kept in [t_min, t_max]."""
-        tau = self.clamp(1 - sigmas)
-        return self.schedule.index(tau).clamp(0.0, self.train_steps - 1.0).to(torch.float32)
+        return self.schedule.timestep(self.clamp(1 - sigmas)).to(torch.float32)
 
-    def time_of(self, timestep: float) -> float:
-        """The model time τ of a timestep (index)."""
-        return (self.train_steps - 1 - timestep) / self.train_steps
+    def time_of(self, timestep: Tensor | float) -> Tensor:
+        """The model time τ of a timestep."""
+        return self.schedule.time_of_timestep(timestep)
 
 
 def _ddpm_alphas_cumprod(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
@@ -482,6 +490,9 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         flow_shift: DPMSolver's and UniPC's name for the shift of a flow model; used when ``shift`` is 1.
         sigma_data: must be None (EDM-preconditioned models are ``li.ve_denoiser_model``'s).
         snr_shift_scale: CogVideoX's shift s of a DDPM-style model's ᾱ, ᾱ/(s + (1 − s) ᾱ); 1 for none.
+        timestep_type, sigma_min, sigma_max: as in ``EulerDiscreteScheduler``: with ``"continuous"`` a v-prediction
+            network sees the timestep ¼ ln σ for noise levels σ from ``sigma_min`` to ``sigma_max`` (Stable Video
+            Diffusion; :func:`~lazyinterp.diffusers.continuous_noise_schedule`), not an index.
 
     Raises:
         ValueError: an unknown schedule, diffusion, solver or last step, a sigma for a non-lazy schedule, a
@@ -508,7 +519,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                  stochastic_sampling: bool = False, prediction_type: str | None = None,
                  beta_start: float = 0.0001, beta_end: float = 0.02, beta_schedule: str = "linear",
                  trained_betas: Any = None, rescale_betas_zero_snr: bool = False, flow_shift: float | None = None,
-                 sigma_data: float | None = None, snr_shift_scale: float = 1.0):
+                 sigma_data: float | None = None, snr_shift_scale: float = 1.0, timestep_type: str = "discrete",
+                 sigma_min: float | None = None, sigma_max: float | None = None):
         if prediction_type not in _FLOW_PREDICTIONS:
             ddpm_prediction_kind(prediction_type)  # names prediction_type if it is none of diffusers' kinds
         if sigma_data is not None:
@@ -525,7 +537,13 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             abar = _ddpm_alphas_cumprod(check_int(num_train_timesteps, "num_train_timesteps", 3), beta_start,
                                         beta_end, beta_schedule, trained_betas, bool(rescale_betas_zero_snr),
                                         snr_shift_scale)
-            self._source = _DDPMSource(abar, prediction_type)
+            if timestep_type not in ("discrete", "continuous"):
+                raise ValueError(f"timestep_type: expected 'discrete' or 'continuous', got {timestep_type!r}")
+            # As EulerDiscreteScheduler: a v-prediction network with continuous timesteps sees ¼ ln σ.
+            continuous = timestep_type == "continuous" and prediction_type == "v_prediction"
+            network_schedule = continuous_noise_schedule(*noise_range(abar, sigma_min, sigma_max)) if continuous \
+                else ddpm_schedule(abar)
+            self._source = _DDPMSource(network_schedule, prediction_type, continuous)
         if flow_shift is not None and shift == 1.0:
             # DPMSolver's and UniPC's name for the shift of flow models (Wan, SANA).
             shift = flow_shift
@@ -810,7 +828,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         if labels is None:
             self.timesteps = self._source.timesteps(entry_sigmas).to(device=device)
             # The probe's τ as the network sees it, through the float32 timestep.
-            self._probe_tau = self._source.time_of(float(self.timesteps[1])) if probe else None
+            self._probe_tau = float(self._source.time_of(float(self.timesteps[1]))) if probe else None
         else:
             self.timesteps = _label(entry_sigmas, model_sigmas, labels, cfg.num_train_timesteps).to(device=device)
             self._probe_tau = 1 - float(entry_sigmas[1]) if probe else None
@@ -824,6 +842,9 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         source = self._source
         if sigmas is not None and timesteps is not None:
             raise ValueError("sigmas, timesteps: give one of them for a DDPM-style model")
+        if timesteps is not None and source.continuous:
+            raise ValueError("timesteps: a network on continuous noise levels (timestep_type='continuous') takes "
+                             "sigmas, k-diffusion's noise levels, not timesteps")
         if timesteps is not None:
             index = _numbers(timesteps, "timesteps")
             top = source.train_steps - 1
@@ -856,7 +877,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         # σ' = sσ/(1 + (s − 1)σ) divides the SNR (1 − σ)/σ by s.
         plan, entry_sigmas = self._set_grid(_as_sigmas(shift * raw / (1 + (shift - 1) * raw)))
         self.timesteps = source.timesteps(entry_sigmas).to(device=device)
-        self._probe_tau = source.time_of(float(self.timesteps[0])) if plan[0][0] == "probe+" else None
+        self._probe_tau = float(source.time_of(float(self.timesteps[0]))) if plan[0][0] == "probe+" else None
         node_tau = 1 - self._node_sigmas
         # Noise levels as k-diffusion and EulerDiscreteScheduler write them, σ = α/β (the data's at SNR 1/σ).
         self.sigmas = (source.schedule.alpha(node_tau) / source.schedule.beta(node_tau)).to(torch.float32)
