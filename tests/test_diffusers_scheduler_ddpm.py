@@ -174,6 +174,25 @@ def test_one_lazy_step_is_exact_on_gaussian_latents(prediction_type):
             torch.testing.assert_close(out, std * z + mean, rtol=0, atol=1e-6 * std)
 
 
+def test_a_learned_variance_output_gives_its_first_channels():
+    """A UNet with a learned variance returns 2C channels for C, and DDPMPipeline passes them to step as they are:
+    the first C are the prediction (as ddpm_model reads them), so the run is still exact on Gaussian latents. A
+    flow transformer's output must match the latents."""
+    config = CONFIGS["epsilon"]
+    sched = ddpm_schedule(DDIMScheduler(**config).alphas_cumprod)
+    z = torch.randn(3, 2, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+
+    def net(x, t):
+        eps = gaussian_output(x, t, sched, "epsilon", 0.7, 1.6)
+        return torch.cat([eps, torch.randn_like(eps)], dim=1)
+
+    torch.testing.assert_close(drive(LazyScheduler(**config), net, z, 1), 1.6 * z + 0.7, rtol=0, atol=1e-12)
+    flow = LazyScheduler(sigma=1.0)
+    flow.set_timesteps(2)
+    with pytest.raises(ValueError, match="model_output: shape"):
+        flow.step(torch.zeros(3, 4, 4, 4), flow.timesteps[0], torch.zeros(3, 2, 4, 4))
+
+
 def test_add_noise_is_ddpm_forward_process_at_the_given_index():
     """Custom timesteps are indices n, at ᾱ_n's SNR; the network sees exactly them, and add_noise there is
     DDPMScheduler's √ᾱ_n x₀ + √(1 − ᾱ_n) ε."""

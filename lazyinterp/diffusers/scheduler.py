@@ -1304,6 +1304,10 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("variance_noise: not taken; SDE noise comes from per-sample streams (pass generator)")
         if not isinstance(model_output, Tensor) or not isinstance(sample, Tensor):
             raise TypeError("model_output, sample: expected tensors")
+        learned_variance = not self._source.is_flow and sample.ndim >= 2 and model_output.ndim == sample.ndim and \
+            model_output.shape[1] == 2 * sample.shape[1] and model_output.shape[2:] == sample.shape[2:]
+        if learned_variance:  # a UNet with a learned variance (DDPMPipeline passes it on): its first C channels
+            model_output = model_output[:, : sample.shape[1]]
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output: shape {tuple(model_output.shape)} does not match the sample's "
                              f"{tuple(sample.shape)}")
