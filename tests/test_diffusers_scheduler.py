@@ -31,6 +31,7 @@ from diffusers_support import (
     ExactSD3,
     base_scheduler,
     exact,
+    exact_output,
     layout,
     lazy,
     li_model,
@@ -438,6 +439,52 @@ def test_sigma_none_estimates_sigma_and_mean_exactly(kind, steps, embeds):
     torch.testing.assert_close(uncentred.estimated_sigma, torch.full((BATCH,), rms, dtype=torch.float64), rtol=0,
                                atol=1e-5)
     assert float((out - (std * z + mean)).abs().max()) > 1e-2
+
+
+def test_given_moments_replace_the_probe_for_one_run(embeds):
+    """set_moments gives the next run σ per sample and E[X]: it evaluates no probe (N evaluations for N steps)
+    and, given the exact ones, returns what the estimating run returns; the run after it estimates again. A part-way
+    start (image-to-image) with them needs no probe either. Bad moments name their argument."""
+    mean, std = 0.4, 0.6
+    transformer = exact(ExactSD3, SD3_CONFIG, mean, std)
+    z = noise("sd3")
+    scheduler = lazy("sd3")
+    pipe = pipeline("sd3", transformer, scheduler)
+    estimated = run("sd3", pipe, embeds, z, 4)
+    moments = scheduler.estimated_sigma.clone(), scheduler.estimated_mean.clone()
+    scheduler.set_moments(*moments)
+    given = run("sd3", pipe, embeds, z, 4)
+    assert len(scheduler.timesteps) == 4
+    torch.testing.assert_close(given, estimated, rtol=0, atol=1e-5)
+    torch.testing.assert_close(scheduler.estimated_sigma, moments[0], rtol=0, atol=0)
+    run("sd3", pipe, embeds, z, 4)
+    assert len(scheduler.timesteps) == 5  # the probe is back
+    scheduler.set_moments(std, torch.tensor(mean))  # one σ for all, a mean that broadcasts
+    scheduler.set_timesteps(4)
+    scheduler.set_begin_index(2)
+    start = scheduler.scale_noise(torch.full_like(z, mean), scheduler.timesteps[2:3], z)
+    x = start
+    for t in scheduler.timesteps[2:]:
+        x = scheduler.step(exact_output(x, 1 - t.reshape(1) / 1000, mean, std), t, x).prev_sample
+    assert scheduler.estimated_sigma.tolist() == [std] * BATCH
+    # The lazy drift is 0 on these latents, so the run keeps y = c (x − τ μ) from its start at model time τ, where
+    # c = σ cos θ/(1 − τ) with tan θ = σ τ/(1 − τ); at the end c = 1 and μ is added back.
+    tau = 1 - float(scheduler.sigmas[2])
+    theta = math.atan(std * tau / (1 - tau))
+    expected = std * math.cos(theta) / (1 - tau) * (start.double() - tau * mean) + mean
+    torch.testing.assert_close(x.double(), expected, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="sigma: only the lazy schedules"):
+        lazy("sd3", schedule="linear").set_moments(sigma=1.0)
+    with pytest.raises(ValueError, match="sigma: expected positive finite numbers"):
+        scheduler.set_moments(sigma=[1.0, -1.0])
+    with pytest.raises(TypeError, match="mean: expected a tensor"):
+        scheduler.set_moments(mean=0.5)
+    for sigma, mean_given, match in ((torch.ones(3), None, "sigma: set_moments gave 3 values for a batch of 2"),
+                                     (None, torch.zeros(3, 4), "mean: set_moments gave a mean of shape")):
+        scheduler.set_moments(sigma, mean_given)
+        scheduler.set_timesteps(2)
+        with pytest.raises(ValueError, match=match):
+            scheduler.step(torch.zeros_like(z), scheduler.timesteps[0], z)
 
 
 def test_sigma_estimate_falls_back_to_one_with_a_warning():

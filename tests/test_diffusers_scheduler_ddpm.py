@@ -32,6 +32,7 @@ from diffusers import (  # noqa: E402
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
     StableVideoDiffusionPipeline,
     UNet2DConditionModel,
@@ -350,6 +351,66 @@ def test_stable_diffusion_xl_runs_the_scheduler_with_guidance():
                    guidance_scale=5.0, height=64, width=64, output_type="latent").images
         assert out.shape == (2, 4, 8, 8) and bool(torch.isfinite(out).all())
         assert calls == pipe.scheduler.timesteps.tolist()
+
+
+class PerturbedGaussianXLUNet(UNet2DConditionModel):
+    """A tiny SDXL UNet's class and config whose output is the exact ε of N(0.3, 0.8² I) plus ``perturbation``
+    times the random UNet's (read at timestep n/100, as in :class:`PerturbedGaussianUNet`)."""
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, return_dict=True, **kwargs):
+        timestep = torch.as_tensor(timestep, dtype=torch.float32).flatten().expand(sample.shape[0])
+        exact = gaussian_output(sample, timestep, self.lazy_schedule, "epsilon", 0.3, 0.8)
+        if not self.perturbation:
+            return (exact,)
+        noise = super().forward(sample, timestep / 100, encoder_hidden_states, return_dict=False,
+                                added_cond_kwargs=kwargs.get("added_cond_kwargs"))[0]
+        return (exact + self.perturbation * noise,)
+
+
+@pytest.mark.parametrize("perturbation,solver", [(0.0, None), (0.0, "euler"), (0.2, "euler")])
+def test_an_sdxl_refiner_continues_the_base_run_with_its_moments(perturbation, solver):
+    """SDXL's ensemble of experts: the base pipeline stops at denoising_end and the refiner (an image-to-image
+    pipeline) goes on from denoising_start with the base's latents. The base read σ and E[X] with its probes; the
+    refiner cannot (it starts part-way) and says so, but given them with set_moments it continues in the same lazy
+    coordinates: on exact Gaussian latents the result is σZ + μ, and with Euler on a non-Gaussian UNet it is the
+    full base run's."""
+    torch.manual_seed(0)
+    unet = PerturbedGaussianXLUNet(block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4,
+                                   out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                                   use_linear_projection=True, addition_embed_type="text_time",
+                                   addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+                                   cross_attention_dim=32, norm_num_groups=2).eval()
+    native = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                    timestep_spacing="leading", steps_offset=1)
+    unet.lazy_schedule, unet.perturbation = ddpm_schedule(native.alphas_cumprod), perturbation
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=2).eval()
+    parts = dict(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=unet)
+    settings = {} if solver is None else {"solver": solver}
+    base = StableDiffusionXLPipeline(scheduler=LazyScheduler.from_config(native.config, **settings), **parts)
+    refiner = StableDiffusionXLImg2ImgPipeline(scheduler=LazyScheduler.from_config(native.config, **settings),
+                                               requires_aesthetics_score=False, **parts)
+    for pipe in (base, refiner):
+        pipe.set_progress_bar_config(disable=True)
+    embeds, pooled = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(2)), torch.randn(2, 32)
+    args = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=torch.zeros_like(embeds),
+                negative_pooled_prompt_embeds=torch.zeros_like(pooled), guidance_scale=1.0, num_inference_steps=8,
+                output_type="latent", original_size=(64, 64), target_size=(64, 64))  # the same time ids
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = base(latents=z.clone(), height=64, width=64, **args).images
+        half = base(latents=z.clone(), height=64, width=64, denoising_end=0.5, **args).images
+        with pytest.raises(ValueError, match="begin_index: this run opens with probes"):
+            refiner(image=half, denoising_start=0.5, **args)
+        refiner.scheduler.set_moments(base.scheduler.estimated_sigma, base.scheduler.estimated_mean)
+        out = refiner(image=half, denoising_start=0.5, **args).images
+    assert len(refiner.scheduler.timesteps) == 8  # no probes: every node, as the refiner's indices expect
+    torch.testing.assert_close(refiner.scheduler.estimated_sigma, base.scheduler.estimated_sigma, rtol=0, atol=0)
+    expected = 0.8 * z + 0.3 if perturbation == 0 else full
+    torch.testing.assert_close(out, expected, rtol=0, atol=2e-5)
+    if perturbation:
+        assert float((full - (0.8 * z + 0.3)).abs().max()) > 1e-2
 
 
 def test_image_to_image_starts_from_add_noise_at_the_pipelines_node():

@@ -393,7 +393,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
     untrained model) σ = 1 is used, with a warning. The first step then runs from the stored first evaluation.
     Each sample gets its own target schedule: the exposed model times do not depend on σ (SNR-matched nodes),
     only t_k and c_k do. The estimates are in :attr:`estimated_sigma`. Pass a number (e.g. 1 for latents
-    normalised to unit variance) to skip the probe. The probe needs a run that starts at σ = 1.
+    normalised to unit variance) to skip the probe. The probe needs a run that starts at σ = 1; a run that continues
+    another (a refiner, image-to-image) can take that run's σ and E[X] from :meth:`set_moments` instead.
 
     **Solvers.** ``solver="euler"`` (Euler, or Euler–Maruyama for an SDE) evaluates once per node. ``"ab2"``
     (two-step Adams–Bashforth; for an SDE with Euler–Maruyama's noise) also evaluates once per node and keeps
@@ -605,6 +606,9 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             self._source.schedule = target
         self._begin_index: int | None = None
         self._custom_grid = False  # the last set_timesteps took sigmas or timesteps (not only a step count)
+        # set_moments: σ (per sample) and E[X] for the next run, taken over by it at its first step.
+        self._pending_sigma: Tensor | None = None
+        self._pending_mean: Tensor | None = None
         self._plan: list[tuple[str, int]] | None = None
         self._known_start = False
         self._reset_run()
@@ -730,6 +734,51 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
     def _target_resolved(self) -> bool:
         return getattr(self._target, "resolved", True)
 
+    @property
+    def _sigma_known(self) -> bool:
+        """σ needs no reading from the model: the schedule has one, or set_moments gave it."""
+        return self._target_resolved or self._given_sigma is not None or self._pending_sigma is not None
+
+    @property
+    def _mean_given(self) -> bool:
+        return self._given_mean is not None or self._pending_mean is not None
+
+    def set_moments(self, sigma: Any = None, mean: Any = None) -> None:
+        """σ and E[X] for the next run, instead of reading them from the model: a refiner or an image-to-image pass
+        that continues another run takes that run's, ``refiner.scheduler.set_moments(base.scheduler.estimated_sigma,
+        base.scheduler.estimated_mean)``, and is then in the same lazy coordinates. The next run needs no probes,
+        so it may start part-way; it takes them over at its first step, and the runs after it read their own again.
+
+        Args:
+            sigma: σ of the lazy schedule, one number or one per sample (None: the scheduler's own).
+            mean: E[X] per sample, shaped as the latents (or broadcastable to them); the run centres on it unless
+                ``center=False``.
+
+        Raises:
+            ValueError: a σ that is not positive and finite, a σ for a schedule that takes none or with a
+                covariance, or a mean that is not finite.
+            TypeError: a mean that is not a tensor.
+        """
+        given_sigma = None
+        if sigma is not None:
+            if not isinstance(self._target, LazySchedule):
+                raise ValueError(f"sigma: only the lazy schedules (lazy-vp, point-mass) take a sigma, not "
+                                 f"{self._target.name}")
+            if self._covariance is not None:
+                raise ValueError("sigma: a covariance-matched run takes its sigma from the covariance")
+            given_sigma = _numbers(sigma, "sigma").to(_F64).flatten()
+            if given_sigma.numel() == 0 or not bool(torch.isfinite(given_sigma).all()) or \
+                    not bool((given_sigma > 0).all()):
+                raise ValueError(f"sigma: expected positive finite numbers, got {given_sigma.tolist()}")
+        given_mean = None
+        if mean is not None:
+            if not isinstance(mean, Tensor):
+                raise TypeError(f"mean: expected a tensor shaped as the latents, got {type(mean).__name__}")
+            if not bool(torch.isfinite(mean).all()):
+                raise ValueError("mean: expected finite values")
+            given_mean = mean.detach()
+        self._pending_sigma, self._pending_mean = given_sigma, given_mean
+
     # Timesteps -------------------------------------------------------------------------------------------------
     def _reset_run(self) -> None:
         self._step_index: int | None = None
@@ -751,6 +800,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         self._probe_direction: Tensor | None = None
         self._probe_plus: Tensor | None = None
         self._center = False
+        self._given_sigma: Tensor | None = None
+        self._given_mean: Tensor | None = None
         self.estimated_mean: Tensor | None = None
         # Per evaluation, (its index in timesteps, whether the transformer returned NaN or inf, on its device).
         self._nonfinite: list[tuple[int, Tensor]] = []
@@ -886,6 +937,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         """The nodes, solver and evaluation plan for these model sigmas, for a new run: sets
         :attr:`num_inference_steps`, the node sigmas 1 − τ(t_k) and the plan, a list of (role, node) per network
         evaluation, and returns it with the model sigma of each entry."""
+        self._reset_run()  # before planning, which reads what set_moments left for this run and not the last's
         model_sigmas[model_sigmas >= 1 - 1e-7] = 1.0
         n = model_sigmas.numel()
         self._model_sigmas = model_sigmas
@@ -914,7 +966,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         starts_at_top = float(model_sigmas[0]) == 1.0
         if flow:
             # The σ probe follows the first evaluation, which gives E[X] exactly (τ = 0).
-            probe, moments, known_start = not self._target_resolved, False, False
+            probe, moments, known_start = not self._sigma_known, False, False
         else:
             # A DDPM model's first evaluation is not at SNR 0, so E[X] and σ come from two antithetic probes at
             # the start instead; a point-mass target's first evaluation must see the state 0 (c = 0), which the
@@ -922,7 +974,10 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             # t = 0 is too, and the first node is not evaluated (li.sample's known_start).
             probe = False
             centre = self._default_center(starts_at_top)
-            moments = starts_at_top and (not self._target_resolved or centre or self._target.base == "point_mass")
+            # With σ and E[X] given (set_moments) they are not read again, except that a point mass at the start
+            # still opens with the probes.
+            read = not self._sigma_known or (centre and not self._mean_given)
+            moments = starts_at_top and (read or self._target.base == "point_mass")
             known_start = moments and centre
         self._known_start = known_start
         self._last_step = self.config.last_step or default_last_step(not self._is_sde, n)
@@ -937,7 +992,6 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                 plan.append(("corr", k))
         self._plan = plan
         self._begin_index = None
-        self._reset_run()
         return plan, torch.tensor([self._entry_sigma(role, node) for role, node in plan], dtype=_F64)
 
     def _default_center(self, starts_at_top: bool) -> bool:
@@ -945,8 +999,10 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         E[X] is available (free for a flow model, from the σ probes for a DDPM one, which it then needs anyway)."""
         if self._center_arg is not None:
             return self._center_arg
+        if self._mean_given:
+            return True
         lazy = isinstance(self._target, LazySchedule) and starts_at_top
-        return lazy and (self._source.is_flow or not self._target_resolved)
+        return lazy and (self._source.is_flow or not self._sigma_known)
 
     def _entry_sigma(self, role: str, node: int) -> float:
         if role == "probe":
@@ -1021,6 +1077,10 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                                alpha0=float(target.alpha(0.0)), recorded=recorded, dynamics=dynamics))
         self._lanes = lanes
 
+    def _given_sigmas(self) -> list[float] | None:
+        """The per-sample σ set_moments gave this run (None: the schedule's own, or estimated)."""
+        return None if self._given_sigma is None else self.estimated_sigma.tolist()
+
     def _data_scale(self, tau: Tensor) -> list[float]:
         """β of the model at the nodes' times τ_k, the weight of E[X] in its state (τ_k itself for a flow)."""
         return tau.tolist() if self._source.is_flow else self._source.schedule.beta(tau).tolist()
@@ -1064,18 +1124,40 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
     def _start(self, x_in: Tensor, v: Tensor | None, node: int, generator: Any) -> None:
         """First evaluation: the centring decision, a flow model's mean estimate and the SDE noise streams."""
         starts_clean = node == 0 and float(self._node_sigmas[0]) == 1.0
+        if self._pending_sigma is not None or self._pending_mean is not None:  # set_moments' are this run's now
+            self._given_sigma, self._given_mean = self._pending_sigma, self._pending_mean
+            self._pending_sigma = self._pending_mean = None
         center = self._default_center(starts_clean)
         flow = self._source.is_flow
-        if center and not starts_clean:
+        given_mean = None
+        if self._given_mean is not None:
+            try:
+                given_mean = torch.broadcast_to(self._given_mean.to(device=x_in.device, dtype=x_in.dtype),
+                                                x_in.shape)
+            except RuntimeError:
+                raise ValueError(f"mean: set_moments gave a mean of shape {tuple(self._given_mean.shape)}, which "
+                                 f"does not broadcast to the latents' {tuple(x_in.shape)}") from None
+        if center and not starts_clean and given_mean is None:
             where = "the evaluation at sigma = 1" if flow else "probes at the start of the run"
             raise ValueError(f"center: centring takes E[X] from {where}, so the run must start at sigma = 1 (not "
-                             "image-to-image or custom sigmas below 1); pass center=False")
-        if not self._target_resolved and not starts_clean:
-            raise ValueError("sigma: estimating sigma needs a run that starts at sigma = 1; pass sigma")
+                             "image-to-image or custom sigmas below 1); pass center=False, or give E[X] with "
+                             "set_moments")
+        if not self._sigma_known and not starts_clean:
+            raise ValueError("sigma: estimating sigma needs a run that starts at sigma = 1; pass sigma, or give it "
+                             "with set_moments")
         self._center = center
-        if flow:
+        if self._given_sigma is not None:
+            batch, count = x_in.shape[0], self._given_sigma.numel()
+            if count not in (1, batch):
+                raise ValueError(f"sigma: set_moments gave {count} values for a batch of {batch}")
+            self.estimated_sigma = self._given_sigma.expand(batch).clone()
+        if given_mean is not None:
+            self._mean = given_mean if center else None
+            self._probe_mean = given_mean
+            self.estimated_mean = given_mean
+        elif flow:
             # At τ = 0 the linear schedule gives η_X(0, x) = x + v = E[X] for any x.
-            mean = x_in + v if (center or not self._target_resolved) else None
+            mean = x_in + v if (center or not self._sigma_known) else None
             self._mean = mean if center else None
             self._probe_mean = mean
             self.estimated_mean = mean
@@ -1120,9 +1202,10 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         gain = torch.where(valid, 1 - slope * b, torch.ones_like(slope))
         level = torch.where(valid.view(per_sample), level, (plus + minus) / 2)
         mean = level / gain.view(per_sample)
-        self.estimated_mean = mean
-        self._mean = mean if self._center else None
-        if self._target_resolved:
+        if self._given_mean is None:
+            self.estimated_mean = mean
+            self._mean = mean if self._center else None
+        if self._sigma_known:
             return None
         sigmas = []
         for i, (k, ok) in enumerate(zip(slope.tolist(), valid.tolist(), strict=True)):
@@ -1352,13 +1435,13 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                 return self._moment_probe(role, x_in, output, model_output.dtype, return_dict, generator)
             if self._lanes is None and role == "pred":
                 self._start(x_in, v, node, generator)
-                if not self._target_resolved:
+                if not self._sigma_known:
                     # The first evaluation waits for σ: the network is sent to the probe point first.
                     self._deferred = (x_in, output)
                     tau = self._probe_tau
                     probe = (1 - tau) * x_in + tau * self._probe_mean
                     return self._finish(probe, None, model_output.dtype, return_dict, y=None)
-                self._build_lanes(tuple(x_in.shape), None)
+                self._build_lanes(tuple(x_in.shape), self._given_sigmas())
             if role == "probe":
                 sigmas = self._estimate_sigma(x_in, v)
                 self.estimated_sigma = torch.tensor(sigmas, dtype=_F64)
@@ -1400,7 +1483,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         sigmas = self._estimate_moments(self._probe_plus, eta_x, x_in)
         if sigmas is not None:
             self.estimated_sigma = torch.tensor(sigmas, dtype=_F64)
-        self._build_lanes(tuple(x_in.shape), sigmas)
+        self._build_lanes(tuple(x_in.shape), self._given_sigmas() if sigmas is None else sigmas)
         y = self._to_state(self._probe_direction, 0)
         self._edited = False
         if self._known_start:
