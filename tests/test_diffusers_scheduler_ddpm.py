@@ -687,6 +687,42 @@ def test_probes_read_the_latents_the_pipeline_actually_passed():
     torch.testing.assert_close(x, 1.6 * z + 0.7, rtol=0, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+def test_no_diffusers_scheduler_with_alphas_cumprod_reads_as_a_flow_model():
+    """Every diffusers scheduler that can be built with its defaults: LazyScheduler made from its config is refused
+    with a ValueError, or is a DDPM-style model on that scheduler's own ᾱ, or (for one without ᾱ) a flow model. A
+    scheduler with ᾱ read as a flow model samples garbage without a word, which is what this guards."""
+    import inspect
+
+    import diffusers
+
+    kinds = {"refused": 0, "ddpm": 0, "flow": 0}
+    for name in sorted(n for n in dir(diffusers) if n.endswith("Scheduler")):
+        cls = getattr(diffusers, name)
+        if not inspect.isclass(cls):
+            continue
+        try:
+            native = cls()
+        except (TypeError, ImportError):  # required arguments, or an optional dependency that is missing
+            continue
+        abar = getattr(native, "alphas_cumprod", None)
+        try:
+            scheduler = LazyScheduler.from_config(native.config)
+        except ValueError:
+            kinds["refused"] += 1
+            continue
+        if scheduler._source.is_flow:
+            assert abar is None, name
+            kinds["flow"] += 1
+            continue
+        n = torch.arange(len(abar) - 1, dtype=F64)
+        got = scheduler._source.schedule.beta((len(abar) - 1 - n) / len(abar)) ** 2
+        torch.testing.assert_close(got, abar.double()[:-1], rtol=1e-6, atol=0, msg=name)
+        kinds["ddpm"] += 1
+    assert kinds["refused"] >= 5 and kinds["ddpm"] >= 20 and kinds["flow"] >= 3, kinds
+
+
 # Building diffusers' own Karras-type schedulers warns about numpy 2 in diffusers' code, thousands of times.
 @pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
