@@ -26,6 +26,9 @@ from diffusers import (  # noqa: E402
     EDMEulerScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    LatentConsistencyModelImg2ImgPipeline,
+    LatentConsistencyModelPipeline,
+    LCMScheduler,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
     PNDMScheduler,
@@ -511,6 +514,38 @@ def test_cogvideox_pipeline_reads_the_shifted_snr_and_is_exact_on_gaussian_laten
         LazyScheduler(snr_shift_scale=3.0, prediction_type="flow_prediction")
     with pytest.raises(ValueError, match="snr_shift_scale: expected a positive finite number"):
         LazyScheduler(snr_shift_scale=0.0, prediction_type="epsilon")
+
+
+def test_latent_consistency_pipeline_returns_the_final_sample():
+    """LatentConsistencyModelPipeline passes original_inference_steps to set_timesteps and returns the
+    pred_original_sample of the last step as its image: that is the run's final sample, so on exact Gaussian
+    latents the image is σZ + μ. Its image-to-image pipeline passes strength to set_timesteps, which is refused
+    below 1 with a pointer to set_begin_index."""
+    base = LCMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    torch.manual_seed(0)
+    unet = GaussianInpaintUNet(block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4,
+                               out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                               norm_num_groups=2, time_cond_proj_dim=32).eval()
+    unet.lazy_schedule = ddpm_schedule(base.alphas_cumprod)
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=2).eval()
+    parts = dict(text_encoder=None, tokenizer=None, unet=unet, safety_checker=None, feature_extractor=None,
+                 requires_safety_checker=False)
+    pipe = LatentConsistencyModelPipeline(vae=None, scheduler=LazyScheduler.from_config(base.config), **parts)
+    pipe.set_progress_bar_config(disable=True)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    embeds = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = pipe(prompt_embeds=embeds, num_inference_steps=4, height=64, width=64, latents=z.clone(),
+                   output_type="latent").images
+    torch.testing.assert_close(out, 0.8 * z + 0.3, rtol=0, atol=1e-5)
+    img2img = LatentConsistencyModelImg2ImgPipeline(vae=vae, scheduler=LazyScheduler.from_config(base.config),
+                                                    **parts)
+    img2img.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match="strength: a part-way start is taken through set_begin_index"):
+        img2img(prompt_embeds=embeds, image=torch.rand(2, 3, 16, 16), strength=0.5, num_inference_steps=4,
+                output_type="latent")
 
 
 class GaussianVideoUNet(UNetSpatioTemporalConditionModel):

@@ -167,7 +167,8 @@ class LazySchedulerOutput(BaseOutput):
 
     Args:
         prev_sample: the latents for the next model evaluation, in the model's (linear-schedule) coordinates.
-        pred_original_sample: the model's data prediction E[X | latents] at this evaluation.
+        pred_original_sample: the model's data prediction E[X | latents] at this evaluation; at the run's last
+            evaluation, the final sample (which latent consistency pipelines return as the image).
     """
 
     prev_sample: torch.Tensor
@@ -827,7 +828,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         return helper.sigmas[:-1].to(_F64)
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
-                      sigmas: Any = None, mu: float | None = None, timesteps: Any = None) -> None:
+                      sigmas: Any = None, mu: float | None = None, timesteps: Any = None,
+                      original_inference_steps: int | None = None, strength: float = 1.0) -> None:
         """Build the grid and the model timesteps the pipeline evaluates (see the class docstring).
 
         Args:
@@ -837,11 +839,19 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             mu: the dynamic shift (required when ``use_dynamic_shifting``).
             timesteps: custom timesteps the network sees at the nodes; without ``sigmas`` also the sigmas,
                 as 1000 σ before the shift.
+            original_inference_steps: taken from latent consistency pipelines and not used (it spaces
+                ``LCMScheduler``'s own grid).
+            strength: 1 only: latent consistency image-to-image pipelines pass it here, and a part-way start is
+                taken through :meth:`set_begin_index` instead.
 
         Raises:
             ValueError: neither steps nor sigmas/timesteps, lengths that disagree, a missing ``mu``, sigmas outside
-                (0, 1] or not decreasing, timesteps that are not finite, or a device this machine lacks.
+                (0, 1] or not decreasing, timesteps that are not finite, a strength other than 1, or a device this
+                machine lacks.
         """
+        if strength != 1:
+            raise ValueError(f"strength: a part-way start is taken through set_begin_index, as image-to-image "
+                             f"pipelines other than the latent consistency ones call it; got {strength!r}")
         cfg = self.config
         if device is not None:
             device = check_device(device)
@@ -1505,6 +1515,9 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         self._y = y
         self._returned = prev
         self._step_index += 1
+        if self._step_index == len(self._plan):
+            # The run's own estimate of X is its final sample: latent consistency pipelines return this as the image.
+            data = x_next
         data = None if data is None else data.to(dtype)
         if not return_dict:
             return (prev, data)
