@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("diffusers")
 from diffusers import (  # noqa: E402
     AutoencoderKL,
+    DDPMScheduler,
     FlowMatchEulerDiscreteScheduler,
     FlowMatchHeunDiscreteScheduler,
     FluxImg2ImgPipeline,
@@ -45,6 +46,7 @@ from diffusers_support import (
 import lazyinterp as li  # noqa: E402
 from lazyinterp.diffusers import (  # noqa: E402
     LazyScheduler,
+    ddpm_schedule,
     grid_to_sigmas,
     sigmas_to_grid,
 )
@@ -391,9 +393,32 @@ def test_other_flow_pipelines_run_the_scheduler(kind, steps):
     ref, _ = final(base)
     ours, _ = final(LazyScheduler.from_config(base.config, schedule="linear", diffusion="ode", solver="euler"))
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
-    for config in (dict(), dict(schedule="point-mass")):
+    for config in (dict(), dict(schedule="point-mass"), dict(solver="heun")):
         out, start = final(LazyScheduler.from_config(base.config, **config))
         assert out.shape == start.shape and out.dtype == start.dtype and bool(torch.isfinite(out).all())
+
+
+@pytest.mark.parametrize("config", [dict(), dict(solver="heun"), dict(sigma=1.0, solver="heun"),
+                                    dict(schedule="point-mass")])
+def test_sigmas_hold_the_noise_level_of_every_timesteps_entry(config):
+    """As in diffusers' schedulers, sigmas[i] is the noise level of timesteps[i] (the σ probe's and Heun's
+    correctors' entries included) and the last is 0: pipelines index sigmas by their loop index (Wan's cache
+    context read sigmas[5] of a 5-node Heun run and raised IndexError). For a DDPM-style model they are k-diffusion's
+    σ = α/β, the probes' at SNR 0.1 being 10."""
+    flow = LazyScheduler(**config)
+    flow.set_timesteps(4)
+    assert len(flow.sigmas) == len(flow.timesteps) + 1 and float(flow.sigmas[-1]) == 0.0
+    torch.testing.assert_close(flow.sigmas[:-1] * 1000, flow.timesteps, rtol=0, atol=1e-3)
+    if "sigma" not in config and config.get("schedule") != "point-mass":
+        assert float(flow.sigmas[1]) == pytest.approx(1 / 1.1)  # the σ probe, at li.estimate_sigma's SNR
+    ddpm = LazyScheduler(prediction_type="epsilon", **config)
+    ddpm.set_timesteps(4)
+    assert len(ddpm.sigmas) == len(ddpm.timesteps) + 1 and float(ddpm.sigmas[-1]) == 0.0
+    abar = ddpm_schedule(DDPMScheduler().alphas_cumprod)
+    tau = (999 - ddpm.timesteps.double()) / 1000
+    torch.testing.assert_close(ddpm.sigmas[:-1].double(), abar.alpha(tau) / abar.beta(tau), rtol=1e-5, atol=0)
+    if ddpm._plan[0][0] == "probe+":
+        assert ddpm.sigmas[:2].tolist() == pytest.approx([10.0, 10.0], rel=1e-5)
 
 
 # Exactness on Gaussian latents --------------------------------------------------------------------------------------

@@ -354,14 +354,16 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
     exactly converted model (theory §3): τ(t) = r⁻¹(r'_t), c_t = α'_t/α_τ, and Y_t = c_t X_τ.
 
     **The grid.** ``set_timesteps`` builds diffusers sigmas exactly as ``FlowMatchEulerDiscreteScheduler`` does
-    (``shift``, ``use_dynamic_shifting`` with ``mu``, ``shift_terminal``, Karras/exponential/beta sigmas); with
-    only ``num_inference_steps = N`` the unshifted sigmas are linspace(1, 1/N, N), as FLUX passes (no step is spent
-    on 0.001 → 0). Each sigma σ_k is an SNR point: the node is the target time t_k = r'⁻¹(r_lin(1 − σ_k)), and the
-    last node is t = 1 (see :func:`sigmas_to_grid`). :attr:`sigmas` holds the model sigmas 1 − τ(t_k) at the N + 1
-    nodes and :attr:`grid` the target times t_k. Custom ``timesteps`` are treated as diffusers treats them: without
-    ``sigmas`` they give σ = timesteps / 1000 before the shift, and with ``sigmas`` (as CogView4 passes them) only
-    label the nodes; either way the network sees them as given at the nodes, and between nodes (the σ probe, Heun's
-    last corrector) a piecewise-linear interpolation of them in σ, through (0, 0).
+    (``shift``, ``use_dynamic_shifting`` with ``mu``, ``shift_terminal``, Karras/exponential/beta sigmas); with only
+    ``num_inference_steps = N`` the unshifted sigmas are linspace(1, 1/N, N), as FLUX passes (no step is spent on
+    0.001 → 0). Each sigma σ_k is an SNR point: the node is the target time t_k = r'⁻¹(r_lin(1 − σ_k)), and the last
+    node is t = 1 (see :func:`sigmas_to_grid`). :attr:`sigmas` holds, as diffusers' schedulers do, the noise level
+    of each :attr:`timesteps` entry (the model sigma 1 − τ, at the nodes 1 − τ(t_k); the σ probe's and Heun's
+    correctors' included), then 0; :attr:`grid` holds the target times t_k. Custom ``timesteps`` are treated as
+    diffusers treats them: without ``sigmas`` they give σ = timesteps / 1000 before the shift, and with ``sigmas``
+    (as CogView4 passes them) only label the nodes; either way the network sees them as given at the nodes, and
+    between nodes (the σ probe, Heun's last corrector) a piecewise-linear interpolation of them in σ, through (0,
+    0).
 
     **Coordinates.** The pipeline calls the transformer on its latents at the exposed ``timesteps``, so the
     latents are kept in the model's coordinates x = y/c_k (+ β_k μ when centring, below, with β_k = τ_k the data's
@@ -893,7 +895,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         else:
             self.timesteps = _label(entry_sigmas, model_sigmas, labels, cfg.num_train_timesteps).to(device=device)
             self._probe_tau = 1 - float(entry_sigmas[1]) if probe else None
-        self.sigmas = self._node_sigmas.to(torch.float32)
+        # One noise level per timesteps entry, then the end's: pipelines index sigmas by their loop index.
+        self.sigmas = torch.cat([entry_sigmas, torch.zeros(1, dtype=_F64)]).to(torch.float32)
 
     def _set_ddpm_timesteps(self, num_inference_steps: int | None, device: torch.device | None, sigmas: Any,
                             timesteps: Any) -> None:
@@ -939,9 +942,11 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         plan, entry_sigmas = self._set_grid(_as_sigmas(shift * raw / (1 + (shift - 1) * raw)))
         self.timesteps = source.timesteps(entry_sigmas).to(device=device)
         self._probe_tau = float(source.time_of(float(self.timesteps[0]))) if plan[0][0] == "probe+" else None
-        node_tau = 1 - self._node_sigmas
-        # Noise levels as k-diffusion and EulerDiscreteScheduler write them, σ = α/β (the data's at SNR 1/σ).
-        self.sigmas = (source.schedule.alpha(node_tau) / source.schedule.beta(node_tau)).to(torch.float32)
+        # Noise levels as k-diffusion and EulerDiscreteScheduler write them, σ = α/β (the data's at SNR 1/σ), one
+        # per timesteps entry, then the end's 0: pipelines index sigmas by their loop index.
+        entry_tau = source.clamp(1 - entry_sigmas)
+        levels = source.schedule.alpha(entry_tau) / source.schedule.beta(entry_tau)
+        self.sigmas = torch.cat([levels, torch.zeros(1, dtype=_F64)]).to(torch.float32)
 
     def _set_grid(self, model_sigmas: Tensor) -> tuple[list[tuple[str, int]], Tensor]:
         """The nodes, solver and evaluation plan for these model sigmas, for a new run: sets
