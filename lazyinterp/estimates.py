@@ -125,7 +125,7 @@ def _warn_unconfirmed(sigma: float) -> None:
         "and center=E[X]", LowestSNRWarning, stacklevel=4)
 
 
-def _sigma_from_slope(k: float, a: float, b: float) -> float:
+def sigma_from_slope(k: float, a: float, b: float) -> float:
     """σ of the Gaussian whose posterior slope at (α, β) = (a, b) is k: σ² = kα²/(β(1 − kβ)), for 0 < kβ < 1."""
     return math.sqrt(k * a * a / (b * (1 - k * b)))
 
@@ -156,12 +156,12 @@ def _in_linear_regime(probe: Callable[[float], tuple], snr: float) -> tuple[floa
             if candidate is not None:
                 return candidate
             # Not a reading: a positive slope still says roughly where the data's scale lies, one ≤ 0 only "higher".
-            r = snr / _sigma_from_slope(k, a, b) if k > 0 else r * _STEEP_SNR_DROP
+            r = snr / sigma_from_slope(k, a, b) if k > 0 else r * _STEEP_SNR_DROP
             continue
         if not 0 < k * b < 1:  # no Gaussian has this slope: the data is not linear at this SNR
             r, candidate = r / _STEEP_SNR_DROP, None
             continue
-        sigma = _sigma_from_slope(k, a, b)
+        sigma = sigma_from_slope(k, a, b)
         found = sigma, extra
         if b / a > _CLAMPED_BEYOND * r and (b / a) * sigma > _RESCALE_BEYOND * snr:
             _warn_beyond_linear_regime(b / a, sigma, snr)

@@ -25,7 +25,7 @@ from ..checks import check_int, check_number
 from ..conversion import convert, time_change
 from ..covariance import Covariance, CovarianceLazyDynamics
 from ..devices import check_device
-from ..estimates import PROBE_SNR
+from ..estimates import PROBE_SNR, sigma_from_slope
 from ..grids import MAX_STEPS, check_grid
 from ..noise import KeyedStreams, NoiseStreams, normal_draws, resolve_seed
 from ..predictors import (
@@ -1222,19 +1222,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             self._mean = mean if self._center else None
         if self._sigma_known:
             return None
-        sigmas = []
-        for i, (k, ok) in enumerate(zip(slope.tolist(), valid.tolist(), strict=True)):
-            if not ok:
-                warnings.warn(f"sigma: the model's response at the probes (slope {k:.3g}) gives no sigma for "
-                              f"sample {i}; using 1, the scale of latents normalised to unit variance (pass sigma "
-                              "to choose)", RuntimeWarning, stacklevel=4)
-                sigmas.append(1.0)
-                continue
-            var = k * a * a / (b * (1 - k * b))
-            if self._mean is None:
-                var += float((mean[i] ** 2).mean())
-            sigmas.append(math.sqrt(var))
-        return sigmas
+        return self._sigmas_from_slopes(slope, a, b, mean, "probes", stacklevel=4)
 
     def _estimate_sigma(self, x_in: Tensor, v: Tensor) -> list[float]:
         r"""Per-sample σ from the probe at τ_p: k = ⟨u, η_X − μ⟩/‖u‖², σ² = k α²/(β(1 − kβ))."""
@@ -1244,19 +1232,25 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         eta_x = x_in + a * v
         u = (x_in - b * mean).flatten(1)
         slope = (u * (eta_x - mean).flatten(1)).sum(1) / (u * u).sum(1)
+        return self._sigmas_from_slopes(slope, a, b, mean, "probe", stacklevel=3)
+
+    def _sigmas_from_slopes(self, slopes: Tensor, a: float, b: float, mean: Tensor, where: str,
+                            stacklevel: int) -> list[float]:
+        """Per-sample σ from the posterior slopes k at (α, β) = (a, b), :func:`~lazyinterp.estimates.sigma_from_slope`
+        (the RMS √(σ² + mean μ²) when the run does not centre). A slope no Gaussian has (not 0 < kβ < 1) gives 1,
+        with a warning naming the sample; ``stacklevel`` is the caller's."""
         sigmas = []
-        for i, k in enumerate(slope.tolist()):
-            denom = b * (1 - k * b)
-            if not (math.isfinite(k) and k > 0 and denom > 0):
-                warnings.warn(f"sigma: the model's response at the probe (slope {k:.3g}) gives no sigma for sample "
+        for i, k in enumerate(slopes.tolist()):
+            if not (math.isfinite(k) and k > 0 and k * b < 1):
+                warnings.warn(f"sigma: the model's response at the {where} (slope {k:.3g}) gives no sigma for sample "
                               f"{i}; using 1, the scale of latents normalised to unit variance (pass sigma to choose)",
-                              RuntimeWarning, stacklevel=3)
+                              RuntimeWarning, stacklevel=stacklevel + 1)
                 sigmas.append(1.0)
                 continue
-            var = k * a * a / denom
+            sigma = sigma_from_slope(k, a, b)
             if self._mean is None:
-                var += float((mean[i] ** 2).mean())
-            sigmas.append(math.sqrt(var))
+                sigma = math.hypot(sigma, math.sqrt(float((mean[i] ** 2).mean())))
+            sigmas.append(sigma)
         return sigmas
 
     def _draw(self, node: int) -> Tensor:
