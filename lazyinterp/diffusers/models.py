@@ -297,6 +297,7 @@ def ddpm_schedule(alphas_cumprod: Any) -> Schedule:
     sched.num_train_timesteps = n_steps
     sched.timestep = lambda t: index(t).clamp(0.0, big - 1)
     sched.time_of_timestep = lambda u: ((big - 1) - as_time(u)) / big
+    sched.continuous_noise = False
     return sched
 
 
@@ -327,20 +328,28 @@ def continuous_noise_schedule(sigma_min: float, sigma_max: float, steps: int = 1
         return ((big - 1) - u) / big
 
     sched.timestep, sched.time_of_timestep = timestep, time_of_timestep
+    sched.continuous_noise = True
     sched.name = f"continuous({sigma_min:g}, {sigma_max:g})"
     return sched
 
 
 def unet_schedule(scheduler_or_betas: Any) -> Schedule:
-    """The schedule a DDPM-style UNet is read on: :func:`continuous_noise_schedule` for a v-prediction scheduler
-    with ``timestep_type="continuous"`` (its ``sigma_min`` and ``sigma_max``, else its ᾱ's range), else
-    :func:`ddpm_schedule` of its ``alphas_cumprod`` (or of the betas given)."""
-    abar = _alphas_cumprod(scheduler_or_betas)
+    """The schedule a DDPM-style UNet is read on, from a scheduler's ``alphas_cumprod`` and config (or from the
+    betas given): :func:`network_schedule`."""
     config = getattr(scheduler_or_betas, "config", None)
-    if config is not None and config.get("timestep_type") == "continuous" and \
-            config.get("prediction_type") == "v_prediction":
-        return continuous_noise_schedule(*noise_range(abar, config.get("sigma_min"), config.get("sigma_max")))
-    return ddpm_schedule(abar)
+    get = config.get if config is not None else (lambda key: None)
+    return network_schedule(_alphas_cumprod(scheduler_or_betas), get("prediction_type"), get("timestep_type"),
+                            get("sigma_min"), get("sigma_max"))
+
+
+def network_schedule(alphas_cumprod: Tensor, prediction_type: str | None, timestep_type: str | None,
+                     sigma_min: float | None, sigma_max: float | None) -> Schedule:
+    """As ``EulerDiscreteScheduler`` reads its config: a v-prediction network with ``timestep_type="continuous"``
+    is on :func:`continuous_noise_schedule` (``sigma_min`` and ``sigma_max``, else ``alphas_cumprod``'s range),
+    any other on :func:`ddpm_schedule` of ``alphas_cumprod``. The schedule's ``continuous_noise`` says which."""
+    if timestep_type == "continuous" and prediction_type == "v_prediction":
+        return continuous_noise_schedule(*noise_range(alphas_cumprod, sigma_min, sigma_max))
+    return ddpm_schedule(alphas_cumprod)
 
 
 def noise_range(alphas_cumprod: Tensor, sigma_min: float | None, sigma_max: float | None) -> tuple[float, float]:

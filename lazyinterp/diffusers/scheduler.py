@@ -52,12 +52,10 @@ from ..samplers import (
 from ..schedules import SCHEDULES, LazySchedule, Schedule, get_schedule, linear
 from ..solvers import EXPONENTIAL_SOLVERS, ODE_SOLVERS, ab2_increment, am3_increment, exponential_terms, log_snr
 from .models import (
-    continuous_noise_schedule,
     ddpm_output_to_prediction,
     ddpm_prediction_kind,
-    ddpm_schedule,
     ddpm_time_range,
-    noise_range,
+    network_schedule,
 )
 
 Tensor = torch.Tensor
@@ -245,9 +243,9 @@ class _DDPMSource:
 
     is_flow = False
 
-    def __init__(self, schedule: Schedule, prediction_type: str, continuous: bool = False):
+    def __init__(self, schedule: Schedule, prediction_type: str):
         self.schedule = schedule
-        self.continuous = continuous  # timesteps ¼ ln σ rather than indices
+        self.continuous = schedule.continuous_noise  # timesteps ¼ ln σ rather than indices
         self.prediction_type = prediction_type
         self.predicts = ddpm_prediction_kind(prediction_type)
         self.train_steps = self.schedule.num_train_timesteps
@@ -543,11 +541,8 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
                                         snr_shift_scale)
             if timestep_type not in ("discrete", "continuous"):
                 raise ValueError(f"timestep_type: expected 'discrete' or 'continuous', got {timestep_type!r}")
-            # As EulerDiscreteScheduler: a v-prediction network with continuous timesteps sees ¼ ln σ.
-            continuous = timestep_type == "continuous" and prediction_type == "v_prediction"
-            network_schedule = continuous_noise_schedule(*noise_range(abar, sigma_min, sigma_max)) if continuous \
-                else ddpm_schedule(abar)
-            self._source = _DDPMSource(network_schedule, prediction_type, continuous)
+            self._source = _DDPMSource(network_schedule(abar, prediction_type, timestep_type, sigma_min, sigma_max),
+                                       prediction_type)
         if flow_shift is not None and shift == 1.0:
             # DPMSolver's and UniPC's name for the shift of flow models (Wan, SANA).
             shift = flow_shift
