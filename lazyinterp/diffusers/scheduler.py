@@ -967,7 +967,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         flow = self._source.is_flow
         if self._target_resolved or not flow:
             target = self._target if self._target_resolved else self._target.resolve(1.0)
-            tau, _ = time_change(self._recorded_schedule(), target, sigmas_to_grid(model_sigmas, target))
+            tau, _ = time_change(self._source.schedule, target, sigmas_to_grid(model_sigmas, target))
             node_sigmas = 1 - tau
         else:
             node_sigmas = torch.cat([model_sigmas, torch.zeros(1, dtype=_F64)])
@@ -1025,9 +1025,6 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
             return 1 - source.clamp(tau)
         return float(self._node_sigmas[node + 1 if role == "corr" else node])
 
-    def _recorded_schedule(self) -> Schedule:
-        return self._source.schedule
-
     def index_for_timestep(self, timestep: Any, schedule_timesteps: Tensor | None = None) -> int:
         """The first node evaluation (not a Heun corrector or the σ probe) at ``timestep``."""
         times = self.timesteps if schedule_timesteps is None else schedule_timesteps
@@ -1073,7 +1070,7 @@ class LazyScheduler(SchedulerMixin, ConfigMixin):
         lanes = []
         for index, target in targets:
             grid = sigmas_to_grid(self._model_sigmas, target)
-            tau, scale = time_change(self._recorded_schedule(), target, grid)
+            tau, scale = time_change(self._source.schedule, target, grid)
             recorded = _Recorded(self._source)
             mean = None if self._mean is None else self._mean[index]
             source = recorded if mean is None else CenteredModel(recorded, mean)
