@@ -12,6 +12,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from ..checks import check_number
 from ..devices import DeviceLike
 from ..predictors import Model
 from ..schedules import Schedule, as_time
@@ -310,9 +311,8 @@ def continuous_noise_schedule(sigma_min: float, sigma_max: float, steps: int = 1
     ln ``sigma_max`` (index T − 1): the log-SNR −2 ln σ is linear in the index, as that schedule interpolates it,
     so σ(t) is exactly log-linear. ``timestep(t)`` is ¼ ln σ(t) and ``time_of_timestep`` its inverse.
     """
-    for value, name in ((sigma_min, "sigma_min"), (sigma_max, "sigma_max")):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name}: expected a positive finite noise level, got {value!r}")
+    sigma_min = check_number(sigma_min, "sigma_min", positive=True)
+    sigma_max = check_number(sigma_max, "sigma_max", positive=True)
     if not sigma_min < sigma_max:
         raise ValueError(f"sigma_min, sigma_max: expected sigma_min < sigma_max, got {sigma_min!r} and {sigma_max!r}")
     log_sigma = torch.linspace(math.log(sigma_min), math.log(sigma_max), steps, dtype=_F64)
