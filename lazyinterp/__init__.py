@@ -17,6 +17,7 @@ from .conversion import (
 )
 from .covariance import Covariance
 from .estimates import LowestSNRWarning, estimate_mean, estimate_moments, estimate_sigma, reads_mean_directly
+from .fitting import FittedEuler, fit_euler
 from .grids import check_grid, make_grid, snr_matched_grid, uniform_grid
 from .predictors import KINDS, CenteredModel, Model, NonFiniteError, from_eta, to_eta, ve_denoiser_model
 from .samplers import SampleInfo, sample
@@ -53,6 +54,7 @@ __all__ = [
     "ConvertedModel",
     "ConvertedPath",
     "Covariance",
+    "FittedEuler",
     "GaussianMixture",
     "KINDS",
     "LazySchedule",
@@ -72,6 +74,7 @@ __all__ = [
     "estimate_mean",
     "estimate_moments",
     "estimate_sigma",
+    "fit_euler",
     "euler",
     "euler_maruyama",
     "from_eta",

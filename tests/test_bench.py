@@ -25,6 +25,8 @@ from lazyinterp.bench import (
     sde_reference_grid,
     summary,
 )
+from lazyinterp.bench import runs as runs_module
+from lazyinterp.noise import NoiseStreams
 
 HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 HAS_FLOW_MATCHING = importlib.util.find_spec("flow_matching") is not None
@@ -49,6 +51,8 @@ def test_plans_cost_exactly_the_requested_nfe():
                 assert li.count_nfe(solver, steps, plan["last_step"], spec.known_start) == k, (spec.name, k)
                 if second_order:
                     assert steps >= 2 or plan["last_step"] == "euler", (spec.name, k)
+            elif spec.kind == "fitted":  # N + 1 steps, the first without the network
+                assert steps == k + 1, (spec.name, k)
             elif spec.kind == "diffusers":
                 assert (2 * steps - 1 if second_order else steps) == k, (spec.name, k)
                 assert not second_order or steps >= 2
@@ -135,9 +139,12 @@ def test_gmm2d_bench_writes_valid_outputs(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md", "r.png"]
 
 
-def test_ode_samplers_converge_to_the_reference_path():
+def test_ode_samplers_converge_to_the_reference_path(monkeypatch):
     """Every ODE sampler solves the same probability-flow ODE (the schedule conversions are exact), so at 64 NFE
     on the exact mixture velocity each lands on the converged linear-Heun solution from the same noise."""
+    # The fitted sampler starts from DDIM's steps, converged at 64 NFE; a short fit keeps the test short.
+    monkeypatch.setattr(runs_module, "FIT_SAMPLES", 256)
+    monkeypatch.setattr(runs_module, "FIT_ITERATIONS", 20)
     names = [s.name for s in SAMPLERS if not s.stochastic and available(s)]
     data = run_bench("gmm-2d", nfe=[64], n=300, reference_nfe=400, samplers=names, progress=False)
     assert {r["sampler"] for r in data["results"]} == set(names) - {"fm-heun"}  # 2N − 1 is odd
@@ -425,8 +432,29 @@ def test_the_code_identity_changes_with_any_source_file_subpackages_included(tmp
 
 
 
+def test_the_fitted_sampler_is_fitted_on_noise_of_its_own_and_counts_only_its_run(monkeypatch, tmp_path):
+    """Its evaluations are exactly N per sample (the fit's are not counted), it is scored like every row, its fit
+    is reported, it enters the lazy-Euler comparison, and its fit's noise is none of the scored samples'."""
+    monkeypatch.setattr(runs_module, "FIT_SAMPLES", 256)
+    monkeypatch.setattr(runs_module, "FIT_ITERATIONS", 300)
+    data = run_bench("gmm-2d", nfe=[2, 4], n=400, reference_nfe=200, samplers=["linear-euler", "lazy-fitted-euler"],
+                     progress=False, work_dir=tmp_path)
+    row = {r["sampler"]: r for r in data["results"] if r["nfe"] == 2}
+    fitted = row["lazy-fitted-euler"]
+    assert fitted["nfe"] == 2 and fitted["steps"] == 3 and math.isfinite(fitted["value"])
+    assert fitted["fit"]["samples"] == 256 and fitted["fit"]["iterations"] == 300 and fitted["fit"]["nfe"] == 2
+    assert fitted["fit"]["held_out_path_error"] < fitted["fit"]["held_out_path_error_initial"]
+    assert fitted["path_error"] < row["linear-euler"]["path_error"]
+    assert data["summary"]["euler_vs_linear_euler_2n"][0]["lazy"] == "lazy-fitted-euler"
+    noise = NoiseStreams(0, range(400), (2,), dtype=torch.float64).draw()
+    fit_noise = NoiseStreams(0, range(runs_module.FIT_NOISE_OFFSET, runs_module.FIT_NOISE_OFFSET + 256), (2,),
+                             dtype=torch.float64).draw()
+    assert not bool(torch.isclose(noise[:, None, :], fit_noise[None]).all(-1).any())
+
+
 def test_euler_rows_are_the_deterministic_one_evaluation_euler_samplers():
     schedules = {s.name: s.euler_schedule for s in SAMPLERS}
+    assert schedules["lazy-fitted-euler"] == "lazy-fitted"
     assert schedules["linear-euler"] == "linear"
     assert schedules["lazy-vp-euler-alpha"] == schedules["lazy-vp-cov-euler-denoise"] == "lazy-vp"
     for name in ("linear-ab2", "lazy-vp-ab2", "lazy-vp-heun", "point-mass-sde", "fm-euler", "linear-em-clipped"):

@@ -22,7 +22,7 @@ from .cache import RunCache, code_identity, default_work_dir
 from .overhead import OVERHEAD_BATCH, OVERHEAD_REPEATS, OVERHEAD_STEPS, measure_overhead
 from .peers import PEER_PACKAGES, import_peers, peer_available
 from .report import format_value, json_safe, summary
-from .runs import RunFailed, run_sampler
+from .runs import RunFailed, fitted_steps, run_sampler
 from .samplers import (
     MAX_REFERENCE_NFE,
     REFERENCE,
@@ -320,6 +320,8 @@ def _run_entry(spec: SamplerDef, k: int, plan: dict, wl: Workload, noise: Tensor
         log(f"{spec.name:>28} NFE {k:>3}: failed: {exc}")
         return {**entry, "value": None, "seconds": None, "path_error": None, "stochastic": spec.stochastic,
                 "error": str(exc)}
+    if spec.kind == "fitted":
+        entry["fit"] = fitted_steps(wl.model, k, tuple(noise.shape[1:]), noise.dtype, seed).report
     if seen != {k}:
         return {"sampler": spec.name, "nfe": k,
                 "skipped": {"sampler": spec.name, "nfe": k,

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from ..fetch import atomic_path, save_figure
-from .samplers import SAMPLERS
+from .samplers import FITTED_SCHEDULE, SAMPLERS
 
 # The schedules whose Euler rows the summary sets against linear Euler at twice the NFE.
-LAZY_SCHEDULES = ("lazy-vp",)
+LAZY_SCHEDULES = ("lazy-vp", FITTED_SCHEDULE)
 
 
 def format_value(value: float | None) -> str:
@@ -93,7 +93,7 @@ def _summary_lines(results: dict) -> list[str]:
         lines += [f"| {b['nfe']} | {labels[b['ours']]} | {format_value(b['ours_value'])} | {labels[b['rest']]} | "
                   f"{format_value(b['rest_value'])} | {format_ratio(b['ratio'])} |" for b in data["best"]]
     if data["euler_vs_linear_euler_2n"]:
-        lines += ["", "Lazy Euler at N NFE (the best Euler-type lazy VP row) against linear Euler at 2N "
+        lines += ["", "Lazy Euler at N NFE (the best Euler-type lazy row) against linear Euler at 2N "
                   "(ratio = lazy / linear, values):", "",
                   "| N | lazy Euler at N | value | path error | linear Euler at 2N: value | path error | ratio |",
                   "|---:|---|---:|---:|---:|---:|---:|"]

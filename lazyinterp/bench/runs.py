@@ -10,8 +10,9 @@ import torch
 from tqdm import tqdm
 
 from ..distributed import Context
-from ..noise import sample_seed
-from ..predictors import Model, NonFiniteError
+from ..fitting import FittedEuler, fit_euler
+from ..noise import NoiseStreams, sample_seed
+from ..predictors import Model, NonFiniteError, model_cache
 from ..samplers import sample
 from .peers import diffusers_sample, diffusers_scheduler, flow_matching_sample, linear_velocity
 from .samplers import SamplerDef, li_kwargs
@@ -30,9 +31,42 @@ def run_batch(spec: SamplerDef, plan: dict, model: Model, noise: Tensor, indices
         x, info = sample(model, None if base_point else noise, shape=tuple(noise.shape), device=noise.device,
                          generator=sample_seed(seed, 1 << 62), indices=indices, return_info=True, **kwargs)
         return x, model.nfe - info.estimation_nfe
+    if spec.kind == "fitted":
+        return fitted_steps(model, plan["steps"] - 1, tuple(noise.shape[1:]), noise.dtype, seed).sample(model, noise), \
+            model.nfe
     if spec.kind == "diffusers":
         return diffusers_sample(diffusers_scheduler(spec.options), velocity, noise, plan["steps"]), model.nfe
     return flow_matching_sample(velocity, noise, plan["steps"]), model.nfe
+
+
+# The fit's noise: per-sample streams of the benchmark's seed from this index on, which no benchmark sample reaches.
+FIT_NOISE_OFFSET = 1 << 40
+FIT_SAMPLES = 4096
+FIT_ITERATIONS = 2000
+
+
+def fitted_steps(model: Model, nfe: int, sample_shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> FittedEuler:
+    """:func:`~lazyinterp.fitting.fit_euler` for ``nfe`` on the model's own noise (never the scored samples'),
+    fitted once per model and kept on it; the fit's evaluations are not counted as the run's."""
+    cache = model_cache(model).setdefault("fitted_euler", {})
+    key = (nfe, sample_shape, dtype, seed)
+    if key not in cache:
+        noise = NoiseStreams(seed, range(FIT_NOISE_OFFSET, FIT_NOISE_OFFSET + FIT_SAMPLES), sample_shape,
+                             dtype=dtype).draw()
+        evaluations = model.nfe
+        start = time.perf_counter()
+        with torch.enable_grad():
+            fitted = fit_euler(model, nfe, noise=noise.to(_model_device(model)), iterations=FIT_ITERATIONS)
+        fitted.report["fit_seconds"] = round(time.perf_counter() - start, 2)
+        model.nfe = evaluations
+        cache[key] = fitted
+    return cache[key]
+
+
+def _model_device(model: Model) -> torch.device:
+    parameters = getattr(model.net, "parameters", None)
+    first = next(iter(parameters()), None) if callable(parameters) else None
+    return first.device if first is not None else torch.device("cpu")
 
 
 def _batches(n: int, batch_size: int) -> list[range]:
@@ -57,6 +91,8 @@ def run_sampler(spec: SamplerDef, plan: dict, workload: Workload, noise: Tensor,
     share = ctx.part(len(batches))
     mine = batches[share.start:share.stop]
     out, seen, error = [], set(), None
+    if spec.kind == "fitted" and mine:
+        fitted_steps(workload.model, plan["steps"] - 1, tuple(noise.shape[1:]), noise.dtype, seed)
     start = time.perf_counter()
     with tqdm(total=sum(len(idx) for idx in mine), disable=not progress or len(mine) < 2 or not ctx.is_main,
               desc=desc, leave=False, unit="sample", dynamic_ncols=True, file=sys.stderr) as bar:

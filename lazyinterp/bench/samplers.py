@@ -18,6 +18,8 @@ from ..solvers import steps_for_nfe
 Tensor = torch.Tensor
 
 FAMILIES = ("peer", "baseline", "ours")
+# What :attr:`SamplerDef.euler_schedule` names for Euler in fitted per-direction lazy coordinates.
+FITTED_SCHEDULE = "lazy-fitted"
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ class SamplerDef:
         """The schedule of a deterministic Euler-type sampler of li.sample (Euler in its own time variable or in α,
         one evaluation a step), else None: the rows that the report's "Euler at N against linear Euler at 2N"
         compares."""
+        if self.kind == "fitted":
+            return FITTED_SCHEDULE
         if self.kind != "li" or self.stochastic or self.options.get("solver", "euler") not in ("euler", "euler-alpha"):
             return None
         return self.options["schedule"]
@@ -63,6 +67,8 @@ class SamplerDef:
             if second_order:  # 2N − 1 evaluations; N = 1 would be a single Euler step
                 return {"steps": (nfe + 1) // 2} if nfe % 2 == 1 and nfe >= 3 else None
             return {"steps": nfe}
+        if self.kind == "fitted":  # the first of its N + 1 steps needs no evaluation
+            return {"steps": nfe + 1}
         if self.kind == "flow_matching":
             return {"steps": nfe // 2} if nfe % 2 == 0 else None
         raise ValueError(f"sampler {self.name}: unknown kind {self.kind!r}")
@@ -109,6 +115,8 @@ SAMPLERS: tuple[SamplerDef, ...] = (
     SamplerDef("lazy-vp-cov-ab2-denoise", "lazy VP AB2, covariance-matched, denoising last step", "ours", "li",
                {"schedule": "lazy-vp", "solver": "ab2", "grid": "model", "covariance": "model",
                 "last_step": "denoise"}),
+    # Fitted once per model and NFE on noise of its own (li.fit_euler), before the run and outside its time.
+    SamplerDef("lazy-fitted-euler", "lazy Euler, fitted per direction to the model's paths", "ours", "fitted"),
     SamplerDef("point-mass-sde", "point-mass SDE (EM), uniform grid", "ours", "li",
                {"schedule": "point-mass", "diffusion": "optimal", "solver": "euler", "last_step": "denoise",
                 "grid": "uniform"}, stochastic=True),
