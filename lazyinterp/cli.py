@@ -192,13 +192,16 @@ SCHEDULE_NAMES = ["linear", "cosine", "vp", "lazy-vp", "point-mass"]
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (one GPU per process).")
 @click.option("--cuda-graph", is_flag=True,
               help="Replay each batch as one captured CUDA graph (--device cuda): no host work per step.")
+@click.option("--fitted", "fitted_path", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Sample with the Euler steps of `lazyinterp fit` (they replace the sampler options).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
-def sample(model_name: str, schedule: str, steps: int, solver: str, diffusion: str | None, sigma: float | None,
-           last_step: str | None, time_grid: str | None, grid_shift: float, center: bool | None,
+@click.pass_context
+def sample(click_ctx: click.Context, model_name: str, schedule: str, steps: int, solver: str, diffusion: str | None,
+           sigma: float | None, last_step: str | None, time_grid: str | None, grid_shift: float, center: bool | None,
            covariance: bool, sde_noise: str, n: int, batch_size: int, seed: int,
            out: Path, grid_png: Path | None, fid: bool, shard_size: int, max_shards: int | None, device: str,
-           cuda_graph: bool, quiet: bool) -> None:
+           cuda_graph: bool, fitted_path: Path | None, quiet: bool) -> None:
     """Sample a model under any schedule; writes an npz with `samples` (N, 1, 28, 28) float32.
 
     Runs as one process or under torchrun (gloo on CPU, nccl on CUDA): the output is the same either way.
@@ -224,6 +227,17 @@ def sample(model_name: str, schedule: str, steps: int, solver: str, diffusion: s
         raise UserError(f"--cuda-graph: needs --device cuda, got {device}")
     if sigma is not None and schedule not in ("lazy-vp", "point-mass"):
         raise UserError("--sigma: only the lazy schedules (lazy-vp, point-mass) take sigma")
+    fitted = None
+    if fitted_path is not None:
+        sampler_options = ("schedule", "steps", "solver", "diffusion", "sigma", "last_step", "time_grid", "grid_shift",
+                           "center", "covariance", "sde_noise", "cuda_graph")
+        given = [name for name in sampler_options
+                 if click_ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
+        if given:
+            raise UserError(f"--fitted: the fitted steps replace --{given[0].replace('_', '-')}; leave it out")
+        from .fitting import FittedEuler
+
+        fitted = FittedEuler.load(fitted_path)
     diffusion_spec = parse_diffusion(diffusion, schedule)
     target = get_schedule(schedule)
     # Checked before any output, shard or progress bar exists; li.sample's default grid for the schedule.
@@ -237,7 +251,8 @@ def sample(model_name: str, schedule: str, steps: int, solver: str, diffusion: s
         raise UserError(as_option_message(exc, SAMPLE_OPTIONS)) from None
     spec = SamplerSpec(schedule=schedule, steps=steps, diffusion=diffusion_spec,
                        solver=solver, sigma=sigma, last_step=last_step, grid=time_grid, center=center,
-                       grid_shift=grid_shift, covariance="model" if covariance else None, sde_noise=sde_noise)
+                       grid_shift=grid_shift, covariance="model" if covariance else None, sde_noise=sde_noise,
+                       fitted=fitted)
     try:
         ctx = distributed.setup(device)
     except ValueError as exc:
@@ -250,6 +265,9 @@ def sample(model_name: str, schedule: str, steps: int, solver: str, diffusion: s
                     "spec": {k: str(v) for k, v in vars(spec).items()}}
         distributed.check_manifest(out, manifest, ctx)
         shape = (1, 28, 28)
+        if fitted is not None and fitted.sample_shape != shape:
+            raise UserError(f"--fitted: the steps were fitted to samples of shape {fitted.sample_shape}, this model's "
+                            f"are {shape}")
         with tqdm(total=n, disable=quiet or not ctx.is_main, desc="sample", unit="img", dynamic_ncols=True) as bar:
             def produce(indices: range):
                 return generate(model, spec, len(indices), shape, seed=seed, batch_size=batch_size,
@@ -268,6 +286,8 @@ def sample(model_name: str, schedule: str, steps: int, solver: str, diffusion: s
             fid_value = _distributed_fid(out, n, shard_size, ctx)
         if ctx.is_main:
             samples = torch.from_numpy(distributed.gather(out, n, shard_size))
+            if fitted is not None:
+                schedule, steps, solver = "fitted", fitted.nfe + 1, f"fitted Euler ({fitted_path})"
             save_samples(out, samples, seed=seed, schedule=schedule, steps=steps, solver=solver,
                          diffusion=str(spec.diffusion), model=str(model_name), data_transform=info.data_transform)
             if grid_png is not None:
@@ -326,6 +346,55 @@ def demo(model_name: str, n: int, seed: int, batch_size: int, out_dir: Path, dev
                  progress=not quiet, echo=click.echo)
     except ValueError as exc:
         raise UserError(as_option_message(exc, {"device": "--device"})) from exc
+
+
+@main.command()
+@click.option("--model", "model_name", default="mnist", show_default=True,
+              help="A bundled model name or a checkpoint path.")
+@click.option("--nfe", required=True, type=click.IntRange(min=1), help="Network evaluations per sample.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The safetensors file for `lazyinterp sample --fitted`.")
+@click.option("--samples", default=4096, type=click.IntRange(min=2), show_default=True,
+              help="Paths of the model's own ODE to fit on (one eighth held out).")
+@click.option("--iterations", default=2000, type=click.IntRange(min=0), show_default=True)
+@click.option("--batch-size", default=512, type=click.IntRange(min=1), show_default=True)
+@click.option("--reference-nfe", default=None, type=click.IntRange(min=2),
+              help="Evaluations of the reference ODE solution [default: max(128, 32 NFE)].")
+@click.option("--seed", default=1, type=click.IntRange(min=0), show_default=True,
+              help="Seed of the fit's noise (use another than the samples you will score).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@friendly_errors
+def fit(model_name: str, nfe: int, out: Path, samples: int, iterations: int, batch_size: int,
+        reference_nfe: int | None, seed: int, device: str, quiet: bool) -> None:
+    """Fit Euler steps in per-direction lazy coordinates to a model's own ODE paths (li.fit_euler)."""
+    import torch
+
+    from .devices import check_device
+    from .fetch import ensure_writable
+    from .fitting import fit_euler
+    from .models import load_model
+    from .noise import NoiseStreams
+
+    ensure_writable(out, "--out")
+    try:
+        dev = check_device(device, "--device")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    model, _ = load_model(model_name, dev)
+    shape = (1, 28, 28)
+    noise = NoiseStreams(seed, range(samples), shape, device=dev).draw()
+    try:
+        with torch.enable_grad():
+            fitted = fit_euler(model, nfe, noise=noise, iterations=iterations, batch_size=batch_size,
+                               reference_nfe=reference_nfe, progress=not quiet)
+    except ValueError as exc:
+        raise UserError(as_option_message(exc, {"reference_nfe": "--reference-nfe", "batch_size": "--batch-size",
+                                                "noise": "--samples", "nfe": "--nfe"})) from None
+    fitted.save(out)
+    report = fitted.report
+    click.echo(f"wrote {out}: {nfe} NFE, held-out path error {report['held_out_path_error']:.4g} "
+               f"(DDIM's steps {report['held_out_path_error_initial']:.4g}), {report['fit_evaluations']} evaluations")
 
 
 def _register_bench() -> None:

@@ -244,7 +244,7 @@ def _path_error(x: Tensor, reference: Tensor) -> Tensor:
 
 
 def fit_euler(model: Model, nfe: int, sample_shape: tuple[int, ...] | None = None, *, noise: Tensor | None = None,
-              samples: int = 4096, seed: int = 1, reference_nfe: int = 128, iterations: int = 2000,
+              samples: int = 4096, seed: int = 1, reference_nfe: int | None = None, iterations: int = 2000,
               batch_size: int = 512, per_direction: bool | None = None, learning_rate: float = 1e-2,
               progress: bool = False) -> FittedEuler:
     r"""Fit N = ``nfe`` Euler steps in per-direction lazy coordinates to ``model``'s own ODE paths (module doc).
@@ -255,7 +255,8 @@ def fit_euler(model: Model, nfe: int, sample_shape: tuple[int, ...] | None = Non
         sample_shape: the shape of one sample; taken from ``noise`` when that is given.
         noise: the starting noise to fit on (S, *sample_shape); default ``samples`` draws of per-sample streams
             of ``seed`` (fit on other noise than the samples you will score).
-        reference_nfe: evaluations of the reference (the model's own schedule, Heun on its uniform grid).
+        reference_nfe: evaluations of the reference (the model's own schedule, Heun on its uniform grid); default
+            max(128, 32 · nfe), so that the fitted steps are not limited by the reference's own error.
         iterations: Adam steps on minibatches of ``batch_size`` paths; one eighth of the paths (from 16) is held
             out to report the path error before and after.
         per_direction: weights per principal direction of the model's samples (the reference's endpoints);
@@ -267,7 +268,7 @@ def fit_euler(model: Model, nfe: int, sample_shape: tuple[int, ...] | None = Non
     nfe = check_int(nfe, "nfe")
     iterations = check_int(iterations, "iterations", low=0)
     batch_size = check_int(batch_size, "batch_size")
-    reference_nfe = check_int(reference_nfe, "reference_nfe", low=2)
+    reference_nfe = max(128, 32 * nfe) if reference_nfe is None else check_int(reference_nfe, "reference_nfe", low=2)
     learning_rate = check_number(learning_rate, "learning_rate", positive=True)
     if per_direction is not None and not isinstance(per_direction, bool):
         raise TypeError(f"per_direction: expected True, False or None, got {per_direction!r}")

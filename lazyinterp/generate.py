@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from .fetch import atomic_path
+from .fitting import FittedEuler
 from .noise import NoiseStreams, sample_seed
 from .predictors import Model
 from .samplers import sample
@@ -36,6 +37,7 @@ class SamplerSpec:
     grid_shift: float = 1.0
     covariance: Any = None
     sde_noise: str = "independent"
+    fitted: FittedEuler | None = None  # steps of :func:`lazyinterp.fit_euler`, which replace all of the above
 
     def schedule_object(self) -> Schedule:
         """The sampling schedule, resolved with ``sigma`` where that is given."""
@@ -49,6 +51,8 @@ def sample_batch(model: Model, spec: SamplerSpec, indices: range, sample_shape: 
                  device: torch.device | str = "cpu", cuda_graph: bool = False) -> torch.Tensor:
     """Samples for the global ``indices``: the noise of sample i comes from the stream (seed, i). With
     ``cuda_graph`` every batch of a shape after the first replays one CUDA graph (``li.sample``)."""
+    if spec.fitted is not None:
+        return spec.fitted.sample(model, NoiseStreams(seed, indices, sample_shape, device=device).draw())
     schedule = spec.schedule_object()
     shape = (len(indices), *sample_shape)
     noise = None

@@ -297,3 +297,36 @@ def test_invalid_arguments_exit_nonzero_naming_the_option(args, fragment):
 
 def test_demo_with_unknown_model_is_one_line(tmp_path):
     assert_one_line_error(run("demo", "--model", "nosuchmodel", "--out", tmp_path / "d"), "unknown model")
+
+
+def test_fit_writes_steps_that_sample_draws_from_with_the_same_noise(tmp_path):
+    import torch
+
+    import lazyinterp as li
+    from lazyinterp.models import load_model
+    from lazyinterp.noise import NoiseStreams
+
+    steps = tmp_path / "steps.safetensors"
+    result = run("fit", "--nfe", 2, "--out", steps, "--samples", 16, "--iterations", 2, "--batch-size", 8,
+                 "--reference-nfe", 4, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and "held-out path error" in result.output
+    fitted = li.FittedEuler.load(steps)
+    assert fitted.nfe == 2 and fitted.sample_shape == (1, 28, 28) and fitted.report["samples"] == 16
+    out = tmp_path / "s.npz"
+    result = run("sample", "--fitted", steps, "-n", 6, "--seed", 4, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    model, _ = load_model("mnist")
+    expected = fitted.sample(model, NoiseStreams(4, range(6), (1, 28, 28)).draw())
+    with np.load(out) as f:
+        np.testing.assert_allclose(f["samples"], expected.numpy(), rtol=0, atol=1e-5)
+        assert str(f["schedule"]) == "fitted"
+    assert_one_line_error(run("sample", "--fitted", steps, "--steps", 3, "--out", tmp_path / "x.npz"),
+                          "--fitted", "--steps")
+    other = tmp_path / "other.safetensors"
+    li.FittedEuler(torch.tensor([0.5], dtype=torch.float64), torch.ones(2, 1), torch.ones(2, 1), torch.zeros(2, 2),
+                   None, (2,)).save(other)
+    assert_one_line_error(run("sample", "--fitted", other, "--out", tmp_path / "y.npz"), "--fitted", "shape")
+    assert not (tmp_path / "x.npz").exists() and not (tmp_path / "y.npz").exists()
+    assert_one_line_error(run("fit", "--nfe", 0, "--out", tmp_path / "z.safetensors"), "--nfe")
+    assert not (tmp_path / "z.safetensors").exists()
