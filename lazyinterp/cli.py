@@ -394,7 +394,7 @@ def fit(model_name: str, nfe: int, out: Path, samples: int, iterations: int, bat
     fitted.save(out)
     report = fitted.report
     click.echo(f"wrote {out}: {nfe} NFE, held-out path error {report['held_out_path_error']:.4g} "
-               f"(DDIM's steps {report['held_out_path_error_initial']:.4g}), {report['fit_evaluations']} evaluations")
+               f"(DDIM's steps {report['held_out_path_error_initial']:.4g}), {report['fit_evaluations']} network calls")
 
 
 def _register_bench() -> None:

@@ -45,7 +45,7 @@ Tensor = torch.Tensor
 # Bases of larger samples would not fit in memory as a dense (D, D) matrix, nor be estimated from a few thousand
 # samples; those fit one weight per step for all directions.
 MAX_BASIS_DIM = 4096
-# The relative step of the central differences that give the schedule's coefficients' time derivatives.
+# The time step of the central differences that give the schedule's coefficients' time derivatives.
 _TIME_STEP = 1e-5
 # The time step of the finite difference that gives the network's slope in t (float32 networks: about the square
 # root of their precision).
@@ -136,7 +136,8 @@ class FittedEuler:
         shifts: (N + 1, D) w_k.
         basis: (D, D) orthonormal columns Q, or None (the identity).
         sample_shape: the shape of one sample.
-        report: how it was fitted (path errors before and after on held-out noise, evaluations spent).
+        report: how it was fitted: the held-out path errors of DDIM's steps and of the fitted ones, and
+            ``fit_evaluations``, the network calls (each on a batch) of the reference and the fit together.
     """
 
     times: Tensor
@@ -319,7 +320,7 @@ def fit_euler(model: Model, nfe: int, sample_shape: tuple[int, ...] | None = Non
         "noise_weights": a_next[:, None].repeat(1, width).to(noise.dtype),
         "shifts": torch.zeros(nfe + 1, dim, dtype=noise.dtype),
     }
-    params["shifts"][0] = b_next[0] * mean.to(noise.dtype)
+    params["shifts"][0] = b_next[0] * mean.to(device="cpu", dtype=noise.dtype)
     for value in params.values():
         value.requires_grad_(True)
 

@@ -490,3 +490,16 @@ def test_summary_sets_the_best_of_ours_against_the_rest_and_lazy_euler_against_l
                               "reference": {"nfe": 10, "steps": 5, "value": 0.1}})
     assert "| 2 | LAZY-VP-COV-EULER | 0.5 | 0.2 | 0.4 | 0.3 | 1.25 |" in report
     assert "| 1 | LAZY-VP-AB2 | 0.1 | FM-EULER | 2 | 0.05 |" in report
+
+
+def test_a_fit_that_fails_is_the_run_s_failure_not_a_crash(monkeypatch):
+    from lazyinterp.distributed import Context
+    from lazyinterp.predictors import NonFiniteError
+
+    def failing_fit(*args, **kwargs):
+        raise NonFiniteError("net returned NaN or inf at t=0.5", t=0.5)
+
+    monkeypatch.setattr(runs_module, "fit_euler", failing_fit)
+    model = gmm_2d().model("linear")
+    with pytest.raises(runs_module.RunFailed, match="fit: net returned NaN"):
+        runs_module.fitted_steps(model, 2, (2,), torch.float64, 0, Context())

@@ -54,8 +54,13 @@ evaluation counter (minus the one-off evaluations that estimate E[X] and σ for 
 
 **Summary** (:func:`~lazyinterp.bench.report.summary`, the JSON's ``summary`` and the Markdown under the value
 table): at each NFE the lowest value of ours against the lowest of the peers and baselines; and at each N the best
-deterministic Euler-type row on the lazy VP schedule (:attr:`SamplerDef.euler_schedule`) at N NFE against linear
-Euler at 2N, values and path errors.
+deterministic Euler-type row in lazy coordinates (lazy VP, or fitted; :attr:`SamplerDef.euler_schedule`) at N NFE
+against linear Euler at 2N, values and path errors.
+
+**Fitted Euler** (``lazy-fitted-euler``) is :func:`lazyinterp.fit_euler` at each NFE, fitted once per model before
+its run on 4096 noise draws of the benchmark's seed at sample indices from 2⁴⁰ on (:data:`runs.FIT_NOISE_OFFSET`),
+which no scored sample uses; the fit's evaluations and time are not charged to the run and are reported in its
+entry's ``fit`` (held-out path errors before and after, evaluations, seconds).
 
 **Peers** are driven through their own packages (the ``bench`` extra: ``diffusers``, ``flow_matching``).
 diffusers writes x_σ = (1 − σ) x_data + σ ε with the model predicting ε − x_data = −v(1 − σ, x), and its

@@ -39,17 +39,36 @@ def run_batch(spec: SamplerDef, plan: dict, model: Model, noise: Tensor, indices
     return flow_matching_sample(velocity, noise, plan["steps"]), model.nfe
 
 
+class RunFailed(RuntimeError):
+    """A sampler could not run (a network NaN, or σ that cannot be estimated) on some rank."""
+
+
 # The fit's noise: per-sample streams of the benchmark's seed from this index on, which no benchmark sample reaches.
 FIT_NOISE_OFFSET = 1 << 40
 FIT_SAMPLES = 4096
 FIT_ITERATIONS = 2000
 
 
-def fitted_steps(model: Model, nfe: int, sample_shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> FittedEuler:
+def fitted_steps(model: Model, nfe: int, sample_shape: tuple[int, ...], dtype: torch.dtype, seed: int,
+                 ctx: Context | None = None) -> FittedEuler:
     """:func:`~lazyinterp.fitting.fit_euler` for ``nfe`` on the model's own noise (never the scored samples'),
-    fitted once per model and kept on it; the fit's evaluations are not counted as the run's."""
+    fitted once per model and kept on it; the fit's evaluations are not counted as the run's. Under
+    torch.distributed (``ctx``) rank 0 fits and every rank samples with its steps, so that a sample does not depend
+    on the rank that draws it."""
     cache = model_cache(model).setdefault("fitted_euler", {})
     key = (nfe, sample_shape, dtype, seed)
+    if ctx is not None and key not in cache:
+        # A fit that fails is the run's failure on every rank (RunFailed), not a crash of the benchmark.
+        outcome: FittedEuler | str | None = None
+        if ctx.is_main:
+            try:
+                outcome = fitted_steps(model, nfe, sample_shape, dtype, seed)
+            except (NonFiniteError, ValueError) as exc:
+                outcome = f"fit: {str(exc).splitlines()[0]}"
+        outcome = ctx.broadcast_object(outcome)
+        if isinstance(outcome, str):
+            raise RunFailed(outcome)
+        cache[key] = outcome
     if key not in cache:
         noise = NoiseStreams(seed, range(FIT_NOISE_OFFSET, FIT_NOISE_OFFSET + FIT_SAMPLES), sample_shape,
                              dtype=dtype).draw()
@@ -73,10 +92,6 @@ def _batches(n: int, batch_size: int) -> list[range]:
     return [range(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
 
 
-class RunFailed(RuntimeError):
-    """A sampler could not run (a network NaN, or σ that cannot be estimated) on some rank."""
-
-
 @torch.no_grad()
 def run_sampler(spec: SamplerDef, plan: dict, workload: Workload, noise: Tensor, batch_size: int, seed: int,
                 progress: bool = False, desc: str = "", ctx: Context | None = None) -> tuple[Tensor, set[int], float]:
@@ -91,8 +106,8 @@ def run_sampler(spec: SamplerDef, plan: dict, workload: Workload, noise: Tensor,
     share = ctx.part(len(batches))
     mine = batches[share.start:share.stop]
     out, seen, error = [], set(), None
-    if spec.kind == "fitted" and mine:
-        fitted_steps(workload.model, plan["steps"] - 1, tuple(noise.shape[1:]), noise.dtype, seed)
+    if spec.kind == "fitted":
+        fitted_steps(workload.model, plan["steps"] - 1, tuple(noise.shape[1:]), noise.dtype, seed, ctx)
     start = time.perf_counter()
     with tqdm(total=sum(len(idx) for idx in mine), disable=not progress or len(mine) < 2 or not ctx.is_main,
               desc=desc, leave=False, unit="sample", dynamic_ncols=True, file=sys.stderr) as bar:
