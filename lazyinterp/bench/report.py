@@ -167,7 +167,8 @@ def plot_results(results: dict, path: Path | str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    # The legend gets a panel of its own: with some twenty samplers it would cover the data on either plot.
+    fig, (*axes, legend_panel) = plt.subplots(1, 3, figsize=(17, 5.2), width_ratios=(1, 1, 0.42))
     names = list(dict.fromkeys(r["sampler"] for r in results["results"]))
     cmap = plt.get_cmap("tab20")
     # tab20 pairs a dark and a light shade of each hue: use all dark shades before any light one.
@@ -199,7 +200,8 @@ def plot_results(results: dict, path: Path | str) -> None:
         ax.set_xticks(results["nfe"], [str(k) for k in results["nfe"]])
         ax.minorticks_off()
         ax.grid(True, which="both", lw=0.3)
-    axes[0].legend(fontsize=7)
+    legend_panel.axis("off")
+    legend_panel.legend(*axes[0].get_legend_handles_labels(), loc="center left", fontsize=7, frameon=False)
     fig.suptitle(f"{results['workload']}, n = {results['n']}")
     save_figure(fig, path)
 
