@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .checks import check_int, check_number, check_shape
+from .checks import check_float_dtype, check_int, check_number, check_shape
 from .fetch import atomic_path
 from .grids import snr_matched_grid
 from .noise import NoiseStreams
@@ -51,6 +51,8 @@ _TIME_STEP = 1e-5
 # root of their precision).
 _NETWORK_TIME_STEP = 1e-3
 _FORMAT = "lazyinterp.fitted_euler/1"
+# The nodes' log-SNR stays within ±this (SNR from 8e-7 to 1.2e6).
+_MAX_LOG_SNR = 14.0
 
 
 class _ScheduleCoefficients(torch.autograd.Function):
@@ -247,7 +249,7 @@ def _path_error(x: Tensor, reference: Tensor) -> Tensor:
 def fit_euler(model: Model, nfe: int, sample_shape: tuple[int, ...] | None = None, *, noise: Tensor | None = None,
               samples: int = 4096, seed: int = 1, reference_nfe: int | None = None, iterations: int = 2000,
               batch_size: int = 512, per_direction: bool | None = None, learning_rate: float = 1e-2,
-              progress: bool = False) -> FittedEuler:
+              dtype: torch.dtype = torch.float32, progress: bool = False) -> FittedEuler:
     r"""Fit N = ``nfe`` Euler steps in per-direction lazy coordinates to ``model``'s own ODE paths (module doc).
 
     Args:
@@ -263,6 +265,7 @@ def fit_euler(model: Model, nfe: int, sample_shape: tuple[int, ...] | None = Non
         per_direction: weights per principal direction of the model's samples (the reference's endpoints);
             default while D ≤ :data:`MAX_BASIS_DIM`, else one weight for all directions.
         learning_rate: Adam's, decayed to 0 on a cosine.
+        dtype: of the drawn noise and so of the fit's state and weights (a given ``noise`` sets its own).
     """
     if not isinstance(model, Model):
         raise TypeError(f"model: expected an li.Model, got {type(model).__name__}")
@@ -281,7 +284,8 @@ def fit_euler(model: Model, nfe: int, sample_shape: tuple[int, ...] | None = Non
             raise ValueError("sample_shape: needed when no noise is given")
         sample_shape = check_shape(sample_shape, "sample_shape")
         samples = check_int(samples, "samples", low=2)
-        noise = NoiseStreams(check_int(seed, "seed", low=0), range(samples), sample_shape).draw()
+        noise = NoiseStreams(check_int(seed, "seed", low=0), range(samples), sample_shape,
+                             dtype=check_float_dtype(dtype)).draw()
     else:
         if sample_shape is None:
             sample_shape = tuple(noise.shape[1:]) if isinstance(noise, Tensor) else ()
@@ -305,11 +309,11 @@ def fit_euler(model: Model, nfe: int, sample_shape: tuple[int, ...] | None = Non
     basis = None
     if per_direction:
         _, basis = torch.linalg.eigh(torch.cov(flat.T).reshape(dim, dim) if dim > 1 else flat.var().reshape(1, 1))
-        basis = basis.to(noise.dtype)
 
     grid = snr_matched_grid(nfe + 1, model.schedule)
     # Nodes by log-SNR, the first one free and each next one a softplus above it: increasing for any parameters.
     log_snr = torch.log(model.schedule.snr(grid[1:-1]))
+    log_snr = _MAX_LOG_SNR * torch.atanh((log_snr / _MAX_LOG_SNR).clamp(-0.999, 0.999))  # undoes the bound in times()
     rises = torch.diff(log_snr)
     nodes = torch.cat([log_snr[:1], rises + torch.log(-torch.expm1(-rises))])  # softplus⁻¹ of the rises
     a_next, b_next = model.schedule.alpha(grid[1:]), model.schedule.beta(grid[1:])
@@ -326,7 +330,8 @@ def fit_euler(model: Model, nfe: int, sample_shape: tuple[int, ...] | None = Non
 
     def times(node_params: Tensor) -> Tensor:
         log_snr = torch.cumsum(torch.cat([node_params[:1], torch.nn.functional.softplus(node_params[1:])]), 0)
-        return _TimeOfLogSNR.apply(log_snr, model.schedule)
+        # A smooth, strictly increasing bound keeps every node strictly inside (0, 1), where SNR⁻¹ is one-to-one.
+        return _TimeOfLogSNR.apply(_MAX_LOG_SNR * torch.tanh(log_snr / _MAX_LOG_SNR), model.schedule)
 
     def run(x0: Tensor) -> Tensor:
         return _run(model, x0, times(params["nodes"]), params["data_weights"], params["noise_weights"],

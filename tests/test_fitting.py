@@ -161,6 +161,7 @@ def test_scalar_weights_when_asked():
     ({"noise": torch.full((4, 2), math.nan, dtype=F64)}, ValueError, "noise"),
     ({"noise": [[0.0, 0.0]]}, TypeError, "noise"),
     ({"sample_shape": None}, ValueError, "sample_shape"),
+    ({"dtype": torch.int64}, TypeError, "dtype"),
 ])
 def test_fit_names_the_bad_argument(kwargs, error, match):
     model = make_mixture().model("linear")
@@ -190,3 +191,19 @@ def test_fitted_steps_check_their_parts_and_the_noise():
                     (2,))
     with pytest.raises(ValueError, match="shifts"):
         FittedEuler(torch.tensor([0.5], dtype=F64), torch.ones(2, 1), torch.ones(2, 1), torch.zeros(2, 3), None, (2,))
+
+
+@pytest.mark.parametrize("schedule", ["linear", "vp"])
+def test_without_iterations_the_steps_are_ddim_on_the_snr_matched_grid(schedule):
+    """The fit's start: nodes of the SNR-matched grid, and DDIM's step x' = α(t') η_Z + β(t') η_X from E[X]."""
+    model = make_mixture().model(schedule)
+    fitted = fit_euler(model, 3, (2,), samples=64, iterations=0, reference_nfe=16, dtype=F64)
+    grid = li.snr_matched_grid(4, model.schedule)
+    torch.testing.assert_close(fitted.times, grid[1:-1], rtol=0, atol=1e-12)
+    z = torch.randn(16, 2, dtype=F64, generator=torch.Generator().manual_seed(4))
+    sched = model.schedule
+    x = sched.alpha(grid[1]) * z + fitted.shifts[0]
+    for k in range(1, 4):
+        eta_z, eta_x = model.eta(x, float(grid[k]))
+        x = sched.alpha(grid[k + 1]) * eta_z + sched.beta(grid[k + 1]) * eta_x
+    torch.testing.assert_close(fitted.sample(model, z), x, rtol=0, atol=1e-12)
