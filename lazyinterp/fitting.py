@@ -104,27 +104,17 @@ def _eta(model: Model, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     t = t.clamp(model.t_min, model.t_max)
     # One coefficient per sample: to_eta reads a 0-dim tensor as a Python number, which would drop its gradient.
     a, b, da, db = (c.expand(x.shape[0]) for c in _ScheduleCoefficients.apply(t, model.schedule).to(x.dtype))
-    out = _network(model, x, t.detach())
+    # Model._output counts the evaluation and checks the network's output as every sampler's evaluation does.
+    out = model._output(x, float(t))
     if t.requires_grad:
         # The network's slope in t by a finite difference, not by autograd: a network's time input need not be
         # differentiable (an exact model's, or integer timesteps), and one more evaluation is cheaper than a
         # second backward pass.
         with torch.no_grad():
             step = _NETWORK_TIME_STEP if float(t) + _NETWORK_TIME_STEP <= model.t_max else -_NETWORK_TIME_STEP
-            slope = (_network(model, x.detach(), t.detach() + step) - out.detach()) / step
+            slope = (model._output(x.detach(), float(t) + step) - out.detach()) / step
         out = out + (t - t.detach()).to(x.dtype) * slope
     return to_eta(model.predicts, out, x, a, b, da, db)
-
-
-def _network(model: Model, x: Tensor, t: Tensor) -> Tensor:
-    dtype = model.net_dtype or x.dtype
-    out = model._call_net(x.to(dtype), t.to(device=x.device, dtype=dtype).expand(x.shape[0]))
-    model.nfe += 1
-    if not isinstance(out, Tensor) or out.shape != x.shape:
-        raise TypeError(f"net: expected a tensor of the input's shape {tuple(x.shape)}")
-    if not bool(torch.isfinite(out.detach()).all()):
-        raise NonFiniteError(f"net returned NaN or inf at t={float(t):.6g}", t=float(t))
-    return out.to(x.dtype)
 
 
 @dataclass

@@ -502,4 +502,4 @@ def test_a_fit_that_fails_is_the_run_s_failure_not_a_crash(monkeypatch):
     monkeypatch.setattr(runs_module, "fit_euler", failing_fit)
     model = gmm_2d().model("linear")
     with pytest.raises(runs_module.RunFailed, match="fit: net returned NaN"):
-        runs_module.fitted_steps(model, 2, (2,), torch.float64, 0, Context())
+        runs_module.fitted_steps(model, 2, torch.zeros(1, 2, dtype=torch.float64), 0, Context())

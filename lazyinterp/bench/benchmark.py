@@ -321,7 +321,7 @@ def _run_entry(spec: SamplerDef, k: int, plan: dict, wl: Workload, noise: Tensor
         return {**entry, "value": None, "seconds": None, "path_error": None, "stochastic": spec.stochastic,
                 "error": str(exc)}
     if spec.kind == "fitted":
-        entry["fit"] = fitted_steps(wl.model, k, tuple(noise.shape[1:]), noise.dtype, seed).report
+        entry["fit"] = fitted_steps(wl.model, k, noise, seed).report
     if seen != {k}:
         return {"sampler": spec.name, "nfe": k,
                 "skipped": {"sampler": spec.name, "nfe": k,

@@ -32,8 +32,7 @@ def run_batch(spec: SamplerDef, plan: dict, model: Model, noise: Tensor, indices
                          generator=sample_seed(seed, 1 << 62), indices=indices, return_info=True, **kwargs)
         return x, model.nfe - info.estimation_nfe
     if spec.kind == "fitted":
-        return fitted_steps(model, plan["steps"] - 1, tuple(noise.shape[1:]), noise.dtype, seed).sample(model, noise), \
-            model.nfe
+        return fitted_steps(model, plan["steps"] - 1, noise, seed).sample(model, noise), model.nfe
     if spec.kind == "diffusers":
         return diffusers_sample(diffusers_scheduler(spec.options), velocity, noise, plan["steps"]), model.nfe
     return flow_matching_sample(velocity, noise, plan["steps"]), model.nfe
@@ -49,20 +48,21 @@ FIT_SAMPLES = 4096
 FIT_ITERATIONS = 2000
 
 
-def fitted_steps(model: Model, nfe: int, sample_shape: tuple[int, ...], dtype: torch.dtype, seed: int,
-                 ctx: Context | None = None) -> FittedEuler:
-    """:func:`~lazyinterp.fitting.fit_euler` for ``nfe`` on the model's own noise (never the scored samples'),
+def fitted_steps(model: Model, nfe: int, like: Tensor, seed: int, ctx: Context | None = None) -> FittedEuler:
+    """:func:`~lazyinterp.fitting.fit_euler` for ``nfe`` on the model's own noise (never the scored samples'), of the
+    sample shape, dtype and device of the benchmark's noise ``like``,
     fitted once per model and kept on it; the fit's evaluations are not counted as the run's. Under
     torch.distributed (``ctx``) rank 0 fits and every rank samples with its steps, so that a sample does not depend
     on the rank that draws it."""
     cache = model_cache(model).setdefault("fitted_euler", {})
-    key = (nfe, sample_shape, dtype, seed)
+    sample_shape = tuple(like.shape[1:])
+    key = (nfe, sample_shape, like.dtype, seed)
     if ctx is not None and key not in cache:
         # A fit that fails is the run's failure on every rank (RunFailed), not a crash of the benchmark.
         outcome: FittedEuler | str | None = None
         if ctx.is_main:
             try:
-                outcome = fitted_steps(model, nfe, sample_shape, dtype, seed)
+                outcome = fitted_steps(model, nfe, like, seed)
             except (NonFiniteError, ValueError) as exc:
                 outcome = f"fit: {str(exc).splitlines()[0]}"
         outcome = ctx.broadcast_object(outcome)
@@ -71,21 +71,15 @@ def fitted_steps(model: Model, nfe: int, sample_shape: tuple[int, ...], dtype: t
         cache[key] = outcome
     if key not in cache:
         noise = NoiseStreams(seed, range(FIT_NOISE_OFFSET, FIT_NOISE_OFFSET + FIT_SAMPLES), sample_shape,
-                             dtype=dtype).draw()
+                             dtype=like.dtype).draw().to(like.device)
         evaluations = model.nfe
         start = time.perf_counter()
         with torch.enable_grad():
-            fitted = fit_euler(model, nfe, noise=noise.to(_model_device(model)), iterations=FIT_ITERATIONS)
+            fitted = fit_euler(model, nfe, noise=noise, iterations=FIT_ITERATIONS)
         fitted.report["fit_seconds"] = round(time.perf_counter() - start, 2)
         model.nfe = evaluations
         cache[key] = fitted
     return cache[key]
-
-
-def _model_device(model: Model) -> torch.device:
-    parameters = getattr(model.net, "parameters", None)
-    first = next(iter(parameters()), None) if callable(parameters) else None
-    return first.device if first is not None else torch.device("cpu")
 
 
 def _batches(n: int, batch_size: int) -> list[range]:
@@ -107,7 +101,7 @@ def run_sampler(spec: SamplerDef, plan: dict, workload: Workload, noise: Tensor,
     mine = batches[share.start:share.stop]
     out, seen, error = [], set(), None
     if spec.kind == "fitted":
-        fitted_steps(workload.model, plan["steps"] - 1, tuple(noise.shape[1:]), noise.dtype, seed, ctx)
+        fitted_steps(workload.model, plan["steps"] - 1, noise, seed, ctx)
     start = time.perf_counter()
     with tqdm(total=sum(len(idx) for idx in mine), disable=not progress or len(mine) < 2 or not ctx.is_main,
               desc=desc, leave=False, unit="sample", dynamic_ncols=True, file=sys.stderr) as bar:
