@@ -105,14 +105,14 @@ def _eta(model: Model, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     # One coefficient per sample: to_eta reads a 0-dim tensor as a Python number, which would drop its gradient.
     a, b, da, db = (c.expand(x.shape[0]) for c in _ScheduleCoefficients.apply(t, model.schedule).to(x.dtype))
     # Model._output counts the evaluation and checks the network's output as every sampler's evaluation does.
-    out = model._output(x, float(t))
+    out = model._output(x, float(t.detach()))
     if t.requires_grad:
         # The network's slope in t by a finite difference, not by autograd: a network's time input need not be
         # differentiable (an exact model's, or integer timesteps), and one more evaluation is cheaper than a
         # second backward pass.
         with torch.no_grad():
-            step = _NETWORK_TIME_STEP if float(t) + _NETWORK_TIME_STEP <= model.t_max else -_NETWORK_TIME_STEP
-            slope = (model._output(x.detach(), float(t) + step) - out.detach()) / step
+            step = _NETWORK_TIME_STEP if float(t.detach()) + _NETWORK_TIME_STEP <= model.t_max else -_NETWORK_TIME_STEP
+            slope = (model._output(x.detach(), float(t.detach()) + step) - out.detach()) / step
         out = out + (t - t.detach()).to(x.dtype) * slope
     return to_eta(model.predicts, out, x, a, b, da, db)
 
